@@ -1,0 +1,1 @@
+"""Learning side of dloop: Vowpal Wabbit learners and the workers that feed them."""

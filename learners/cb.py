@@ -1,0 +1,56 @@
+"""Contextual-bandit learner on VW `--cb_explore_adf`.
+
+Serving and training use separate workspaces built from the same bytes: `CBRanker` parses the
+decision's `c` JSON with `--json`, `CBTrainer` parses the joined DSJSON line with `--dsjson`, so
+the features are identical by construction (see learners.features).
+"""
+
+from __future__ import annotations
+
+from learners import vw
+
+DEFAULT_POLICY = "--cb_explore_adf --squarecb -q ::"
+PERSONALIZER_POLICY = "--cb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"
+NAMED_POLICIES = {
+    "dloop-default": DEFAULT_POLICY,
+    "personalizer-default": PERSONALIZER_POLICY,
+    "vw-default": "--cb_explore_adf -q ::",
+}
+
+
+class CBRanker:
+    """Ranks with a trained model: `predict` returns the policy's pmf over the given actions."""
+
+    def __init__(self, model: bytes) -> None:
+        self._ws = vw.workspace("--json", model)
+
+    def predict(self, context: bytes) -> list[float]:
+        examples = self._ws.parse(context.decode())
+        try:
+            return list(self._ws.predict(examples))
+        finally:
+            self._ws.finish_example(examples)
+
+
+class CBTrainer:
+    """Trains `args` online from DSJSON lines; resumes exactly from `to_bytes()` output."""
+
+    def __init__(self, args: str, model: bytes | None = None, examples: int = 0) -> None:
+        self.args = args
+        self.examples = examples
+        if model is None:
+            self._ws = vw.workspace(f"{args} --dsjson --save_resume")
+        else:
+            self._ws = vw.workspace("--dsjson --save_resume", model)
+
+    def learn(self, line: bytes) -> None:
+        examples = self._ws.parse(line.decode())
+        try:
+            if len(examples) > 1:
+                self._ws.learn(examples)
+                self.examples += 1
+        finally:
+            self._ws.finish_example(examples)
+
+    def to_bytes(self) -> bytes:
+        return vw.model_bytes(self._ws)

@@ -1,0 +1,124 @@
+"""The only module that imports vowpalwabbit: workspaces, model bytes and policy arguments.
+
+A workspace is not thread-safe; every caller owns its own and swaps whole objects, never shares.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+import vowpalwabbit
+
+Workspace = vowpalwabbit.Workspace
+
+# Options that read or write files, open sockets or change how input is read: a policy is
+# arguments for the learning algorithm only, and the service owns all I/O.
+_FORBIDDEN = {
+    "-d", "--data", "-f", "--final_regressor", "-i", "--initial_regressor", "-c", "--cache",
+    "--cache_file", "-p", "--predictions", "-r", "--raw_predictions", "--readable_model",
+    "--invert_hash", "--daemon", "--port", "--pid_file", "--port_file", "--save_per_pass",
+    "--output_feature_regularizer_binary", "--output_feature_regularizer_text",
+    "--input_feature_regularizer", "--feature_mask", "--json", "--dsjson", "--passes",
+    "--audit", "--audit_regressor", "--sendto", "--compressed", "--examples", "--ring_size",
+    "--extra_metrics", "--dictionary", "--dictionary_path", "--flatbuffer", "--id",
+    "--save_resume", "--predict_only_model", "-t", "--testonly", "--holdout_off",
+    "--chain_hash", "--progress", "-P", "--limit_output", "--help", "-h", "--version",
+    "--cats", "--cb_explore", "--ccb_explore_adf", "--slates",
+}
+
+
+class PolicyError(ValueError):
+    """Policy arguments that dloop cannot run; the message says why."""
+
+
+def tokens(args: str) -> list[str]:
+    try:
+        return shlex.split(args)
+    except ValueError as exc:
+        raise PolicyError(f"cannot split arguments: {exc}") from None
+
+
+def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
+    """Raise PolicyError unless `args` is a VW command line dloop may train and serve."""
+    if len(args) > 1024:
+        raise PolicyError("policy arguments are limited to 1024 characters")
+    parts = tokens(args)
+    if algorithm not in parts:
+        raise PolicyError(f"policy arguments must contain {algorithm}")
+    for part in parts:
+        name = part.split("=", 1)[0]
+        if name in _FORBIDDEN:
+            raise PolicyError(f"option {name} is not allowed in a policy")
+    try:
+        ws = Workspace(f"{args} --quiet")
+    except Exception as exc:  # VW raises RuntimeError subclasses with its own message
+        raise PolicyError(f"Vowpal Wabbit rejected the arguments: {exc}") from None
+    ws.finish()
+
+
+def with_exploration(args: str, exploration: float) -> str:
+    """Apply explorationPercentage to a policy, as Personalizer rewrites `--epsilon`.
+
+    SquareCB has no epsilon of its own: its exploration is set by `--gamma_scale`, larger meaning
+    greedier. dloop maps epsilon to gamma_scale = 2 / epsilon, so Personalizer's default 0.2 gives
+    VW's default gamma_scale of 10 and epsilon 0 gives a greedy policy. Every other algorithm gets
+    `--epsilon`.
+    """
+    parts = tokens(args)
+    if "--squarecb" in parts:
+        name, value = "--gamma_scale", (2.0 / exploration if exploration > 0 else 1e6)
+    else:
+        name, value = "--epsilon", exploration
+    out: list[str] = []
+    skip = False
+    for part in parts:
+        if skip:
+            skip = False
+            continue
+        if part == name:
+            skip = True
+            continue
+        if part.startswith(name + "="):
+            continue
+        out.append(part)
+    out += [name, f"{value:g}"]
+    return shlex.join(out)
+
+
+def workspace(args: str, model: bytes | None = None) -> Workspace:
+    """A workspace for `args`; with `model`, the model's own saved options plus `args`' I/O flags."""
+    if model is None:
+        return Workspace(f"{args} --quiet")
+    fd, path = tempfile.mkstemp(prefix="dloop-model-", suffix=".vw")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model)
+        return Workspace(f"{args} --quiet -i {shlex.quote(path)}")
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def model_bytes(ws: Workspace) -> bytes:
+    fd, path = tempfile.mkstemp(prefix="dloop-model-", suffix=".vw")
+    os.close(fd)
+    try:
+        ws.save(path)
+        return Path(path).read_bytes()
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def check_model(model: bytes) -> None:
+    """Raise PolicyError unless `model` is a VW contextual-bandit model dloop can serve."""
+    try:
+        ws = workspace("--json", model)
+    except Exception as exc:
+        raise PolicyError(f"not a Vowpal Wabbit model: {exc}") from None
+    try:
+        if not any(n.startswith("cb_explore_adf") for n in ws.get_enabled_learners()):
+            raise PolicyError("the model is not a --cb_explore_adf model")
+    finally:
+        ws.finish()

@@ -1,0 +1,209 @@
+"""The embedded worker: one thread that ingests the local decision log, joins rewards, trains
+each loop's model and publishes it for ranking every modelExportFrequency.
+
+Crash safety: the log offset is committed with the rows it produced; a model checkpoint stores
+the trainer's bytes with the last joined seq they include, so a restart re-learns exactly the
+joined events after the checkpoint (nothing lost, nothing learned twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from learners.cb import CBTrainer
+from service import store
+from service.log import LocalLog
+from service.runtime import Registry
+
+log = logging.getLogger("dloop.worker")
+
+LOG_OFFSET = "local-log"
+
+
+@dataclass
+class LoopLearner:
+    trainer: CBTrainer
+    arguments: str
+    learned_seq: int
+    exported_examples: int
+    exported_at: float
+
+
+class EmbeddedWorker:
+    """Join + learn + publish for every loop. `run_once` does one pass; `run` loops until
+    `request_stop`. Thread-safe entry point for the API: `reset`."""
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        decision_log: LocalLog,
+        registry: Registry,
+        clock: Callable[[], float] = time.time,
+        tick: float = 0.2,
+        batch_size: int = 2000,
+    ) -> None:
+        self.sessions = sessions
+        self.log = decision_log
+        self.registry = registry
+        self.clock = clock
+        self.tick = tick
+        self.batch_size = batch_size
+        self.learners: dict[str, LoopLearner] = {}
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self.offset = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:
+                log.exception("worker pass failed; retrying")
+                busy = False
+            if not busy:
+                self._stop.wait(self.tick)
+        self.run_once(final=True)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ---- one pass ----------------------------------------------------------------------------
+
+    def run_once(self, *, final: bool = False) -> bool:
+        """Ingest, join, learn, maybe publish. Returns True if there may be more work right now."""
+        with self._lock:
+            busy = self._ingest()
+            now = self.clock()
+            for name, rt in list(self.registry.loops.items()):
+                with self.sessions.begin() as session:
+                    joined = store.join_due(
+                        session, loop=name, rules=rt.settings.rules, now=now, limit=self.batch_size
+                    )
+                busy |= joined >= self.batch_size
+                busy |= self._learn(name)
+                learner = self.learners[name]
+                if final or now - learner.exported_at >= rt.settings.export_every:
+                    self._export(name, now)
+            return busy
+
+    def _ingest(self) -> bool:
+        with self.sessions.begin() as session:
+            offset = store.get_offset(session, name=LOG_OFFSET)
+            records, new_offset = self.log.read(offset)
+            if not records:
+                return False
+            store.ingest(session, records=[store.loads(r) for r in records if r])
+            store.set_offset(session, name=LOG_OFFSET, offset=new_offset)
+        self.offset = new_offset
+        return new_offset < self.log.size()
+
+    def _learner(self, name: str) -> LoopLearner:
+        learner = self.learners.get(name)
+        rt = self.registry.loops[name]
+        if learner is not None and learner.arguments == rt.arguments:
+            return learner
+        with self.sessions() as session:
+            ckpt = store.get_checkpoint(session, loop=name)
+        if ckpt is not None and ckpt.model is not None and ckpt.arguments == rt.arguments:
+            trainer = CBTrainer(rt.arguments, ckpt.model, ckpt.examples)
+            learner = LoopLearner(trainer, rt.arguments, ckpt.learned_seq, ckpt.examples, 0.0)
+        else:
+            seq = ckpt.learned_seq if ckpt is not None else 0
+            learner = LoopLearner(CBTrainer(rt.arguments), rt.arguments, seq, 0, 0.0)
+        self.learners[name] = learner
+        return learner
+
+    def _learn(self, name: str) -> bool:
+        learner = self._learner(name)
+        with self.sessions() as session:
+            rows = store.joined_after(
+                session, loop=name, seq=learner.learned_seq, limit=self.batch_size
+            )
+        for row in rows:
+            if row.learnable and row.mode != "LoggingOnly":
+                learner.trainer.learn(row.line.encode())
+            learner.learned_seq = row.seq
+        return len(rows) >= self.batch_size
+
+    def _export(self, name: str, now: float) -> None:
+        learner = self.learners[name]
+        learner.exported_at = now
+        if learner.trainer.examples == learner.exported_examples:
+            with self.sessions.begin() as session:
+                ckpt = store.get_checkpoint(session, loop=name)
+                if ckpt is not None and ckpt.learned_seq != learner.learned_seq:
+                    ckpt.learned_seq = learner.learned_seq
+            return
+        model = learner.trainer.to_bytes()
+        model_id = uuid.uuid4().hex[:16]
+        with self.sessions.begin() as session:
+            store.save_checkpoint(
+                session,
+                loop=name,
+                model_id=model_id,
+                model=model,
+                arguments=learner.arguments,
+                learned_seq=learner.learned_seq,
+                examples=learner.trainer.examples,
+                now=now,
+            )
+        learner.exported_examples = learner.trainer.examples
+        self.registry.publish(name, model, model_id)
+
+    # ---- commands from the API ---------------------------------------------------------------
+
+    def reset(
+        self,
+        name: str,
+        *,
+        model: bytes | None,
+        retrain_since: float | None = None,
+    ) -> str:
+        """Replace `name`'s model with `model` (None: blank, ranking uniform until the next
+        export) from the next joined event on; with `retrain_since`, train the blank model on
+        the joined events created since then first. Returns the served model id."""
+        with self._lock:
+            now = self.clock()
+            rt = self.registry.loops[name]
+            model_id = uuid.uuid4().hex[:16] if model is not None else "N/A"
+            with self.sessions.begin() as session:
+                seq = max(
+                    store.max_seq(session, loop=name),
+                    self.learners[name].learned_seq if name in self.learners else 0,
+                )
+                store.save_checkpoint(
+                    session,
+                    loop=name,
+                    model_id=model_id,
+                    model=model,
+                    arguments=rt.arguments,
+                    learned_seq=seq,
+                    examples=0,
+                    now=now,
+                    reset=True,
+                )
+            self.learners.pop(name, None)
+            self.registry.publish(name, model, model_id)
+            if retrain_since is not None and model is None:
+                learner = self._learner(name)
+                with self.sessions() as session:
+                    rows = store.joined_between(
+                        session, loop=name, since=retrain_since, until_seq=seq
+                    )
+                for row in rows:
+                    if row.learnable and row.mode != "LoggingOnly":
+                        learner.trainer.learn(row.line.encode())
+                if learner.trainer.examples:
+                    self._export(name, now)
+                    model_id = self.registry.loops[name].model_id
+            return model_id

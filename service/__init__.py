@@ -1,0 +1,1 @@
+"""dloop's HTTP service: a Personalizer-compatible decision API that learns live."""

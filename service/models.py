@@ -1,0 +1,120 @@
+"""ORM tables. Times are UNIX seconds (float) in UTC; every row belongs to a loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.db import Base
+
+ID = String(256)
+# 64-bit ids on Postgres; SQLite only autoincrements an INTEGER primary key.
+BIGINT = BigInteger().with_variant(Integer, "sqlite")
+
+
+class Loop(Base):
+    """A learning loop: its kind, service configuration and policy."""
+
+    __tablename__ = "loops"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[float] = mapped_column(Float)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ApiKey(Base):
+    """An API key, stored as its SHA-256. `loop` None with role admin means every loop."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    loop: Mapped[str | None] = mapped_column(
+        String(64), ForeignKey("loops.name", ondelete="CASCADE"), nullable=True
+    )
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Decision(Base):
+    """A ranked event as logged: the first decision with an eventId wins."""
+
+    __tablename__ = "decisions"
+    loop: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    deferred: Mapped[bool] = mapped_column(Boolean)
+    mode: Mapped[str] = mapped_column(String(16))
+    context: Mapped[str] = mapped_column(Text)
+    ranking: Mapped[list[int]] = mapped_column(JSON)
+    probabilities: Mapped[list[float]] = mapped_column(JSON)
+    baseline: Mapped[int] = mapped_column(Integer)
+    model_id: Mapped[str] = mapped_column(String(64))
+    joined: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (Index("ix_decisions_pending", "loop", "joined", "created_at"),)
+
+
+class Observation(Base):
+    """A reward (value) or activation (value None) as received, joined or not."""
+
+    __tablename__ = "observations"
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    loop: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(ID)
+    kind: Mapped[str] = mapped_column(String(8))
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    received_at: Mapped[float] = mapped_column(Float)
+    # pending -> joined | late (arrived after its event was joined or outside the window)
+    status: Mapped[str] = mapped_column(String(8), default="pending")
+
+    __table_args__ = (Index("ix_observations_event", "loop", "event_id"),)
+
+
+class Joined(Base):
+    """A joined interaction: the DSJSON line learners and exports read, in join order."""
+
+    __tablename__ = "joined"
+    seq: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    loop: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(ID)
+    created_at: Mapped[float] = mapped_column(Float)
+    joined_at: Mapped[float] = mapped_column(Float)
+    mode: Mapped[str] = mapped_column(String(16))
+    learnable: Mapped[bool] = mapped_column(Boolean)
+    reward: Mapped[float] = mapped_column(Float)
+    rewarded: Mapped[bool] = mapped_column(Boolean)
+    imitated: Mapped[bool] = mapped_column(Boolean)
+    line: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("loop", "event_id"),
+        Index("ix_joined_loop_seq", "loop", "seq"),
+    )
+
+
+class ModelCheckpoint(Base):
+    """A loop's current model: trainer bytes plus the joined seq they include."""
+
+    __tablename__ = "models"
+    loop: Mapped[str] = mapped_column(
+        String(64), ForeignKey("loops.name", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(String(64))
+    model: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    arguments: Mapped[str] = mapped_column(String(1024))
+    learned_seq: Mapped[int] = mapped_column(BigInteger)
+    examples: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+    modified_at: Mapped[float] = mapped_column(Float)
+
+
+class LogOffset(Base):
+    """How far the joiner has read a decision log (committed with what it read)."""
+
+    __tablename__ = "log_offsets"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    offset: Mapped[int] = mapped_column(BigInteger)

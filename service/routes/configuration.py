@@ -1,0 +1,104 @@
+"""Service configuration and learning policy (Personalizer's /configurations)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from pydantic import ValidationError
+
+from learners.vw import PolicyError, check_policy
+from service import store
+from service.context import Dloop, loop_for
+from service.errors import bad_request
+from service.models import Loop
+from service.runtime import LoopRuntime
+from service.schemas import PolicyContract, default_policy, parse_config, validation_message
+
+router = APIRouter()
+Payload = Annotated[Any, Body()]
+
+
+def _with_metrics(d: Dloop, rt: LoopRuntime) -> dict[str, Any]:
+    doc = dict(rt.config)
+    with d.sessions() as session:
+        metrics = store.apprentice_metrics(session, loop=rt.name)
+    if metrics is not None:
+        doc["latestApprenticeModeMetrics"] = metrics
+    return doc
+
+
+def _save(d: Dloop, rt: LoopRuntime, *, config: dict[str, Any], policy: dict[str, str]) -> None:
+    """Store a loop's configuration and policy; a change of the trained VW arguments resets
+    the model and retrains it on the last modelRetrainDays of joined events."""
+    before = rt.arguments
+    with d.sessions.begin() as session:
+        loop = session.get(Loop, rt.name)
+        assert loop is not None
+        loop.config, loop.policy = config, policy
+    d.registry.update(rt.name, config=config, policy=policy)
+    if rt.arguments != before and d.worker is not None:
+        days = rt.settings.retrain_days
+        since = d.clock() - days * 86400 if days else None
+        d.worker.reset(rt.name, model=None, retrain_since=since)
+
+
+@router.get("/personalizer/configurations/service")
+def get_service_configuration(request: Request) -> dict[str, Any]:
+    d, rt = loop_for(request, admin=True)
+    return _with_metrics(d, rt)
+
+
+@router.put("/personalizer/configurations/service")
+def update_service_configuration(request: Request, payload: Payload = None) -> dict[str, Any]:
+    d, rt = loop_for(request, admin=True)
+    if not isinstance(payload, dict):
+        raise bad_request("InvalidServiceConfiguration", "body must be a ServiceConfiguration")
+    try:
+        new = parse_config(payload)
+    except ValueError as exc:
+        raise bad_request("InvalidServiceConfiguration", str(exc)) from None
+    old = parse_config(rt.config)
+    if new.learning_mode != old.learning_mode and (
+        new.default_reward != old.default_reward
+        or new.reward_wait_time != old.reward_wait_time
+        or new.reward_aggregation != old.reward_aggregation
+    ):
+        raise bad_request(
+            "InvalidLearningModeServiceConfiguration",
+            "change learningMode in its own update, without changing defaultReward, "
+            "rewardWaitTime or rewardAggregation",
+        )
+    new.last_configuration_edit_date = datetime.fromtimestamp(d.clock(), UTC)
+    _save(d, rt, config=new.stored(), policy=rt.policy)
+    return _with_metrics(d, rt)
+
+
+@router.get("/personalizer/configurations/policy")
+def get_policy(request: Request) -> dict[str, str]:
+    _, rt = loop_for(request, admin=True)
+    return rt.policy
+
+
+@router.put("/personalizer/configurations/policy")
+def update_policy(request: Request, payload: Payload = None) -> dict[str, str]:
+    d, rt = loop_for(request, admin=True)
+    try:
+        policy = PolicyContract.model_validate(payload)
+    except ValidationError as exc:
+        raise bad_request("InvalidPolicyContract", validation_message(exc)) from None
+    try:
+        check_policy(policy.arguments)
+    except PolicyError as exc:
+        raise bad_request("InvalidPolicyConfiguration", str(exc)) from None
+    doc = policy.model_dump(by_alias=True)
+    _save(d, rt, config=rt.config, policy=doc)
+    return doc
+
+
+@router.delete("/personalizer/configurations/policy")
+def reset_policy(request: Request) -> dict[str, str]:
+    d, rt = loop_for(request, admin=True)
+    _save(d, rt, config=rt.config, policy=default_policy())
+    return rt.policy

@@ -1,0 +1,216 @@
+"""Rank, reward and activate: the hot path. No database access and no waiting on the log.
+
+Bodies are parsed and validated by hand (orjson) so each failure gets Personalizer's error code
+and the common case costs as little as possible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from learners.features import FeatureError, context_json, validate_features
+from learners.sampling import restrict, sample
+from service.context import Dloop, loop_for
+from service.errors import ApiError, bad_request
+from service.runtime import LoopRuntime
+
+router = APIRouter()
+
+MAX_ID = 256
+
+
+def _rank_error(message: str) -> ApiError:
+    return bad_request("InvalidRankRequest", message)
+
+
+async def _json_body(request: Request, code: str, *, required: bool = True) -> Any:
+    body = await request.body()
+    limit = request.app.state.dloop.settings.max_body_bytes
+    if len(body) > limit:
+        raise ApiError(413, "PayloadSizeExceeded", f"request body exceeds {limit} bytes")
+    if not body.strip():
+        if required:
+            raise bad_request(code, "request body is required")
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(code, f"request body is not valid JSON: {exc}") from None
+
+
+def _check_event_id(event_id: Any, code: str) -> str:
+    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID:
+        raise bad_request(code, f"eventId must be a non-empty string of at most {MAX_ID} characters")
+    return event_id
+
+
+def _parse_rank(body: Any, max_actions: int) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _rank_error("request body must be a JSON object")
+    actions = body.get("actions")
+    if not isinstance(actions, list) or not 1 <= len(actions) <= max_actions:
+        raise _rank_error(f"actions must be a list of 1 to {max_actions} actions")
+    ids: list[str] = []
+    feats: list[list[dict[str, Any]]] = []
+    try:
+        for i, action in enumerate(actions):
+            if not isinstance(action, dict):
+                raise _rank_error(f"actions[{i}] must be an object")
+            aid = action.get("id")
+            if not isinstance(aid, str) or not aid or len(aid) > MAX_ID:
+                raise _rank_error(f"actions[{i}].id must be a non-empty string of at most {MAX_ID}")
+            feats.append(validate_features(action.get("features"), f"actions[{i}].features", required=True))
+            ids.append(aid)
+        context = validate_features(body.get("contextFeatures"), "contextFeatures", required=False)
+    except FeatureError as exc:
+        raise _rank_error(str(exc)) from None
+    if len(set(ids)) != len(ids):
+        raise _rank_error("action ids must be unique")
+    excluded = body.get("excludedActions") or []
+    if not isinstance(excluded, list) or not all(isinstance(x, str) for x in excluded):
+        raise _rank_error("excludedActions must be a list of action ids")
+    eligible = [aid not in excluded for aid in ids]
+    if not any(eligible):
+        raise _rank_error("every action is excluded")
+    event_id = body.get("eventId")
+    event_id = uuid.uuid4().hex if event_id is None else _check_event_id(event_id, "InvalidRankRequest")
+    defer = body.get("deferActivation", False)
+    if defer is None:
+        defer = False
+    if not isinstance(defer, bool):
+        raise _rank_error("deferActivation must be true or false")
+    return {
+        "ids": ids,
+        "features": feats,
+        "context": context,
+        "eligible": eligible,
+        "event_id": event_id,
+        "defer": defer,
+    }
+
+
+def _policy_pmf(rt: LoopRuntime, req: dict[str, Any], context: bytes) -> tuple[list[float], str]:
+    eligible: list[bool] = req["eligible"]
+    ranker, model_id = rt.served
+    if ranker is None:
+        return restrict([1.0] * len(eligible), eligible), model_id
+    if all(eligible):
+        scored = context
+    else:
+        scored = context_json(
+            req["context"],
+            [(a, f) for a, f, ok in zip(req["ids"], req["features"], eligible, strict=True) if ok],
+        )
+    try:
+        pmf_eligible = ranker.predict(scored)
+    except Exception as exc:  # VW's parser rejects what validation let through
+        raise _rank_error(f"features could not be parsed: {exc}") from None
+    it = iter(pmf_eligible)
+    return restrict([next(it) if ok else 0.0 for ok in eligible], eligible), model_id
+
+
+@router.post("/personalizer/rank")
+async def rank(request: Request) -> Response:
+    d, rt = loop_for(request, admin=False)
+    body = await _json_body(request, "InvalidRankRequest")
+    req = _parse_rank(body, d.settings.max_actions)
+    event_id: str = req["event_id"]
+    ids: list[str] = req["ids"]
+    fingerprint = hashlib.blake2b(orjson.dumps([ids, body.get("excludedActions")])).digest()
+    seen = rt.recent.get(event_id)
+    if seen is not None:
+        if seen[0] != fingerprint:
+            raise _rank_error(f"eventId {event_id} was already ranked with different actions")
+        d.metrics.rank_retries.labels(rt.name).inc()
+        return Response(seen[1], status_code=201, media_type="application/json")
+
+    now = d.clock()
+    context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
+    eligible: list[bool] = req["eligible"]
+    baseline = eligible.index(True)
+    mode = rt.settings.mode
+    if mode == "LoggingOnly":
+        # Serve and log the input order: the baseline is the chosen action.
+        order = [i for i, ok in enumerate(eligible) if ok] + [i for i, ok in enumerate(eligible) if not ok]
+        pmf = [1.0 if i == baseline else 0.0 for i in range(len(ids))]
+        model_id = rt.model_id
+    else:
+        pmf, model_id = _policy_pmf(rt, req, context)
+        chosen = sample(pmf, f"{rt.name}/{event_id}")
+        rest = sorted((i for i in range(len(ids)) if i != chosen), key=lambda i: -pmf[i])
+        order = [chosen, *rest]
+    logged_p = [pmf[i] for i in order]
+    record = b"".join(
+        (
+            orjson.dumps(
+                {
+                    "k": "d",
+                    "loop": rt.name,
+                    "id": event_id,
+                    "t": now,
+                    "deferred": req["defer"],
+                    "mode": mode,
+                    "a": order,
+                    "p": logged_p,
+                    "b": baseline,
+                    "m": model_id,
+                    "c": context.decode(),
+                }
+            ),
+        )
+    )
+    d.log.append(record)
+    if mode == "Apprentice":
+        # The model's choice is logged (to learn imitation); the baseline is served.
+        served = [baseline] + [i for i in range(len(ids)) if i != baseline]
+        ranking = [{"id": ids[i], "probability": 1.0 if i == baseline else 0.0} for i in served]
+    else:
+        ranking = [{"id": ids[i], "probability": pmf[i]} for i in order]
+    response = orjson.dumps(
+        {"ranking": ranking, "eventId": event_id, "rewardActionId": ranking[0]["id"]}
+    )
+    rt.remember(event_id, fingerprint, response, d.settings.dedup_cache_size)
+    d.metrics.ranks.labels(rt.name).inc()
+    return Response(response, status_code=201, media_type="application/json")
+
+
+def _observation(d: Dloop, rt: LoopRuntime, kind: str, event_id: str, value: float | None) -> None:
+    record: dict[str, Any] = {"k": kind, "loop": rt.name, "id": event_id, "t": d.clock()}
+    if value is not None:
+        record["v"] = value
+    d.log.append(orjson.dumps(record))
+
+
+@router.post("/personalizer/events/{event_id}/reward", status_code=204)
+async def reward(request: Request, event_id: str) -> Response:
+    d, rt = loop_for(request, admin=False)
+    _check_event_id(event_id, "InvalidRewardRequest")
+    body = await _json_body(request, "InvalidRewardRequest")
+    value = body.get("value") if isinstance(body, dict) else None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not -1 <= value <= 1
+    ):
+        raise bad_request("InvalidRewardRequest", "value must be a finite number between -1 and 1")
+    _observation(d, rt, "r", event_id, float(value))
+    d.metrics.rewards.labels(rt.name).inc()
+    return Response(status_code=204)
+
+
+@router.post("/personalizer/events/{event_id}/activate", status_code=204)
+async def activate(request: Request, event_id: str) -> Response:
+    d, rt = loop_for(request, admin=False)
+    _check_event_id(event_id, "InvalidEventIdToActivate")
+    await _json_body(request, "InvalidEventIdToActivate", required=False)
+    _observation(d, rt, "a", event_id, None)
+    d.metrics.activations.labels(rt.name).inc()
+    return Response(status_code=204)

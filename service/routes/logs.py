@@ -1,0 +1,33 @@
+"""Decision log management (Personalizer's /logs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from learners.joiner import timestamp
+from service import store
+from service.context import loop_for
+from service.errors import ApiError
+
+router = APIRouter()
+
+
+@router.delete("/personalizer/logs", status_code=204)
+def delete_logs(request: Request) -> Response:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions.begin() as session:
+        store.delete_logs(session, loop=rt.name)
+    return Response(status_code=204)
+
+
+@router.get("/personalizer/logs/properties")
+def get_log_properties(request: Request) -> dict[str, Any]:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        span = store.log_range(session, loop=rt.name)
+    if span is None:
+        raise ApiError(404, "LogsPropertiesNotFound", "the loop has no logged events")
+    return {"dateRange": {"from": timestamp(span[0]), "to": timestamp(span[1])}}

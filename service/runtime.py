@@ -1,0 +1,87 @@
+"""In-memory state of each loop that serving needs: settings, the served model, recent answers.
+
+The serving model is swapped whole (`publish`), never mutated, so a request that already holds
+a ranker finishes on it while the next request sees the new one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from learners.cb import CBRanker
+from learners.vw import with_exploration
+from service import store
+from service.schemas import LoopSettings
+
+
+@dataclass
+class LoopRuntime:
+    name: str
+    kind: str
+    config: dict[str, Any]
+    policy: dict[str, str]
+    settings: LoopSettings
+    # (ranker, model id) swapped as one tuple so a request never pairs a model with another's id.
+    served: tuple[CBRanker | None, str] = (None, "N/A")
+    recent: OrderedDict[str, tuple[bytes, bytes]] = field(default_factory=OrderedDict)
+
+    @property
+    def model_id(self) -> str:
+        return self.served[1]
+
+    @property
+    def arguments(self) -> str:
+        """The VW arguments trained and served: the policy with this loop's exploration."""
+        return with_exploration(self.policy["arguments"], self.settings.exploration)
+
+    def remember(self, event_id: str, fingerprint: bytes, response: bytes, size: int) -> None:
+        self.recent[event_id] = (fingerprint, response)
+        if len(self.recent) > size:
+            self.recent.popitem(last=False)
+
+
+class Registry:
+    """The loops this process serves, by name."""
+
+    def __init__(self) -> None:
+        self.loops: dict[str, LoopRuntime] = {}
+        self.lock = threading.Lock()
+
+    def get(self, name: str) -> LoopRuntime | None:
+        return self.loops.get(name)
+
+    def load(self, session: Session) -> None:
+        """(Re)read every loop's configuration and current model from the database."""
+        seen = set()
+        for loop in store.list_loops(session):
+            seen.add(loop.name)
+            rt = self.loops.get(loop.name)
+            settings = LoopSettings.from_doc(loop.config)
+            if rt is None:
+                rt = LoopRuntime(loop.name, loop.kind, loop.config, loop.policy, settings)
+                self.loops[loop.name] = rt
+            else:
+                rt.config, rt.policy, rt.settings = loop.config, loop.policy, settings
+            ckpt = store.get_checkpoint(session, loop=loop.name)
+            if ckpt is None or ckpt.model is None:
+                self.publish(loop.name, None, "N/A")
+            elif ckpt.model_id != rt.model_id:
+                self.publish(loop.name, ckpt.model, ckpt.model_id)
+        for name in set(self.loops) - seen:
+            del self.loops[name]
+
+    def publish(self, name: str, model: bytes | None, model_id: str) -> None:
+        rt = self.loops.get(name)
+        if rt is None:
+            return
+        ranker = CBRanker(model) if model is not None else None
+        rt.served = (ranker, model_id)
+
+    def update(self, name: str, *, config: dict[str, Any], policy: dict[str, str]) -> None:
+        rt = self.loops[name]
+        rt.config, rt.policy, rt.settings = config, policy, LoopSettings.from_doc(config)

@@ -1,0 +1,160 @@
+"""Wire models for the configuration endpoints, and the loop settings derived from them.
+
+Rank, reward and activate bodies are validated by hand in routes/events.py: they are on the hot
+path and each failure needs its own Personalizer error code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from learners.cb import DEFAULT_POLICY
+from learners.joiner import AGGREGATIONS, JoinRules
+
+MIN_WAIT = timedelta(seconds=1)
+MAX_WAIT = timedelta(days=30)
+MIN_EXPORT = timedelta(seconds=1)
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", ser_json_timedelta="iso8601"
+    )
+
+
+class ServiceConfiguration(Wire):
+    reward_wait_time: timedelta
+    default_reward: float = Field(ge=-1, le=1)
+    reward_aggregation: str
+    exploration_percentage: float = Field(ge=0, le=1)
+    model_export_frequency: timedelta
+    log_retention_days: int
+    model_retrain_days: int = Field(ge=0)
+    log_mirror_enabled: bool | None = None
+    log_mirror_sas_uri: str | None = None
+    last_configuration_edit_date: datetime | None = None
+    learning_mode: Literal["Online", "Apprentice", "LoggingOnly"] = "Online"
+    is_auto_optimization_enabled: bool | None = False
+    auto_optimization_frequency: timedelta | None = None
+    auto_optimization_start_date: datetime | None = None
+    is_inference_explainability_enabled: bool | None = False
+    latest_apprentice_mode_metrics: dict[str, Any] | None = None
+
+    @field_validator("reward_wait_time")
+    @classmethod
+    def _wait(cls, v: timedelta) -> timedelta:
+        if not MIN_WAIT <= v <= MAX_WAIT:
+            raise ValueError("rewardWaitTime must be between PT1S and P30D")
+        return v
+
+    @field_validator("model_export_frequency")
+    @classmethod
+    def _export(cls, v: timedelta) -> timedelta:
+        if v < MIN_EXPORT:
+            raise ValueError("modelExportFrequency must be at least PT1S")
+        return v
+
+    @field_validator("reward_aggregation")
+    @classmethod
+    def _agg(cls, v: str) -> str:
+        if v.lower() not in AGGREGATIONS:
+            raise ValueError(f"rewardAggregation must be one of {', '.join(AGGREGATIONS)}")
+        return v.lower()
+
+    @field_validator("default_reward", "exploration_percentage")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    def check_retention(self) -> None:
+        days = math.ceil(self.reward_wait_time.total_seconds() / 86400) + 1
+        if self.log_retention_days != -1 and self.log_retention_days < days:
+            raise ValueError(f"logRetentionDays must be -1 or at least {days}")
+        if self.log_retention_days != -1 and self.model_retrain_days > self.log_retention_days:
+            raise ValueError("modelRetrainDays cannot exceed logRetentionDays")
+
+    def stored(self) -> dict[str, Any]:
+        doc = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        doc.pop("latestApprenticeModeMetrics", None)
+        return doc
+
+
+class PolicyContract(Wire):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = Field(min_length=1, max_length=1024)
+
+
+def default_config(now: float) -> dict[str, Any]:
+    return ServiceConfiguration(
+        reward_wait_time=timedelta(minutes=10),
+        default_reward=0.0,
+        reward_aggregation="earliest",
+        exploration_percentage=0.2,
+        model_export_frequency=timedelta(seconds=10),
+        log_retention_days=90,
+        model_retrain_days=2,
+        learning_mode="Online",
+        is_auto_optimization_enabled=False,
+        log_mirror_enabled=False,
+        is_inference_explainability_enabled=False,
+        last_configuration_edit_date=datetime.fromtimestamp(now, UTC),
+    ).stored()
+
+
+def default_policy() -> dict[str, str]:
+    return {"name": "dloop-default", "arguments": DEFAULT_POLICY}
+
+
+def parse_config(doc: dict[str, Any]) -> ServiceConfiguration:
+    """Validate a configuration; raises ValueError with a readable message."""
+    try:
+        cfg = ServiceConfiguration.model_validate(doc)
+    except ValidationError as exc:
+        raise ValueError(validation_message(exc)) from None
+    cfg.check_retention()
+    return cfg
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the hot path and the worker need from a loop's configuration, parsed once."""
+
+    rules: JoinRules
+    exploration: float
+    export_every: float
+    mode: str
+    retrain_days: int
+    explain: bool
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> LoopSettings:
+        cfg = ServiceConfiguration.model_validate(doc)
+        return cls(
+            rules=JoinRules(
+                wait=cfg.reward_wait_time.total_seconds(),
+                default_reward=cfg.default_reward,
+                aggregation=cfg.reward_aggregation,
+            ),
+            exploration=cfg.exploration_percentage,
+            export_every=cfg.model_export_frequency.total_seconds(),
+            mode=cfg.learning_mode,
+            retrain_days=cfg.model_retrain_days,
+            explain=bool(cfg.is_inference_explainability_enabled),
+        )

@@ -1,0 +1,371 @@
+"""Data access: keyword-only functions taking the session first. Callers own the transaction."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from learners.joiner import (
+    BACKWARD_WINDOW,
+    DecisionView,
+    JoinRules,
+    Obs,
+    in_window,
+    is_complete,
+    join,
+)
+from service.models import ApiKey, Decision, Joined, LogOffset, Loop, ModelCheckpoint, Observation
+from service.schemas import default_config, default_policy
+
+DEFAULT_LOOP = "default"
+
+
+def _insert(session: Session, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+# ---- loops and keys -------------------------------------------------------------------------
+
+
+def ensure_loop(session: Session, *, name: str, kind: str, now: float) -> Loop:
+    loop = session.get(Loop, name)
+    if loop is None:
+        loop = Loop(
+            name=name, kind=kind, created_at=now, config=default_config(now), policy=default_policy()
+        )
+        session.add(loop)
+        session.flush()
+    return loop
+
+
+def list_loops(session: Session) -> Sequence[Loop]:
+    return session.scalars(select(Loop).order_by(Loop.name)).all()
+
+
+def delete_loop(session: Session, *, name: str) -> None:
+    for table in (Decision, Observation, Joined, ModelCheckpoint, ApiKey):
+        session.execute(delete(table).where(table.loop == name))
+    session.execute(delete(Loop).where(Loop.name == name))
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def add_key(session: Session, *, key: str, role: str, loop: str | None, now: float) -> None:
+    stmt = _insert(session, ApiKey).values(
+        key_hash=hash_key(key), role=role, loop=loop, created_at=now
+    )
+    session.execute(stmt.on_conflict_do_nothing())
+
+
+def has_admin_key(session: Session) -> bool:
+    return session.scalar(select(exists().where(ApiKey.role == "admin"))) or False
+
+
+def key_table(session: Session) -> dict[str, tuple[str, str | None]]:
+    return {k.key_hash: (k.role, k.loop) for k in session.scalars(select(ApiKey))}
+
+
+# ---- ingestion from the decision log --------------------------------------------------------
+
+
+def get_offset(session: Session, *, name: str) -> int:
+    row = session.get(LogOffset, name)
+    return row.offset if row else 0
+
+
+def set_offset(session: Session, *, name: str, offset: int) -> None:
+    stmt = _insert(session, LogOffset).values(name=name, offset=offset)
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=["name"], set_={"offset": stmt.excluded.offset})
+    )
+
+
+def ingest(session: Session, *, records: Iterable[dict[str, Any]]) -> None:
+    """Store decision and observation records. The first decision for an eventId wins.
+
+    An observation for an event that is already joined is stored as late.
+    """
+    decisions: list[dict[str, Any]] = []
+    observations: list[dict[str, Any]] = []
+    for r in records:
+        if r["k"] == "d":
+            decisions.append(
+                {
+                    "loop": r["loop"],
+                    "event_id": r["id"],
+                    "created_at": r["t"],
+                    "deferred": r["deferred"],
+                    "mode": r["mode"],
+                    "context": r["c"],
+                    "ranking": r["a"],
+                    "probabilities": r["p"],
+                    "baseline": r["b"],
+                    "model_id": r["m"],
+                    "joined": False,
+                }
+            )
+        else:
+            observations.append(
+                {
+                    "loop": r["loop"],
+                    "event_id": r["id"],
+                    "kind": "reward" if r["k"] == "r" else "activate",
+                    "value": r.get("v"),
+                    "received_at": r["t"],
+                    "status": "pending",
+                }
+            )
+    if decisions:
+        session.execute(_insert(session, Decision).on_conflict_do_nothing(), decisions)
+    if observations:
+        session.execute(_insert(session, Observation), observations)
+        late = exists().where(
+            Decision.loop == Observation.loop,
+            Decision.event_id == Observation.event_id,
+            Decision.joined.is_(True),
+        )
+        session.execute(
+            update(Observation).where(Observation.status == "pending", late).values(status="late")
+        )
+
+
+# ---- join ------------------------------------------------------------------------------------
+
+
+def _view(d: Decision) -> DecisionView:
+    return DecisionView(
+        event_id=d.event_id,
+        created_at=d.created_at,
+        deferred=d.deferred,
+        mode=d.mode,
+        context=d.context.encode(),
+        ranking=d.ranking,
+        probabilities=d.probabilities,
+        baseline=d.baseline,
+        model_id=d.model_id,
+    )
+
+
+def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit: int) -> int:
+    """Join decisions whose window closed, or that are complete early; returns how many."""
+    closed = select(Decision).where(
+        Decision.loop == loop, Decision.joined.is_(False), Decision.created_at <= now - rules.wait
+    )
+    candidates = list(session.scalars(closed.order_by(Decision.created_at).limit(limit)))
+    if rules.aggregation == "earliest" and len(candidates) < limit:
+        rewarded = exists().where(
+            Observation.loop == Decision.loop,
+            Observation.event_id == Decision.event_id,
+            Observation.kind == "reward",
+            Observation.status == "pending",
+        )
+        open_ = select(Decision).where(
+            Decision.loop == loop,
+            Decision.joined.is_(False),
+            Decision.created_at > now - rules.wait,
+            rewarded,
+        )
+        candidates += session.scalars(
+            open_.order_by(Decision.created_at).limit(limit - len(candidates))
+        )
+    if not candidates:
+        return 0
+    by_event: dict[str, list[Observation]] = {d.event_id: [] for d in candidates}
+    for o in session.scalars(
+        select(Observation).where(
+            Observation.loop == loop, Observation.event_id.in_(list(by_event))
+        )
+    ):
+        by_event[o.event_id].append(o)
+    joined_rows: list[dict[str, Any]] = []
+    for d in candidates:
+        view = _view(d)
+        rows = by_event[d.event_id]
+        obs = [Obs(o.kind, o.value, o.received_at) for o in rows]
+        if d.created_at > now - rules.wait and not is_complete(view, obs, rules):
+            continue
+        result = join(view, obs, rules)
+        d.joined = True
+        for o in rows:
+            o.status = "joined" if in_window(d.created_at, o.received_at, rules.wait) else "late"
+        joined_rows.append(
+            {
+                "loop": loop,
+                "event_id": d.event_id,
+                "created_at": d.created_at,
+                "joined_at": now,
+                "mode": d.mode,
+                "learnable": result.learnable,
+                "reward": result.reward,
+                "rewarded": result.rewarded,
+                "imitated": result.imitated,
+                "line": result.line.decode(),
+            }
+        )
+    if joined_rows:
+        session.execute(_insert(session, Joined).on_conflict_do_nothing(), joined_rows)
+    # Orphans whose decision can no longer arrive are dangling.
+    session.execute(
+        update(Observation)
+        .where(
+            Observation.loop == loop,
+            Observation.status == "pending",
+            Observation.received_at < now - BACKWARD_WINDOW,
+            ~exists().where(
+                Decision.loop == Observation.loop, Decision.event_id == Observation.event_id
+            ),
+        )
+        .values(status="dangling")
+    )
+    return len(joined_rows)
+
+
+def joined_after(session: Session, *, loop: str, seq: int, limit: int) -> Sequence[Joined]:
+    stmt = select(Joined).where(Joined.loop == loop, Joined.seq > seq).order_by(Joined.seq)
+    return session.scalars(stmt.limit(limit)).all()
+
+
+def joined_between(
+    session: Session, *, loop: str, since: float, until_seq: int, after_seq: int = 0
+) -> Sequence[Joined]:
+    stmt = select(Joined).where(
+        Joined.loop == loop,
+        Joined.created_at >= since,
+        Joined.seq > after_seq,
+        Joined.seq <= until_seq,
+    )
+    return session.scalars(stmt.order_by(Joined.seq)).all()
+
+
+def max_seq(session: Session, *, loop: str) -> int:
+    return session.scalar(select(func.max(Joined.seq)).where(Joined.loop == loop)) or 0
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+def get_checkpoint(session: Session, *, loop: str) -> ModelCheckpoint | None:
+    return session.get(ModelCheckpoint, loop)
+
+
+def save_checkpoint(
+    session: Session,
+    *,
+    loop: str,
+    model_id: str,
+    model: bytes | None,
+    arguments: str,
+    learned_seq: int,
+    examples: int,
+    now: float,
+    reset: bool = False,
+) -> None:
+    row = session.get(ModelCheckpoint, loop)
+    if row is None:
+        row = ModelCheckpoint(loop=loop, created_at=now)
+        session.add(row)
+    if reset:
+        row.created_at = now
+    row.model_id = model_id
+    row.model = model
+    row.arguments = arguments
+    row.learned_seq = learned_seq
+    row.examples = examples
+    row.modified_at = now
+
+
+# ---- logs and metrics ------------------------------------------------------------------------
+
+
+def log_range(session: Session, *, loop: str) -> tuple[float, float] | None:
+    lo, hi = session.execute(
+        select(func.min(Decision.created_at), func.max(Decision.created_at)).where(
+            Decision.loop == loop
+        )
+    ).one()
+    return None if lo is None else (lo, hi)
+
+
+def delete_logs(session: Session, *, loop: str) -> None:
+    for table in (Decision, Observation, Joined):
+        session.execute(delete(table).where(table.loop == loop))
+
+
+def export_lines(
+    session: Session, *, loop: str, since: float | None = None, until: float | None = None
+) -> Iterable[str]:
+    stmt = select(Joined.line).where(Joined.loop == loop)
+    if since is not None:
+        stmt = stmt.where(Joined.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(Joined.created_at < until)
+    return session.scalars(stmt.order_by(Joined.seq).execution_options(yield_per=1000))
+
+
+def loop_counts(session: Session, *, loop: str) -> dict[str, int]:
+    """Counts for /metrics: decisions by state and observations by status."""
+    out = {"decisions_pending": 0, "decisions_joined": 0}
+    for joined, n in session.execute(
+        select(Decision.joined, func.count()).where(Decision.loop == loop).group_by(Decision.joined)
+    ):
+        out["decisions_joined" if joined else "decisions_pending"] = n
+    for status, n in session.execute(
+        select(Observation.status, func.count())
+        .where(Observation.loop == loop)
+        .group_by(Observation.status)
+    ):
+        out[f"observations_{status}"] = n
+    return out
+
+
+def apprentice_metrics(session: Session, *, loop: str, batch: int = 1000) -> dict[str, Any] | None:
+    """Personalizer's latestApprenticeModeMetrics over the loop's Apprentice-mode events."""
+    base = and_(Joined.loop == loop, Joined.mode == "Apprentice")
+    total = session.execute(
+        select(
+            func.count(),
+            func.min(Joined.created_at),
+            func.max(Joined.created_at),
+            func.coalesce(func.sum(Joined.reward), 0.0),
+        ).where(base)
+    ).one()
+    if not total[0]:
+        return None
+    rows = session.execute(
+        select(Joined.reward, Joined.imitated).where(base).order_by(Joined.seq.desc()).limit(batch)
+    ).all()
+    imitated_total = session.execute(
+        select(func.count(), func.coalesce(func.sum(Joined.reward), 0.0)).where(
+            base, Joined.imitated.is_(True)
+        )
+    ).one()
+    from learners.joiner import timestamp
+
+    return {
+        "startTime": timestamp(total[1]),
+        "lastProcessedEventTime": timestamp(total[2]),
+        "numberOfEvents": total[0],
+        "sumOfRewards": float(total[3]),
+        "numberOfImitatedEvents": imitated_total[0],
+        "sumOfImitatedRewards": float(imitated_total[1]),
+        "lastBatchMetrics": {
+            "numberOfEvents": len(rows),
+            "sumOfRewards": float(sum(r for r, _ in rows)),
+            "numberOfImitatedEvents": sum(1 for _, i in rows if i),
+            "sumOfImitatedRewards": float(sum(r for r, i in rows if i)),
+        },
+    }
+
+
+def loads(record: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = orjson.loads(record)
+    return out
