@@ -26,10 +26,14 @@ class CBWorld:
     traits: tuple[tuple[str, int], ...] = (("country", 4), ("device", 3), ("segment", 5))
     seed: int = 0
     _rng: np.random.Generator = field(init=False, repr=False)
+    _noise: np.random.Generator = field(init=False, repr=False)
     _weights: dict[str, np.ndarray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # Contexts and reward noise come from separate streams, so every policy run on the same
+        # seed sees the same contexts and the same noise whatever it chooses.
         self._rng = np.random.default_rng(self.seed)
+        self._noise = np.random.default_rng(self.seed + 1)
         gen = np.random.default_rng(self.seed + 7919)
         self._weights = {name: gen.normal(0, 1.2, size=(k, self.n_actions)) for name, k in self.traits}
         self._bias = gen.normal(-1.0, 0.3, size=self.n_actions)
@@ -54,4 +58,37 @@ class CBWorld:
         return 1.0 / (1.0 + np.exp(-logit))
 
     def reward(self, values: dict[str, int], action_index: int) -> float:
-        return float(self._rng.random() < self.expected(values)[action_index])
+        return float(self._noise.random() < self.expected(values)[action_index])
+
+
+@dataclass
+class Scores:
+    """Expected reward of each choice next to the uniform policy's and the oracle's."""
+
+    chosen: list[float] = field(default_factory=list)
+    uniform: list[float] = field(default_factory=list)
+    oracle: list[float] = field(default_factory=list)
+
+    def add(self, expected: np.ndarray, action_index: int) -> None:
+        self.chosen.append(float(expected[action_index]))
+        self.uniform.append(float(expected.mean()))
+        self.oracle.append(float(expected.max()))
+
+    def tail(self, fraction: float = 1 / 3) -> tuple[float, float, float]:
+        """Mean (chosen, uniform, oracle) over the last `fraction` of the run."""
+        k = int(len(self.chosen) * (1 - fraction))
+        return (
+            float(np.mean(self.chosen[k:])),
+            float(np.mean(self.uniform[k:])),
+            float(np.mean(self.oracle[k:])),
+        )
+
+    def progress(self, fraction: float = 1 / 3) -> float:
+        """How far from uniform (0) to the oracle (1) the policy got over the tail."""
+        chosen, uniform, oracle = self.tail(fraction)
+        return (chosen - uniform) / (oracle - uniform)
+
+
+def delays(seed: int, n: int, max_delay: int) -> list[int]:
+    """How many decisions later each decision's reward arrives (uniform 0..max_delay)."""
+    return [int(d) for d in np.random.default_rng(seed + 2).integers(0, max_delay + 1, size=n)]

@@ -157,6 +157,19 @@ def _view(d: Decision) -> DecisionView:
 
 def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit: int) -> int:
     """Join decisions whose window closed, or that are complete early; returns how many."""
+    # Orphans whose decision can no longer arrive are dangling.
+    session.execute(
+        update(Observation)
+        .where(
+            Observation.loop == loop,
+            Observation.status == "pending",
+            Observation.received_at < now - BACKWARD_WINDOW,
+            ~exists().where(
+                Decision.loop == Observation.loop, Decision.event_id == Observation.event_id
+            ),
+        )
+        .values(status="dangling")
+    )
     closed = select(Decision).where(
         Decision.loop == loop, Decision.joined.is_(False), Decision.created_at <= now - rules.wait
     )
@@ -213,19 +226,6 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
         )
     if joined_rows:
         session.execute(_insert(session, Joined).on_conflict_do_nothing(), joined_rows)
-    # Orphans whose decision can no longer arrive are dangling.
-    session.execute(
-        update(Observation)
-        .where(
-            Observation.loop == loop,
-            Observation.status == "pending",
-            Observation.received_at < now - BACKWARD_WINDOW,
-            ~exists().where(
-                Decision.loop == Observation.loop, Decision.event_id == Observation.event_id
-            ),
-        )
-        .values(status="dangling")
-    )
     return len(joined_rows)
 
 

@@ -1,0 +1,126 @@
+"""Fixtures: a fake clock, a migrated data dir, the app under TestClient, a live server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.context import Dloop
+from service.migrate import upgrade
+from service.settings import Settings, load_settings
+
+ADMIN_KEY = "test-admin-key"
+AUTH = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_790_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    settings = load_settings(data_dir=data_dir, api_key=ADMIN_KEY, **overrides)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    return settings
+
+
+@dataclass
+class Harness:
+    """The app in-process: `client` speaks HTTP to it, `work()` runs the worker to idle."""
+
+    client: TestClient
+    clock: FakeClock
+
+    @property
+    def dloop(self) -> Dloop:
+        d: Dloop = self.client.app.state.dloop  # type: ignore[attr-defined]
+        return d
+
+    def work(self) -> None:
+        worker = self.dloop.worker
+        assert worker is not None
+        while worker.run_once():
+            pass
+
+    def rank(self, body: dict[str, Any], path: str = "/personalizer/v1.0/rank") -> dict[str, Any]:
+        r = self.client.post(path, json=body, headers=AUTH)
+        assert r.status_code == 201, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    def reward(self, event_id: str, value: float) -> None:
+        r = self.client.post(
+            f"/personalizer/v1.0/events/{event_id}/reward", json={"value": value}, headers=AUTH
+        )
+        assert r.status_code == 204, r.text
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        cfg = self.client.get("/personalizer/v1.0/configurations/service", headers=AUTH).json()
+        cfg.update(changes)
+        r = self.client.put("/personalizer/v1.0/configurations/service", json=cfg, headers=AUTH)
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def harness(tmp_path: Path, clock: FakeClock) -> Iterator[Harness]:
+    settings = make_settings(tmp_path / "data")
+    with TestClient(create_app(settings, clock=clock, run_worker=False)) as client:
+        yield Harness(client, clock)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: Settings
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    """A real uvicorn server with the embedded worker (real clock) on a free port."""
+    settings = make_settings(tmp_path / "live", learner={"tick_seconds": 0.05})
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", settings)
+    finally:
+        server.should_exit = True
+        thread.join(20)

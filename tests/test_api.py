@@ -1,0 +1,384 @@
+"""The HTTP API through raw requests: paths, keys, bad input, idempotency, join behaviour."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import AUTH, Harness
+
+ACTIONS = [
+    {"id": "news", "features": [{"topic": "politics"}]},
+    {"id": "sports", "features": [{"topic": "football"}]},
+    {"id": "tech", "features": [{"topic": "ai"}]},
+]
+
+
+def rank_body(event_id: str = "e1", **kw: Any) -> dict[str, Any]:
+    body = {"contextFeatures": [{"time": "morning"}], "actions": ACTIONS, "eventId": event_id}
+    body.update(kw)
+    return body
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/personalizer/v1.0/rank",
+        "/personalizer/v1.1-preview.1/rank",
+        "/personalizer/v1.1-preview.3/rank",
+        "/personalizer/rank?api-version=2022-09-01-preview",
+    ],
+)
+def test_every_path_style_ranks(harness: Harness, path: str) -> None:
+    out = harness.rank(rank_body(), path)
+    assert out["eventId"] == "e1"
+    assert out["rewardActionId"] == out["ranking"][0]["id"]
+    assert sorted(a["id"] for a in out["ranking"]) == ["news", "sports", "tech"]
+
+
+def test_uniform_before_the_first_model(harness: Harness) -> None:
+    out = harness.rank(rank_body())
+    assert [a["probability"] for a in out["ranking"]] == pytest.approx([1 / 3] * 3)
+
+
+def test_generated_event_id(harness: Harness) -> None:
+    body = rank_body()
+    del body["eventId"]
+    out = harness.rank(body)
+    assert len(out["eventId"]) == 32
+
+
+def test_excluded_actions_are_listed_with_zero_and_never_chosen(harness: Harness) -> None:
+    for i in range(60):
+        out = harness.rank(rank_body(f"x{i}", excludedActions=["news", "tech"]))
+        assert out["rewardActionId"] == "sports"
+        probs = {a["id"]: a["probability"] for a in out["ranking"]}
+        assert probs == {"sports": 1.0, "news": 0.0, "tech": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"Ocp-Apim-Subscription-Key": "wrong"}, 401), ({"Authorization": "Bearer test-admin-key"}, 201)],
+)
+def test_keys(harness: Harness, headers: dict[str, str], status: int) -> None:
+    r = harness.client.post("/personalizer/v1.0/rank", json=rank_body(), headers=headers)
+    assert r.status_code == status
+    if status == 401:
+        assert r.json()["error"]["code"] == "Unauthorized"
+        assert r.headers["x-ms-error-code"] == "Unauthorized"
+
+
+def test_health_needs_no_key(harness: Harness) -> None:
+    assert harness.client.get("/healthz").status_code == 200
+    r = harness.client.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert harness.client.get("/metrics").status_code == 401
+
+
+BAD_RANKS: list[tuple[Any, str]] = [
+    ({"actions": []}, "InvalidRankRequest"),
+    ({"actions": [{"id": f"a{i}", "features": [{"f": 1}]} for i in range(51)]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "", "features": [{"f": 1}]}]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "x" * 257, "features": [{"f": 1}]}]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a"}]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": None}]}]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"tags": ["x", "y"]}]}]}, "InvalidRankRequest"),
+    ({"actions": [None]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "contextFeatures": [None]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "contextFeatures": {"a": 1}}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": 1}]}, {"id": "a", "features": [{"f": 2}]}]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "excludedActions": ["a"]}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "excludedActions": "a"}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "eventId": ""}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "eventId": 12}, "InvalidRankRequest"),
+    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "deferActivation": "yes"}, "InvalidRankRequest"),
+    ([1, 2], "InvalidRankRequest"),
+]
+
+
+@pytest.mark.parametrize(("body", "code"), BAD_RANKS)
+def test_bad_rank_requests(harness: Harness, body: Any, code: str) -> None:
+    r = harness.client.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"]["message"]
+
+
+def test_malformed_json_is_400(harness: Harness) -> None:
+    r = harness.client.post("/personalizer/v1.0/rank", content=b"{not json", headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRankRequest"
+    r = harness.client.post("/personalizer/v1.0/events/e/reward", content=b"", headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRewardRequest"
+
+
+@pytest.mark.parametrize("value", [1.5, -1.01, "1", None, True, [1]])
+def test_bad_reward_values(harness: Harness, value: Any) -> None:
+    r = harness.client.post("/personalizer/v1.0/events/e1/reward", json={"value": value}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRewardRequest"
+
+
+def test_non_finite_reward_is_400(harness: Harness) -> None:
+    r = harness.client.post(
+        "/personalizer/v1.0/events/e1/reward", content=b'{"value": NaN}', headers=AUTH
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRewardRequest"
+
+
+def test_long_event_id_on_activate_is_400(harness: Harness) -> None:
+    r = harness.client.post(f"/personalizer/v1.0/events/{'x' * 257}/activate", headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidEventIdToActivate"
+
+
+def test_oversized_body_is_413(harness: Harness) -> None:
+    body = rank_body(contextFeatures=[{"blob": "x" * 300_000}])
+    r = harness.client.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PayloadSizeExceeded"
+
+
+def test_unknown_path_and_method(harness: Harness) -> None:
+    r = harness.client.get("/personalizer/v1.0/nothing", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "ResourceNotFound"
+    r = harness.client.get("/personalizer/v1.0/rank", headers=AUTH)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_retry_returns_original_response_and_logs_once(harness: Harness) -> None:
+    first = harness.client.post("/personalizer/v1.0/rank", json=rank_body("dup"), headers=AUTH)
+    again = harness.client.post("/personalizer/v1.0/rank", json=rank_body("dup"), headers=AUTH)
+    assert again.status_code == 201 and again.content == first.content
+    other = rank_body("dup", actions=ACTIONS[:2])
+    r = harness.client.post("/personalizer/v1.0/rank", json=other, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRankRequest"
+    harness.clock.advance(700)
+    harness.work()
+    from service.models import Joined
+
+    with harness.dloop.sessions() as s:
+        assert s.query(Joined).filter_by(event_id="dup").count() == 1
+
+
+def test_same_event_id_same_model_same_choice_after_restart_of_cache(harness: Harness) -> None:
+    out = harness.rank(rank_body("seeded"))
+    harness.dloop.registry.loops["default"].recent.clear()
+    again = harness.rank(rank_body("seeded"))
+    assert again["rewardActionId"] == out["rewardActionId"]
+
+
+def joined(h: Harness, event_id: str) -> dict[str, Any] | None:
+    from service.models import Joined
+
+    with h.dloop.sessions() as s:
+        row = s.query(Joined).filter_by(event_id=event_id).one_or_none()
+        return None if row is None else orjson.loads(row.line)
+
+
+def test_reward_joins_and_default_applies_after_the_window(harness: Harness) -> None:
+    harness.configure(rewardWaitTime="PT60S", rewardAggregation="sum", defaultReward=-0.5)
+    harness.rank(rank_body("rewarded"))
+    harness.rank(rank_body("silent"))
+    harness.reward("rewarded", 0.4)
+    harness.reward("rewarded", 0.4)
+    harness.work()
+    assert joined(harness, "rewarded") is None  # sum waits for the window to close
+    harness.clock.advance(61)
+    harness.reward("rewarded", 1.0)  # late: after the window
+    harness.work()
+    assert joined(harness, "rewarded")["_label_cost"] == pytest.approx(-0.8)  # type: ignore[index]
+    assert joined(harness, "silent")["_label_cost"] == pytest.approx(0.5)  # type: ignore[index]
+    metrics = harness.client.get("/metrics", headers=AUTH).text
+    assert 'dloop_observations_late{loop="default"} 1' in metrics
+
+
+def test_earliest_joins_at_the_first_reward(harness: Harness) -> None:
+    harness.rank(rank_body("fast"))
+    harness.clock.advance(1)
+    harness.reward("fast", 1.0)
+    harness.work()
+    line = joined(harness, "fast")
+    assert line is not None and line["_label_cost"] == -1.0
+    harness.reward("fast", 0.0)
+    harness.work()
+    assert joined(harness, "fast")["_label_cost"] == -1.0  # type: ignore[index]
+
+
+def test_orphan_reward_joins_when_its_decision_arrives(harness: Harness) -> None:
+    harness.reward("orphan", 1.0)
+    harness.work()
+    harness.clock.advance(30)
+    harness.rank(rank_body("orphan"))
+    harness.work()
+    assert joined(harness, "orphan")["_label_cost"] == -1.0  # type: ignore[index]
+
+
+def test_dangling_reward_is_counted(harness: Harness) -> None:
+    harness.reward("never-ranked", 1.0)
+    harness.work()
+    harness.clock.advance(121)
+    harness.work()
+    metrics = harness.client.get("/metrics", headers=AUTH).text
+    assert 'dloop_observations_dangling{loop="default"} 1' in metrics
+
+
+def test_deferred_event_learns_only_when_activated(harness: Harness) -> None:
+    harness.configure(rewardWaitTime="PT60S")
+    harness.rank(rank_body("shown", deferActivation=True))
+    harness.rank(rank_body("hidden", deferActivation=True))
+    r = harness.client.post("/personalizer/v1.0/events/shown/activate", headers=AUTH)
+    assert r.status_code == 204
+    harness.reward("hidden", 1.0)
+    harness.clock.advance(61)
+    harness.work()
+    assert "_skipLearn" not in joined(harness, "shown")  # type: ignore[operator]
+    assert joined(harness, "hidden")["_skipLearn"] is True  # type: ignore[index]
+
+
+def test_learning_mode_change_must_be_alone(harness: Harness) -> None:
+    cfg = harness.client.get("/personalizer/v1.0/configurations/service", headers=AUTH).json()
+    cfg.update(learningMode="Apprentice", defaultReward=0.5)
+    r = harness.client.put("/personalizer/v1.0/configurations/service", json=cfg, headers=AUTH)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "InvalidLearningModeServiceConfiguration"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"rewardWaitTime": "PT0S"}, {"rewardAggregation": "mode"}, {"modelExportFrequency": "PT0.1S"}],
+)
+def test_bad_configuration_is_400(harness: Harness, changes: dict[str, Any]) -> None:
+    cfg = harness.client.get("/personalizer/v1.0/configurations/service", headers=AUTH).json()
+    cfg.update(changes)
+    r = harness.client.put("/personalizer/v1.0/configurations/service", json=cfg, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidServiceConfiguration"
+    r = harness.client.put("/personalizer/v1.0/configurations/service", json=[1], headers=AUTH)
+    assert r.status_code == 400
+
+
+def test_apprentice_serves_baseline_and_reports_metrics(harness: Harness) -> None:
+    harness.configure(learningMode="Apprentice")
+    for i in range(20):
+        out = harness.rank(rank_body(f"ap{i}", excludedActions=["news"]))
+        assert out["rewardActionId"] == "sports"  # first non-excluded action
+        harness.reward(f"ap{i}", 1.0)
+    harness.work()
+    cfg = harness.client.get("/personalizer/v1.0/configurations/service", headers=AUTH).json()
+    metrics = cfg["latestApprenticeModeMetrics"]
+    assert metrics["numberOfEvents"] == 20
+    assert metrics["sumOfRewards"] == 20.0
+    assert 0 < metrics["numberOfImitatedEvents"] <= 20
+    assert metrics["lastBatchMetrics"]["numberOfEvents"] == 20
+
+
+def test_logging_only_keeps_input_order_and_does_not_learn(harness: Harness) -> None:
+    harness.configure(learningMode="LoggingOnly")
+    for i in range(10):
+        out = harness.rank(rank_body(f"lo{i}"))
+        assert [a["id"] for a in out["ranking"]] == ["news", "sports", "tech"]
+        harness.reward(f"lo{i}", 1.0)
+    harness.clock.advance(20)
+    harness.work()
+    assert harness.dloop.registry.loops["default"].model_id == "N/A"
+
+
+def test_a_model_is_published_and_logged_in_vwstate(harness: Harness) -> None:
+    harness.configure(modelExportFrequency="PT1S")
+    harness.rank(rank_body("m1"))
+    harness.reward("m1", 1.0)
+    harness.clock.advance(2)
+    harness.work()
+    model_id = harness.dloop.registry.loops["default"].model_id
+    assert model_id != "N/A"
+    harness.rank(rank_body("m2"))
+    harness.reward("m2", 1.0)
+    harness.work()
+    assert joined(harness, "m1")["VWState"] == {"m": "N/A"}  # type: ignore[index]
+    assert joined(harness, "m2")["VWState"] == {"m": model_id}  # type: ignore[index]
+
+
+def test_model_export_import_reset(harness: Harness) -> None:
+    harness.configure(modelExportFrequency="PT1S")
+    for i in range(30):
+        harness.rank(rank_body(f"t{i}"))
+        harness.reward(f"t{i}", 1.0)
+    harness.clock.advance(2)
+    harness.work()
+    raw = harness.client.get("/personalizer/v1.0/model", headers=AUTH)
+    signed = harness.client.get("/personalizer/model?signed=true&api-version=x", headers=AUTH)
+    assert raw.status_code == 200 and len(raw.content) > 100
+    assert signed.content.startswith(b"PK")
+    props = harness.client.get("/personalizer/v1.0/model/properties", headers=AUTH).json()
+    assert set(props) == {"creationTime", "lastModifiedTime"}
+
+    assert harness.client.delete("/personalizer/v1.0/model", headers=AUTH).status_code == 204
+    assert harness.dloop.registry.loops["default"].model_id == "N/A"
+    out = harness.rank(rank_body("after-reset"))
+    assert [a["probability"] for a in out["ranking"]] == pytest.approx([1 / 3] * 3)
+
+    headers = {**AUTH, "Content-Type": "application/octet-stream"}
+    r = harness.client.put("/personalizer/v1.1-preview.3/model", content=signed.content, headers=headers)
+    assert r.status_code == 204, r.text
+    assert harness.dloop.registry.loops["default"].model_id != "N/A"
+    r = harness.client.put("/personalizer/model", content=raw.content, headers=headers)
+    assert r.status_code == 204
+
+    r = harness.client.put("/personalizer/model", content=b"garbage", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidModelImportFormat"
+    tampered = signed.content.replace(b"model.vw", b"model.vx", 1)
+    r = harness.client.put("/personalizer/model", content=tampered, headers=headers)
+    assert r.status_code == 400
+
+
+def test_policy_update_validates_and_resets(harness: Harness) -> None:
+    url = "/personalizer/v1.0/configurations/policy"
+    assert harness.client.get(url, headers=AUTH).json()["name"] == "dloop-default"
+    r = harness.client.put(url, json={"name": "p", "arguments": "--cb_explore_adf -f /tmp/x"}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidPolicyConfiguration"
+    r = harness.client.put(url, json={"name": "p"}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidPolicyContract"
+    personalizer = "--cb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"
+    r = harness.client.put(url, json={"name": "pz", "arguments": personalizer}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["arguments"] == personalizer
+    r = harness.client.delete(url, headers=AUTH)
+    assert r.status_code == 200 and r.json()["name"] == "dloop-default"
+
+
+def test_logs_properties_and_delete(harness: Harness) -> None:
+    r = harness.client.get("/personalizer/v1.0/logs/properties", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "LogsPropertiesNotFound"
+    harness.rank(rank_body("l1"))
+    harness.work()
+    r = harness.client.get("/personalizer/v1.0/logs/properties", headers=AUTH)
+    assert r.status_code == 200 and r.json()["dateRange"]["from"].endswith("Z")
+    assert harness.client.delete("/personalizer/v1.0/logs", headers=AUTH).status_code == 204
+    r = harness.client.get("/personalizer/v1.0/logs/properties", headers=AUTH)
+    assert r.status_code == 404
+
+
+def test_named_loops_are_independent(harness: Harness) -> None:
+    r = harness.client.put("/loops/shop", json={"kind": "cb"}, headers=AUTH)
+    assert r.status_code == 201
+    assert harness.client.put("/loops/shop", json={"kind": "cb"}, headers=AUTH).status_code == 200
+    r = harness.client.put("/loops/bad name!", json={"kind": "cb"}, headers=AUTH)
+    assert r.status_code in (400, 404)
+    r = harness.client.put("/loops/x", json={"kind": "quantum"}, headers=AUTH)
+    assert r.status_code == 400
+    names = [loop["name"] for loop in harness.client.get("/loops", headers=AUTH).json()["value"]]
+    assert names == ["default", "shop"]
+    harness.client.put(
+        "/loops/shop/personalizer/v1.0/configurations/policy",
+        json={"name": "greedy", "arguments": "--cb_explore_adf --epsilon 0 -q ::"},
+        headers=AUTH,
+    )
+    policy = harness.client.get("/personalizer/v1.0/configurations/policy", headers=AUTH).json()
+    assert policy["name"] == "dloop-default"
+    harness.rank(rank_body("shop-1"), "/loops/shop/personalizer/v1.0/rank")
+    harness.work()
+    r = harness.client.get("/loops/shop/personalizer/v1.0/logs/properties", headers=AUTH)
+    assert r.status_code == 200
+    r = harness.client.get("/personalizer/v1.0/logs/properties", headers=AUTH)
+    assert r.status_code == 404
+    assert harness.client.delete("/loops/shop", headers=AUTH).status_code == 204
+    r = harness.client.post("/loops/shop/personalizer/v1.0/rank", json=rank_body(), headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "ResourceNotFound"
+    assert harness.client.delete("/loops/default", headers=AUTH).status_code == 400
