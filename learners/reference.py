@@ -29,8 +29,14 @@ def run_reference(
     for t in range(n):
         for context, chosen, p, reward in arrivals.pop(t, []):
             line = cb_line(
-                event_id=str(t), timestamp="", context=context, ranking=[chosen],
-                probabilities=[p], model_id="ref", cost=-reward, original_cost=-reward,
+                event_id=str(t),
+                timestamp="",
+                context=context,
+                ranking=[chosen],
+                probabilities=[p],
+                model_id="ref",
+                cost=-reward,
+                original_cost=-reward,
             )
             examples = trainer.parse(line.decode())
             trainer.learn(examples)
@@ -48,7 +54,6 @@ def run_reference(
         arrivals[t + lag[t]].append((context, chosen, pmf[chosen], reward))
     trainer.finish()
     return scores
-
 
 
 def run_served(

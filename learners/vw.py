@@ -10,23 +10,65 @@ import shlex
 import tempfile
 from pathlib import Path
 
-import vowpalwabbit
-
-Workspace = vowpalwabbit.Workspace
+from vowpalwabbit import Workspace
 
 # Options that read or write files, open sockets or change how input is read: a policy is
 # arguments for the learning algorithm only, and the service owns all I/O.
 _FORBIDDEN = {
-    "-d", "--data", "-f", "--final_regressor", "-i", "--initial_regressor", "-c", "--cache",
-    "--cache_file", "-p", "--predictions", "-r", "--raw_predictions", "--readable_model",
-    "--invert_hash", "--daemon", "--port", "--pid_file", "--port_file", "--save_per_pass",
-    "--output_feature_regularizer_binary", "--output_feature_regularizer_text",
-    "--input_feature_regularizer", "--feature_mask", "--json", "--dsjson", "--passes",
-    "--audit", "--audit_regressor", "--sendto", "--compressed", "--examples", "--ring_size",
-    "--extra_metrics", "--dictionary", "--dictionary_path", "--flatbuffer", "--id",
-    "--save_resume", "--predict_only_model", "-t", "--testonly", "--holdout_off",
-    "--chain_hash", "--progress", "-P", "--limit_output", "--help", "-h", "--version",
-    "--cats", "--cb_explore", "--ccb_explore_adf", "--slates",
+    "-d",
+    "--data",
+    "-f",
+    "--final_regressor",
+    "-i",
+    "--initial_regressor",
+    "-c",
+    "--cache",
+    "--cache_file",
+    "-p",
+    "--predictions",
+    "-r",
+    "--raw_predictions",
+    "--readable_model",
+    "--invert_hash",
+    "--daemon",
+    "--port",
+    "--pid_file",
+    "--port_file",
+    "--save_per_pass",
+    "--output_feature_regularizer_binary",
+    "--output_feature_regularizer_text",
+    "--input_feature_regularizer",
+    "--feature_mask",
+    "--json",
+    "--dsjson",
+    "--passes",
+    "--audit",
+    "--audit_regressor",
+    "--sendto",
+    "--compressed",
+    "--examples",
+    "--ring_size",
+    "--extra_metrics",
+    "--dictionary",
+    "--dictionary_path",
+    "--flatbuffer",
+    "--id",
+    "--save_resume",
+    "--predict_only_model",
+    "-t",
+    "--testonly",
+    "--holdout_off",
+    "--chain_hash",
+    "--progress",
+    "-P",
+    "--limit_output",
+    "--help",
+    "-h",
+    "--version",
+    "--cats",
+    "--cb_explore",
+    "--ccb_explore_adf",
+    "--slates",
 }
 
 
@@ -89,7 +131,7 @@ def with_exploration(args: str, exploration: float) -> str:
 
 
 def workspace(args: str, model: bytes | None = None) -> Workspace:
-    """A workspace for `args`; with `model`, the model's own saved options plus `args`' I/O flags."""
+    """A workspace for `args`; with `model`, the model's saved options plus `args` (I/O flags)."""
     if model is None:
         return Workspace(f"{args} --quiet")
     fd, path = tempfile.mkstemp(prefix="dloop-model-", suffix=".vw")
@@ -118,7 +160,8 @@ def check_model(model: bytes) -> None:
     except Exception as exc:
         raise PolicyError(f"not a Vowpal Wabbit model: {exc}") from None
     try:
-        if not any(n.startswith("cb_explore_adf") for n in ws.get_enabled_learners()):
+        learners = ws.get_enabled_learners()
+        if not any(n.startswith("cb_explore_adf") for n in learners):
             raise PolicyError("the model is not a --cb_explore_adf model")
     finally:
         ws.finish()

@@ -35,7 +35,9 @@ class CBWorld:
         self._rng = np.random.default_rng(self.seed)
         self._noise = np.random.default_rng(self.seed + 1)
         gen = np.random.default_rng(self.seed + 7919)
-        self._weights = {name: gen.normal(0, 1.2, size=(k, self.n_actions)) for name, k in self.traits}
+        self._weights = {
+            name: gen.normal(0, 1.2, size=(k, self.n_actions)) for name, k in self.traits
+        }
         self._bias = gen.normal(-1.0, 0.3, size=self.n_actions)
 
     @property
@@ -55,7 +57,8 @@ class CBWorld:
 
     def expected(self, values: dict[str, int]) -> np.ndarray:
         logit = self._bias + sum(self._weights[name][v] for name, v in values.items())
-        return 1.0 / (1.0 + np.exp(-logit))
+        probabilities: np.ndarray = 1.0 / (1.0 + np.exp(-logit))
+        return probabilities
 
     def reward(self, values: dict[str, int], action_index: int) -> float:
         return float(self._noise.random() < self.expected(values)[action_index])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from service.db import Base, make_engine
 from service import models  # noqa: F401  (registers the tables)
+from service.db import Base, make_engine
 from service.settings import load_settings
 
 config = context.config

@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -125,5 +124,3 @@ def create_app(
         app.include_router(module.router)
     app.add_middleware(PathStyles, max_body=settings.max_body_bytes)
     return app
-
-

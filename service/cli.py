@@ -11,7 +11,9 @@ import typer
 
 from service.settings import Settings, load_settings
 
-app = typer.Typer(help="dloop: a self-hosted decision service that learns live.", no_args_is_help=True)
+app = typer.Typer(
+    help="dloop: a self-hosted decision service that learns live.", no_args_is_help=True
+)
 logs_app = typer.Typer(help="Decision logs.", no_args_is_help=True)
 app.add_typer(logs_app, name="logs")
 
@@ -70,9 +72,7 @@ def up(
     elif settings.api_key is None:
         typer.echo("dloop: using the admin key created at first start (or set DLOOP_API_KEY)")
     typer.echo(f"dloop: Personalizer endpoint http://{host}:{port}  (docs at /docs)")
-    uvicorn.run(
-        create_app(settings), host=host, port=port, log_level="warning", access_log=False
-    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
 
 
 @app.command()
@@ -94,7 +94,9 @@ def _time(value: str | None) -> float | None:
 
 @logs_app.command("export")
 def logs_export(
-    out: Annotated[Path, typer.Option("--out", help="File to write DSJSON lines to ('-' = stdout).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="File to write DSJSON lines to ('-' = stdout).")
+    ],
     data_dir: DataDir = None,
     loop: Annotated[str, typer.Option(help="Loop to export.")] = "default",
     since: Annotated[Optional[str], typer.Option(help="ISO-8601 start (inclusive).")] = None,  # noqa: UP045
@@ -117,7 +119,10 @@ def logs_export(
             total = session.scalar(select(func.count()).where(Joined.loop == loop)) or 0
             sink = sys.stdout if str(out) == "-" else open(out, "w", encoding="utf-8")  # noqa: SIM115
             n = 0
-            with sink, tqdm(total=total, unit="ev", disable=str(out) == "-", file=sys.stderr) as bar:
+            with (
+                sink,
+                tqdm(total=total, unit="ev", disable=str(out) == "-", file=sys.stderr) as bar,
+            ):
                 for line in store.export_lines(
                     session, loop=loop, since=_time(since), until=_time(until)
                 ):

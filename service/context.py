@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
 from learners.worker import EmbeddedWorker
+from service import store
 from service.auth import authorize
 from service.errors import ApiError
 from service.log import LocalLog
 from service.runtime import LoopRuntime, Registry
 from service.settings import Settings
-from service import store
 
 
 @dataclass
@@ -28,7 +28,9 @@ class Metrics:
         r = self.registry
         self.ranks = Counter("dloop_rank", "Rank calls answered", ["loop"], registry=r)
         self.rank_retries = Counter(
-            "dloop_rank_retries", "Rank calls answered from the idempotency cache", ["loop"],
+            "dloop_rank_retries",
+            "Rank calls answered from the idempotency cache",
+            ["loop"],
             registry=r,
         )
         self.rewards = Counter("dloop_reward", "Reward calls accepted", ["loop"], registry=r)

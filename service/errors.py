@@ -1,9 +1,9 @@
 """Errors and their Personalizer-shaped responses.
 
-    ApiError(status, code, message)      -> {"error": {"code", "message"}} + x-ms-error-code
-      every 4xx the API raises is an ApiError with Personalizer's error code;
-    RequestValidationError / HTTPException from the framework are mapped to the same body;
-    anything else is a 500 InternalServerError (and a bug).
+ApiError(status, code, message)      -> {"error": {"code", "message"}} + x-ms-error-code
+  every 4xx the API raises is an ApiError with Personalizer's error code;
+RequestValidationError / HTTPException from the framework are mapped to the same body;
+anything else is a 500 InternalServerError (and a bug).
 """
 
 from __future__ import annotations

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base
@@ -40,7 +51,8 @@ class ApiKey(Base):
 
 
 class Decision(Base):
-    """A ranked event as logged: the first decision with an eventId wins."""
+    """A ranked event: the first decision with an eventId wins. `record` is the decision log
+    record as written at rank time (context, ranking, probabilities, baseline, model id)."""
 
     __tablename__ = "decisions"
     loop: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -48,11 +60,7 @@ class Decision(Base):
     created_at: Mapped[float] = mapped_column(Float)
     deferred: Mapped[bool] = mapped_column(Boolean)
     mode: Mapped[str] = mapped_column(String(16))
-    context: Mapped[str] = mapped_column(Text)
-    ranking: Mapped[list[int]] = mapped_column(JSON)
-    probabilities: Mapped[list[float]] = mapped_column(JSON)
-    baseline: Mapped[int] = mapped_column(Integer)
-    model_id: Mapped[str] = mapped_column(String(64))
+    record: Mapped[str] = mapped_column(Text)
     joined: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (Index("ix_decisions_pending", "loop", "joined", "created_at"),)
@@ -71,7 +79,10 @@ class Observation(Base):
     # pending -> joined | late (arrived after its event was joined or outside the window)
     status: Mapped[str] = mapped_column(String(8), default="pending")
 
-    __table_args__ = (Index("ix_observations_event", "loop", "event_id"),)
+    __table_args__ = (
+        Index("ix_observations_event", "loop", "event_id"),
+        Index("ix_observations_status", "loop", "status"),
+    )
 
 
 class Joined(Base):

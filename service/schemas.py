@@ -24,7 +24,10 @@ MIN_EXPORT = timedelta(seconds=1)
 
 class Wire(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", ser_json_timedelta="iso8601"
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        ser_json_timedelta="iso8601",
     )
 
 

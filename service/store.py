@@ -38,7 +38,11 @@ def ensure_loop(session: Session, *, name: str, kind: str, now: float) -> Loop:
     loop = session.get(Loop, name)
     if loop is None:
         loop = Loop(
-            name=name, kind=kind, created_at=now, config=default_config(now), policy=default_policy()
+            name=name,
+            kind=kind,
+            created_at=now,
+            config=default_config(now),
+            policy=default_policy(),
         )
         session.add(loop)
         session.flush()
@@ -89,14 +93,15 @@ def set_offset(session: Session, *, name: str, offset: int) -> None:
     )
 
 
-def ingest(session: Session, *, records: Iterable[dict[str, Any]]) -> None:
+def ingest(session: Session, *, records: Iterable[bytes]) -> None:
     """Store decision and observation records. The first decision for an eventId wins.
 
     An observation for an event that is already joined is stored as late.
     """
     decisions: list[dict[str, Any]] = []
     observations: list[dict[str, Any]] = []
-    for r in records:
+    for raw in records:
+        r = orjson.loads(raw)
         if r["k"] == "d":
             decisions.append(
                 {
@@ -105,11 +110,7 @@ def ingest(session: Session, *, records: Iterable[dict[str, Any]]) -> None:
                     "created_at": r["t"],
                     "deferred": r["deferred"],
                     "mode": r["mode"],
-                    "context": r["c"],
-                    "ranking": r["a"],
-                    "probabilities": r["p"],
-                    "baseline": r["b"],
-                    "model_id": r["m"],
+                    "record": raw.decode(),
                     "joined": False,
                 }
             )
@@ -142,16 +143,17 @@ def ingest(session: Session, *, records: Iterable[dict[str, Any]]) -> None:
 
 
 def _view(d: Decision) -> DecisionView:
+    r = orjson.loads(d.record)
     return DecisionView(
         event_id=d.event_id,
         created_at=d.created_at,
         deferred=d.deferred,
         mode=d.mode,
-        context=d.context.encode(),
-        ranking=d.ranking,
-        probabilities=d.probabilities,
-        baseline=d.baseline,
-        model_id=d.model_id,
+        context=r["c"].encode(),
+        ranking=r["a"],
+        probabilities=r["p"],
+        baseline=r["b"],
+        model_id=r["m"],
     )
 
 
@@ -175,21 +177,23 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
     )
     candidates = list(session.scalars(closed.order_by(Decision.created_at).limit(limit)))
     if rules.aggregation == "earliest" and len(candidates) < limit:
-        rewarded = exists().where(
-            Observation.loop == Decision.loop,
-            Observation.event_id == Decision.event_id,
-            Observation.kind == "reward",
-            Observation.status == "pending",
+        # Driven from the (few) pending rewards, not the (many) open decisions.
+        open_ = (
+            select(Decision)
+            .join(
+                Observation,
+                and_(Observation.loop == Decision.loop, Observation.event_id == Decision.event_id),
+            )
+            .where(
+                Observation.loop == loop,
+                Observation.status == "pending",
+                Observation.kind == "reward",
+                Decision.joined.is_(False),
+                Decision.created_at > now - rules.wait,
+            )
+            .distinct()
         )
-        open_ = select(Decision).where(
-            Decision.loop == loop,
-            Decision.joined.is_(False),
-            Decision.created_at > now - rules.wait,
-            rewarded,
-        )
-        candidates += session.scalars(
-            open_.order_by(Decision.created_at).limit(limit - len(candidates))
-        )
+        candidates += session.scalars(open_.limit(limit - len(candidates)))
     if not candidates:
         return 0
     by_event: dict[str, list[Observation]] = {d.event_id: [] for d in candidates}
@@ -364,8 +368,3 @@ def apprentice_metrics(session: Session, *, loop: str, batch: int = 1000) -> dic
             "sumOfImitatedRewards": float(sum(r for r, i in rows if i)),
         },
     }
-
-
-def loads(record: bytes) -> dict[str, Any]:
-    out: dict[str, Any] = orjson.loads(record)
-    return out

@@ -60,7 +60,11 @@ def test_excluded_actions_are_listed_with_zero_and_never_chosen(harness: Harness
 
 @pytest.mark.parametrize(
     ("headers", "status"),
-    [({}, 401), ({"Ocp-Apim-Subscription-Key": "wrong"}, 401), ({"Authorization": "Bearer test-admin-key"}, 201)],
+    [
+        ({}, 401),
+        ({"Ocp-Apim-Subscription-Key": "wrong"}, 401),
+        ({"Authorization": "Bearer test-admin-key"}, 201),
+    ],
 )
 def test_keys(harness: Harness, headers: dict[str, str], status: int) -> None:
     r = harness.client.post("/personalizer/v1.0/rank", json=rank_body(), headers=headers)
@@ -79,21 +83,42 @@ def test_health_needs_no_key(harness: Harness) -> None:
 
 BAD_RANKS: list[tuple[Any, str]] = [
     ({"actions": []}, "InvalidRankRequest"),
-    ({"actions": [{"id": f"a{i}", "features": [{"f": 1}]} for i in range(51)]}, "InvalidRankRequest"),
+    (
+        {"actions": [{"id": f"a{i}", "features": [{"f": 1}]} for i in range(51)]},
+        "InvalidRankRequest",
+    ),
     ({"actions": [{"id": "", "features": [{"f": 1}]}]}, "InvalidRankRequest"),
     ({"actions": [{"id": "x" * 257, "features": [{"f": 1}]}]}, "InvalidRankRequest"),
     ({"actions": [{"id": "a"}]}, "InvalidRankRequest"),
     ({"actions": [{"id": "a", "features": [{"f": None}]}]}, "InvalidRankRequest"),
     ({"actions": [{"id": "a", "features": [{"tags": ["x", "y"]}]}]}, "InvalidRankRequest"),
     ({"actions": [None]}, "InvalidRankRequest"),
-    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "contextFeatures": [None]}, "InvalidRankRequest"),
-    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "contextFeatures": {"a": 1}}, "InvalidRankRequest"),
-    ({"actions": [{"id": "a", "features": [{"f": 1}]}, {"id": "a", "features": [{"f": 2}]}]}, "InvalidRankRequest"),
-    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "excludedActions": ["a"]}, "InvalidRankRequest"),
-    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "excludedActions": "a"}, "InvalidRankRequest"),
+    (
+        {"actions": [{"id": "a", "features": [{"f": 1}]}], "contextFeatures": [None]},
+        "InvalidRankRequest",
+    ),
+    (
+        {"actions": [{"id": "a", "features": [{"f": 1}]}], "contextFeatures": {"a": 1}},
+        "InvalidRankRequest",
+    ),
+    (
+        {"actions": [{"id": "a", "features": [{"f": 1}]}, {"id": "a", "features": [{"f": 2}]}]},
+        "InvalidRankRequest",
+    ),
+    (
+        {"actions": [{"id": "a", "features": [{"f": 1}]}], "excludedActions": ["a"]},
+        "InvalidRankRequest",
+    ),
+    (
+        {"actions": [{"id": "a", "features": [{"f": 1}]}], "excludedActions": "a"},
+        "InvalidRankRequest",
+    ),
     ({"actions": [{"id": "a", "features": [{"f": 1}]}], "eventId": ""}, "InvalidRankRequest"),
     ({"actions": [{"id": "a", "features": [{"f": 1}]}], "eventId": 12}, "InvalidRankRequest"),
-    ({"actions": [{"id": "a", "features": [{"f": 1}]}], "deferActivation": "yes"}, "InvalidRankRequest"),
+    (
+        {"actions": [{"id": "a", "features": [{"f": 1}]}], "deferActivation": "yes"},
+        "InvalidRankRequest",
+    ),
     ([1, 2], "InvalidRankRequest"),
 ]
 
@@ -115,7 +140,9 @@ def test_malformed_json_is_400(harness: Harness) -> None:
 
 @pytest.mark.parametrize("value", [1.5, -1.01, "1", None, True, [1]])
 def test_bad_reward_values(harness: Harness, value: Any) -> None:
-    r = harness.client.post("/personalizer/v1.0/events/e1/reward", json={"value": value}, headers=AUTH)
+    r = harness.client.post(
+        "/personalizer/v1.0/events/e1/reward", json={"value": value}, headers=AUTH
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRewardRequest"
 
 
@@ -316,7 +343,9 @@ def test_model_export_import_reset(harness: Harness) -> None:
     assert [a["probability"] for a in out["ranking"]] == pytest.approx([1 / 3] * 3)
 
     headers = {**AUTH, "Content-Type": "application/octet-stream"}
-    r = harness.client.put("/personalizer/v1.1-preview.3/model", content=signed.content, headers=headers)
+    r = harness.client.put(
+        "/personalizer/v1.1-preview.3/model", content=signed.content, headers=headers
+    )
     assert r.status_code == 204, r.text
     assert harness.dloop.registry.loops["default"].model_id != "N/A"
     r = harness.client.put("/personalizer/model", content=raw.content, headers=headers)
@@ -332,7 +361,9 @@ def test_model_export_import_reset(harness: Harness) -> None:
 def test_policy_update_validates_and_resets(harness: Harness) -> None:
     url = "/personalizer/v1.0/configurations/policy"
     assert harness.client.get(url, headers=AUTH).json()["name"] == "dloop-default"
-    r = harness.client.put(url, json={"name": "p", "arguments": "--cb_explore_adf -f /tmp/x"}, headers=AUTH)
+    r = harness.client.put(
+        url, json={"name": "p", "arguments": "--cb_explore_adf -f /tmp/x"}, headers=AUTH
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidPolicyConfiguration"
     r = harness.client.put(url, json={"name": "p"}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidPolicyContract"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from learners.features import context_json
 from learners.joiner import DecisionView, JoinRules, Obs, aggregate, is_complete, join
 
 T0 = 1_000_000.0
@@ -16,7 +17,7 @@ def decision(**kw: object) -> DecisionView:
         "created_at": T0,
         "deferred": False,
         "mode": "Online",
-        "context": b'{"FromUrl":[{"a":1}],"_multi":[{"_tag":"x","i":{"constant":1,"id":"x"},"j":[{"f":1}]},{"_tag":"y","i":{"constant":1,"id":"y"},"j":[{"f":2}]}]}',
+        "context": context_json([{"a": 1}], [("x", [{"f": 1}]), ("y", [{"f": 2}])]),
         "ranking": [1, 0],
         "probabilities": [0.9, 0.1],
         "baseline": 0,
@@ -31,7 +32,14 @@ RULES = JoinRules(wait=60.0, default_reward=0.0, aggregation="earliest")
 
 @pytest.mark.parametrize(
     ("how", "expected"),
-    [("earliest", 0.5), ("sum", 1.5), ("average", 0.5), ("min", -0.5), ("max", 1.5), ("median", 0.5)],
+    [
+        ("earliest", 0.5),
+        ("sum", 1.5),
+        ("average", 0.5),
+        ("min", -0.5),
+        ("max", 1.5),
+        ("median", 0.5),
+    ],
 )
 def test_aggregations(how: str, expected: float) -> None:
     assert aggregate([0.5, -0.5, 1.5], how, 0.0) == pytest.approx(expected)

@@ -38,7 +38,10 @@ def test_new_sdk_every_operation(live_server: LiveServer) -> None:
 
     policy = admin.get_policy()
     assert "--cb_explore_adf" in policy["arguments"]
-    new_policy = {"name": "personalizer-default", "arguments": "--cb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"}
+    new_policy = {
+        "name": "personalizer-default",
+        "arguments": "--cb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::",
+    }
     assert admin.update_policy(new_policy)["name"] == "personalizer-default"
     assert admin.reset_policy()["name"] == "dloop-default"
 

@@ -15,7 +15,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from learners.features import FeatureError, context_json, validate_features
+from learners.features import FeatureError, context_json, features_ok, validate_features
 from learners.sampling import restrict, sample
 from service.context import Dloop, loop_for
 from service.errors import ApiError, bad_request
@@ -47,7 +47,9 @@ async def _json_body(request: Request, code: str, *, required: bool = True) -> A
 
 def _check_event_id(event_id: Any, code: str) -> str:
     if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID:
-        raise bad_request(code, f"eventId must be a non-empty string of at most {MAX_ID} characters")
+        raise bad_request(
+            code, f"eventId must be a non-empty string of at most {MAX_ID} characters"
+        )
     return event_id
 
 
@@ -66,9 +68,15 @@ def _parse_rank(body: Any, max_actions: int) -> dict[str, Any]:
             aid = action.get("id")
             if not isinstance(aid, str) or not aid or len(aid) > MAX_ID:
                 raise _rank_error(f"actions[{i}].id must be a non-empty string of at most {MAX_ID}")
-            feats.append(validate_features(action.get("features"), f"actions[{i}].features", required=True))
+            features = action.get("features")
+            if not features_ok(features, required=True):
+                validate_features(features, f"actions[{i}].features", required=True)
+            feats.append(features or [])
             ids.append(aid)
-        context = validate_features(body.get("contextFeatures"), "contextFeatures", required=False)
+        context = body.get("contextFeatures")
+        if not features_ok(context, required=False):
+            validate_features(context, "contextFeatures", required=False)
+        context = context or []
     except FeatureError as exc:
         raise _rank_error(str(exc)) from None
     if len(set(ids)) != len(ids):
@@ -80,7 +88,9 @@ def _parse_rank(body: Any, max_actions: int) -> dict[str, Any]:
     if not any(eligible):
         raise _rank_error("every action is excluded")
     event_id = body.get("eventId")
-    event_id = uuid.uuid4().hex if event_id is None else _check_event_id(event_id, "InvalidRankRequest")
+    event_id = (
+        uuid.uuid4().hex if event_id is None else _check_event_id(event_id, "InvalidRankRequest")
+    )
     defer = body.get("deferActivation", False)
     if defer is None:
         defer = False
@@ -138,7 +148,9 @@ async def rank(request: Request) -> Response:
     mode = rt.settings.mode
     if mode == "LoggingOnly":
         # Serve and log the input order: the baseline is the chosen action.
-        order = [i for i, ok in enumerate(eligible) if ok] + [i for i, ok in enumerate(eligible) if not ok]
+        order = [i for i, ok in enumerate(eligible) if ok] + [
+            i for i, ok in enumerate(eligible) if not ok
+        ]
         pmf = [1.0 if i == baseline else 0.0 for i in range(len(ids))]
         model_id = rt.model_id
     else:
@@ -147,26 +159,20 @@ async def rank(request: Request) -> Response:
         rest = sorted((i for i in range(len(ids)) if i != chosen), key=lambda i: -pmf[i])
         order = [chosen, *rest]
     logged_p = [pmf[i] for i in order]
-    record = b"".join(
-        (
-            orjson.dumps(
-                {
-                    "k": "d",
-                    "loop": rt.name,
-                    "id": event_id,
-                    "t": now,
-                    "deferred": req["defer"],
-                    "mode": mode,
-                    "a": order,
-                    "p": logged_p,
-                    "b": baseline,
-                    "m": model_id,
-                    "c": context.decode(),
-                }
-            ),
-        )
-    )
-    d.log.append(record)
+    record = {
+        "k": "d",
+        "loop": rt.name,
+        "id": event_id,
+        "t": now,
+        "deferred": req["defer"],
+        "mode": mode,
+        "a": order,
+        "p": logged_p,
+        "b": baseline,
+        "m": model_id,
+        "c": context.decode(),
+    }
+    d.log.append(orjson.dumps(record))
     if mode == "Apprentice":
         # The model's choice is logged (to learn imitation); the baseline is served.
         served = [baseline] + [i for i in range(len(ids)) if i != baseline]

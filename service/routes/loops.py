@@ -16,6 +16,7 @@ from service import store
 from service.auth import authorize
 from service.context import dloop
 from service.errors import ApiError, bad_request
+from service.models import Loop
 
 router = APIRouter()
 
@@ -23,7 +24,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KINDS = {"cb"}  # "ccb" and "rl" arrive with their learners
 
 
-def _loop_doc(loop: store.Loop) -> dict[str, Any]:
+def _loop_doc(loop: Loop) -> dict[str, Any]:
     return {"name": loop.name, "kind": loop.kind, "createdTime": timestamp(loop.created_at)}
 
 
@@ -45,7 +46,7 @@ def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = N
     if kind not in KINDS:
         raise bad_request("InvalidRequest", f"kind must be one of {sorted(KINDS)}")
     with d.sessions.begin() as session:
-        existing = session.get(store.Loop, name)
+        existing = session.get(Loop, name)
         if existing is not None and existing.kind != kind:
             raise ApiError(409, "Conflict", f"loop '{name}' exists with kind {existing.kind}")
         loop = store.ensure_loop(session, name=name, kind=kind, now=d.clock())
@@ -62,7 +63,7 @@ def delete_loop(request: Request, name: str) -> Response:
     if name == store.DEFAULT_LOOP:
         raise bad_request("InvalidRequest", "the default loop cannot be deleted")
     with d.sessions.begin() as session:
-        if session.get(store.Loop, name) is None:
+        if session.get(Loop, name) is None:
             raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
         store.delete_loop(session, name=name)
     with d.sessions() as session:

@@ -23,6 +23,7 @@ from learners.vw import PolicyError, check_model
 from service import store
 from service.context import loop_for
 from service.errors import ApiError, bad_request
+from service.models import Loop
 
 router = APIRouter()
 
@@ -102,7 +103,7 @@ def get_model_properties(request: Request) -> dict[str, str]:
     d, rt = loop_for(request, admin=True)
     with d.sessions() as session:
         ckpt = store.get_checkpoint(session, loop=rt.name)
-        loop_created = session.get(store.Loop, rt.name)
+        loop_created = session.get(Loop, rt.name)
     created = ckpt.created_at if ckpt else (loop_created.created_at if loop_created else d.clock())
     modified = ckpt.modified_at if ckpt else created
     return {"creationTime": timestamp(created), "lastModifiedTime": timestamp(modified)}

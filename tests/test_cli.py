@@ -1,0 +1,84 @@
+"""`dloop up` as a user runs it: one command, a key printed once, restart keeps everything."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+
+def start(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLOOP_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "up", "--port", str(port), "--data-dir", str(data_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        assert line, f"dloop up exited: {''.join(lines)}"
+        lines.append(line)
+        if "Personalizer endpoint" in line:
+            break
+    deadline = time.time() + 30
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return proc, lines
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline and proc.poll() is None, "dloop up did not become ready"
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+
+
+def test_up_prints_a_key_once_and_restarts_without_losing_events(tmp_path: Path) -> None:
+    data = tmp_path / "dloop-data"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/personalizer/v1.0"
+    proc, lines = start(data, port)
+    try:
+        match = re.search(r"admin key \(shown once, keep it\): (\w+)", "".join(lines))
+        assert match, lines
+        headers = {"Ocp-Apim-Subscription-Key": match.group(1)}
+        body = {
+            "actions": [{"id": "a", "features": [{"x": 1}]}, {"id": "b", "features": [{"x": 2}]}]
+        }
+        for i in range(5):
+            r = httpx.post(f"{base}/rank", json={**body, "eventId": f"e{i}"}, headers=headers)
+            assert r.status_code == 201
+    finally:
+        stop(proc)
+
+    proc, lines = start(data, port)
+    try:
+        assert "shown once" not in "".join(lines)
+        r = httpx.post(f"{base}/events/e1/reward", json={"value": 1}, headers=headers)
+        assert r.status_code == 204
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=headers).text
+            if 'dloop_decisions_joined{loop="default"} 1' in metrics:
+                break
+            time.sleep(0.1)
+        assert 'dloop_decisions_pending{loop="default"} 4' in metrics
+        assert 'dloop_decisions_joined{loop="default"} 1' in metrics
+    finally:
+        stop(proc)
