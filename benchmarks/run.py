@@ -31,18 +31,13 @@ ACTIONS = [
     for i in range(10)
 ]
 
+# A static request, as cheap for wrk to send as GET /healthz: without an eventId every call is a
+# new decision (the server generates the id), so the idempotency cache never answers for it.
 RANK_LUA = """
-counter = 0
-local body_head = %s
-local body_tail = %s
 wrk.method = "POST"
+wrk.body = %s
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Ocp-Apim-Subscription-Key"] = "%s"
-request = function()
-  counter = counter + 1
-  local id = string.format("bench-%%d-%%d", math.random(1, 1000000000), counter)
-  return wrk.format(nil, nil, nil, body_head .. id .. body_tail)
-end
 """
 
 
@@ -75,15 +70,13 @@ def wrk(url: str, *, conns: int, seconds: int, script: Path | None = None) -> di
 def vw_predict_us(n: int = 20000) -> float:
     from learners.cb import DEFAULT_POLICY
     from learners.features import context_json
-    from learners.vw import with_exploration, workspace
+    from learners.vw import predict_pmf, with_exploration, workspace
 
     ws = workspace(with_exploration(DEFAULT_POLICY, 0.2) + " --json")
     text = context_json(CONTEXT, [(a["id"], a["features"]) for a in ACTIONS]).decode()
     start = time.perf_counter()
     for _ in range(n):
-        ex = ws.parse(text)
-        ws.predict(ex)
-        ws.finish_example(ex)
+        predict_pmf(ws, text)
     return (time.perf_counter() - start) / n * 1e6
 
 
@@ -128,23 +121,34 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
         props = httpx.get(f"{base}/personalizer/v1.0/model/properties", headers=headers).json()
         assert props["creationTime"] != props["lastModifiedTime"], "no model was published"
 
-        body = json.dumps({"contextFeatures": CONTEXT, "actions": ACTIONS, "eventId": "X"})
-        head, tail = body.split('"X"')
+        body = json.dumps({"contextFeatures": CONTEXT, "actions": ACTIONS})
         script = data / "rank.lua"
-        script.write_text(RANK_LUA % (lua_string(head + '"'), lua_string('"' + tail), KEY))
-        wrk(f"{base}/healthz", conns=conns, seconds=2)  # warm up
-        health = wrk(f"{base}/healthz", conns=conns, seconds=seconds)
-        rank = wrk(f"{base}/personalizer/v1.0/rank", conns=conns, seconds=seconds, script=script)
+        script.write_text(RANK_LUA % (lua_string(body), KEY))
+        wrk(f"{base}/healthz", conns=conns, seconds=2)  # warm up both
+        wrk(f"{base}/personalizer/v1.0/rank", conns=conns, seconds=2, script=script)
+        # Interleaved rounds: the machine's own drift hits both endpoints alike.
+        rounds = []
+        for _ in range(3):
+            health = wrk(f"{base}/healthz", conns=conns, seconds=seconds)
+            rank = wrk(
+                f"{base}/personalizer/v1.0/rank", conns=conns, seconds=seconds, script=script
+            )
+            rounds.append((health, rank))
     finally:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(data, ignore_errors=True)
     vw_us = vw_predict_us()
+    ratios = sorted(r["rps"] / h["rps"] for h, r in rounds)
+    health, rank = sorted(rounds, key=lambda hr: hr[1]["rps"] / hr[0]["rps"])[1]
     return [
         ("connections", f"{conns}"),
         ("/healthz throughput (req/s)", f"{health['rps']:.0f}"),
         ("rank throughput (req/s)", f"{rank['rps']:.0f}"),
-        ("rank / healthz throughput", f"{rank['rps'] / health['rps']:.2f}  (target >= 0.50)"),
+        (
+            "rank / healthz throughput",
+            f"{ratios[1]:.2f}  (median of {', '.join(f'{r:.2f}' for r in ratios)}; target >= 0.50)",
+        ),
         ("rank p50 / p99 (ms)", f"{rank['p50']:.2f} / {rank['p99']:.2f}  (target p99 <= 20)"),
         ("/healthz p50 / p99 (ms)", f"{health['p50']:.2f} / {health['p99']:.2f}"),
         ("rank non-2xx responses", f"{rank['errors']:.0f}"),
@@ -178,7 +182,7 @@ def table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=5, help="per wrk run; 3 rounds each")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--decisions", type=int, default=4000)
     parser.add_argument("--seeds", type=int, default=3)

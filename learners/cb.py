@@ -25,11 +25,7 @@ class CBRanker:
         self._ws = vw.workspace("--json", model)
 
     def predict(self, context: bytes) -> list[float]:
-        examples = self._ws.parse(context.decode())
-        try:
-            return list(self._ws.predict(examples))
-        finally:
-            self._ws.finish_example(examples)
+        return vw.predict_pmf(self._ws, context.decode())
 
 
 class CBTrainer:
@@ -44,13 +40,8 @@ class CBTrainer:
             self._ws = vw.workspace("--dsjson --save_resume", model)
 
     def learn(self, line: bytes) -> None:
-        examples = self._ws.parse(line.decode())
-        try:
-            if len(examples) > 1:
-                self._ws.learn(examples)
-                self.examples += 1
-        finally:
-            self._ws.finish_example(examples)
+        if vw.learn_line(self._ws, line.decode()):
+            self.examples += 1
 
     def to_bytes(self) -> bytes:
         return vw.model_bytes(self._ws)
