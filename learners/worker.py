@@ -27,6 +27,7 @@ from service.runtime import Registry
 log = logging.getLogger("dloop.worker")
 
 LOG_OFFSET = "local-log"
+RETENTION_EVERY = 600.0
 
 
 @dataclass
@@ -62,6 +63,7 @@ class EmbeddedWorker:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self.offset = 0
+        self.retention_at = 0.0
         # Small ingestion transactions keep each GIL-holding stretch short.
         self.read_bytes = 1 << 20
 
@@ -76,14 +78,18 @@ class EmbeddedWorker:
         # switch interval a request can wait that long for a batch of joins to yield. 0.5 ms
         # keeps rank latency flat (see benchmarks/) at a small cost in worker throughput.
         sys.setswitchinterval(0.0005)
+        backoff = self.tick
         while not self._stop.is_set():
             try:
                 busy = self.run_once()
+                backoff = self.tick
             except Exception:
-                log.exception("worker pass failed; retrying")
+                # Transient (a locked or restarting database): back off, keep what is committed.
+                log.exception("worker pass failed; retrying in %.1f s", backoff)
                 busy = False
+                backoff = min(backoff * 2, 5.0)
             if not busy:
-                self._stop.wait(self.tick)
+                self._stop.wait(backoff)
         self.run_once(final=True)
 
     def request_stop(self) -> None:
@@ -106,7 +112,18 @@ class EmbeddedWorker:
                 learner = self.learners[name]
                 if final or now - learner.exported_at >= rt.settings.export_every:
                     self._export(name, now)
+            if now - self.retention_at >= RETENTION_EVERY:
+                self._retention(now)
             return busy
+
+    def _retention(self, now: float) -> None:
+        """Drop logged events older than each loop's logRetentionDays (-1 keeps them)."""
+        self.retention_at = now
+        for name, rt in list(self.registry.loops.items()):
+            days = rt.settings.retention_days
+            if days >= 0:
+                with self.sessions.begin() as session:
+                    store.apply_retention(session, loop=name, before=now - days * 86400)
 
     def _ingest(self) -> bool:
         with self.sessions.begin() as session:
@@ -114,10 +131,15 @@ class EmbeddedWorker:
             records, new_offset = self.log.read(offset, max_bytes=self.read_bytes)
             if not records:
                 return False
-            store.ingest(session, records=[r for r in records if r])
+            dead = store.ingest(
+                session, records=[r for r in records if r], source=LOG_OFFSET, now=self.clock()
+            )
+            if dead:
+                log.warning("%d unreadable log records moved to dead_letters", dead)
             store.set_offset(session, name=LOG_OFFSET, offset=new_offset)
         self.offset = new_offset
-        return new_offset < self.log.size()
+        self.log.release(new_offset)
+        return new_offset < self.log.end()
 
     def _learner(self, name: str) -> LoopLearner:
         learner = self.learners.get(name)

@@ -110,7 +110,7 @@ def create_app(
                 )
         with sessions() as session:
             registry.load(session)
-        decision_log = LocalLog(settings.data_dir / "log" / "events.log")
+        decision_log = LocalLog(settings.data_dir / "log")
         worker = EmbeddedWorker(
             sessions=sessions,
             decision_log=decision_log,

@@ -4,16 +4,10 @@ loop they were issued for."""
 
 from __future__ import annotations
 
-import secrets
-
 from starlette.requests import Request
 
 from service.errors import ApiError
 from service.store import hash_key
-
-
-def new_key() -> str:
-    return secrets.token_hex(16)
 
 
 def presented_key(request: Request) -> str | None:

@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 logs_app = typer.Typer(help="Decision logs.", no_args_is_help=True)
 app.add_typer(logs_app, name="logs")
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 DataDir = Annotated[
     Optional[Path],  # noqa: UP045  (typer needs Optional here)
@@ -32,7 +34,6 @@ def _settings(data_dir: Path | None, **overrides: object) -> Settings:
 def _prepare(settings: Settings) -> str | None:
     """Migrate the database and make sure an admin key exists; return a newly generated key."""
     from service import store
-    from service.auth import new_key
     from service.db import make_engine, make_sessionmaker
     from service.migrate import upgrade
 
@@ -46,7 +47,7 @@ def _prepare(settings: Settings) -> str | None:
             store.ensure_loop(session, name=store.DEFAULT_LOOP, kind="cb", now=time.time())
             if store.has_admin_key(session):
                 return None
-            key = new_key()
+            key = store.new_key()
             store.add_key(session, key=key, role="admin", loop=None, now=time.time())
             return key
     finally:
@@ -133,6 +134,37 @@ def logs_export(
         engine.dispose()
     if str(out) != "-":
         typer.echo(f"dloop: wrote {n} interactions to {out}", err=True)
+
+
+@keys_app.command("create")
+def keys_create(
+    data_dir: DataDir = None,
+    loop: Annotated[str, typer.Option(help="Loop a client key is for.")] = "default",
+    admin: Annotated[bool, typer.Option("--admin", help="An admin key (every loop).")] = False,
+) -> None:
+    """Create an API key (for example to replace a lost admin key) and print it once."""
+    from service import store
+    from service.db import make_engine, make_sessionmaker
+    from service.migrate import upgrade
+    from service.models import Loop
+
+    settings = _settings(data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            if not admin and session.get(Loop, loop) is None:
+                raise typer.BadParameter(f"loop '{loop}' does not exist", param_hint="--loop")
+            _, key = store.create_key(
+                session,
+                role="admin" if admin else "client",
+                loop=None if admin else loop,
+                now=time.time(),
+            )
+    finally:
+        engine.dispose()
+    typer.echo(key)
 
 
 def main() -> None:

@@ -129,3 +129,14 @@ class LogOffset(Base):
     __tablename__ = "log_offsets"
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     offset: Mapped[int] = mapped_column(BigInteger)
+
+
+class DeadLetter(Base):
+    """A log record the joiner could not use, kept with where it came from and why."""
+
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(128))
+    record: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[float] = mapped_column(Float)

@@ -144,6 +144,7 @@ class LoopSettings:
     export_every: float
     mode: str
     retrain_days: int
+    retention_days: int
     explain: bool
 
     @classmethod
@@ -159,5 +160,6 @@ class LoopSettings:
             export_every=cfg.model_export_frequency.total_seconds(),
             mode=cfg.learning_mode,
             retrain_days=cfg.model_retrain_days,
+            retention_days=cfg.log_retention_days,
             explain=bool(cfg.is_inference_explainability_enabled),
         )

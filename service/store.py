@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,7 +21,16 @@ from learners.joiner import (
     is_complete,
     join,
 )
-from service.models import ApiKey, Decision, Joined, LogOffset, Loop, ModelCheckpoint, Observation
+from service.models import (
+    ApiKey,
+    DeadLetter,
+    Decision,
+    Joined,
+    LogOffset,
+    Loop,
+    ModelCheckpoint,
+    Observation,
+)
 from service.schemas import default_config, default_policy
 
 DEFAULT_LOOP = "default"
@@ -59,6 +69,10 @@ def delete_loop(session: Session, *, name: str) -> None:
     session.execute(delete(Loop).where(Loop.name == name))
 
 
+def new_key() -> str:
+    return secrets.token_hex(16)
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -93,16 +107,41 @@ def set_offset(session: Session, *, name: str, offset: int) -> None:
     )
 
 
-def ingest(session: Session, *, records: Iterable[bytes]) -> None:
+_OBSERVATION_KEYS = {"loop", "id", "t"}
+_DECISION_KEYS = _OBSERVATION_KEYS | {"deferred", "mode", "a", "p", "b", "m", "c"}
+
+
+def ingest(session: Session, *, records: Iterable[bytes], source: str, now: float) -> int:
     """Store decision and observation records. The first decision for an eventId wins.
 
-    An observation for an event that is already joined is stored as late.
+    An observation for an event that is already joined is stored as late. A record that cannot
+    be read goes to the dead-letter table; returns how many did.
     """
     decisions: list[dict[str, Any]] = []
     observations: list[dict[str, Any]] = []
+    dead: list[dict[str, Any]] = []
     for raw in records:
-        r = orjson.loads(raw)
-        if r["k"] == "d":
+        try:
+            r = orjson.loads(raw)
+            kind = r["k"]
+            if kind not in ("d", "r", "a") or not isinstance(r["id"], str):
+                raise ValueError(f"unknown record kind {kind!r}")
+            missing = (_DECISION_KEYS if kind == "d" else _OBSERVATION_KEYS) - r.keys()
+            if missing:
+                raise KeyError(", ".join(sorted(missing)))
+            float(r["t"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:512]
+            dead.append(
+                {
+                    "source": source,
+                    "record": raw.decode(errors="replace"),
+                    "reason": reason,
+                    "created_at": now,
+                }
+            )
+            continue
+        if kind == "d":
             decisions.append(
                 {
                     "loop": r["loop"],
@@ -127,6 +166,8 @@ def ingest(session: Session, *, records: Iterable[bytes]) -> None:
             )
     # Core inserts (the table, not the mapped class): the ORM bulk path costs more per row.
     conn = session.connection()
+    if dead:
+        conn.execute(_insert(session, DeadLetter.__table__), dead)
     if decisions:
         conn.execute(_insert(session, Decision.__table__).on_conflict_do_nothing(), decisions)
     if observations:
@@ -139,6 +180,7 @@ def ingest(session: Session, *, records: Iterable[bytes]) -> None:
         session.execute(
             update(Observation).where(Observation.status == "pending", late).values(status="late")
         )
+    return len(dead)
 
 
 # ---- join ------------------------------------------------------------------------------------
@@ -292,6 +334,19 @@ def save_checkpoint(
 # ---- logs and metrics ------------------------------------------------------------------------
 
 
+def apply_retention(session: Session, *, loop: str, before: float) -> None:
+    """Delete the loop's logged events created (or received) before `before`."""
+    session.execute(delete(Decision).where(Decision.loop == loop, Decision.created_at < before))
+    session.execute(delete(Joined).where(Joined.loop == loop, Joined.created_at < before))
+    session.execute(
+        delete(Observation).where(Observation.loop == loop, Observation.received_at < before)
+    )
+
+
+def dead_letter_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(DeadLetter)) or 0
+
+
 def log_range(session: Session, *, loop: str) -> tuple[float, float] | None:
     lo, hi = session.execute(
         select(func.min(Decision.created_at), func.max(Decision.created_at)).where(
@@ -370,3 +425,21 @@ def apprentice_metrics(session: Session, *, loop: str, batch: int = 1000) -> dic
             "sumOfImitatedRewards": float(sum(r for r, i in rows if i)),
         },
     }
+
+
+def list_keys(session: Session, *, loop: str) -> Sequence[ApiKey]:
+    return session.scalars(select(ApiKey).where(ApiKey.loop == loop).order_by(ApiKey.id)).all()
+
+
+def create_key(session: Session, *, role: str, loop: str | None, now: float) -> tuple[ApiKey, str]:
+    """A new random key: the row (hash only) and the key itself, which is not stored."""
+    key = new_key()
+    row = ApiKey(key_hash=hash_key(key), role=role, loop=loop, created_at=now)
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def delete_key(session: Session, *, loop: str, key_id: int) -> bool:
+    result = session.execute(delete(ApiKey).where(ApiKey.loop == loop, ApiKey.id == key_id))
+    return bool(result.rowcount)  # type: ignore[attr-defined]

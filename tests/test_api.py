@@ -413,3 +413,73 @@ def test_named_loops_are_independent(harness: Harness) -> None:
     r = harness.client.post("/loops/shop/personalizer/v1.0/rank", json=rank_body(), headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "ResourceNotFound"
     assert harness.client.delete("/loops/default", headers=AUTH).status_code == 400
+
+
+def test_unreadable_log_records_go_to_dead_letters(harness: Harness) -> None:
+    harness.dloop.log.append(b'{"k":"d","loop":"default"')  # torn JSON
+    harness.dloop.log.append(b'{"k":"x","loop":"default","id":"e","t":1}')  # unknown kind
+    harness.dloop.log.append(b'{"k":"d","loop":"default","id":"e","t":1}')  # fields missing
+    harness.rank(rank_body("after"))
+    harness.reward("after", 1.0)
+    harness.work()
+    assert joined(harness, "after") is not None  # the worker moved on
+    metrics = harness.client.get("/metrics", headers=AUTH).text
+    assert "dloop_dead_letters 3" in metrics
+
+
+def test_log_retention_drops_old_events(harness: Harness) -> None:
+    harness.configure(logRetentionDays=2, modelRetrainDays=0)
+    harness.rank(rank_body("old"))
+    harness.reward("old", 1.0)
+    harness.work()
+    assert joined(harness, "old") is not None
+    harness.clock.advance(2 * 86400 + 601)
+    harness.rank(rank_body("new"))
+    harness.reward("new", 1.0)
+    harness.work()
+    assert joined(harness, "old") is None and joined(harness, "new") is not None
+
+
+def test_exploration_change_resets_and_retrains_on_history(harness: Harness) -> None:
+    harness.configure(modelExportFrequency="PT1S", rewardWaitTime="PT5S")
+    for i in range(30):
+        harness.rank(rank_body(f"h{i}"))
+        harness.reward(f"h{i}", 1.0)
+    harness.clock.advance(2)
+    harness.work()
+    before = harness.dloop.registry.loops["default"].model_id
+    harness.configure(explorationPercentage=0.05)
+    after = harness.dloop.registry.loops["default"].model_id
+    assert after not in (before, "N/A")  # a new model, retrained on the last 2 days
+    from service.models import ModelCheckpoint
+
+    with harness.dloop.sessions() as s:
+        ckpt = s.get(ModelCheckpoint, "default")
+        assert ckpt is not None and ckpt.examples == 30
+        assert "--gamma_scale 40" in ckpt.arguments
+
+
+def test_client_keys_rank_on_their_loop_only(harness: Harness) -> None:
+    r = harness.client.post("/loops/default/keys", headers=AUTH)
+    assert r.status_code == 201
+    created = r.json()
+    client = {"Ocp-Apim-Subscription-Key": created["key"]}
+    r = harness.client.post("/personalizer/v1.0/rank", json=rank_body("ck"), headers=client)
+    assert r.status_code == 201
+    r = harness.client.post(
+        "/personalizer/v1.0/events/ck/reward", json={"value": 1}, headers=client
+    )
+    assert r.status_code == 204
+    r = harness.client.get("/personalizer/v1.0/configurations/service", headers=client)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "InvalidApiAccess"
+    harness.client.put("/loops/other", json={"kind": "cb"}, headers=AUTH)
+    r = harness.client.post("/loops/other/personalizer/v1.0/rank", json=rank_body(), headers=client)
+    assert r.status_code == 403
+    listed = harness.client.get("/loops/default/keys", headers=AUTH).json()["value"]
+    assert [k["id"] for k in listed] == [created["id"]] and "key" not in listed[0]
+    assert harness.client.post("/loops/nowhere/keys", headers=AUTH).status_code == 404
+    r = harness.client.delete(f"/loops/default/keys/{created['id']}", headers=AUTH)
+    assert r.status_code == 204
+    r = harness.client.post("/personalizer/v1.0/rank", json=rank_body("ck2"), headers=client)
+    assert r.status_code == 401
+    assert harness.client.delete("/loops/default/keys/999", headers=AUTH).status_code == 404

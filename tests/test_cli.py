@@ -82,3 +82,28 @@ def test_up_prints_a_key_once_and_restarts_without_losing_events(tmp_path: Path)
         assert 'dloop_decisions_joined{loop="default"} 1' in metrics
     finally:
         stop(proc)
+
+
+def test_keys_create_replaces_a_lost_admin_key(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    data = tmp_path / "d"
+    result = CliRunner().invoke(app, ["keys", "create", "--admin", "--data-dir", str(data)])
+    assert result.exit_code == 0, result.output
+    key = result.output.strip()
+    assert re.fullmatch(r"[0-9a-f]{32}", key)
+    result = CliRunner().invoke(app, ["keys", "create", "--loop", "nope", "--data-dir", str(data)])
+    assert result.exit_code != 0
+    port = free_port()
+    proc, lines = start(data, port)
+    try:
+        assert "shown once" not in "".join(lines)  # an admin key exists already
+        r = httpx.get(
+            f"http://127.0.0.1:{port}/personalizer/v1.0/configurations/policy",
+            headers={"Ocp-Apim-Subscription-Key": key},
+        )
+        assert r.status_code == 200
+    finally:
+        stop(proc)

@@ -29,10 +29,10 @@ def readyz(request: Request) -> Response:
         checks["storage"] = "ok"
     except Exception as exc:  # any failure means not ready
         checks["storage"] = f"error: {exc.__class__.__name__}"
-    checks["log"] = "ok" if not d.log._file.closed else "closed"
+    checks["log"] = "ok" if not d.log.closed else "closed"
     checks["models"] = "ok" if d.registry.loops else "no loops loaded"
     ready = all(v == "ok" for v in checks.values())
-    backlog = d.log.size() - (d.worker.offset if d.worker else 0)
+    backlog = d.log.end() - (d.worker.offset if d.worker else 0)
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks, "logBacklogBytes": backlog},
         status_code=200 if ready else 503,
@@ -45,9 +45,11 @@ def metrics(request: Request) -> Response:
     authorize(d.keys, request, loop="", admin=True)
     lines = [generate_latest(d.metrics.registry).decode()]
     lines.append("# TYPE dloop_log_backlog_bytes gauge")
-    lines.append(f"dloop_log_backlog_bytes {d.log.size() - (d.worker.offset if d.worker else 0)}")
+    lines.append(f"dloop_log_backlog_bytes {d.log.end() - (d.worker.offset if d.worker else 0)}")
     gauges: dict[str, list[str]] = {}
     with d.sessions() as session:
+        lines.append("# TYPE dloop_dead_letters gauge")
+        lines.append(f"dloop_dead_letters {store.dead_letter_count(session)}")
         for name, rt in d.registry.loops.items():
             for key, value in store.loop_counts(session, loop=name).items():
                 gauges.setdefault(f"dloop_{key}", []).append(f'{{loop="{name}"}} {value}')
