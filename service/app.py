@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
 import time
@@ -122,6 +123,10 @@ def create_app(
         d = Dloop(settings, engine, sessions, decision_log, registry, worker, clock)
         d.reload_keys()
         app.state.dloop = d
+        # Everything built so far (framework, SQLAlchemy, VW bindings) lives as long as the
+        # process: keep it out of the cyclic collector, whose full passes over it paused serving
+        # for 15-45 ms under load.
+        gc.freeze()
         thread = None
         if run_worker:
             thread = threading.Thread(target=worker.run, name="dloop-worker", daemon=True)
