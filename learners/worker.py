@@ -209,22 +209,9 @@ class EmbeddedWorker:
         with self._lock:
             now = self.clock()
             rt = self.registry.loops[name]
-            model_id = uuid.uuid4().hex[:16] if model is not None else "N/A"
             with self.sessions.begin() as session:
-                seq = max(
-                    store.max_seq(session, loop=name),
-                    self.learners[name].learned_seq if name in self.learners else 0,
-                )
-                store.save_checkpoint(
-                    session,
-                    loop=name,
-                    model_id=model_id,
-                    model=model,
-                    arguments=rt.arguments,
-                    learned_seq=seq,
-                    examples=0,
-                    now=now,
-                    reset=True,
+                model_id, seq = store.reset_checkpoint(
+                    session, loop=name, model=model, arguments=rt.arguments, now=now
                 )
             self.learners.pop(name, None)
             self.registry.publish(name, model, model_id)

@@ -8,16 +8,18 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from learners.worker import EmbeddedWorker
-from service import errors, store
+from service import errors, kafka, store
 from service.context import Dloop
 from service.db import make_engine, make_sessionmaker
 from service.log import LocalLog
+from service.publisher import LogPublisher
 from service.routes import configuration, events, health, logs, loops, model
 from service.runtime import Registry
 from service.settings import Settings
@@ -81,6 +83,27 @@ class PathStyles:
         await response(scope, receive, send)
 
 
+class Watcher:
+    """Serve mode: reload loops, keys and models that other processes changed (every 0.5 s)."""
+
+    def __init__(self, d: Dloop, every: float = 0.5) -> None:
+        self.d = d
+        self.every = every
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                with self.d.sessions() as session:
+                    self.d.registry.load(session)
+                self.d.reload_keys()
+            except Exception:
+                errors.log.exception("reloading from the database failed; retrying")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
 def create_app(
     settings: Settings,
     *,
@@ -89,9 +112,13 @@ def create_app(
 ) -> FastAPI:
     """The HTTP app. The database must already be migrated (`dloop migrate` / `dloop up`).
 
-    With `run_worker`, a background thread joins and learns (the embedded loop); tests pass
-    False and drive `app.state.dloop.worker.run_once()` themselves.
+    Embedded (no Kafka configured): a worker thread ingests the local log, joins and learns;
+    tests pass `run_worker=False` and drive `app.state.dloop.worker.run_once()` themselves.
+    Serve (DLOOP_KAFKA__BOOTSTRAP_SERVERS set): the local log is forwarded to Kafka by a
+    publisher thread, `dloop join` and `dloop learn` do the rest, and a watcher thread picks up
+    configuration, key and model changes from the database.
     """
+    serve = settings.kafka.bootstrap_servers is not None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,30 +139,45 @@ def create_app(
         with sessions() as session:
             registry.load(session)
         decision_log = LocalLog(settings.data_dir / "log")
-        worker = EmbeddedWorker(
-            sessions=sessions,
-            decision_log=decision_log,
-            registry=registry,
-            clock=clock,
-            tick=settings.learner.tick_seconds,
-            batch_size=settings.learner.batch_size,
-        )
-        d = Dloop(settings, engine, sessions, decision_log, registry, worker, clock)
+        worker = publisher = None
+        stoppables: list[Any] = []
+        if serve:
+            kafka.ensure_topics(settings)
+            publisher = LogPublisher(
+                decision_log=decision_log,
+                make_producer=lambda: kafka.producer(settings),
+                topic=kafka.events_topic(settings),
+                offset_path=settings.data_dir / "log" / "published.offset",
+            )
+        else:
+            worker = EmbeddedWorker(
+                sessions=sessions,
+                decision_log=decision_log,
+                registry=registry,
+                clock=clock,
+                tick=settings.learner.tick_seconds,
+                batch_size=settings.learner.batch_size,
+            )
+        d = Dloop(settings, engine, sessions, decision_log, registry, worker, clock, publisher)
         d.reload_keys()
         app.state.dloop = d
+        if publisher is not None:
+            stoppables += [publisher, Watcher(d)]
+        elif run_worker and worker is not None:
+            stoppables.append(worker)
         # Everything built so far (framework, SQLAlchemy, VW bindings) lives as long as the
         # process: keep it out of the cyclic collector, whose full passes over it paused serving
         # for 15-45 ms under load.
         gc.freeze()
-        thread = None
-        if run_worker:
-            thread = threading.Thread(target=worker.run, name="dloop-worker", daemon=True)
+        threads = [threading.Thread(target=s.run, daemon=True) for s in stoppables]
+        for thread in threads:
             thread.start()
         try:
             yield
         finally:
-            if thread is not None:
-                worker.request_stop()
+            for s in stoppables:
+                s.request_stop()
+            for thread in threads:
                 thread.join()
             decision_log.close()
             engine.dispose()

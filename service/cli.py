@@ -77,6 +77,97 @@ def up(
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    data_dir: DataDir = None,
+) -> None:
+    """Serve the API on the production path: decisions and rewards go to Kafka (through a local
+    durable buffer under --data-dir, one per replica), models come from the database.
+    Needs DLOOP_DB__URL and DLOOP_KAFKA__BOOTSTRAP_SERVERS; run `dloop migrate` first."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(data_dir, host=host, port=port)
+    _require_production(settings)
+    typer.echo(f"dloop: serving on http://{host}:{port}, Kafka {settings.kafka.bootstrap_servers}")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+def _require_production(settings: Settings) -> None:
+    if not settings.db.url or not settings.kafka.bootstrap_servers:
+        raise typer.BadParameter(
+            "set DLOOP_DB__URL and DLOOP_KAFKA__BOOTSTRAP_SERVERS (or use `dloop up`)"
+        )
+
+
+def _run_until_signalled(worker: object) -> None:
+    import signal
+
+    def stop(*_: object) -> None:
+        worker.request_stop()  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run()  # type: ignore[attr-defined]
+
+
+@app.command()
+def join() -> None:
+    """Join rewards to decisions: consume the events topic into the database (consumer group
+    `<prefix>.joiner`; run as many as there are partitions) and publish joined interactions."""
+    from learners.join_worker import JoinWorker
+    from service import kafka
+    from service.db import make_engine, make_sessionmaker
+
+    settings = load_settings()
+    _require_production(settings)
+    kafka.ensure_topics(settings)
+    engine = make_engine(settings.database_url)
+    producer = kafka.producer(settings)
+    worker = JoinWorker(
+        sessions=make_sessionmaker(engine),
+        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.joiner"),
+        producer=producer,
+        events_topic=kafka.events_topic(settings),
+        joined_topic=kafka.joined_topic(settings),
+        batch_size=settings.learner.batch_size,
+    )
+    typer.echo("dloop: joiner running")
+    try:
+        _run_until_signalled(worker)
+    finally:
+        producer.close(timeout=5)
+        engine.dispose()
+
+
+@app.command()
+def learn() -> None:
+    """Train every loop's model from the joined topic (consumer group `<prefix>.learner`; one
+    learner per loop at a time), checkpointing models with offsets in the database."""
+    from learners.learn_worker import LearnWorker
+    from service import kafka
+    from service.db import make_engine, make_sessionmaker
+
+    settings = load_settings()
+    _require_production(settings)
+    kafka.ensure_topics(settings)
+    engine = make_engine(settings.database_url)
+    worker = LearnWorker(
+        sessions=make_sessionmaker(engine),
+        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
+        joined_topic=kafka.joined_topic(settings),
+        batch_size=settings.learner.batch_size,
+    )
+    typer.echo("dloop: learner running")
+    try:
+        _run_until_signalled(worker)
+    finally:
+        engine.dispose()
+
+
+@app.command()
 def migrate(data_dir: DataDir = None) -> None:
     """Upgrade the database schema to the latest version."""
     from service.migrate import upgrade

@@ -16,6 +16,7 @@ from service import store
 from service.auth import authorize
 from service.errors import ApiError
 from service.log import LocalLog
+from service.publisher import LogPublisher
 from service.runtime import LoopRuntime, Registry
 from service.settings import Settings
 
@@ -49,8 +50,35 @@ class Dloop:
     registry: Registry
     worker: EmbeddedWorker | None
     clock: Callable[[], float] = time.time
+    publisher: LogPublisher | None = None
     keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+
+    def backlog(self) -> int:
+        """Bytes of the local log not yet ingested (embedded) or published to Kafka (serve)."""
+        consumed = (
+            self.worker.offset if self.worker else self.publisher.offset if self.publisher else 0
+        )
+        return self.log.end() - consumed
+
+    def reset_model(
+        self, name: str, *, model: bytes | None, retrain_since: float | None = None
+    ) -> None:
+        """Replace a loop's model (None: blank) from the next event on."""
+        if self.worker is not None:
+            self.worker.reset(name, model=model, retrain_since=retrain_since)
+            return
+        rt = self.registry.loops[name]
+        with self.sessions.begin() as session:
+            model_id, _ = store.reset_checkpoint(
+                session,
+                loop=name,
+                model=model,
+                arguments=rt.arguments,
+                now=self.clock(),
+                keep_position=True,
+            )
+        self.registry.publish(name, model, model_id)
 
     def reload_keys(self) -> None:
         with self.sessions() as session:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -78,6 +79,8 @@ class Observation(Base):
     received_at: Mapped[float] = mapped_column(Float)
     # pending -> joined | late (arrived after its event was joined or outside the window)
     status: Mapped[str] = mapped_column(String(8), default="pending")
+    # Unique id given at the API: a record delivered twice (a publisher retry) is stored once.
+    uid: Mapped[str | None] = mapped_column(String(32), nullable=True, unique=True)
 
     __table_args__ = (
         Index("ix_observations_event", "loop", "event_id"),
@@ -100,9 +103,15 @@ class Joined(Base):
     rewarded: Mapped[bool] = mapped_column(Boolean)
     imitated: Mapped[bool] = mapped_column(Boolean)
     line: Mapped[str] = mapped_column(Text)
+    # Kafka path: gap-free position in the loop's joined stream, assigned by the one publisher
+    # before it publishes (so a republished row keeps its position and learners skip it).
+    pos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    published: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (
         UniqueConstraint("loop", "event_id"),
+        Index("ix_joined_outbox", "published", "seq"),
+        Index("ix_joined_loop_pos", "loop", "pos"),
         Index("ix_joined_loop_seq", "loop", "seq"),
     )
 

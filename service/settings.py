@@ -16,6 +16,11 @@ class DbSettings(BaseModel):
 class KafkaSettings(BaseModel):
     # None: the local decision log under data_dir (the embedded default).
     bootstrap_servers: str | None = None
+    topic_prefix: str = "dloop"
+    partitions: int = 8
+    # Consumer group liveness: a short max_poll_interval makes rebalances fast (seconds).
+    max_poll_interval_ms: int = 10_000
+    session_timeout_ms: int = 10_000
 
 
 class LearnerSettings(BaseModel):

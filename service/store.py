@@ -31,7 +31,7 @@ from service.models import (
     ModelCheckpoint,
     Observation,
 )
-from service.schemas import default_config, default_policy
+from service.schemas import LoopSettings, default_config, default_policy
 
 DEFAULT_LOOP = "default"
 
@@ -57,6 +57,10 @@ def ensure_loop(session: Session, *, name: str, kind: str, now: float) -> Loop:
         session.add(loop)
         session.flush()
     return loop
+
+
+def loop_settings(loop: Loop) -> LoopSettings:
+    return LoopSettings.from_doc(loop.config)
 
 
 def list_loops(session: Session) -> Sequence[Loop]:
@@ -98,6 +102,11 @@ def key_table(session: Session) -> dict[str, tuple[str, str | None]]:
 def get_offset(session: Session, *, name: str) -> int:
     row = session.get(LogOffset, name)
     return row.offset if row else 0
+
+
+def stored_offset(session: Session, *, name: str) -> int | None:
+    row = session.get(LogOffset, name)
+    return row.offset if row else None
 
 
 def set_offset(session: Session, *, name: str, offset: int) -> None:
@@ -162,6 +171,7 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
                     "value": r.get("v"),
                     "received_at": r["t"],
                     "status": "pending",
+                    "uid": r.get("u"),
                 }
             )
     # Core inserts (the table, not the mapped class): the ORM bulk path costs more per row.
@@ -171,7 +181,7 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
     if decisions:
         conn.execute(_insert(session, Decision.__table__).on_conflict_do_nothing(), decisions)
     if observations:
-        conn.execute(_insert(session, Observation.__table__), observations)
+        conn.execute(_insert(session, Observation.__table__).on_conflict_do_nothing(), observations)
         late = exists().where(
             Decision.loop == Observation.loop,
             Decision.event_id == Observation.event_id,
@@ -219,7 +229,14 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
     closed = select(Decision).where(
         Decision.loop == loop, Decision.joined.is_(False), Decision.created_at <= now - rules.wait
     )
-    candidates = list(session.scalars(closed.order_by(Decision.created_at).limit(limit)))
+    # Several joiners may run at once (Kafka path): each takes rows the others have not locked.
+    candidates = list(
+        session.scalars(
+            closed.order_by(Decision.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=Decision)
+        )
+    )
     if rules.aggregation == "earliest" and len(candidates) < limit:
         # Driven from the (few) pending rewards, not the (many) open decisions.
         open_ = (
@@ -235,9 +252,10 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
                 Decision.joined.is_(False),
                 Decision.created_at > now - rules.wait,
             )
-            .distinct()
         )
-        candidates += session.scalars(open_.limit(limit - len(candidates)))
+        candidates += session.scalars(
+            open_.limit(limit - len(candidates)).with_for_update(skip_locked=True, of=Decision)
+        )
     if not candidates:
         return 0
     by_event: dict[str, list[Observation]] = {d.event_id: [] for d in candidates}
@@ -270,6 +288,7 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
                 "rewarded": result.rewarded,
                 "imitated": result.imitated,
                 "line": result.line.decode(),
+                "published": False,
             }
         )
     if joined_rows:
@@ -443,3 +462,80 @@ def create_key(session: Session, *, role: str, loop: str | None, now: float) -> 
 def delete_key(session: Session, *, loop: str, key_id: int) -> bool:
     result = session.execute(delete(ApiKey).where(ApiKey.loop == loop, ApiKey.id == key_id))
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# ---- Kafka path: joined-stream outbox --------------------------------------------------------
+
+OUTBOX_LOCK = 0x646C6F6F70  # "dloop": the Postgres advisory lock of the position assigner
+
+
+def assign_positions(session: Session, *, limit: int) -> int:
+    """Give unpublished joined rows gap-free per-loop positions, in seq order. One assigner at
+    a time (a Postgres advisory lock held until commit); returns how many got one."""
+    if session.get_bind().dialect.name == "postgresql":
+        got = session.scalar(select(func.pg_try_advisory_xact_lock(OUTBOX_LOCK)))
+        if not got:
+            return 0
+    rows = session.scalars(
+        select(Joined)
+        .where(Joined.published.is_(False), Joined.pos.is_(None))
+        .order_by(Joined.seq)
+        .limit(limit)
+    ).all()
+    last: dict[str, int] = {}
+    for row in rows:
+        if row.loop not in last:
+            last[row.loop] = (
+                session.scalar(select(func.max(Joined.pos)).where(Joined.loop == row.loop)) or 0
+            )
+        last[row.loop] += 1
+        row.pos = last[row.loop]
+    return len(rows)
+
+
+def unpublished(session: Session, *, limit: int) -> Sequence[Joined]:
+    stmt = (
+        select(Joined)
+        .where(Joined.published.is_(False), Joined.pos.is_not(None))
+        .order_by(Joined.loop, Joined.pos)
+    )
+    return session.scalars(stmt.limit(limit)).all()
+
+
+def mark_published(session: Session, *, seqs: Sequence[int]) -> None:
+    session.execute(update(Joined).where(Joined.seq.in_(list(seqs))).values(published=True))
+
+
+def reset_checkpoint(
+    session: Session,
+    *,
+    loop: str,
+    model: bytes | None,
+    arguments: str,
+    now: float,
+    keep_position: bool = False,
+) -> tuple[str, int]:
+    """Replace a loop's model from the next event on; returns (model id, position it covers).
+
+    Learners notice the new model id and rebuild from it. The embedded learner's position is a
+    joined seq (moved to the newest); a stream learner keeps its own (`keep_position`)."""
+    import uuid
+
+    model_id = uuid.uuid4().hex[:16] if model is not None else "N/A"
+    ckpt = get_checkpoint(session, loop=loop)
+    if keep_position:
+        seq = ckpt.learned_seq if ckpt else 0
+    else:
+        seq = max(max_seq(session, loop=loop), ckpt.learned_seq if ckpt else 0)
+    save_checkpoint(
+        session,
+        loop=loop,
+        model_id=model_id,
+        model=model,
+        arguments=arguments,
+        learned_seq=seq,
+        examples=0,
+        now=now,
+        reset=True,
+    )
+    return model_id, seq

@@ -38,10 +38,10 @@ def _save(d: Dloop, rt: LoopRuntime, *, config: dict[str, Any], policy: dict[str
         assert loop is not None
         loop.config, loop.policy = config, policy
     d.registry.update(rt.name, config=config, policy=policy)
-    if rt.arguments != before and d.worker is not None:
+    if rt.arguments != before:
         days = rt.settings.retrain_days
         since = d.clock() - days * 86400 if days else None
-        d.worker.reset(rt.name, model=None, retrain_since=since)
+        d.reset_model(rt.name, model=None, retrain_since=since)
 
 
 @router.get("/personalizer/configurations/service")

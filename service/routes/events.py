@@ -189,7 +189,13 @@ async def rank(request: Request) -> Response:
 
 
 def _observation(d: Dloop, rt: LoopRuntime, kind: str, event_id: str, value: float | None) -> None:
-    record: dict[str, Any] = {"k": kind, "loop": rt.name, "id": event_id, "t": d.clock()}
+    record: dict[str, Any] = {
+        "k": kind,
+        "loop": rt.name,
+        "id": event_id,
+        "t": d.clock(),
+        "u": uuid.uuid4().hex,
+    }
     if value is not None:
         record["v"] = value
     d.log.append(orjson.dumps(record))

@@ -32,7 +32,7 @@ def readyz(request: Request) -> Response:
     checks["log"] = "ok" if not d.log.closed else "closed"
     checks["models"] = "ok" if d.registry.loops else "no loops loaded"
     ready = all(v == "ok" for v in checks.values())
-    backlog = d.log.end() - (d.worker.offset if d.worker else 0)
+    backlog = d.backlog()
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks, "logBacklogBytes": backlog},
         status_code=200 if ready else 503,
@@ -45,7 +45,7 @@ def metrics(request: Request) -> Response:
     authorize(d.keys, request, loop="", admin=True)
     lines = [generate_latest(d.metrics.registry).decode()]
     lines.append("# TYPE dloop_log_backlog_bytes gauge")
-    lines.append(f"dloop_log_backlog_bytes {d.log.end() - (d.worker.offset if d.worker else 0)}")
+    lines.append(f"dloop_log_backlog_bytes {d.backlog()}")
     gauges: dict[str, list[str]] = {}
     with d.sessions() as session:
         lines.append("# TYPE dloop_dead_letters gauge")

@@ -85,16 +85,14 @@ async def import_model(request: Request) -> Response:
         await run_in_threadpool(check_model, model)
     except PolicyError as exc:
         raise bad_request("InvalidModelImportFormat", str(exc)) from None
-    assert d.worker is not None
-    await run_in_threadpool(d.worker.reset, rt.name, model=model)
+    await run_in_threadpool(d.reset_model, rt.name, model=model)
     return Response(status_code=204)
 
 
 @router.delete("/personalizer/model", status_code=204)
 def reset_model(request: Request) -> Response:
     d, rt = loop_for(request, admin=True)
-    assert d.worker is not None
-    d.worker.reset(rt.name, model=None)
+    d.reset_model(rt.name, model=None)
     return Response(status_code=204)
 
 

@@ -1,0 +1,165 @@
+"""`dloop join`: consume the events topic, join rewards to decisions in the database, and
+publish joined interactions to the joined topic.
+
+Exactly once: each poll's records are ingested together with the partition offsets they reach
+in one database transaction (decisions keyed by eventId, observations by uid, so a record seen
+twice is stored once); Kafka offsets are committed only after that, and on assignment the
+consumer seeks to the offsets in the database, so a crash between the two neither loses nor
+repeats a record. Joins take their rows with SKIP LOCKED, so joiners scale out. Joined rows
+leave through an outbox: one joiner at a time gives them gap-free per-loop positions, then they
+are published and marked; a row published twice keeps its position and learners skip it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.structs import OffsetAndMetadata
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import store
+from service.schemas import LoopSettings
+
+log = logging.getLogger("dloop.join")
+
+
+def offset_name(kind: str, tp: TopicPartition) -> str:
+    return f"{kind}:{tp.topic}:{tp.partition}"
+
+
+class SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
+    """On assignment, continue from the offsets stored with the data, not Kafka's commits."""
+
+    def __init__(self, consumer: Any, sessions: sessionmaker[Session], kind: str) -> None:
+        self.consumer = consumer
+        self.sessions = sessions
+        self.kind = kind
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        with self.sessions() as session:
+            for tp in assigned:
+                stored = store.stored_offset(session, name=offset_name(self.kind, tp))
+                if stored is not None:
+                    self.consumer.seek(tp, stored)
+
+
+class JoinWorker:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        consumer: Any,
+        producer: Any,
+        events_topic: str,
+        joined_topic: str,
+        clock: Callable[[], float] = time.time,
+        batch_size: int = 2000,
+    ) -> None:
+        self.sessions = sessions
+        self.consumer = consumer
+        self.producer = producer
+        self.events_topic = events_topic
+        self.joined_topic = joined_topic
+        self.clock = clock
+        self.batch_size = batch_size
+        self._stop = threading.Event()
+        consumer.subscribe([events_topic], listener=SeekToStored(consumer, sessions, "join"))
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                backoff = 0.5
+            except Exception:
+                log.exception("join pass failed; retrying in %.1f s", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        self.consumer.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run_once(self, poll_ms: int = 500) -> int:
+        """Ingest one poll, join what is due, publish joined rows; returns records ingested."""
+        batch = self.consumer.poll(timeout_ms=poll_ms, max_records=self.batch_size)
+        count = sum(len(m) for m in batch.values())
+        if batch:
+            now = self.clock()
+            with self.sessions.begin() as session:
+                store.ingest(
+                    session,
+                    records=[m.value for msgs in batch.values() for m in msgs],
+                    source=self.events_topic,
+                    now=now,
+                )
+                for tp, msgs in batch.items():
+                    store.set_offset(
+                        session, name=offset_name("join", tp), offset=msgs[-1].offset + 1
+                    )
+            self.consumer.commit(
+                {tp: OffsetAndMetadata(msgs[-1].offset + 1, None, -1) for tp, msgs in batch.items()}
+            )
+        self.join_due()
+        self.publish_joined()
+        return count
+
+    def join_due(self) -> None:
+        now = self.clock()
+        with self.sessions() as session:
+            loops = [
+                (loop.name, LoopSettings.from_doc(loop.config))
+                for loop in store.list_loops(session)
+            ]
+        for name, settings in loops:
+            while True:
+                with self.sessions.begin() as session:
+                    n = store.join_due(
+                        session, loop=name, rules=settings.rules, now=now, limit=self.batch_size
+                    )
+                if n < self.batch_size:
+                    break
+
+    def publish_joined(self) -> int:
+        with self.sessions.begin() as session:
+            store.assign_positions(session, limit=self.batch_size * 5)
+        with self.sessions() as session:
+            rows = store.unpublished(session, limit=self.batch_size * 5)
+            messages = [
+                (
+                    row.seq,
+                    row.loop,
+                    orjson.dumps(
+                        {
+                            "loop": row.loop,
+                            "pos": row.pos,
+                            "eventId": row.event_id,
+                            "mode": row.mode,
+                            "learnable": row.learnable,
+                            "line": row.line,
+                        }
+                    ),
+                )
+                for row in rows
+            ]
+        if not messages:
+            return 0
+        futures = [
+            self.producer.send(self.joined_topic, key=loop.encode(), value=value)
+            for _, loop, value in messages
+        ]
+        self.producer.flush(timeout=10)
+        for future in futures:
+            future.get(timeout=0)
+        with self.sessions.begin() as session:
+            store.mark_published(session, seqs=[seq for seq, _, _ in messages])
+        return len(messages)

@@ -1,0 +1,188 @@
+"""`dloop learn`: consume the joined topic, train each loop's VW model, checkpoint and publish.
+
+A loop's joined stream lives in one partition (keyed by loop), so a loop has one learner at a
+time and learners scale out on partitions. Every tick (the smallest modelExportFrequency of the
+loops, at least 1 s) the learner writes, in one database transaction, the model bytes of every
+loop that learned something, with the stream position they include, and the partition offsets
+it has consumed; then it commits the offsets to Kafka. On assignment it seeks to the stored
+offsets and rebuilds each loop from its checkpoint, skipping positions the model already
+includes, so a crash or rebalance neither loses nor double-learns an event. Serving replicas
+pick a new model up from the database within about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from kafka.structs import OffsetAndMetadata
+from sqlalchemy.orm import Session, sessionmaker
+
+from learners.cb import CBTrainer
+from learners.join_worker import SeekToStored, offset_name
+from learners.vw import with_exploration
+from service import store
+from service.models import Loop
+
+log = logging.getLogger("dloop.learn")
+
+
+@dataclass
+class StreamLearner:
+    trainer: CBTrainer
+    arguments: str
+    pos: int
+    model_id: str
+    exported_examples: int
+
+
+class LearnWorker:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        consumer: Any,
+        joined_topic: str,
+        clock: Callable[[], float] = time.time,
+        batch_size: int = 2000,
+    ) -> None:
+        self.sessions = sessions
+        self.consumer = consumer
+        self.clock = clock
+        self.batch_size = batch_size
+        self.learners: dict[str, StreamLearner] = {}
+        self.offsets: dict[Any, int] = {}
+        self.checkpointed_at = 0.0
+        self._stop = threading.Event()
+        consumer.subscribe([joined_topic], listener=_Rebalance(self))
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                backoff = 0.5
+            except Exception:
+                log.exception("learn pass failed; retrying in %.1f s", backoff)
+                self.learners.clear()  # rebuild from the last checkpoint
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        try:
+            self.checkpoint()
+        finally:
+            self.consumer.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run_once(self, poll_ms: int = 200) -> int:
+        batch = self.consumer.poll(timeout_ms=poll_ms, max_records=self.batch_size)
+        count = 0
+        for tp, messages in batch.items():
+            for message in messages:
+                event = orjson.loads(message.value)
+                learner = self._learner(event["loop"])
+                if learner is not None and event["pos"] > learner.pos:
+                    if event["learnable"] and event["mode"] != "LoggingOnly":
+                        learner.trainer.learn(event["line"].encode())
+                    learner.pos = event["pos"]
+                    count += 1
+            self.offsets[tp] = messages[-1].offset + 1
+        if self.clock() - self.checkpointed_at >= self._tick():
+            self.checkpoint()
+        return count
+
+    def _tick(self) -> float:
+        with self.sessions() as session:
+            loops = store.list_loops(session)
+            return max(
+                1.0,
+                min((store.loop_settings(loop).export_every for loop in loops), default=1.0),
+            )
+
+    def _learner(self, name: str) -> StreamLearner | None:
+        learner = self.learners.get(name)
+        if learner is not None:
+            return learner
+        with self.sessions() as session:
+            loop = session.get(Loop, name)
+            if loop is None:
+                return None  # deleted: its events are dropped
+            settings = store.loop_settings(loop)
+            arguments = with_exploration(loop.policy["arguments"], settings.exploration)
+            ckpt = store.get_checkpoint(session, loop=name)
+        if ckpt is not None and ckpt.model is not None:
+            trainer = CBTrainer(arguments, ckpt.model, ckpt.examples)
+        else:
+            trainer = CBTrainer(arguments)
+        pos = ckpt.learned_seq if ckpt is not None else 0
+        model_id = ckpt.model_id if ckpt is not None else "N/A"
+        learner = StreamLearner(trainer, arguments, pos, model_id, trainer.examples)
+        self.learners[name] = learner
+        return learner
+
+    def checkpoint(self) -> None:
+        """Save changed models and consumed offsets in one transaction, then commit offsets."""
+        now = self.clock()
+        self.checkpointed_at = now
+        published: list[str] = []
+        with self.sessions.begin() as session:
+            for name, learner in list(self.learners.items()):
+                ckpt = store.get_checkpoint(session, loop=name)
+                if ckpt is not None and ckpt.model_id != learner.model_id:
+                    # Reset or imported through the API: continue from that model, from here on.
+                    learner.arguments = ckpt.arguments
+                    learner.trainer = (
+                        CBTrainer(ckpt.arguments, ckpt.model)
+                        if ckpt.model is not None
+                        else CBTrainer(ckpt.arguments)
+                    )
+                    learner.model_id = ckpt.model_id
+                    learner.exported_examples = learner.trainer.examples
+                    ckpt.learned_seq = learner.pos
+                    continue
+                if learner.trainer.examples == learner.exported_examples and ckpt is not None:
+                    ckpt.learned_seq = learner.pos
+                    continue
+                model_id = uuid.uuid4().hex[:16]
+                store.save_checkpoint(
+                    session,
+                    loop=name,
+                    model_id=model_id,
+                    model=learner.trainer.to_bytes(),
+                    arguments=learner.arguments,
+                    learned_seq=learner.pos,
+                    examples=learner.trainer.examples,
+                    now=now,
+                )
+                learner.model_id = model_id
+                learner.exported_examples = learner.trainer.examples
+                published.append(name)
+            for tp, offset in self.offsets.items():
+                store.set_offset(session, name=offset_name("learn", tp), offset=offset)
+        if self.offsets:
+            self.consumer.commit(
+                {tp: OffsetAndMetadata(offset, None, -1) for tp, offset in self.offsets.items()}
+            )
+        if published:
+            log.info("published models for %s", ", ".join(published))
+
+
+class _Rebalance(SeekToStored):
+    def __init__(self, worker: LearnWorker) -> None:
+        super().__init__(worker.consumer, worker.sessions, "learn")
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        # Another learner takes these loops over: hand them on at a consistent point.
+        try:
+            self.worker.checkpoint()
+        finally:
+            self.worker.learners.clear()
+            self.worker.offsets.clear()

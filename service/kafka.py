@@ -1,0 +1,79 @@
+"""Kafka topics, producers and consumers (kafka-python), built from Settings.
+
+Topics:
+    {prefix}.events   decision, reward and activation records (the decision-log record format),
+                      keyed by "{loop}/{eventId}" so every record of an event lands in one
+                      partition and the joiners scale out on partitions;
+    {prefix}.joined   joined interactions, keyed by loop so one loop's stream is ordered in one
+                      partition and each loop has exactly one learner at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from service.settings import Settings
+
+
+def events_topic(settings: Settings) -> str:
+    return f"{settings.kafka.topic_prefix}.events"
+
+
+def joined_topic(settings: Settings) -> str:
+    return f"{settings.kafka.topic_prefix}.joined"
+
+
+def _servers(settings: Settings) -> str:
+    servers = settings.kafka.bootstrap_servers
+    if not servers:
+        raise RuntimeError("DLOOP_KAFKA__BOOTSTRAP_SERVERS is not set")
+    return servers
+
+
+def ensure_topics(settings: Settings) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=_servers(settings), client_id="dloop-admin")
+    try:
+        existing = set(admin.list_topics())
+        wanted = [
+            NewTopic(name, num_partitions=settings.kafka.partitions, replication_factor=1)
+            for name in (events_topic(settings), joined_topic(settings))
+            if name not in existing
+        ]
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process was first
+                admin.create_topics(wanted)
+    finally:
+        admin.close()
+
+
+def producer(settings: Settings, **overrides: Any) -> KafkaProducer:
+    """An idempotent producer: acks from all replicas, retries without duplicates or reordering."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": _servers(settings),
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "max_in_flight_requests_per_connection": 5,
+        "request_timeout_ms": 10_000,
+    }
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def consumer(settings: Settings, *, group: str, **overrides: Any) -> KafkaConsumer:
+    config: dict[str, Any] = {
+        "bootstrap_servers": _servers(settings),
+        "group_id": group,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_interval_ms": settings.kafka.max_poll_interval_ms,
+        "session_timeout_ms": settings.kafka.session_timeout_ms,
+        "heartbeat_interval_ms": 1000,
+    }
+    config.update(overrides)
+    return KafkaConsumer(**config)

@@ -1,0 +1,108 @@
+"""Forward the local decision log to Kafka: the rank hot path never waits on the broker.
+
+Every API replica appends records to its local log (a durable write-ahead buffer, as in
+embedded mode). This thread publishes them to the events topic in log order with an idempotent
+producer, and only after the broker acknowledged them (flush) moves its offset forward (an
+atomically replaced file) and deletes the segments it no longer needs. While the broker is
+away the log simply grows; the backlog is on /readyz and /metrics. A crash between the broker's
+acknowledgement and the offset write republishes a few records: decisions are deduplicated by
+eventId and observations by their uid downstream, so each is joined once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from service.log import LocalLog
+
+log = logging.getLogger("dloop.publisher")
+
+
+class LogPublisher:
+    def __init__(
+        self,
+        *,
+        decision_log: LocalLog,
+        make_producer: Callable[[], Any],
+        topic: str,
+        offset_path: Path,
+        batch_bytes: int = 1 << 20,
+        flush_timeout: float = 10.0,
+    ) -> None:
+        self.log = decision_log
+        self.make_producer = make_producer
+        self.topic = topic
+        self.offset_path = offset_path
+        self.batch_bytes = batch_bytes
+        self.flush_timeout = flush_timeout
+        self.offset = int(offset_path.read_text()) if offset_path.exists() else 0
+        self.connected = False
+        self._producer: Any = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+                backoff = 0.1
+                if not busy:
+                    self._stop.wait(0.05)
+            except Exception as exc:  # broker away or restarting: keep the log, retry later
+                log.warning("publishing paused (%s); retrying in %.1f s", exc, backoff)
+                self.connected = False
+                self._close_producer()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        try:
+            self.run_once()
+        except Exception as exc:
+            log.warning("final publish failed (%s); the records stay in the local log", exc)
+        self._close_producer()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run_once(self) -> bool:
+        """Publish one batch; True if more is waiting."""
+        records, new_offset = self.log.read(self.offset, max_bytes=self.batch_bytes)
+        if not records:
+            return False
+        if self._producer is None:
+            self._producer = self.make_producer()
+        futures = []
+        for raw in records:
+            r = orjson.loads(raw)
+            key = f"{r['loop']}/{r['id']}".encode()
+            futures.append(self._producer.send(self.topic, key=key, value=raw))
+        self._producer.flush(timeout=self.flush_timeout)
+        for future in futures:
+            future.get(timeout=0)  # raises if the broker refused or the send expired
+        self.connected = True
+        self._save(new_offset)
+        self.log.release(new_offset)
+        return new_offset < self.log.end()
+
+    def _save(self, offset: int) -> None:
+        tmp = self.offset_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(offset))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.offset_path)
+        self.offset = offset
+
+    def _close_producer(self) -> None:
+        if self._producer is not None:
+            # Closing a producer whose broker is gone may raise; it is dropped either way.
+            with contextlib.suppress(Exception):
+                self._producer.close(timeout=1)
+            self._producer = None
