@@ -138,9 +138,11 @@ PG_URL = os.environ.get(
 def postgres_url() -> Iterator[str]:
     """A fresh, empty Postgres database (fails, never skips, when Postgres is down)."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
 
     name = f"dloop_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    # No pooling: a test may restart Postgres under it.
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:

@@ -1,0 +1,113 @@
+"""Faults on the production path: broker outage, killed workers, a Postgres restart. Every
+decision must be joined exactly once with its reward, and learned exactly once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+from sqlalchemy import func, select
+
+from service.models import Joined, ModelCheckpoint
+from tests.conftest import Broker
+from tests.test_production import ACTIONS, HEADERS, Stack, count, stack, wait_for
+
+__all__ = ["stack"]  # the fixture
+
+
+def configure(stack: Stack) -> None:
+    cfg = stack.api("GET", "/personalizer/v1.0/configurations/service").json()
+    cfg.update(modelExportFrequency="PT1S", rewardWaitTime="PT60S", rewardAggregation="earliest")
+    r = stack.api("PUT", "/personalizer/v1.0/configurations/service", json=cfg)
+    assert r.status_code == 200
+
+
+class Traffic(threading.Thread):
+    """Ranks events e{start}..e{stop-1} and rewards each (value by index), as fast as allowed."""
+
+    def __init__(self, stack: Stack, start: int, stop: int, pace: float = 0.0) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.range, self.pace = stack, range(start, stop), pace
+        self.slowest = 0.0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.stack.url, headers=HEADERS, timeout=10) as client:
+            for i in self.range:
+                t = time.perf_counter()
+                body = {
+                    "contextFeatures": [{"u": f"u{i % 3}"}],
+                    "actions": ACTIONS,
+                    "eventId": f"e{i}",
+                }
+                r = client.post("/personalizer/v1.0/rank", json=body)
+                w = client.post(
+                    f"/personalizer/v1.0/events/e{i}/reward", json={"value": (i % 4) / 4}
+                )
+                self.slowest = max(self.slowest, time.perf_counter() - t)
+                if r.status_code != 201 or w.status_code != 204:
+                    self.errors.append(f"e{i}: {r.status_code} {w.status_code}")
+                if self.pace:
+                    time.sleep(self.pace)
+
+
+def check_exactly_once(stack: Stack, n: int) -> None:
+    wait_for(
+        lambda: count(stack.db_url, select(func.count()).select_from(Joined)) >= n, 90, "joins"
+    )
+    from sqlalchemy import create_engine
+
+    engine = create_engine(stack.db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(Joined.event_id, Joined.reward)).all()
+    engine.dispose()
+    assert len(rows) == n and len({e for e, _ in rows}) == n
+    for event_id, reward in rows:
+        assert reward == (int(event_id[1:]) % 4) / 4, event_id
+    wait_for(lambda: count(stack.db_url, select(ModelCheckpoint.examples)) >= n, 60, "the learner")
+    time.sleep(3)
+    assert count(stack.db_url, select(ModelCheckpoint.examples)) == n
+
+
+def test_broker_outage_loses_and_duplicates_nothing(stack: Stack, kafka_broker: Broker) -> None:
+    configure(stack)
+    before = Traffic(stack, 0, 300)
+    before.run()
+    kafka_broker.pause()
+    try:
+        during = Traffic(stack, 300, 900, pace=0.03)  # about 30 s of traffic while it is away
+        during.run()
+        backlog = stack.api("GET", "/readyz").json()["logBacklogBytes"]
+        assert backlog > 0
+    finally:
+        kafka_broker.resume()
+    after = Traffic(stack, 900, 1000)
+    after.run()
+    assert not (before.errors or during.errors or after.errors)
+    assert during.slowest < 1.0, "rank or reward waited on the broker"
+    check_exactly_once(stack, 1000)
+    wait_for(lambda: stack.api("GET", "/readyz").json()["logBacklogBytes"] == 0, 30, "backlog")
+
+
+def test_killed_workers_and_a_postgres_restart(stack: Stack) -> None:
+    configure(stack)
+    traffic = Traffic(stack, 0, 1500, pace=0.004)
+    traffic.start()
+    for _ in range(3):
+        time.sleep(1.5)
+        stack.stop("learn", signal.SIGKILL)
+        stack.start("learn", "learn")
+        time.sleep(1.0)
+        stack.stop("join", signal.SIGKILL)
+        stack.start("join", "join")
+    subprocess.run(
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart",
+        shell=True,
+        check=True,
+    )
+    traffic.join()
+    assert not traffic.errors
+    check_exactly_once(stack, 1500)
