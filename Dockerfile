@@ -8,5 +8,6 @@ RUN pip install --no-cache-dir .
 ENV DLOOP_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
+# docker-compose.yml runs this image as `dloop serve`, `dloop join`, `dloop learn` and
+# `dloop migrate`; alone it is the embedded loop.
 CMD ["dloop", "up", "--host", "0.0.0.0", "--port", "8000", "--data-dir", "/data"]

@@ -1,34 +1,76 @@
-"""docker-compose.yml and Dockerfile checked statically (no Docker engine here)."""
+"""docker-compose.yml and Dockerfile checked statically (no Docker engine here): references,
+conditions, healthchecks, commands the CLI knows, and environment the Settings read."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
+
+from service.cli import app
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_compose_file_is_consistent() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def commands() -> set[str]:
+    import typer.main
+
+    group = typer.main.get_group(app)
+    return set(group.commands)
+
+
+def test_services_and_references(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert services, "no services"
+    assert {"postgres", "kafka", "migrate", "api", "joiner", "learner"} <= set(services)
     volumes = set(compose.get("volumes") or {})
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         if "build" in service:
-            context = (
-                service["build"]
-                if isinstance(service["build"], str)
-                else service["build"]["context"]
-            )
-            assert (ROOT / context / "Dockerfile").exists(), name
-        for dep in service.get("depends_on", {}) or {}:
-            assert dep in services, f"{name} depends on unknown service {dep}"
+            assert (ROOT / service["build"] / "Dockerfile").exists()
+        for dep, cond in (service.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{dep} has no healthcheck"
+            else:
+                assert cond["condition"] == "service_completed_successfully"
+                assert services[dep].get("restart") == "no"
         for mount in service.get("volumes", []):
             source = mount.split(":", 1)[0]
-            assert source.startswith((".", "/")) or source in volumes, f"{name}: {source}"
-        assert "healthcheck" in service, f"{name} has no healthcheck"
+            assert ":" not in mount or source in volumes or source.startswith((".", "/")), mount
+        if service.get("restart") != "no":
+            assert "healthcheck" in service, f"{name} has no healthcheck"
+
+
+def test_dloop_services_run_known_commands(compose: dict[str, Any]) -> None:
+    known = commands()
+    for name in ("migrate", "api", "joiner", "learner"):
+        command = compose["services"][name]["command"]
+        assert command[0] == "dloop" and command[1] in known, (name, command)
+
+
+def test_environment_is_what_settings_read(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = compose["services"]["api"]["environment"]
+    for key, value in env.items():
+        monkeypatch.setenv(key, "secret" if "${" in str(value) else str(value))
+    settings = Settings()
+    assert settings.db.url == env["DLOOP_DB__URL"]
+    assert settings.kafka.bootstrap_servers == "kafka:9092"
+    assert settings.kafka.partitions == 8
+    assert settings.api_key is not None
+    kafka = compose["services"]["kafka"]
+    assert kafka["image"].startswith("apache/kafka")
+    assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
 
 
 def test_dockerfile_copies_every_package() -> None:
