@@ -188,10 +188,23 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=4000)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--skip-serving", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--pipeline-events", type=int, default=20000)
     args = parser.parse_args()
     if not args.skip_serving:
         table(
             "Serving (dloop up, wrk on the same machine)", serving(args.seconds, args.connections)
+        )
+    if not args.skip_pipeline:
+        from benchmarks import pipeline
+
+        table(
+            "Production path throughput (Tansu + Postgres, in-process workers)",
+            pipeline.throughput(args.pipeline_events),
+        )
+        table(
+            "Freshness through dloop serve + join + learn (modelExportFrequency PT1S)",
+            pipeline.freshness(40),
         )
     table(
         f"Learning: share of the way from uniform random (0) to the oracle (1), last third of "

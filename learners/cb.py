@@ -40,7 +40,10 @@ class CBTrainer:
             self._ws = vw.workspace("--dsjson --save_resume", model)
 
     def learn(self, line: bytes) -> None:
-        if vw.learn_line(self._ws, line.decode()):
+        self.learn_text(line.decode())
+
+    def learn_text(self, line: str) -> None:
+        if vw.learn_line(self._ws, line):
             self.examples += 1
 
     def to_bytes(self) -> bytes:

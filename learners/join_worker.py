@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +26,21 @@ from service import store
 from service.schemas import LoopSettings
 
 log = logging.getLogger("dloop.join")
+
+
+def joined_message(pos: int, learn: bool, line: str) -> bytes:
+    """A joined-topic message: "<pos> <1|0> <DSJSON line>" (the key is the loop). Learners read
+    it without decoding any JSON of their own; VW parses the line."""
+    return b"%d %d " % (pos, learn) + line.encode()
+
+
+def read_joined(value: bytes) -> tuple[int, bool, str]:
+    pos, learn, line = value.split(b" ", 2)
+    return int(pos), learn == b"1", line.decode()
+
+
+def learns(row: Any) -> bool:
+    return bool(row.learnable) and row.mode != "LoggingOnly"
 
 
 def offset_name(kind: str, tp: TopicPartition) -> str:
@@ -135,20 +149,7 @@ class JoinWorker:
         with self.sessions() as session:
             rows = store.unpublished(session, limit=self.batch_size * 5)
             messages = [
-                (
-                    row.seq,
-                    row.loop,
-                    orjson.dumps(
-                        {
-                            "loop": row.loop,
-                            "pos": row.pos,
-                            "eventId": row.event_id,
-                            "mode": row.mode,
-                            "learnable": row.learnable,
-                            "line": row.line,
-                        }
-                    ),
-                )
+                (row.seq, row.loop, joined_message(row.pos or 0, learns(row), row.line))
                 for row in rows
             ]
         if not messages:

@@ -20,12 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.cb import CBTrainer
-from learners.join_worker import SeekToStored, offset_name
+from learners.join_worker import SeekToStored, offset_name, read_joined
 from learners.vw import with_exploration
 from service import store
 from service.models import Loop
@@ -59,6 +58,8 @@ class LearnWorker:
         self.learners: dict[str, StreamLearner] = {}
         self.offsets: dict[Any, int] = {}
         self.checkpointed_at = 0.0
+        self._tick_read_at = 0.0
+        self._tick_value = 0.0
         self._stop = threading.Event()
         consumer.subscribe([joined_topic], listener=_Rebalance(self))
 
@@ -86,12 +87,12 @@ class LearnWorker:
         count = 0
         for tp, messages in batch.items():
             for message in messages:
-                event = orjson.loads(message.value)
-                learner = self._learner(event["loop"])
-                if learner is not None and event["pos"] > learner.pos:
-                    if event["learnable"] and event["mode"] != "LoggingOnly":
-                        learner.trainer.learn(event["line"].encode())
-                    learner.pos = event["pos"]
+                pos, learn, line = read_joined(message.value)
+                learner = self._learner(message.key.decode())
+                if learner is not None and pos > learner.pos:
+                    if learn:
+                        learner.trainer.learn_text(line)
+                    learner.pos = pos
                     count += 1
             self.offsets[tp] = messages[-1].offset + 1
         if self.clock() - self.checkpointed_at >= self._tick():
@@ -99,6 +100,13 @@ class LearnWorker:
         return count
 
     def _tick(self) -> float:
+        if self.clock() - self._tick_read_at < 10 and self._tick_value:
+            return self._tick_value
+        self._tick_read_at = self.clock()
+        self._tick_value = self._read_tick()
+        return self._tick_value
+
+    def _read_tick(self) -> float:
         with self.sessions() as session:
             loops = store.list_loops(session)
             return max(
@@ -127,8 +135,10 @@ class LearnWorker:
         self.learners[name] = learner
         return learner
 
-    def checkpoint(self) -> None:
-        """Save changed models and consumed offsets in one transaction, then commit offsets."""
+    def checkpoint(self, *, commit: bool = True) -> None:
+        """Save changed models and consumed offsets in one transaction, then commit offsets
+        to Kafka too (`commit`; not from a rebalance callback, which runs on kafka-python's IO
+        thread and may not block: the offsets in the database are the ones resumed from)."""
         now = self.clock()
         self.checkpointed_at = now
         published: list[str] = []
@@ -166,7 +176,7 @@ class LearnWorker:
                 published.append(name)
             for tp, offset in self.offsets.items():
                 store.set_offset(session, name=offset_name("learn", tp), offset=offset)
-        if self.offsets:
+        if commit and self.offsets:
             self.consumer.commit(
                 {tp: OffsetAndMetadata(offset, None, -1) for tp, offset in self.offsets.items()}
             )
@@ -182,7 +192,7 @@ class _Rebalance(SeekToStored):
     def on_partitions_revoked(self, revoked: Any) -> None:
         # Another learner takes these loops over: hand them on at a consistent point.
         try:
-            self.worker.checkpoint()
+            self.worker.checkpoint(commit=False)
         finally:
             self.worker.learners.clear()
             self.worker.offsets.clear()

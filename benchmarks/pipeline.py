@@ -1,0 +1,272 @@
+"""Production-path benchmarks on a real Tansu broker and Postgres: joiner and learner
+throughput (beside raw VW learning on the same examples), and model freshness through
+`dloop serve` + `dloop join` + `dloop learn`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+from sqlalchemy import create_engine, func, select
+
+from benchmarks.infra import free_port, postgres_database, start_tansu
+from learners.cb import DEFAULT_POLICY, CBTrainer
+from learners.features import context_json
+from learners.join_worker import JoinWorker
+from learners.learn_worker import LearnWorker
+from learners.vw import with_exploration
+from service import kafka
+from service.db import make_engine, make_sessionmaker
+from service.migrate import upgrade
+from service.models import Joined, ModelCheckpoint
+from service.settings import load_settings
+
+ACTIONS = [(f"a{i}", [{"kind": f"k{i % 3}", "rank": i}]) for i in range(10)]
+KEY = "bench-key"
+
+
+def records(n: int, start: float, prefix: str = "b") -> list[tuple[bytes, bytes]]:
+    """n decisions and their rewards in the decision-log record format, keyed as the API does."""
+    out = []
+    for i in range(n):
+        context = context_json([{"user": f"u{i % 50}", "time": i % 24}], ACTIONS).decode()
+        event = f"{prefix}{i}"
+        decision = {
+            "k": "d",
+            "loop": "default",
+            "id": event,
+            "t": start + i * 1e-3,
+            "deferred": False,
+            "mode": "Online",
+            "a": list(range(10)),
+            "p": [0.1] * 10,
+            "b": 0,
+            "m": "N/A",
+            "c": context,
+        }
+        reward = {
+            "k": "r",
+            "loop": "default",
+            "id": event,
+            "t": start + i * 1e-3 + 0.5,
+            "v": float(i % 2),
+            "u": uuid.uuid4().hex,
+        }
+        key = f"default/{event}".encode()
+        out += [(key, orjson.dumps(decision)), (key, orjson.dumps(reward))]
+    return out
+
+
+def throughput(n: int) -> list[tuple[str, str]]:
+    address, broker = start_tansu()
+    try:
+        with postgres_database() as db_url:
+            upgrade(db_url)
+            settings = load_settings(
+                db={"url": db_url},
+                kafka={"bootstrap_servers": address, "topic_prefix": "bench", "partitions": 4},
+            )
+            kafka.ensure_topics(settings)
+            engine = make_engine(db_url)
+            sessions = make_sessionmaker(engine)
+            from service import store
+
+            with sessions.begin() as s:
+                store.ensure_loop(s, name="default", kind="cb", now=time.time())
+            producer = kafka.producer(settings)
+            joiner = JoinWorker(
+                sessions=sessions,
+                consumer=kafka.consumer(settings, group="bench.joiner"),
+                producer=producer,
+                events_topic=kafka.events_topic(settings),
+                joined_topic=kafka.joined_topic(settings),
+            )
+            learner = LearnWorker(
+                sessions=sessions,
+                consumer=kafka.consumer(settings, group="bench.learner"),
+                joined_topic=kafka.joined_topic(settings),
+            )
+            # Join both consumer groups before the clock starts (a few seconds on Tansu).
+            while not (joiner.consumer.assignment() and learner.consumer.assignment()):
+                joiner.run_once(poll_ms=100)
+                learner.run_once(poll_ms=100)
+            # Warm up: a first batch through both workers builds the learner's workspace.
+            warm = 200
+            for key, value in records(warm, time.time(), prefix="w"):
+                producer.send(kafka.events_topic(settings), key=key, value=value)
+            producer.flush()
+            while sum(x.pos for x in learner.learners.values()) < warm:
+                joiner.run_once(poll_ms=100)
+                learner.run_once(poll_ms=100)
+            for key, value in records(n, time.time()):
+                producer.send(kafka.events_topic(settings), key=key, value=value)
+            producer.flush()
+
+            t0 = time.perf_counter()
+            while _count(sessions, Joined.published.is_(True)) < n + warm:
+                joiner.run_once(poll_ms=100)
+            join_s = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            while sum(x.pos for x in learner.learners.values()) < n + warm:
+                learner.run_once(poll_ms=100)
+            learner.checkpoint()
+            learn_s = time.perf_counter() - t0
+            joiner.consumer.close()
+            learner.consumer.close()
+
+            with sessions() as s:
+                stmt = select(Joined.line).where(Joined.pos > warm).order_by(Joined.seq)
+                lines = [r.encode() for r in s.scalars(stmt)]
+            trainer = CBTrainer(with_exploration(DEFAULT_POLICY, 0.2))
+            t0 = time.perf_counter()
+            for line in lines:
+                trainer.learn(line)
+            raw_s = time.perf_counter() - t0
+            producer.close()
+            engine.dispose()
+    finally:
+        broker.terminate()
+        broker.wait(10)
+    return [
+        ("events (decision + reward pairs)", f"{n}"),
+        ("joiner: events joined per second", f"{n / join_s:.0f}"),
+        ("learner: examples learned per second", f"{n / learn_s:.0f}"),
+        ("raw VW learn: examples per second", f"{n / raw_s:.0f}"),
+        ("learner / raw VW learn", f"{raw_s / learn_s:.2f}  (target >= 0.50)"),
+    ]
+
+
+def _count(sessions: Any, where: Any) -> int:
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(Joined).where(where)) or 0)
+
+
+def freshness(samples: int) -> list[tuple[str, str]]:
+    """Seconds from a reward's HTTP call to a served model that includes it."""
+    address, broker = start_tansu()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with postgres_database() as db_url:
+            upgrade(db_url)
+            port = free_port()
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("DLOOP_")},
+                "DLOOP_DB__URL": db_url,
+                "DLOOP_KAFKA__BOOTSTRAP_SERVERS": address,
+                "DLOOP_API_KEY": KEY,
+                "DLOOP_DATA_DIR": f"/tmp/dloop-bench-{uuid.uuid4().hex[:8]}",
+            }
+            for args in (
+                ["serve", "--host", "127.0.0.1", "--port", str(port)],
+                ["join"],
+                ["learn"],
+            ):
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "service", *args],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            base = f"http://127.0.0.1:{port}"
+            headers = {"Ocp-Apim-Subscription-Key": KEY}
+            deadline = time.time() + 60
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError("dloop serve did not start")
+                time.sleep(0.2)
+            cfg = httpx.get(
+                f"{base}/personalizer/v1.0/configurations/service", headers=headers
+            ).json()
+            cfg["modelExportFrequency"] = "PT1S"
+            httpx.put(f"{base}/personalizer/v1.0/configurations/service", json=cfg, headers=headers)
+
+            engine = create_engine(db_url)
+            served: dict[str, float] = {}  # model id -> first time a replica served it
+            includes: dict[str, int] = {}  # model id -> last joined position it includes
+            stop = threading.Event()
+
+            def watch() -> None:
+                while not stop.is_set():
+                    with engine.connect() as conn:
+                        for model_id, learned in conn.execute(
+                            select(ModelCheckpoint.model_id, ModelCheckpoint.learned_seq)
+                        ):
+                            includes.setdefault(model_id, learned)
+                    text = httpx.get(f"{base}/metrics", headers=headers).text
+                    for line in text.splitlines():
+                        if line.startswith("dloop_model_info"):
+                            model_id = line.split('model_id="')[1].split('"')[0]
+                            served.setdefault(model_id, time.time())
+                    time.sleep(0.02)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            rewarded: dict[str, float] = {}
+            body = {
+                "contextFeatures": [{"u": "x"}],
+                "actions": [{"id": a, "features": f} for a, f in ACTIONS],
+            }
+            # Warm up the consumer groups (they join within a few seconds).
+            time.sleep(8)
+            for i in range(samples):
+                event = f"f{i}"
+                httpx.post(
+                    f"{base}/personalizer/v1.0/rank",
+                    json={**body, "eventId": event},
+                    headers=headers,
+                )
+                rewarded[event] = time.time()
+                httpx.post(
+                    f"{base}/personalizer/v1.0/events/{event}/reward",
+                    json={"value": 1},
+                    headers=headers,
+                )
+                time.sleep(0.25)
+            time.sleep(8)
+            stop.set()
+            watcher.join()
+            # The first served model whose checkpoint includes the event's joined position.
+            with engine.connect() as conn:
+                pos = dict(conn.execute(select(Joined.event_id, Joined.pos)).all())
+            engine.dispose()
+            delays = []
+            for event, t in rewarded.items():
+                if pos.get(event) is None:
+                    continue
+                first = min(
+                    (ts for mid, ts in served.items() if includes.get(mid, -1) >= pos[event]),
+                    default=None,
+                )
+                if first is not None:
+                    delays.append(first - t)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        broker.terminate()
+        broker.wait(10)
+    arr = np.array(delays)
+    return [
+        ("rewards measured (one every 0.25 s)", f"{len(delays)} of {samples}"),
+        (
+            "freshness p50 / p95 (s)",
+            f"{np.percentile(arr, 50):.2f} / {np.percentile(arr, 95):.2f}  (target p95 <= 5)",
+        ),
+    ]
