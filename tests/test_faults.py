@@ -32,6 +32,7 @@ class Traffic(threading.Thread):
         super().__init__(daemon=True)
         self.stack, self.range, self.pace = stack, range(start, stop), pace
         self.slowest = 0.0
+        self.latencies: list[float] = []
         self.errors: list[str] = []
 
     def run(self) -> None:
@@ -47,7 +48,8 @@ class Traffic(threading.Thread):
                 w = client.post(
                     f"/personalizer/v1.0/events/e{i}/reward", json={"value": (i % 4) / 4}
                 )
-                self.slowest = max(self.slowest, time.perf_counter() - t)
+                self.latencies.append(time.perf_counter() - t)
+                self.slowest = max(self.slowest, self.latencies[-1])
                 if r.status_code != 201 or w.status_code != 204:
                     self.errors.append(f"e{i}: {r.status_code} {w.status_code}")
                 if self.pace:
@@ -87,7 +89,10 @@ def test_broker_outage_loses_and_duplicates_nothing(stack: Stack, kafka_broker: 
     after = Traffic(stack, 900, 1000)
     after.run()
     assert not (before.errors or during.errors or after.errors)
-    assert during.slowest < 1.0, "rank or reward waited on the broker"
+    # Waiting on the broker would take its timeouts (10 s and more); a loaded 2-core machine
+    # (coverage traces the server too) can still stall one call for a second or so.
+    assert during.slowest < 5.0, "rank or reward waited on the broker"
+    assert sorted(during.latencies)[len(during.latencies) // 2] < 0.05
     check_exactly_once(stack, 1000)
     wait_for(lambda: stack.api("GET", "/readyz").json()["logBacklogBytes"] == 0, 30, "backlog")
 
