@@ -91,7 +91,11 @@ def throughput(n: int) -> list[tuple[str, str]]:
             )
             learner = LearnWorker(
                 sessions=sessions,
-                consumer=kafka.consumer(settings, group="bench.learner"),
+                # It sits unpolled while the joiner phase runs: without a longer poll
+                # interval it would leave its group and spend the timed phase rejoining.
+                consumer=kafka.consumer(
+                    settings, group="bench.learner", max_poll_interval_ms=120_000
+                ),
                 joined_topic=kafka.joined_topic(settings),
             )
             # Join both consumer groups before the clock starts (a few seconds on Tansu).

@@ -85,10 +85,14 @@ class LearnWorker:
     def run_once(self, poll_ms: int = 200) -> int:
         batch = self.consumer.poll(timeout_ms=poll_ms, max_records=self.batch_size)
         count = 0
+        by_key: dict[bytes, StreamLearner | None] = {}
         for tp, messages in batch.items():
             for message in messages:
+                key = message.key
+                if key not in by_key:
+                    by_key[key] = self._learner(key.decode())
+                learner = by_key[key]
                 pos, learn, line = read_joined(message.value)
-                learner = self._learner(message.key.decode())
                 if learner is not None and pos > learner.pos:
                     if learn:
                         learner.trainer.learn_text(line)
