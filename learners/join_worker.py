@@ -22,8 +22,7 @@ from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import store
-from service.schemas import LoopSettings
+from service import kafka, store
 
 log = logging.getLogger("dloop.join")
 
@@ -37,10 +36,6 @@ def joined_message(pos: int, learn: bool, line: str) -> bytes:
 def read_joined(value: bytes) -> tuple[int, bool, str]:
     pos, learn, line = value.split(b" ", 2)
     return int(pos), learn == b"1", line.decode()
-
-
-def learns(row: Any) -> bool:
-    return bool(row.learnable) and row.mode != "LoggingOnly"
 
 
 def offset_name(kind: str, tp: TopicPartition) -> str:
@@ -130,10 +125,7 @@ class JoinWorker:
     def join_due(self) -> None:
         now = self.clock()
         with self.sessions() as session:
-            loops = [
-                (loop.name, LoopSettings.from_doc(loop.config))
-                for loop in store.list_loops(session)
-            ]
+            loops = [(loop.name, store.loop_settings(loop)) for loop in store.list_loops(session)]
         for name, settings in loops:
             while True:
                 with self.sessions.begin() as session:
@@ -149,18 +141,17 @@ class JoinWorker:
         with self.sessions() as session:
             rows = store.unpublished(session, limit=self.batch_size * 5)
             messages = [
-                (row.seq, row.loop, joined_message(row.pos or 0, learns(row), row.line))
+                (row.seq, row.loop, joined_message(row.pos or 0, store.trainable(row), row.line))
                 for row in rows
             ]
         if not messages:
             return 0
-        futures = [
-            self.producer.send(self.joined_topic, key=loop.encode(), value=value)
-            for _, loop, value in messages
-        ]
-        self.producer.flush(timeout=10)
-        for future in futures:
-            future.get(timeout=0)
+        kafka.send_all(
+            self.producer,
+            self.joined_topic,
+            [(loop.encode(), value) for _, loop, value in messages],
+            timeout=10,
+        )
         with self.sessions.begin() as session:
             store.mark_published(session, seqs=[seq for seq, _, _ in messages])
         return len(messages)

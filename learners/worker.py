@@ -164,7 +164,7 @@ class EmbeddedWorker:
                 session, loop=name, seq=learner.learned_seq, limit=self.batch_size
             )
         for row in rows:
-            if row.learnable and row.mode != "LoggingOnly":
+            if store.trainable(row):
                 learner.trainer.learn(row.line.encode())
             learner.learned_seq = row.seq
         return len(rows) >= self.batch_size
@@ -222,7 +222,7 @@ class EmbeddedWorker:
                         session, loop=name, since=retrain_since, until_seq=seq
                     )
                 for row in rows:
-                    if row.learnable and row.mode != "LoggingOnly":
+                    if store.trainable(row):
                         learner.trainer.learn(row.line.encode())
                 if learner.trainer.examples:
                     self._export(name, now)

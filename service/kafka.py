@@ -67,6 +67,17 @@ def producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
+def send_all(
+    producer: KafkaProducer, topic: str, messages: list[tuple[bytes, bytes]], *, timeout: float
+) -> None:
+    """Send (key, value) messages and return once the broker acknowledged every one; raises if
+    any was refused or expired, so the caller does not move its own offset past them."""
+    futures = [producer.send(topic, key=key, value=value) for key, value in messages]
+    producer.flush(timeout=timeout)
+    for future in futures:
+        future.get(timeout=0)
+
+
 def consumer(settings: Settings, *, group: str, **overrides: Any) -> KafkaConsumer:
     config: dict[str, Any] = {
         "bootstrap_servers": _servers(settings),

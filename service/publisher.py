@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from service.kafka import send_all
 from service.log import LocalLog
 
 log = logging.getLogger("dloop.publisher")
@@ -78,14 +79,11 @@ class LogPublisher:
             return False
         if self._producer is None:
             self._producer = self.make_producer()
-        futures = []
+        keyed = []
         for raw in records:
             r = orjson.loads(raw)
-            key = f"{r['loop']}/{r['id']}".encode()
-            futures.append(self._producer.send(self.topic, key=key, value=raw))
-        self._producer.flush(timeout=self.flush_timeout)
-        for future in futures:
-            future.get(timeout=0)  # raises if the broker refused or the send expired
+            keyed.append((f"{r['loop']}/{r['id']}".encode(), raw))
+        send_all(self._producer, self.topic, keyed, timeout=self.flush_timeout)
         self.connected = True
         self._save(new_offset)
         self.log.release(new_offset)

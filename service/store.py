@@ -20,6 +20,7 @@ from learners.joiner import (
     in_window,
     is_complete,
     join,
+    timestamp,
 )
 from service.models import (
     ApiKey,
@@ -296,6 +297,12 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
     return len(joined_rows)
 
 
+def trainable(row: Joined) -> bool:
+    """Whether a joined interaction trains the model: activated (or not deferred) and not
+    logged in LoggingOnly mode."""
+    return row.learnable and row.mode != "LoggingOnly"
+
+
 def joined_after(session: Session, *, loop: str, seq: int, limit: int) -> Sequence[Joined]:
     stmt = select(Joined).where(Joined.loop == loop, Joined.seq > seq).order_by(Joined.seq)
     return session.scalars(stmt.limit(limit)).all()
@@ -428,8 +435,6 @@ def apprentice_metrics(session: Session, *, loop: str, batch: int = 1000) -> dic
             base, Joined.imitated.is_(True)
         )
     ).one()
-    from learners.joiner import timestamp
-
     return {
         "startTime": timestamp(total[1]),
         "lastProcessedEventTime": timestamp(total[2]),
