@@ -70,13 +70,13 @@ def wrk(url: str, *, conns: int, seconds: int, script: Path | None = None) -> di
 def vw_predict_us(n: int = 20000) -> float:
     from learners.cb import DEFAULT_POLICY
     from learners.features import context_json
-    from learners.vw import predict_pmf, with_exploration, workspace
+    from learners.vw import predict_scores, with_exploration, workspace
 
     ws = workspace(with_exploration(DEFAULT_POLICY, 0.2) + " --json")
     text = context_json(CONTEXT, [(a["id"], a["features"]) for a in ACTIONS]).decode()
     start = time.perf_counter()
     for _ in range(n):
-        predict_pmf(ws, text)
+        predict_scores(ws, text)
     return (time.perf_counter() - start) / n * 1e6
 
 
@@ -105,34 +105,32 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
                 sys.exit("dloop up did not start")
             time.sleep(0.2)
         headers = {"Ocp-Apim-Subscription-Key": KEY}
-        # Give the loop a trained model so rank runs the real VW path, not the uniform shortcut.
-        cfg = httpx.get(f"{base}/personalizer/v1.0/configurations/service", headers=headers).json()
-        cfg["modelExportFrequency"] = "PT1S"
-        httpx.put(f"{base}/personalizer/v1.0/configurations/service", json=cfg, headers=headers)
-        for i in range(200):
-            body = {"contextFeatures": CONTEXT, "actions": ACTIONS, "eventId": f"warm-{i}"}
-            r = httpx.post(f"{base}/personalizer/v1.0/rank", json=body, headers=headers)
-            httpx.post(
-                f"{base}/personalizer/v1.0/events/warm-{i}/reward",
-                json={"value": 1.0 if r.json()["rewardActionId"] == "article-3" else 0.0},
-                headers=headers,
-            )
+        # The same traffic on a second loop that explains every decision.
+        httpx.put(f"{base}/loops/explained", json={"kind": "cb"}, headers=headers)
+        for prefix, explain in (("", False), ("/loops/explained", True)):
+            train(f"{base}{prefix}/personalizer/v1.0", headers, explain=explain)
         time.sleep(2.5)
-        props = httpx.get(f"{base}/personalizer/v1.0/model/properties", headers=headers).json()
-        assert props["creationTime"] != props["lastModifiedTime"], "no model was published"
+        for prefix in ("", "/loops/explained"):
+            props = httpx.get(
+                f"{base}{prefix}/personalizer/v1.0/model/properties", headers=headers
+            ).json()
+            assert props["creationTime"] != props["lastModifiedTime"], "no model was published"
 
         body = json.dumps({"contextFeatures": CONTEXT, "actions": ACTIONS})
         script = data / "rank.lua"
         script.write_text(RANK_LUA % (lua_string(body), KEY))
-        wrk(f"{base}/healthz", conns=conns, seconds=2)  # warm up both
-        wrk(f"{base}/personalizer/v1.0/rank", conns=conns, seconds=2, script=script)
-        # Interleaved rounds: the machine's own drift hits both endpoints alike.
+        rank_url = f"{base}/personalizer/v1.0/rank"
+        explained_url = f"{base}/loops/explained/personalizer/v1.0/rank"
+        wrk(f"{base}/healthz", conns=conns, seconds=2)  # warm up every endpoint
+        wrk(rank_url, conns=conns, seconds=2, script=script)
+        wrk(explained_url, conns=conns, seconds=2, script=script)
+        # Interleaved rounds: the machine's own drift hits every endpoint alike.
         rounds = []
+        explained = []
         for _ in range(3):
             health = wrk(f"{base}/healthz", conns=conns, seconds=seconds)
-            rank = wrk(
-                f"{base}/personalizer/v1.0/rank", conns=conns, seconds=seconds, script=script
-            )
+            rank = wrk(rank_url, conns=conns, seconds=seconds, script=script)
+            explained.append(wrk(explained_url, conns=conns, seconds=seconds, script=script))
             rounds.append((health, rank))
     finally:
         proc.terminate()
@@ -141,6 +139,8 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
     vw_us = vw_predict_us()
     ratios = sorted(r["rps"] / h["rps"] for h, r in rounds)
     health, rank = sorted(rounds, key=lambda hr: hr[1]["rps"] / hr[0]["rps"])[1]
+    cost = sorted(e["rps"] / r["rps"] for (_, r), e in zip(rounds, explained, strict=True))
+    slow = sorted(explained, key=lambda e: e["rps"])[1]
     return [
         ("connections", f"{conns}"),
         ("/healthz throughput (req/s)", f"{health['rps']:.0f}"),
@@ -155,7 +155,28 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
         ("rank non-2xx responses", f"{rank['errors']:.0f}"),
         ("raw VW parse+predict (us)", f"{vw_us:.1f}"),
         ("rank p50 / raw VW predict", f"{rank['p50'] * 1000 / vw_us:.0f}x"),
+        (
+            "rank with explanations / rank throughput",
+            f"{cost[1]:.2f}  (median of {', '.join(f'{c:.2f}' for c in cost)})",
+        ),
+        ("rank with explanations p50 / p99 (ms)", f"{slow['p50']:.2f} / {slow['p99']:.2f}"),
     ]
+
+
+def train(url: str, headers: dict[str, str], *, explain: bool) -> None:
+    """Give a loop a trained model so rank runs the real VW path, not the uniform shortcut."""
+    cfg = httpx.get(f"{url}/configurations/service", headers=headers).json()
+    cfg["modelExportFrequency"] = "PT1S"
+    cfg["isInferenceExplainabilityEnabled"] = explain
+    httpx.put(f"{url}/configurations/service", json=cfg, headers=headers)
+    for i in range(200):
+        body = {"contextFeatures": CONTEXT, "actions": ACTIONS, "eventId": f"warm-{i}"}
+        r = httpx.post(f"{url}/rank", json=body, headers=headers)
+        httpx.post(
+            f"{url}/events/warm-{i}/reward",
+            json={"value": 1.0 if r.json()["rewardActionId"] == "article-3" else 0.0},
+            headers=headers,
+        )
 
 
 def learning(n: int, seeds: int) -> list[tuple[str, str]]:
@@ -187,6 +208,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--decisions", type=int, default=4000)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pages", type=int, default=3000)
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--pipeline-events", type=int, default=20000)
@@ -206,6 +228,13 @@ def main() -> None:
             "Freshness through dloop serve + join + learn (modelExportFrequency PT1S)",
             pipeline.freshness(40),
         )
+    from benchmarks import multislot
+
+    table(
+        f"Multi-slot learning: greedy slate's share of the way from random slates (0) to the "
+        f"best (1) on a 3-slot page after {args.pages} pages, explorationPercentage 0.2",
+        multislot.learning(args.pages, args.seeds),
+    )
     table(
         f"Learning: share of the way from uniform random (0) to the oracle (1), last third of "
         f"{args.decisions} decisions, rewards 0-40 decisions late, explorationPercentage 0.2",

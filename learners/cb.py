@@ -25,11 +25,13 @@ class CBRanker:
         self._ws = vw.workspace("--json", model)
 
     def predict(self, context: bytes) -> list[float]:
-        return vw.predict_pmf(self._ws, context.decode())
+        return vw.predict_scores(self._ws, context.decode())
 
 
 class CBTrainer:
-    """Trains `args` online from DSJSON lines; resumes exactly from `to_bytes()` output."""
+    """Trains `args` online from DSJSON lines; resumes exactly from `to_bytes()` output. The
+    lines and arguments may be single-slot (`--cb_explore_adf`) or multi-slot
+    (`--ccb_explore_adf`, learners.ccb): VW's DSJSON parser reads both."""
 
     def __init__(self, args: str, model: bytes | None = None, examples: int = 0) -> None:
         self.args = args

@@ -127,6 +127,7 @@ def cb_line(
     observations: Sequence[dict[str, Any]] = (),
     skip_learn: bool = False,
     deferred: bool = False,
+    episode_id: str | None = None,
 ) -> bytes:
     """One DSJSON CB interaction line (no newline).
 
@@ -152,6 +153,8 @@ def cb_line(
             "EventId": event_id,
         }
     )
+    if episode_id is not None:
+        head["EpisodeId"] = episode_id  # dloop, RL loops (VW ignores it)
     if deferred:
         head["DeferredAction"] = True
     head["a"] = [i + 1 for i in ranking]

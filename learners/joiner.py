@@ -16,6 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import orjson
+
+from learners.ccb import ccb_line
 from learners.features import cb_line
 
 BACKWARD_WINDOW = 120.0
@@ -35,6 +38,15 @@ class Obs:
     kind: str  # "reward" | "activate"
     value: float | None
     received_at: float
+    slot: str | None = None  # multi-slot rewards
+
+
+@dataclass(frozen=True)
+class SlotDecision:
+    id: str
+    ranking: Sequence[int]  # 0-based action indices, chosen first
+    probabilities: Sequence[float]
+    baseline: int
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,8 @@ class DecisionView:
     probabilities: Sequence[float]
     baseline: int
     model_id: str
+    episode: str | None = None
+    slots: Sequence[SlotDecision] = ()  # multi-slot decisions (then `context` is the CCB `c`)
 
 
 @dataclass(frozen=True)
@@ -82,8 +96,12 @@ def is_complete(decision: DecisionView, observations: Sequence[Obs], rules: Join
     if rules.aggregation != "earliest":
         return False
     counted = [o for o in observations if in_window(decision.created_at, o.received_at, rules.wait)]
-    rewarded = any(o.kind == "reward" for o in counted)
     activated = any(o.kind == "activate" for o in counted)
+    if decision.slots:
+        done = {o.slot for o in counted if o.kind == "reward"}
+        rewarded = all(slot.id in done for slot in decision.slots)
+    else:
+        rewarded = any(o.kind == "reward" for o in counted)
     return rewarded and (activated or not decision.deferred)
 
 
@@ -91,10 +109,18 @@ def timestamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_time(value: str) -> float:
+    """Seconds since the epoch of an ISO-8601 date-time ("Z" or an offset), as `timestamp`
+    writes them and as API callers send them."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
 def join(decision: DecisionView, observations: Sequence[Obs], rules: JoinRules) -> JoinResult:
     """The joined DSJSON line for `decision` given every observation of its eventId."""
     ordered = sorted(observations, key=lambda o: o.received_at)
     counted = [o for o in ordered if in_window(decision.created_at, o.received_at, rules.wait)]
+    if decision.slots:
+        return _join_slots(decision, counted, rules)
     values = [o.value for o in counted if o.kind == "reward" and o.value is not None]
     activated = any(o.kind == "activate" for o in counted)
     reward = aggregate(values, rules.aggregation, rules.default_reward)
@@ -121,5 +147,56 @@ def join(decision: DecisionView, observations: Sequence[Obs], rules: JoinRules) 
         observations=obs_json,
         skip_learn=not learnable,
         deferred=decision.deferred,
+        episode_id=decision.episode,
     )
     return JoinResult(line, learnable, reward, bool(values), imitated)
+
+
+def _join_slots(decision: DecisionView, counted: Sequence[Obs], rules: JoinRules) -> JoinResult:
+    """Multi-slot: each slot's rewards are aggregated on their own (unrewarded slots get the
+    default), activation (for all slots) decides learnability, and apprentice mode imitates
+    each slot's baseline. The Joined row's reward is the slots' mean."""
+    activated = any(o.kind == "activate" for o in counted)
+    learnable = activated or not decision.deferred
+    outcomes = []
+    rewards = []
+    rewarded = False
+    imitated = True
+    for slot in decision.slots:
+        mine = [o for o in counted if o.kind == "reward" and o.slot == slot.id]
+        values = [o.value for o in mine if o.value is not None]
+        rewarded |= bool(values)
+        reward = aggregate(values, rules.aggregation, rules.default_reward)
+        rewards.append(reward)
+        copies = bool(slot.ranking) and slot.ranking[0] == slot.baseline
+        imitated &= copies
+        cost = -(1.0 if copies else 0.0) if decision.mode == "Apprentice" else -reward
+        outcomes.append(
+            {
+                "id": slot.id,
+                "a": slot.ranking,
+                "p": slot.probabilities,
+                "cost": cost,
+                "original": -reward,
+                "o": [
+                    {
+                        "v": o.value,
+                        "EventId": decision.event_id,
+                        "Index": slot.id,
+                        "ActionTaken": False,
+                    }
+                    for o in mine
+                ],
+            }
+        )
+    line = ccb_line(
+        event_id=decision.event_id,
+        timestamp=timestamp(decision.created_at),
+        c=orjson.loads(decision.context),
+        outcomes=outcomes,
+        baselines=[slot.baseline for slot in decision.slots],
+        model_id=decision.model_id,
+        skip_learn=not learnable,
+    )
+    mean = sum(rewards) / len(rewards) if rewards else rules.default_reward
+    return JoinResult(line, learnable, mean, rewarded, imitated)

@@ -24,10 +24,11 @@ from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.cb import CBTrainer
+from learners.episodes import EpisodeLearner, train_episodes
 from learners.join_worker import SeekToStored, offset_name, read_joined
 from learners.vw import with_exploration
 from service import store
-from service.models import Loop
+from service.models import Loop, ModelCheckpoint
 
 log = logging.getLogger("dloop.learn")
 
@@ -56,6 +57,7 @@ class LearnWorker:
         self.clock = clock
         self.batch_size = batch_size
         self.learners: dict[str, StreamLearner] = {}
+        self.rl_learners: dict[str, EpisodeLearner] = {}
         self.offsets: dict[Any, int] = {}
         self.checkpointed_at = 0.0
         self._tick_read_at = 0.0
@@ -92,12 +94,14 @@ class LearnWorker:
                 if key not in by_key:
                     by_key[key] = self._learner(key.decode())
                 learner = by_key[key]
-                pos, learn, line = read_joined(message.value)
-                if learner is not None and pos > learner.pos:
-                    if learn:
-                        learner.trainer.learn_text(line)
-                    learner.pos = pos
-                    count += 1
+                if learner is None:
+                    continue
+                for pos, learn, line in read_joined(message.value):
+                    if pos > learner.pos:
+                        if learn:
+                            learner.trainer.learn_text(line)
+                        learner.pos = pos
+                        count += 1
             self.offsets[tp] = messages[-1].offset + 1
         if self.clock() - self.checkpointed_at >= self._tick():
             self.checkpoint()
@@ -126,6 +130,8 @@ class LearnWorker:
             loop = session.get(Loop, name)
             if loop is None:
                 return None  # deleted: its events are dropped
+            if loop.kind == "rl":
+                return None  # RL loops learn whole episodes from the database (train_rl)
             settings = store.loop_settings(loop)
             arguments = with_exploration(loop.policy["arguments"], settings.exploration)
             ckpt = store.get_checkpoint(session, loop=name)
@@ -150,17 +156,8 @@ class LearnWorker:
             for name, learner in list(self.learners.items()):
                 ckpt = store.get_checkpoint(session, loop=name)
                 if ckpt is not None and ckpt.model_id != learner.model_id:
-                    # Reset or imported through the API: continue from that model, from here on.
-                    learner.arguments = ckpt.arguments
-                    learner.trainer = (
-                        CBTrainer(ckpt.arguments, ckpt.model)
-                        if ckpt.model is not None
-                        else CBTrainer(ckpt.arguments)
-                    )
-                    learner.model_id = ckpt.model_id
-                    learner.exported_examples = learner.trainer.examples
-                    ckpt.learned_seq = learner.pos
-                    continue
+                    # Reset, retrained or imported through the API: continue from that model.
+                    self._adopt(session, name, learner, ckpt)
                 if learner.trainer.examples == learner.exported_examples and ckpt is not None:
                     ckpt.learned_seq = learner.pos
                     continue
@@ -180,12 +177,55 @@ class LearnWorker:
                 published.append(name)
             for tp, offset in self.offsets.items():
                 store.set_offset(session, name=offset_name("learn", tp), offset=offset)
+            if published:
+                store.notify_models(session, published)
         if commit and self.offsets:
             self.consumer.commit(
                 {tp: OffsetAndMetadata(offset, None, -1) for tp, offset in self.offsets.items()}
             )
         if published:
             log.info("published models for %s", ", ".join(published))
+        self.train_rl()
+
+    def train_rl(self) -> None:
+        """RL loops learn complete episodes from the database (learners.episodes)."""
+        with self.sessions() as session:
+            names = [loop.name for loop in store.list_loops(session) if loop.kind == "rl"]
+        for name in names:
+            with self.sessions.begin() as session:
+                loop = session.get(Loop, name)
+                if loop is None:
+                    continue
+                arguments = loop.policy["arguments"]
+                learner, model = train_episodes(
+                    session, loop, self.rl_learners.get(name), arguments=arguments, now=self.clock()
+                )
+            self.rl_learners[name] = learner
+            if model is not None:
+                log.info("published an RL model for %s", name)
+
+    def _adopt(
+        self, session: Session, name: str, learner: StreamLearner, ckpt: ModelCheckpoint
+    ) -> None:
+        """Switch to a model the API wrote, which covers the stream up to its learned_seq:
+        learn the rows this learner had already consumed past that from the database, or
+        skip ahead to it."""
+        learner.arguments = ckpt.arguments
+        learner.trainer = (
+            CBTrainer(ckpt.arguments, ckpt.model, ckpt.examples)
+            if ckpt.model is not None
+            else CBTrainer(ckpt.arguments)
+        )
+        learner.model_id = ckpt.model_id
+        learner.exported_examples = learner.trainer.examples
+        if learner.pos <= ckpt.learned_seq:
+            learner.pos = ckpt.learned_seq
+            return
+        rows = store.joined_by_pos(session, loop=name, after=ckpt.learned_seq, until=learner.pos)
+        for row in rows:
+            if store.trainable(row):
+                learner.trainer.learn_text(row.line)
+        ckpt.learned_seq = learner.pos
 
 
 class _Rebalance(SeekToStored):

@@ -10,6 +10,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
+import orjson
 from vowpalwabbit import Workspace
 from vowpalwabbit.pyvw import pylibvw
 
@@ -68,7 +69,6 @@ _FORBIDDEN = {
     "--version",
     "--cats",
     "--cb_explore",
-    "--ccb_explore_adf",
     "--slates",
 }
 
@@ -84,6 +84,12 @@ def tokens(args: str) -> list[str]:
         raise PolicyError(f"cannot split arguments: {exc}") from None
 
 
+def algorithm(kind: str) -> str:
+    """The VW reduction a loop kind trains: a bandit explores in VW, an RL loop's Q model is a
+    plain `--cb_adf` regressor that dloop explores around (learners.rl)."""
+    return {"rl": "--cb_adf", "ccb": "--ccb_explore_adf"}.get(kind, "--cb_explore_adf")
+
+
 def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
     """Raise PolicyError unless `args` is a VW command line dloop may train and serve."""
     if len(args) > 1024:
@@ -91,6 +97,9 @@ def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
     parts = tokens(args)
     if algorithm not in parts:
         raise PolicyError(f"policy arguments must contain {algorithm}")
+    others = {"--cb_adf", "--cb_explore_adf", "--ccb_explore_adf"} - {algorithm}
+    if others & set(parts):
+        raise PolicyError(f"this loop's policy must use {algorithm}, not {' '.join(others)}")
     for part in parts:
         name = part.split("=", 1)[0]
         if name in _FORBIDDEN:
@@ -154,16 +163,23 @@ def model_bytes(ws: Workspace) -> bytes:
         Path(path).unlink(missing_ok=True)
 
 
-def check_model(model: bytes) -> None:
-    """Raise PolicyError unless `model` is a VW contextual-bandit model dloop can serve."""
+def check_model(model: bytes, *, kind: str = "cb") -> None:
+    """Raise PolicyError unless `model` is a VW model a loop of this kind can serve."""
     try:
         ws = workspace("--json", model)
     except Exception as exc:
         raise PolicyError(f"not a Vowpal Wabbit model: {exc}") from None
+    expected = algorithm(kind)
     try:
         learners = ws.get_enabled_learners()
-        if not any(n.startswith("cb_explore_adf") for n in learners):
-            raise PolicyError("the model is not a --cb_explore_adf model")
+        explores = any(n.startswith("cb_explore_adf") for n in learners)
+        slots = any(n.startswith("ccb_explore_adf") for n in learners)
+        if (
+            slots != (expected == "--ccb_explore_adf")
+            or (explores and not slots) != (expected == "--cb_explore_adf")
+            or "cb_adf" not in learners
+        ):
+            raise PolicyError(f"the model is not a {expected} model")
     finally:
         ws.finish()
 
@@ -173,8 +189,9 @@ def check_model(model: bytes) -> None:
 # The hot paths call the pylibvw methods pyvw itself calls, without the wrappers.
 
 
-def predict_pmf(ws: Workspace, text: str) -> list[float]:
-    """Parse one multi-line JSON/DSJSON example and return the action probabilities by index."""
+def predict_scores(ws: Workspace, text: str) -> list[float]:
+    """Parse one multi-line JSON/DSJSON example and return its prediction by action index: the
+    probabilities of a `--cb_explore_adf` model, the predicted costs of a `--cb_adf` one."""
     examples = pylibvw.vw._parse(ws, text)
     try:
         pylibvw.vw.predict_multi(ws, examples)
@@ -184,8 +201,23 @@ def predict_pmf(ws: Workspace, text: str) -> list[float]:
         pylibvw.vw._finish_example_multi_ex(ws, examples)
 
 
+def predict_decisions(ws: Workspace, text: str) -> list[list[tuple[int, float]]]:
+    """Parse one CCB example and return, per slot, (action index, probability) pairs."""
+    examples = pylibvw.vw._parse(ws, text)
+    try:
+        pylibvw.vw.predict_multi(ws, examples)
+        decisions: list[list[tuple[int, float]]] = examples[0].get_decision_scores()
+        return decisions
+    finally:
+        pylibvw.vw._finish_example_multi_ex(ws, examples)
+
+
 def learn_line(ws: Workspace, text: str) -> bool:
     """Learn one DSJSON line; False if VW dropped it (skipped or without actions)."""
+    if "_skipLearn" in text and orjson.loads(text).get("_skipLearn"):
+        # VW learns nothing from a skipped line, and VW 9.11.9 crashes (SIGSEGV) learning a
+        # skipped multi-slot one: never hand it one.
+        return False
     examples = pylibvw.vw._parse(ws, text)
     try:
         if len(examples) <= 1:

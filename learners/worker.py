@@ -20,14 +20,24 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.cb import CBTrainer
+from learners.episodes import EpisodeLearner, train_episodes
 from service import store
-from service.log import LocalLog
+from service.log import LocalLog, record_time
+from service.models import Loop
 from service.runtime import Registry
 
 log = logging.getLogger("dloop.worker")
 
 LOG_OFFSET = "local-log"
 RETENTION_EVERY = 600.0
+
+
+def lower_thread_priority() -> None:
+    """Background work shares the serving process: on a busy machine ranking comes first,
+    joining, learning and offline jobs catch up in the gaps (Linux gives each thread its own
+    nice value)."""
+    if hasattr(os, "setpriority"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 @dataclass
@@ -64,16 +74,16 @@ class EmbeddedWorker:
         self._lock = threading.RLock()
         self.offset = 0
         self.retention_at = 0.0
+        self.read_until = 0.0  # event time of the last record ingested
+        self.rl_learners: dict[str, EpisodeLearner] = {}
+        self.rl_trained_at: dict[str, float] = {}
         # Small ingestion transactions keep each GIL-holding stretch short.
         self.read_bytes = 1 << 20
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        if hasattr(os, "setpriority"):
-            # Serving shares this process: on a busy machine ranking comes first, joining and
-            # learning catch up in the gaps (Linux gives each thread its own nice value).
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        lower_thread_priority()
         # The worker shares the GIL with the event loop that serves rank: with the default 5 ms
         # switch interval a request can wait that long for a batch of joins to yield. 0.5 ms
         # keeps rank latency flat (see benchmarks/) at a small cost in worker throughput.
@@ -102,12 +112,20 @@ class EmbeddedWorker:
         with self._lock:
             busy = self._ingest()
             now = self.clock()
+            if busy:
+                # Behind on the log: judge reward windows by the last record read, so none
+                # closes while its reward is still unread.
+                now = min(now, self.read_until)
             for name, rt in list(self.registry.loops.items()):
                 with self.sessions.begin() as session:
                     joined = store.join_due(
                         session, loop=name, rules=rt.settings.rules, now=now, limit=self.batch_size
                     )
                 busy |= joined >= self.batch_size
+                if rt.kind == "rl":
+                    if final or now - self.rl_trained_at.get(name, 0.0) >= rt.settings.export_every:
+                        busy |= self._train_episodes(name, now)
+                    continue
                 busy |= self._learn(name)
                 learner = self.learners[name]
                 if final or now - learner.exported_at >= rt.settings.export_every:
@@ -139,6 +157,7 @@ class EmbeddedWorker:
             store.set_offset(session, name=LOG_OFFSET, offset=new_offset)
         self.offset = new_offset
         self.log.release(new_offset)
+        self.read_until = record_time(records[-1])
         return new_offset < self.log.end()
 
     def _learner(self, name: str) -> LoopLearner:
@@ -168,6 +187,24 @@ class EmbeddedWorker:
                 learner.trainer.learn(row.line.encode())
             learner.learned_seq = row.seq
         return len(rows) >= self.batch_size
+
+    def _train_episodes(self, name: str, now: float) -> bool:
+        """RL loops: learn complete episodes and publish the model (learners.episodes)."""
+        self.rl_trained_at[name] = now
+        rt = self.registry.loops[name]
+        with self.sessions.begin() as session:
+            loop = session.get(Loop, name)
+            if loop is None:
+                return False
+            learner, model = train_episodes(
+                session, loop, self.rl_learners.get(name), arguments=rt.arguments, now=now
+            )
+        self.rl_learners[name] = learner
+        if model is None:
+            return False
+        self.registry.publish(name, model, learner.model_id)
+        self.rl_trained_at[name] = 0.0  # more may be waiting: look again at once
+        return True
 
     def _export(self, name: str, now: float) -> None:
         learner = self.learners[name]
@@ -213,8 +250,13 @@ class EmbeddedWorker:
                 model_id, seq = store.reset_checkpoint(
                     session, loop=name, model=model, arguments=rt.arguments, now=now
                 )
+                if rt.kind == "rl" and retrain_since is not None and model is None:
+                    store.unlearn_episodes(session, loop=name, since=retrain_since)
             self.learners.pop(name, None)
             self.registry.publish(name, model, model_id)
+            if rt.kind == "rl":
+                self.rl_trained_at.pop(name, None)  # retrain (if asked) on the next pass
+                return model_id
             if retrain_since is not None and model is None:
                 learner = self._learner(name)
                 with self.sessions() as session:

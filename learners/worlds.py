@@ -95,3 +95,36 @@ class Scores:
 def delays(seed: int, n: int, max_delay: int) -> list[int]:
     """How many decisions later each decision's reward arrives (uniform 0..max_delay)."""
     return [int(d) for d in np.random.default_rng(seed + 2).integers(0, max_delay + 1, size=n)]
+
+
+@dataclass
+class PageWorld:
+    """A page of slots with slot-dependent click rates: each user type likes different actions,
+    and the slots get different attention (the first most). Expected clicks of any slate are
+    known exactly, so a learned slate is scored against the best and the random one."""
+
+    likes: tuple[tuple[float, ...], ...] = ((0.5, 0.3, 0.1, 0.0), (0.0, 0.1, 0.3, 0.5))
+    attention: tuple[float, ...] = (0.6, 0.35, 0.15)
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.likes[0])
+
+    def click(self, user: int, slot: int, action: int) -> float:
+        return 0.02 + self.attention[slot] * self.likes[user][action]
+
+    def value(self, user: int, slate: tuple[int, ...]) -> float:
+        return sum(self.click(user, k, a) for k, a in enumerate(slate))
+
+    def slates(self) -> list[tuple[int, ...]]:
+        import itertools
+
+        return list(itertools.permutations(range(self.n_actions), len(self.attention)))
+
+    def progress(self, chosen: dict[int, tuple[int, ...]]) -> float:
+        """Share of the way from random slates (0) to the best ones (1), users equally likely."""
+        users = range(len(self.likes))
+        rand = np.mean([np.mean([self.value(u, s) for s in self.slates()]) for u in users])
+        best = np.mean([max(self.value(u, s) for s in self.slates()) for u in users])
+        got = np.mean([self.value(u, chosen[u]) for u in users])
+        return float((got - rand) / (best - rand))

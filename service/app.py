@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import itertools
+import os
 import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -18,11 +23,21 @@ from learners.worker import EmbeddedWorker
 from service import errors, kafka, store
 from service.context import Dloop
 from service.db import make_engine, make_sessionmaker
+from service.evaluations import AutoOptimizer
 from service.log import LocalLog
 from service.publisher import LogPublisher
-from service.routes import configuration, events, health, logs, loops, model
+from service.routes import (
+    configuration,
+    evaluations,
+    events,
+    health,
+    logs,
+    loops,
+    model,
+    multislot,
+)
 from service.runtime import Registry
-from service.settings import Settings
+from service.settings import Settings, load_settings
 
 # /personalizer/v1.0/..., /personalizer/v1.1-preview.N/..., /personalizer/...?api-version=,
 # each optionally under /loops/{loop}: all served by the routes at /personalizer/...
@@ -84,7 +99,12 @@ class PathStyles:
 
 
 class Watcher:
-    """Serve mode: reload loops, keys and models that other processes changed (every 0.5 s)."""
+    """Serve mode: reload loops, keys and models that other processes changed.
+
+    On Postgres it LISTENs for the learners' notifications and reloads as soon as a model is
+    published; every `every` seconds it reloads anyway (configuration and key changes made
+    through other replicas, and any notification lost while the connection was down).
+    """
 
     def __init__(self, d: Dloop, every: float = 0.5) -> None:
         self.d = d
@@ -92,16 +112,62 @@ class Watcher:
         self._stop = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.every):
+        listener: psycopg.Connection[Any] | None = None
+        while not self._stop.is_set():
             try:
+                if listener is None or listener.closed:
+                    listener = self._listen()
+                if listener is not None:
+                    for _ in listener.notifies(timeout=self.every, stop_after=1):
+                        pass
+                else:
+                    self._stop.wait(self.every)
                 with self.d.sessions() as session:
                     self.d.registry.load(session)
                 self.d.reload_keys()
             except Exception:
                 errors.log.exception("reloading from the database failed; retrying")
+                if listener is not None:
+                    listener.close()
+                listener = None
+                self._stop.wait(self.every * 4)
+        if listener is not None:
+            listener.close()
+
+    def _listen(self) -> psycopg.Connection[Any] | None:
+        url = self.d.engine.url
+        if url.get_backend_name() != "postgresql":
+            return None
+        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        conn = psycopg.connect(dsn, autocommit=True)
+        conn.execute(f"LISTEN {store.CHANGES_CHANNEL}")
+        return conn
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def claim_replica(root: Path) -> tuple[Path, int]:
+    """Serve mode: the lowest-numbered `replica-N` directory under `root` that no running
+    process holds, locked (flock) for as long as this process runs. Each serving process
+    (uvicorn worker or separate replica sharing a data dir) keeps its durable Kafka buffer
+    there, and a restarted process takes a free slot over and publishes what was left in it."""
+    for i in itertools.count():
+        path = root / f"replica-{i}"
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return path, fd
+    raise AssertionError("unreachable")
+
+
+def from_environment() -> FastAPI:
+    """App factory for `dloop serve --workers N` (each uvicorn worker process builds its own)."""
+    return create_app(load_settings())
 
 
 def create_app(
@@ -138,7 +204,12 @@ def create_app(
                 )
         with sessions() as session:
             registry.load(session)
-        decision_log = LocalLog(settings.data_dir / "log")
+        lock = None
+        log_dir = settings.data_dir / "log"
+        if serve:
+            replica_dir, lock = claim_replica(settings.data_dir)
+            log_dir = replica_dir / "log"
+        decision_log = LocalLog(log_dir)
         worker = publisher = None
         stoppables: list[Any] = []
         if serve:
@@ -147,7 +218,7 @@ def create_app(
                 decision_log=decision_log,
                 make_producer=lambda: kafka.producer(settings),
                 topic=kafka.events_topic(settings),
-                offset_path=settings.data_dir / "log" / "published.offset",
+                offset_path=log_dir / "published.offset",
             )
         else:
             worker = EmbeddedWorker(
@@ -165,6 +236,8 @@ def create_app(
             stoppables += [publisher, Watcher(d)]
         elif run_worker and worker is not None:
             stoppables.append(worker)
+        if run_worker:
+            stoppables.append(AutoOptimizer(d))
         # Everything built so far (framework, SQLAlchemy, VW bindings) lives as long as the
         # process: keep it out of the cyclic collector, whose full passes over it paused serving
         # for 15-45 ms under load.
@@ -179,8 +252,11 @@ def create_app(
                 s.request_stop()
             for thread in threads:
                 thread.join()
+            d.jobs.close()
             decision_log.close()
             engine.dispose()
+            if lock is not None:
+                os.close(lock)
 
     app = FastAPI(
         title="dloop",
@@ -190,7 +266,7 @@ def create_app(
         redoc_url=None,
     )
     errors.install(app)
-    for module in (events, configuration, model, logs, loops, health):
+    for module in (events, multislot, configuration, evaluations, model, logs, loops, health):
         app.include_router(module.router)
     app.add_middleware(PathStyles, max_body=settings.max_body_bytes)
     return app

@@ -11,10 +11,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
+from learners.cb import CBTrainer
 from learners.worker import EmbeddedWorker
 from service import store
 from service.auth import authorize
 from service.errors import ApiError
+from service.evaluations import Jobs
 from service.log import LocalLog
 from service.publisher import LogPublisher
 from service.runtime import LoopRuntime, Registry
@@ -53,6 +55,11 @@ class Dloop:
     publisher: LogPublisher | None = None
     keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+    jobs: Jobs = field(init=False)
+    _refreshed: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.jobs = Jobs(self.sessions, self.clock)
 
     def backlog(self) -> int:
         """Bytes of the local log not yet ingested (embedded) or published to Kafka (serve)."""
@@ -68,17 +75,47 @@ class Dloop:
         if self.worker is not None:
             self.worker.reset(name, model=model, retrain_since=retrain_since)
             return
+        # Kafka path: the model covers the loop's joined stream up to its newest position (the
+        # learner learns what follows from there); a retrain trains it on those rows here.
         rt = self.registry.loops[name]
         with self.sessions.begin() as session:
+            position = store.max_pos(session, loop=name)
+            examples = 0
+            if rt.kind == "rl":
+                # RL loops learn episodes from the database: the learner retrains them.
+                if retrain_since is not None and model is None:
+                    store.unlearn_episodes(session, loop=name, since=retrain_since)
+            elif retrain_since is not None and model is None:
+                trainer = CBTrainer(rt.arguments)
+                rows = store.joined_by_pos(
+                    session, loop=name, after=0, until=position, since=retrain_since
+                )
+                for row in rows:
+                    if store.trainable(row):
+                        trainer.learn_text(row.line)
+                if trainer.examples:
+                    model, examples = trainer.to_bytes(), trainer.examples
             model_id, _ = store.reset_checkpoint(
                 session,
                 loop=name,
                 model=model,
                 arguments=rt.arguments,
                 now=self.clock(),
-                keep_position=True,
+                position=position,
+                examples=examples,
             )
         self.registry.publish(name, model, model_id)
+
+    def refresh(self) -> bool:
+        """Serve mode: reload loops and keys now (something another replica changed moments
+        ago, before the watcher's next pass); at most every 0.2 s. False in embedded mode."""
+        if self.publisher is None or time.monotonic() - self._refreshed < 0.2:
+            return False
+        self._refreshed = time.monotonic()
+        with self.sessions() as session:
+            self.registry.load(session)
+        self.reload_keys()
+        return True
 
     def reload_keys(self) -> None:
         with self.sessions() as session:
@@ -98,8 +135,15 @@ def loop_for(request: Request, *, admin: bool) -> tuple[Dloop, LoopRuntime]:
     """Authorize the caller for the request's loop and return it (404 if it does not exist)."""
     d = dloop(request)
     name = loop_name(request)
-    authorize(d.keys, request, loop=name, admin=admin)
+    try:
+        authorize(d.keys, request, loop=name, admin=admin)
+    except ApiError:
+        if not d.refresh():  # a key created through another replica?
+            raise
+        authorize(d.keys, request, loop=name, admin=admin)
     rt = d.registry.get(name)
+    if rt is None and d.refresh():  # a loop created through another replica?
+        rt = d.registry.get(name)
     if rt is None:
         raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
     return d, rt

@@ -21,6 +21,17 @@ import re
 import threading
 from pathlib import Path
 
+import orjson
+
+
+def record_time(record: bytes) -> float:
+    """A record's event time `t` (0 for a record that cannot be read: it goes to dead letters)."""
+    try:
+        return float(orjson.loads(record)["t"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 0.0
+
+
 _SEGMENT = re.compile(r"^events-(\d{20})\.log$")
 
 

@@ -63,8 +63,13 @@ class Decision(Base):
     mode: Mapped[str] = mapped_column(String(16))
     record: Mapped[str] = mapped_column(Text)
     joined: Mapped[bool] = mapped_column(Boolean, default=False)
+    # RL loops: the episode this decision is a step of.
+    episode: Mapped[str | None] = mapped_column(ID, nullable=True)
 
-    __table_args__ = (Index("ix_decisions_pending", "loop", "joined", "created_at"),)
+    __table_args__ = (
+        Index("ix_decisions_pending", "loop", "joined", "created_at"),
+        Index("ix_decisions_episode", "loop", "episode"),
+    )
 
 
 class Observation(Base):
@@ -81,6 +86,8 @@ class Observation(Base):
     status: Mapped[str] = mapped_column(String(8), default="pending")
     # Unique id given at the API: a record delivered twice (a publisher retry) is stored once.
     uid: Mapped[str | None] = mapped_column(String(32), nullable=True, unique=True)
+    # Multi-slot rewards: the slot rewarded.
+    slot: Mapped[str | None] = mapped_column(ID, nullable=True)
 
     __table_args__ = (
         Index("ix_observations_event", "loop", "event_id"),
@@ -107,12 +114,14 @@ class Joined(Base):
     # before it publishes (so a republished row keeps its position and learners skip it).
     pos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     published: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    episode: Mapped[str | None] = mapped_column(ID, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("loop", "event_id"),
         Index("ix_joined_outbox", "published", "seq"),
         Index("ix_joined_loop_pos", "loop", "pos"),
         Index("ix_joined_loop_seq", "loop", "seq"),
+        Index("ix_joined_episode", "loop", "episode"),
     )
 
 
@@ -130,6 +139,59 @@ class ModelCheckpoint(Base):
     examples: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
     modified_at: Mapped[float] = mapped_column(Float)
+
+
+class Episode(Base):
+    """An RL episode's end (the first end call wins); `learned` once a model includes it."""
+
+    __tablename__ = "episodes"
+    loop: Mapped[str] = mapped_column(String(64), primary_key=True)
+    episode_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    ended_at: Mapped[float] = mapped_column(Float)
+    terminated: Mapped[bool] = mapped_column(Boolean)
+    learned: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (Index("ix_episodes_pending", "loop", "learned", "ended_at"),)
+
+
+class Evaluation(Base):
+    """An offline evaluation job and, once it has run, its result (Personalizer's shape)."""
+
+    __tablename__ = "evaluations"
+    loop: Mapped[str] = mapped_column(
+        String(64), ForeignKey("loops.name", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(ID)
+    start_time: Mapped[float] = mapped_column(Float)
+    end_time: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(32))
+    evaluation_type: Mapped[str] = mapped_column(String(16))
+    policies: Mapped[list[dict[str, str]]] = mapped_column(JSON)
+    optimize: Mapped[bool] = mapped_column(Boolean)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    content: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    optimal_policy: Mapped[str | None] = mapped_column(ID, nullable=True)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class FeatureImportance(Base):
+    """A feature-importance job and its scores (Personalizer's /featureImportances)."""
+
+    __tablename__ = "feature_importances"
+    loop: Mapped[str] = mapped_column(
+        String(64), ForeignKey("loops.name", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(ID)
+    start_time: Mapped[float] = mapped_column(Float)
+    end_time: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    scores: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class LogOffset(Base):

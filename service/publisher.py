@@ -74,11 +74,16 @@ class LogPublisher:
 
     def run_once(self) -> bool:
         """Publish one batch; True if more is waiting."""
+        if self._producer is None:
+            # Connect before the first record arrives: a new idempotent producer takes seconds
+            # on some brokers, and a replica's first reward must not reach the joiner after
+            # its decision's wait window closed on another replica.
+            self._producer = self.make_producer()
+            self._producer.partitions_for(self.topic)  # topic metadata now, not at first send
+            self.connected = True
         records, new_offset = self.log.read(self.offset, max_bytes=self.batch_bytes)
         if not records:
             return False
-        if self._producer is None:
-            self._producer = self.make_producer()
         keyed = []
         for raw in records:
             r = orjson.loads(raw)

@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from learners.cb import CBRanker
+from learners.ccb import CCBRanker
+from learners.rl import RLRanker
 from learners.vw import with_exploration
 from service import store
 from service.schemas import LoopSettings
@@ -27,7 +29,7 @@ class LoopRuntime:
     policy: dict[str, str]
     settings: LoopSettings
     # (ranker, model id) swapped as one tuple so a request never pairs a model with another's id.
-    served: tuple[CBRanker | None, str] = (None, "N/A")
+    served: tuple[CBRanker | RLRanker | CCBRanker | None, str] = (None, "N/A")
     recent: OrderedDict[str, tuple[bytes, bytes]] = field(default_factory=OrderedDict)
 
     @property
@@ -36,7 +38,10 @@ class LoopRuntime:
 
     @property
     def arguments(self) -> str:
-        """The VW arguments trained and served: the policy with this loop's exploration."""
+        """The VW arguments trained and served: the policy with this loop's exploration (an RL
+        loop explores outside VW, see learners.rl)."""
+        if self.kind == "rl":
+            return self.policy["arguments"]
         return with_exploration(self.policy["arguments"], self.settings.exploration)
 
     def remember(self, event_id: str, fingerprint: bytes, response: bytes, size: int) -> None:
@@ -67,6 +72,8 @@ class Registry:
                 self.loops[loop.name] = rt
             else:
                 rt.config, rt.policy, rt.settings = loop.config, loop.policy, settings
+                if isinstance(rt.served[0], RLRanker):
+                    rt.served[0].epsilon = settings.exploration
             ckpt = store.get_checkpoint(session, loop=loop.name)
             if ckpt is None or ckpt.model is None:
                 self.publish(loop.name, None, "N/A")
@@ -79,9 +86,15 @@ class Registry:
         rt = self.loops.get(name)
         if rt is None:
             return
-        ranker = CBRanker(model) if model is not None else None
+        if model is None:
+            rt.served = (None, "N/A")  # blank: uniform ranking until the first model
+            return
+        ranker = RLRanker(model, rt.settings.exploration) if rt.kind == "rl" else CBRanker(model)
         rt.served = (ranker, model_id)
 
     def update(self, name: str, *, config: dict[str, Any], policy: dict[str, str]) -> None:
         rt = self.loops[name]
         rt.config, rt.policy, rt.settings = config, policy, LoopSettings.from_doc(config)
+        ranker = rt.served[0]
+        if isinstance(ranker, RLRanker):
+            ranker.epsilon = rt.settings.exploration

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from learners.cb import DEFAULT_POLICY
+from learners.ccb import DEFAULT_CCB_POLICY
 from learners.joiner import AGGREGATIONS, JoinRules
+from learners.rl import DEFAULT_RL_POLICY
 
 MIN_WAIT = timedelta(seconds=1)
 MAX_WAIT = timedelta(days=30)
@@ -47,6 +49,8 @@ class ServiceConfiguration(Wire):
     auto_optimization_frequency: timedelta | None = None
     auto_optimization_start_date: datetime | None = None
     is_inference_explainability_enabled: bool | None = False
+    # dloop: the discount of future rewards in RL loops (ignored by bandit loops).
+    discount_factor: float = Field(default=0.99, ge=0, le=1)
     latest_apprentice_mode_metrics: dict[str, Any] | None = None
 
     @field_validator("reward_wait_time")
@@ -70,7 +74,7 @@ class ServiceConfiguration(Wire):
             raise ValueError(f"rewardAggregation must be one of {', '.join(AGGREGATIONS)}")
         return v.lower()
 
-    @field_validator("default_reward", "exploration_percentage")
+    @field_validator("default_reward", "exploration_percentage", "discount_factor")
     @classmethod
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
@@ -112,7 +116,11 @@ def default_config(now: float) -> dict[str, Any]:
     ).stored()
 
 
-def default_policy() -> dict[str, str]:
+def default_policy(kind: str = "cb") -> dict[str, str]:
+    if kind == "rl":
+        return {"name": "dloop-rl", "arguments": DEFAULT_RL_POLICY}
+    if kind == "ccb":
+        return {"name": "dloop-ccb", "arguments": DEFAULT_CCB_POLICY}
     return {"name": "dloop-default", "arguments": DEFAULT_POLICY}
 
 
@@ -146,6 +154,7 @@ class LoopSettings:
     retrain_days: int
     retention_days: int
     explain: bool
+    discount: float
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> LoopSettings:
@@ -162,4 +171,5 @@ class LoopSettings:
             retrain_days=cfg.model_retrain_days,
             retention_days=cfg.log_retention_days,
             explain=bool(cfg.is_inference_explainability_enabled),
+            discount=cfg.discount_factor,
         )

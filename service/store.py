@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from learners.joiner import (
     DecisionView,
     JoinRules,
     Obs,
+    SlotDecision,
     in_window,
     is_complete,
     join,
@@ -26,6 +28,9 @@ from service.models import (
     ApiKey,
     DeadLetter,
     Decision,
+    Episode,
+    Evaluation,
+    FeatureImportance,
     Joined,
     LogOffset,
     Loop,
@@ -53,7 +58,7 @@ def ensure_loop(session: Session, *, name: str, kind: str, now: float) -> Loop:
             kind=kind,
             created_at=now,
             config=default_config(now),
-            policy=default_policy(),
+            policy=default_policy(kind),
         )
         session.add(loop)
         session.flush()
@@ -69,7 +74,8 @@ def list_loops(session: Session) -> Sequence[Loop]:
 
 
 def delete_loop(session: Session, *, name: str) -> None:
-    for table in (Decision, Observation, Joined, ModelCheckpoint, ApiKey):
+    tables = (Decision, Observation, Joined, Episode, Evaluation, FeatureImportance)
+    for table in (*tables, ModelCheckpoint, ApiKey):
         session.execute(delete(table).where(table.loop == name))
     session.execute(delete(Loop).where(Loop.name == name))
 
@@ -119,6 +125,8 @@ def set_offset(session: Session, *, name: str, offset: int) -> None:
 
 _OBSERVATION_KEYS = {"loop", "id", "t"}
 _DECISION_KEYS = _OBSERVATION_KEYS | {"deferred", "mode", "a", "p", "b", "m", "c"}
+_SLOTS_KEYS = _OBSERVATION_KEYS | {"deferred", "mode", "s", "b", "m", "c"}
+_EPISODE_KEYS = _OBSERVATION_KEYS | {"term"}
 
 
 def ingest(session: Session, *, records: Iterable[bytes], source: str, now: float) -> int:
@@ -130,13 +138,17 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
     decisions: list[dict[str, Any]] = []
     observations: list[dict[str, Any]] = []
     dead: list[dict[str, Any]] = []
+    ends: list[dict[str, Any]] = []
     for raw in records:
         try:
             r = orjson.loads(raw)
             kind = r["k"]
-            if kind not in ("d", "r", "a") or not isinstance(r["id"], str):
+            if kind not in ("d", "m", "r", "a", "e") or not isinstance(r["id"], str):
                 raise ValueError(f"unknown record kind {kind!r}")
-            missing = (_DECISION_KEYS if kind == "d" else _OBSERVATION_KEYS) - r.keys()
+            needed = {"d": _DECISION_KEYS, "m": _SLOTS_KEYS, "e": _EPISODE_KEYS}.get(
+                kind, _OBSERVATION_KEYS
+            )
+            missing = needed - r.keys()
             if missing:
                 raise KeyError(", ".join(sorted(missing)))
             float(r["t"])
@@ -151,7 +163,7 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
                 }
             )
             continue
-        if kind == "d":
+        if kind in ("d", "m"):
             decisions.append(
                 {
                     "loop": r["loop"],
@@ -161,6 +173,17 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
                     "mode": r["mode"],
                     "record": raw.decode(),
                     "joined": False,
+                    "episode": r.get("ep"),
+                }
+            )
+        elif kind == "e":
+            ends.append(
+                {
+                    "loop": r["loop"],
+                    "episode_id": r["id"],
+                    "ended_at": r["t"],
+                    "terminated": bool(r["term"]),
+                    "learned": False,
                 }
             )
         else:
@@ -173,6 +196,7 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
                     "received_at": r["t"],
                     "status": "pending",
                     "uid": r.get("u"),
+                    "slot": r.get("slot"),
                 }
             )
     # Core inserts (the table, not the mapped class): the ORM bulk path costs more per row.
@@ -181,6 +205,8 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
         conn.execute(_insert(session, DeadLetter.__table__), dead)
     if decisions:
         conn.execute(_insert(session, Decision.__table__).on_conflict_do_nothing(), decisions)
+    if ends:
+        conn.execute(_insert(session, Episode.__table__).on_conflict_do_nothing(), ends)
     if observations:
         conn.execute(_insert(session, Observation.__table__).on_conflict_do_nothing(), observations)
         late = exists().where(
@@ -199,16 +225,26 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
 
 def _view(d: Decision) -> DecisionView:
     r = orjson.loads(d.record)
+    slots: list[SlotDecision] = []
+    if r["k"] == "m":  # multi-slot: the first slot stands for the decision where one is needed
+        slots = [
+            SlotDecision(s["id"], s["a"], s["p"], b) for s, b in zip(r["s"], r["b"], strict=True)
+        ]
+        ranking, probabilities, baseline = slots[0].ranking, slots[0].probabilities, r["b"][0]
+    else:
+        ranking, probabilities, baseline = r["a"], r["p"], r["b"]
     return DecisionView(
         event_id=d.event_id,
         created_at=d.created_at,
         deferred=d.deferred,
         mode=d.mode,
         context=r["c"].encode(),
-        ranking=r["a"],
-        probabilities=r["p"],
-        baseline=r["b"],
+        ranking=ranking,
+        probabilities=probabilities,
+        baseline=baseline,
         model_id=r["m"],
+        episode=d.episode,
+        slots=slots,
     )
 
 
@@ -270,7 +306,7 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
     for d in candidates:
         view = _view(d)
         rows = by_event[d.event_id]
-        obs = [Obs(o.kind, o.value, o.received_at) for o in rows]
+        obs = [Obs(o.kind, o.value, o.received_at, o.slot) for o in rows]
         if d.created_at > now - rules.wait and not is_complete(view, obs, rules):
             continue
         result = join(view, obs, rules)
@@ -290,6 +326,7 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
                 "imitated": result.imitated,
                 "line": result.line.decode(),
                 "published": False,
+                "episode": d.episode,
             }
         )
     if joined_rows:
@@ -322,6 +359,85 @@ def joined_between(
 
 def max_seq(session: Session, *, loop: str) -> int:
     return session.scalar(select(func.max(Joined.seq)).where(Joined.loop == loop)) or 0
+
+
+def event(
+    session: Session, *, loop: str, event_id: str
+) -> tuple[Decision, Joined | None, Sequence[Observation]] | None:
+    decision = session.get(Decision, (loop, event_id))
+    if decision is None:
+        return None
+    joined = session.scalars(
+        select(Joined).where(Joined.loop == loop, Joined.event_id == event_id)
+    ).first()
+    observations = session.scalars(
+        select(Observation)
+        .where(Observation.loop == loop, Observation.event_id == event_id)
+        .order_by(Observation.received_at)
+    ).all()
+    return decision, joined, observations
+
+
+# ---- evaluations ------------------------------------------------------------------------------
+
+
+def list_evaluations(session: Session, *, loop: str) -> Sequence[Evaluation]:
+    stmt = select(Evaluation).where(Evaluation.loop == loop).order_by(Evaluation.created_at)
+    return session.scalars(stmt).all()
+
+
+def list_feature_importances(session: Session, *, loop: str) -> Sequence[FeatureImportance]:
+    stmt = select(FeatureImportance).where(FeatureImportance.loop == loop)
+    return session.scalars(stmt.order_by(FeatureImportance.created_at)).all()
+
+
+# ---- RL episodes -----------------------------------------------------------------------------
+
+
+def complete_episodes(session: Session, *, loop: str, limit: int) -> Sequence[Episode]:
+    """Ended episodes not learned yet whose every step is joined, oldest end first."""
+    open_step = exists().where(
+        Decision.loop == Episode.loop,
+        Decision.episode == Episode.episode_id,
+        Decision.joined.is_(False),
+    )
+    stmt = (
+        select(Episode)
+        .where(Episode.loop == loop, Episode.learned.is_(False), ~open_step)
+        .order_by(Episode.ended_at)
+        .limit(limit)
+    )
+    return session.scalars(stmt).all()
+
+
+def episode_steps(
+    session: Session, *, loop: str, episodes: Sequence[str]
+) -> dict[str, list[Joined]]:
+    """The joined steps of these episodes, each in the order they were ranked."""
+    out: dict[str, list[Joined]] = {e: [] for e in episodes}
+    stmt = (
+        select(Joined)
+        .where(Joined.loop == loop, Joined.episode.in_(list(episodes)))
+        .order_by(Joined.created_at, Joined.seq)
+    )
+    for row in session.scalars(stmt):
+        out[row.episode or ""].append(row)
+    return out
+
+
+def ended_episodes(session: Session, *, loop: str, since: float | None = None) -> Sequence[Episode]:
+    stmt = select(Episode).where(Episode.loop == loop)
+    if since is not None:
+        stmt = stmt.where(Episode.ended_at >= since)
+    return session.scalars(stmt.order_by(Episode.ended_at)).all()
+
+
+def unlearn_episodes(session: Session, *, loop: str, since: float | None) -> None:
+    """Mark a loop's episodes (ended since `since`; None: all) to be learned again."""
+    stmt = update(Episode).where(Episode.loop == loop).values(learned=False)
+    if since is not None:
+        stmt = stmt.where(Episode.ended_at >= since)
+    session.execute(stmt)
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -360,6 +476,16 @@ def save_checkpoint(
 # ---- logs and metrics ------------------------------------------------------------------------
 
 
+CHANGES_CHANNEL = "dloop_changes"
+
+
+def notify_models(session: Session, loops: Sequence[str]) -> None:
+    """Tell serving replicas (Postgres LISTEN) that these loops changed (a new model, loop,
+    configuration or policy), at commit; they reload at once."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(CHANGES_CHANNEL, ",".join(loops)[:7000])))
+
+
 def apply_retention(session: Session, *, loop: str, before: float) -> None:
     """Delete the loop's logged events created (or received) before `before`."""
     session.execute(delete(Decision).where(Decision.loop == loop, Decision.created_at < before))
@@ -367,6 +493,7 @@ def apply_retention(session: Session, *, loop: str, before: float) -> None:
     session.execute(
         delete(Observation).where(Observation.loop == loop, Observation.received_at < before)
     )
+    session.execute(delete(Episode).where(Episode.loop == loop, Episode.ended_at < before))
 
 
 def dead_letter_count(session: Session) -> int:
@@ -383,7 +510,7 @@ def log_range(session: Session, *, loop: str) -> tuple[float, float] | None:
 
 
 def delete_logs(session: Session, *, loop: str) -> None:
-    for table in (Decision, Observation, Joined):
+    for table in (Decision, Observation, Joined, Episode):
         session.execute(delete(table).where(table.loop == loop))
 
 
@@ -490,9 +617,7 @@ def assign_positions(session: Session, *, limit: int) -> int:
     last: dict[str, int] = {}
     for row in rows:
         if row.loop not in last:
-            last[row.loop] = (
-                session.scalar(select(func.max(Joined.pos)).where(Joined.loop == row.loop)) or 0
-            )
+            last[row.loop] = max_pos(session, loop=row.loop)
         last[row.loop] += 1
         row.pos = last[row.loop]
     return len(rows)
@@ -511,6 +636,21 @@ def mark_published(session: Session, *, seqs: Sequence[int]) -> None:
     session.execute(update(Joined).where(Joined.seq.in_(list(seqs))).values(published=True))
 
 
+def max_pos(session: Session, *, loop: str) -> int:
+    """The newest position assigned in a loop's joined stream (0: none yet)."""
+    return session.scalar(select(func.max(Joined.pos)).where(Joined.loop == loop)) or 0
+
+
+def joined_by_pos(
+    session: Session, *, loop: str, after: int, until: int, since: float | None = None
+) -> Sequence[Joined]:
+    """A loop's joined rows with stream positions in (after, until], created since `since`."""
+    stmt = select(Joined).where(Joined.loop == loop, Joined.pos > after, Joined.pos <= until)
+    if since is not None:
+        stmt = stmt.where(Joined.created_at >= since)
+    return session.scalars(stmt.order_by(Joined.pos)).all()
+
+
 def reset_checkpoint(
     session: Session,
     *,
@@ -518,18 +658,18 @@ def reset_checkpoint(
     model: bytes | None,
     arguments: str,
     now: float,
-    keep_position: bool = False,
+    position: int | None = None,
+    examples: int = 0,
 ) -> tuple[str, int]:
     """Replace a loop's model from the next event on; returns (model id, position it covers).
 
     Learners notice the new model id and rebuild from it. The embedded learner's position is a
-    joined seq (moved to the newest); a stream learner keeps its own (`keep_position`)."""
-    import uuid
-
-    model_id = uuid.uuid4().hex[:16] if model is not None else "N/A"
+    joined seq (moved to the newest); the Kafka path passes a stream `position` instead."""
+    # A fresh id even for a blank model, so every learner notices the reset.
+    model_id = uuid.uuid4().hex[:16]
     ckpt = get_checkpoint(session, loop=loop)
-    if keep_position:
-        seq = ckpt.learned_seq if ckpt else 0
+    if position is not None:
+        seq = position
     else:
         seq = max(max_seq(session, loop=loop), ckpt.learned_seq if ckpt else 0)
     save_checkpoint(
@@ -539,7 +679,7 @@ def reset_checkpoint(
         model=model,
         arguments=arguments,
         learned_seq=seq,
-        examples=0,
+        examples=examples,
         now=now,
         reset=True,
     )

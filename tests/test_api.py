@@ -483,3 +483,107 @@ def test_client_keys_rank_on_their_loop_only(harness: Harness) -> None:
     r = harness.client.post("/personalizer/v1.0/rank", json=rank_body("ck2"), headers=client)
     assert r.status_code == 401
     assert harness.client.delete("/loops/default/keys/999", headers=AUTH).status_code == 404
+
+
+def test_a_worker_behind_on_the_log_closes_no_window_before_reading_its_rewards(
+    harness: Harness,
+) -> None:
+    # A backlog (the worker was down for a while): the rewards sit later in the log than
+    # decisions whose windows the wall clock already closed.
+    harness.configure(rewardWaitTime="PT5S", rewardAggregation="sum")
+    for i in range(30):
+        harness.rank(rank_body(f"b{i}"))
+    harness.clock.advance(2)
+    for i in range(30):
+        harness.reward(f"b{i}", 1.0)
+    harness.clock.advance(3600)
+    worker = harness.dloop.worker
+    assert worker is not None
+    worker.read_bytes = 2048  # a few records per pass
+    harness.work()
+    for i in range(30):
+        assert joined(harness, f"b{i}")["_label_cost"] == -1.0, i  # type: ignore[index]
+
+
+def test_explanations_and_the_event_view(harness: Harness) -> None:
+    harness.configure(
+        isInferenceExplainabilityEnabled=True, rewardWaitTime="PT5S", modelExportFrequency="PT1S"
+    )
+    body = {
+        "contextFeatures": [{"user": {"tier": "gold"}, "time": "morning"}],
+        "actions": ACTIONS,
+    }
+    first = harness.rank({**body, "eventId": "x0"})
+    # Before any model: uniform, nothing to explain yet.
+    assert all(e["features"] == [] for e in first["inferenceExplanation"])
+    for i in range(1, 300):  # gold users like the first action, and only them
+        tier = "gold" if i % 2 else "basic"
+        ctx = [{"user": {"tier": tier}, "time": "morning"}]
+        r = harness.rank({"contextFeatures": ctx, "actions": ACTIONS, "eventId": f"x{i}"})
+        chosen = r["rewardActionId"]
+        harness.reward(f"x{i}", 1.0 if (chosen == ACTIONS[0]["id"]) == (tier == "gold") else 0.0)
+        if i % 50 == 0:
+            harness.clock.advance(2)
+            harness.work()
+    harness.clock.advance(2)
+    harness.work()
+    r = harness.rank({**body, "eventId": "explained"})
+    explanation = {e["id"]: e["features"] for e in r["inferenceExplanation"]}
+    assert set(explanation) == {a["id"] for a in ACTIONS}
+    top = explanation[ACTIONS[0]["id"]][0]
+    assert top["name"] == "user.tier" and top["score"] > 0  # gold raises the first action
+    harness.reward("explained", 0.5)
+    harness.clock.advance(1)
+    harness.work()
+
+    view = harness.client.get("/personalizer/v1.0/events/explained", headers=AUTH).json()
+    assert view["eventId"] == "explained" and view["joined"] and view["reward"] == 0.5
+    assert view["inferenceExplanation"] == r["inferenceExplanation"]
+    assert [a["id"] for a in view["ranking"]] == [a["id"] for a in r["ranking"]]
+    assert view["observations"][0]["kind"] == "reward"
+    missing = harness.client.get("/personalizer/v1.0/events/nope", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "EventNotFound"
+    unauthorized = harness.client.get("/personalizer/v1.0/events/explained")
+    assert unauthorized.status_code == 401
+
+
+def test_auto_optimization_applies_a_policy_only_when_it_is_clearly_better(
+    harness: Harness,
+) -> None:
+    from learners.worlds import CBWorld
+    from service.evaluations import auto_optimize
+
+    world = CBWorld(n_actions=4, seed=9)
+    # A poor online policy: explores uniformly for ever.
+    r = harness.client.put(
+        "/personalizer/v1.0/configurations/policy",
+        json={"name": "uniform", "arguments": "--cb_explore_adf --epsilon 1"},
+        headers=AUTH,
+    )
+    assert r.status_code == 200
+    harness.configure(rewardWaitTime="PT5S")
+    for i in range(1200):
+        values, features = world.draw_context()
+        ranked = harness.rank(
+            {"contextFeatures": features, "actions": world.actions(), "eventId": f"o{i}"}
+        )
+        chosen = world.action_ids.index(ranked["rewardActionId"])
+        harness.reward(f"o{i}", world.reward(values, chosen))
+    harness.clock.advance(10)
+    harness.work()
+    d = harness.dloop
+    assert auto_optimize(d, "default") is None  # not enabled
+    harness.configure(isAutoOptimizationEnabled=True, autoOptimizationFrequency="P1D")
+    evaluation_id = auto_optimize(d, "default")
+    assert evaluation_id is not None
+    assert auto_optimize(d, "default") is None  # once per period
+    doc = harness.client.get(f"/personalizer/v1.0/evaluations/{evaluation_id}", headers=AUTH)
+    ev = doc.json()
+    assert ev["evaluationType"] == "Auto" and ev["status"] == "OptimalPolicyApplied", ev
+    policy = harness.client.get("/personalizer/v1.0/configurations/policy", headers=AUTH).json()
+    assert policy["name"] == ev["optimalPolicy"] and "--epsilon 1" not in policy["arguments"]
+    # Now the online policy is that one: a new period keeps it unless something beats it.
+    harness.clock.advance(86400)
+    second = auto_optimize(d, "default")
+    status = harness.client.get(f"/personalizer/v1.0/evaluations/{second}", headers=AUTH).json()
+    assert status["status"] in ("OnlinePolicyRetained", "OptimalPolicyApplied")

@@ -107,3 +107,66 @@ def test_keys_create_replaces_a_lost_admin_key(tmp_path: Path) -> None:
         assert r.status_code == 200
     finally:
         stop(proc)
+
+
+def test_simulate_and_replay_as_a_user_runs_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from learners import simulate
+    from service.cli import app
+
+    data = tmp_path / "d"
+    port = free_port()
+    proc, lines = start(data, port)
+    try:
+        match = re.search(r"admin key \(shown once, keep it\): (\w+)", "".join(lines))
+        assert match, lines
+        out = tmp_path / "sim"
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "simulate",
+                "--env",
+                "dloop/DelayedKey-v0",
+                "--episodes",
+                "30",
+                "--url",
+                f"http://127.0.0.1:{port}",
+                "--loop",
+                "keys",
+                "--key",
+                match.group(1),
+                "--out",
+                str(out),
+                "--eval-every",
+                "10",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "greedy return" in result.stdout
+        rows = (out / "curve.csv").read_text().splitlines()
+        assert rows[0] == "episode,return,moving_average,greedy_return" and len(rows) == 31
+        assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+        time.sleep(2)  # the last episodes join and train
+    finally:
+        stop(proc)
+
+    model = tmp_path / "replayed.vw"
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["replay", "--loop", "keys", "--data-dir", str(data), "--passes", "3", "--out", str(model)],
+    )
+    assert result.exit_code == 0, result.output
+    # Offline, from the 30 logged episodes alone: the key, not the coin.
+    assert simulate.greedy_return(model.read_bytes(), "rl", "dloop/DelayedKey-v0", 50, 1) == 1.0
+    result = runner.invoke(app, ["replay", "--loop", "nope", "--data-dir", str(data)])
+    assert result.exit_code != 0
+    result = runner.invoke(app, ["replay", "--loop", "keys", "--data-dir", str(data), "--apply"])
+    assert result.exit_code == 0, result.output
+    assert "now serves model" in result.output

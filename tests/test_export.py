@@ -61,3 +61,54 @@ def test_export_round_trip(harness: Harness, tmp_path: Path) -> None:
             assert ids[chosen] == api["rewardActionId"]
         ws.finish_example(examples)
     assert learnable == 54  # six deferred events were never activated
+
+
+def test_a_model_replayed_from_exported_logs_ranks_like_the_live_one(
+    harness: Harness, tmp_path: Path
+) -> None:
+    from learners.cb import CBRanker
+    from learners.features import context_json
+    from learners.worlds import CBWorld
+
+    world = CBWorld(n_actions=4, seed=2)
+    harness.configure(rewardWaitTime="PT5S", modelExportFrequency="PT1S")
+    for i in range(800):
+        values, features = world.draw_context()
+        r = harness.rank(
+            {"contextFeatures": features, "actions": world.actions(), "eventId": f"l{i}"}
+        )
+        harness.reward(f"l{i}", world.reward(values, world.action_ids.index(r["rewardActionId"])))
+        if i % 100 == 99:
+            harness.clock.advance(2)
+            harness.work()
+    harness.clock.advance(10)
+    harness.work()
+    out_file = tmp_path / "export.json"
+    data_dir = harness.dloop.settings.data_dir
+    runner = CliRunner()
+    assert (
+        runner.invoke(
+            app, ["logs", "export", "--data-dir", str(data_dir), "--out", str(out_file)]
+        ).exit_code
+        == 0
+    )
+    model = tmp_path / "replayed.vw"
+    result = runner.invoke(
+        app, ["replay", "--source", str(out_file), "--data-dir", str(data_dir), "--out", str(model)]
+    )
+    assert result.exit_code == 0, result.output
+    live = harness.dloop.registry.loops["default"].served[0]
+    assert live is not None
+    replayed = CBRanker(model.read_bytes())
+    actions = [(a["id"], a["features"]) for a in world.actions()]
+    for _ in range(50):
+        _, features = world.draw_context()
+        context = context_json(features, actions)
+        assert replayed.predict(context) == live.predict(context)
+    result = runner.invoke(app, ["features", "--quick", "--data-dir", str(data_dir), "--top", "5"])
+    assert result.exit_code == 0, result.output
+    assert "1.000" in result.output and "country" in result.output
+    result = runner.invoke(
+        app, ["features", "--quick", "--loop", "nope", "--data-dir", str(data_dir)]
+    )
+    assert result.exit_code != 0

@@ -82,8 +82,9 @@ def test_broker_outage_loses_and_duplicates_nothing(stack: Stack, kafka_broker: 
     try:
         during = Traffic(stack, 300, 900, pace=0.03)  # about 30 s of traffic while it is away
         during.run()
-        backlog = stack.api("GET", "/readyz").json()["logBacklogBytes"]
-        assert backlog > 0
+        # Each serving process reports its own buffer; the traffic went to one of the two.
+        backlogs = [stack.api("GET", "/readyz").json()["logBacklogBytes"] for _ in range(20)]
+        assert max(backlogs) > 0
     finally:
         kafka_broker.resume()
     after = Traffic(stack, 900, 1000)

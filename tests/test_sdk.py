@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 
+import httpx
 import pytest
 from azure.ai.personalizer import PersonalizerAdministrationClient, PersonalizerClient
 from azure.core.credentials import AzureKeyCredential
@@ -125,3 +126,147 @@ def test_old_sdk_rank_reward_activate_on_v1(live_server: LiveServer) -> None:
     assert {r.id: r.probability for r in response.ranking}["pasta"] == 0
     client.events.activate("old-1")
     client.events.reward("old-1", 1.0)
+
+
+def test_offline_evaluation_through_the_admin_sdk(live_server: LiveServer) -> None:
+    """Log a simulated world's traffic, evaluate policies on it, apply the best one."""
+    from datetime import UTC, datetime, timedelta
+
+    from learners.worlds import CBWorld
+
+    client, admin = clients(live_server)
+    config = admin.get_service_configuration()
+    config.update(modelExportFrequency="PT1S", rewardWaitTime="PT5S")
+    admin.update_service_configuration(config)
+    world = CBWorld(n_actions=4, seed=5)
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    for _ in range(1500):
+        values, features = world.draw_context()
+        r = client.rank({"contextFeatures": features, "actions": world.actions()})
+        chosen = world.action_ids.index(r["rewardActionId"])
+        client.reward(r["eventId"], {"value": world.reward(values, chosen)})
+    end = datetime.now(UTC) + timedelta(minutes=1)
+    deadline = time.time() + 30
+    while (
+        'dloop_decisions_joined{loop="default"} 1500'
+        not in httpx.get(
+            f"{live_server.url}/metrics", headers={"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+        ).text
+    ):
+        assert time.time() < deadline, "decisions not joined"
+        time.sleep(0.2)
+    evaluation = {
+        "name": "weekly",
+        "startTime": start.isoformat(),
+        "endTime": end.isoformat(),
+        "enablePolicyOptimization": True,
+        "policies": [{"name": "greedy", "arguments": "--cb_explore_adf --epsilon 0 -q ::"}],
+    }
+    admin.create_evaluation("ev1", evaluation)
+    with pytest.raises(HttpResponseError) as dup:
+        admin.create_evaluation("ev1", evaluation)
+    assert dup.value.status_code == 400
+    deadline = time.time() + 120
+    while True:
+        got = admin.get_evaluation("ev1", start_time=start, end_time=end)
+        if got["status"] in ("Succeeded", "Failed"):
+            break
+        assert time.time() < deadline, got
+        time.sleep(0.5)
+    assert got["status"] == "Succeeded", got.get("description")
+    results = {v["name"]: v for v in got["content"]["value"]}
+    sources = {v["policySource"] for v in results.values()}
+    assert sources == {"Online", "Baseline", "Random", "Custom", "OfflineExperimentation"}
+    online, rand = results["dloop-default"]["summary"], results["Random"]["summary"]
+    # The learning online policy beats uniform random on its own traffic.
+    assert online["confidenceInterval"][0] > rand["confidenceInterval"][1]
+    assert got["optimalPolicy"] in results
+    assert "dloopTimeseries" not in results["Random"]
+    hourly = admin.get_evaluation(
+        "ev1", start_time=start, end_time=end, interval_in_minutes=60, window="Rolling"
+    )
+    assert hourly["content"]["intervalInMinutes"] == 60
+    assert len(hourly["content"]["value"][0]["timeseries"]["data"]) >= 1
+    assert [e["id"] for e in admin.list_evaluations()] == ["ev1"]
+    admin.apply_from_evaluation({"evaluationId": "ev1", "policyName": "greedy"})
+    assert admin.get_policy()["arguments"] == "--cb_explore_adf --epsilon 0 -q ::"
+    with pytest.raises(HttpResponseError) as missing:
+        admin.apply_from_evaluation({"evaluationId": "ev1", "policyName": "nope"})
+    assert missing.value.status_code == 404
+    admin.delete_evaluation("ev1")
+    assert list(admin.list_evaluations()) == []
+
+    window = {"name": "why", "startTime": start.isoformat(), "endTime": end.isoformat()}
+    admin.create_feature_importance("fi1", window)
+    deadline = time.time() + 120
+    while (job := admin.get_feature_importance("fi1"))["status"] not in ("Succeeded", "Failed"):
+        assert time.time() < deadline, job
+        time.sleep(0.5)
+    assert job["status"] == "Succeeded", job.get("description")
+    scores = job["featureScores"]
+    assert scores[0]["score"] == 1.0 and {s["namespace"] for s in scores} >= {""}
+    assert [s["score"] for s in scores] == sorted((s["score"] for s in scores), reverse=True)
+    assert [j["id"] for j in admin.list_feature_importances()] == ["fi1"]
+    admin.delete_feature_importance("fi1")
+    with pytest.raises(HttpResponseError) as gone:
+        admin.get_feature_importance("fi1")
+    assert gone.value.status_code == 404
+
+
+def test_multi_slot_through_the_sdk(live_server: LiveServer) -> None:
+    """rank_multi_slot / reward_multi_slot / activate_multi_slot unchanged, on a ccb loop."""
+    headers = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+    assert (
+        httpx.put(
+            f"{live_server.url}/loops/page", json={"kind": "ccb"}, headers=headers
+        ).status_code
+        == 201
+    )
+    cred = AzureKeyCredential(ADMIN_KEY)
+    client = PersonalizerClient(f"{live_server.url}/loops/page", cred, retry_total=0)
+    admin = PersonalizerAdministrationClient(f"{live_server.url}/loops/page", cred, retry_total=0)
+    config = admin.get_service_configuration()
+    config.update(modelExportFrequency="PT1S", rewardWaitTime="PT2S")
+    admin.update_service_configuration(config)
+    assert "--ccb_explore_adf" in admin.get_policy()["arguments"]
+    slots = [
+        {"id": "hero", "baselineAction": "pasta", "features": [{"size": "large"}]},
+        {"id": "side", "baselineAction": "curry", "features": [{"size": "small"}]},
+    ]
+    events = []
+    for i in range(30):
+        response = client.rank_multi_slot(
+            {
+                "contextFeatures": [{"time": "evening"}],
+                "actions": ACTIONS,
+                "slots": slots,
+                "eventId": f"ms{i}",
+                "deferActivation": i % 2 == 0,
+            }
+        )
+        assert [s["id"] for s in response["slots"]] == ["hero", "side"]
+        picked = [s["rewardActionId"] for s in response["slots"]]
+        assert len(set(picked)) == 2
+        client.reward_multi_slot(f"ms{i}", {"reward": [{"slotId": "hero", "value": 1.0}]})
+        client.reward_multi_slot(f"ms{i}", {"reward": [{"slotId": "side", "value": 0.25}]})
+        if i % 4 == 0:
+            client.activate_multi_slot(f"ms{i}")
+        events.append(response)
+    with pytest.raises(HttpResponseError) as bad:
+        client.rank_multi_slot(
+            {"actions": ACTIONS, "slots": [{"id": "x", "baselineAction": "nope"}]}
+        )
+    assert bad.value.status_code == 400
+    # Joined and learned: 15 immediate, 8 activated, 7 deferred and never activated.
+    deadline = time.time() + 30
+    while True:
+        metrics = httpx.get(f"{live_server.url}/metrics", headers=headers).text
+        if 'dloop_decisions_joined{loop="page"} 30' in metrics:
+            break
+        assert time.time() < deadline, metrics
+        time.sleep(0.2)
+    out = httpx.get(f"{live_server.url}/loops/page/personalizer/v1.0/events/ms1", headers=headers)
+    assert out.status_code == 200 and out.json()["reward"] == pytest.approx(0.625)
+    view = out.json()
+    assert [s["id"] for s in view["slots"]] == ["hero", "side"]
+    assert {o["slotId"] for o in view["observations"]} == {"hero", "side"}

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from pydantic import ValidationError
 
-from learners.vw import PolicyError, check_policy
+from learners.vw import PolicyError, algorithm, check_policy
 from service import store
 from service.context import Dloop, loop_for
-from service.errors import bad_request
+from service.errors import ApiError, bad_request
 from service.models import Loop
 from service.runtime import LoopRuntime
 from service.schemas import PolicyContract, default_policy, parse_config, validation_message
@@ -37,11 +37,16 @@ def _save(d: Dloop, rt: LoopRuntime, *, config: dict[str, Any], policy: dict[str
         loop = session.get(Loop, rt.name)
         assert loop is not None
         loop.config, loop.policy = config, policy
+        store.notify_models(session, [rt.name])  # other replicas reload at once
     d.registry.update(rt.name, config=config, policy=policy)
     if rt.arguments != before:
         days = rt.settings.retrain_days
         since = d.clock() - days * 86400 if days else None
         d.reset_model(rt.name, model=None, retrain_since=since)
+
+
+def save_policy(d: Dloop, rt: LoopRuntime, policy: dict[str, str]) -> None:
+    _save(d, rt, config=rt.config, policy=policy)
 
 
 @router.get("/personalizer/configurations/service")
@@ -59,6 +64,12 @@ def update_service_configuration(request: Request, payload: Payload = None) -> d
         new = parse_config(payload)
     except ValueError as exc:
         raise bad_request("InvalidServiceConfiguration", str(exc)) from None
+    if rt.kind == "ccb" and new.is_auto_optimization_enabled:
+        raise ApiError(
+            403,
+            "ProblemTypeIncompatibleWithAutoOptimization",
+            "auto-optimization is not available for multi-slot loops",
+        )
     old = parse_config(rt.config)
     if new.learning_mode != old.learning_mode and (
         new.default_reward != old.default_reward
@@ -89,7 +100,7 @@ def update_policy(request: Request, payload: Payload = None) -> dict[str, str]:
     except ValidationError as exc:
         raise bad_request("InvalidPolicyContract", validation_message(exc)) from None
     try:
-        check_policy(policy.arguments)
+        check_policy(policy.arguments, algorithm=algorithm(rt.kind))
     except PolicyError as exc:
         raise bad_request("InvalidPolicyConfiguration", str(exc)) from None
     doc = policy.model_dump(by_alias=True)
@@ -100,5 +111,5 @@ def update_policy(request: Request, payload: Payload = None) -> dict[str, str]:
 @router.delete("/personalizer/configurations/policy")
 def reset_policy(request: Request) -> dict[str, str]:
     d, rt = loop_for(request, admin=True)
-    _save(d, rt, config=rt.config, policy=default_policy())
+    _save(d, rt, config=rt.config, policy=default_policy(rt.kind))
     return rt.policy

@@ -17,8 +17,12 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from learners.ccb import CCBRanker
 from learners.features import FeatureError, context_json, features_ok, validate_features
+from learners.importance import explain
+from learners.joiner import timestamp
 from learners.sampling import restrict, sample
+from service import store
 from service.context import Dloop, loop_for
 from service.errors import ApiError, bad_request
 from service.runtime import LoopRuntime
@@ -111,6 +115,8 @@ def _parse_rank(body: Any, max_actions: int) -> dict[str, Any]:
 def _policy_pmf(rt: LoopRuntime, req: dict[str, Any], context: bytes) -> tuple[list[float], str]:
     eligible: list[bool] = req["eligible"]
     ranker, model_id = rt.served
+    if isinstance(ranker, CCBRanker):
+        raise _rank_error("this is a multi-slot loop: rank with /multislot/rank")
     if ranker is None:
         return restrict([1.0] * len(eligible), eligible), model_id
     if all(eligible):
@@ -128,20 +134,61 @@ def _policy_pmf(rt: LoopRuntime, req: dict[str, Any], context: bytes) -> tuple[l
     return restrict([next(it) if ok else 0.0 for ok in eligible], eligible), model_id
 
 
+def _retry(
+    d: Dloop, rt: LoopRuntime, event_id: str, asked: Any, what: str
+) -> tuple[bytes, Response | None]:
+    """A client's retry of a rank (same eventId, e.g. after a 5xx): the original response byte
+    for byte, or 400 if it now asks about other `what`. Returns the request's fingerprint (to
+    remember with the answer) and the cached response, if there is one."""
+    fingerprint = hashlib.blake2b(orjson.dumps(asked)).digest()
+    seen = rt.recent.get(event_id)
+    if seen is None:
+        return fingerprint, None
+    if seen[0] != fingerprint:
+        raise _rank_error(f"eventId {event_id} was already ranked with different {what}")
+    d.metrics.rank_retries.labels(rt.name).inc()
+    return fingerprint, Response(seen[1], status_code=201, media_type="application/json")
+
+
+def _explain(rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per action, the context features that moved its probability most (learners.importance)."""
+    ids: list[str] = req["ids"]
+    ranker = rt.served[0]
+    if ranker is None or isinstance(ranker, CCBRanker):
+        return [{"id": a, "features": []} for a in ids]
+    eligible: list[bool] = req["eligible"]
+    actions = [(a, f) for a, f, ok in zip(ids, req["features"], eligible, strict=True) if ok]
+
+    def predict(context: list[dict[str, Any]]) -> list[float]:
+        pmf = iter(ranker.predict(context_json(context, actions)))
+        return [next(pmf) if ok else 0.0 for ok in eligible]
+
+    try:
+        return explain(predict, req["context"], ids)
+    except Exception as exc:  # VW's parser rejects what validation let through
+        raise _rank_error(f"features could not be parsed: {exc}") from None
+
+
 async def rank(request: Request) -> Response:
     d, rt = loop_for(request, admin=False)
+    if rt.kind == "ccb":
+        raise _rank_error("this is a multi-slot loop: rank with /multislot/rank")
     body = await _json_body(request, "InvalidRankRequest")
     req = _parse_rank(body, d.settings.max_actions)
     event_id: str = req["event_id"]
     ids: list[str] = req["ids"]
-    fingerprint = hashlib.blake2b(orjson.dumps([ids, body.get("excludedActions")])).digest()
-    seen = rt.recent.get(event_id)
-    if seen is not None:
-        if seen[0] != fingerprint:
-            raise _rank_error(f"eventId {event_id} was already ranked with different actions")
-        d.metrics.rank_retries.labels(rt.name).inc()
-        return Response(seen[1], status_code=201, media_type="application/json")
+    fingerprint, retried = _retry(d, rt, event_id, [ids, body.get("excludedActions")], "actions")
+    if retried is not None:
+        return retried
 
+    episode = body.get("episodeId")
+    if episode is not None:
+        if rt.kind != "rl":
+            raise _rank_error("episodeId is only accepted by loops of kind rl")
+        if not isinstance(episode, str) or not episode or len(episode) > MAX_ID:
+            raise _rank_error(
+                f"episodeId must be a non-empty string of at most {MAX_ID} characters"
+            )
     now = d.clock()
     context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
     eligible: list[bool] = req["eligible"]
@@ -173,22 +220,44 @@ async def rank(request: Request) -> Response:
         "m": model_id,
         "c": context.decode(),
     }
+    if rt.kind == "rl":
+        # A step of an episode; a rank without episodeId is an episode of one step.
+        record["ep"] = episode or event_id
+    explanation = None
+    if rt.settings.explain and mode != "LoggingOnly":
+        explanation = _explain(rt, req)
+        record["x"] = explanation
     d.log.append(orjson.dumps(record))
+    if rt.kind == "rl" and episode is None:
+        d.log.append(_episode_end(rt, event_id, now, terminated=True))
     if mode == "Apprentice":
         # The model's choice is logged (to learn imitation); the baseline is served.
         served = [baseline] + [i for i in range(len(ids)) if i != baseline]
         ranking = [{"id": ids[i], "probability": 1.0 if i == baseline else 0.0} for i in served]
     else:
         ranking = [{"id": ids[i], "probability": pmf[i]} for i in order]
-    response = orjson.dumps(
-        {"ranking": ranking, "eventId": event_id, "rewardActionId": ranking[0]["id"]}
-    )
+    doc: dict[str, Any] = {
+        "ranking": ranking,
+        "eventId": event_id,
+        "rewardActionId": ranking[0]["id"],
+    }
+    if explanation is not None:
+        doc["inferenceExplanation"] = explanation
+    response = orjson.dumps(doc)
     rt.remember(event_id, fingerprint, response, d.settings.dedup_cache_size)
     d.metrics.ranks.labels(rt.name).inc()
     return Response(response, status_code=201, media_type="application/json")
 
 
-def _observation(d: Dloop, rt: LoopRuntime, kind: str, event_id: str, value: float | None) -> None:
+def _observation(
+    d: Dloop,
+    rt: LoopRuntime,
+    kind: str,
+    event_id: str,
+    value: float | None,
+    *,
+    slot: str | None = None,
+) -> None:
     record: dict[str, Any] = {
         "k": kind,
         "loop": rt.name,
@@ -198,12 +267,16 @@ def _observation(d: Dloop, rt: LoopRuntime, kind: str, event_id: str, value: flo
     }
     if value is not None:
         record["v"] = value
+    if slot is not None:
+        record["slot"] = slot
     d.log.append(orjson.dumps(record))
 
 
 async def reward(request: Request) -> Response:
     event_id = request.path_params["event_id"]
     d, rt = loop_for(request, admin=False)
+    if rt.kind == "ccb":
+        raise bad_request("InvalidRewardRequest", "multi-slot loop: use /multislot/events/..")
     _check_event_id(event_id, "InvalidRewardRequest")
     body = await _json_body(request, "InvalidRewardRequest")
     value = body.get("value") if isinstance(body, dict) else None
@@ -229,6 +302,96 @@ async def activate(request: Request) -> Response:
     return Response(status_code=204)
 
 
+def _episode_end(rt: LoopRuntime, episode_id: str, now: float, *, terminated: bool) -> bytes:
+    return orjson.dumps({"k": "e", "loop": rt.name, "id": episode_id, "t": now, "term": terminated})
+
+
+async def end_episode(request: Request) -> Response:
+    """dloop: `{"terminated": true|false}` ends an RL episode (false: truncated, by a time limit
+    rather than by the task; learning then bootstraps from its last state). The first end
+    counts."""
+    episode_id = request.path_params["episode_id"]
+    d, rt = loop_for(request, admin=False)
+    if rt.kind != "rl":
+        raise bad_request("InvalidRequest", "episodes exist only in loops of kind rl")
+    if not episode_id or len(episode_id) > MAX_ID:
+        raise bad_request("InvalidRequest", f"episodeId must have 1 to {MAX_ID} characters")
+    body = await _json_body(request, "InvalidRequest", required=False)
+    if body is None:
+        body = {}
+    terminated = body.get("terminated", True) if isinstance(body, dict) else None
+    if not isinstance(terminated, bool):
+        raise bad_request("InvalidRequest", 'body must be {"terminated": true|false}')
+    d.log.append(_episode_end(rt, episode_id, d.clock(), terminated=terminated))
+    return Response(status_code=204)
+
+
+def get_event(request: Request) -> Response:
+    """dloop: an event as logged (ranking, probabilities, model, explanation if one was made)
+    with its observations and, once joined, its reward."""
+    event_id = request.path_params["event_id"]
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        found = store.event(session, loop=rt.name, event_id=event_id)
+    if found is None:
+        raise ApiError(404, "EventNotFound", f"event '{event_id}' is not in the log (yet)")
+    decision, joined, observations = found
+    record = orjson.loads(decision.record)
+    ids = [a["_tag"] for a in orjson.loads(record["c"])["_multi"]]
+    doc: dict[str, Any] = {
+        "eventId": event_id,
+        "timestamp": timestamp(decision.created_at),
+        "mode": decision.mode,
+        "deferActivation": decision.deferred,
+        "modelId": record["m"],
+    }
+    if record["k"] == "m":  # multi-slot: a ranking per slot
+        doc["slots"] = [
+            {
+                "id": slot["id"],
+                "rewardActionId": ids[slot["a"][0]],
+                "baselineActionId": ids[b],
+                "ranking": [
+                    {"id": ids[i], "probability": p}
+                    for i, p in zip(slot["a"], slot["p"], strict=True)
+                ],
+            }
+            for slot, b in zip(record["s"], record["b"], strict=True)
+        ]
+    else:
+        doc["ranking"] = [
+            {"id": ids[i], "probability": p} for i, p in zip(record["a"], record["p"], strict=True)
+        ]
+        doc["rewardActionId"] = ids[record["a"][0]]
+        doc["baselineActionId"] = ids[record["b"]]
+    doc.update(
+        {
+            "joined": joined is not None,
+            "observations": [
+                {
+                    "kind": o.kind,
+                    "value": o.value,
+                    "receivedTime": timestamp(o.received_at),
+                    "status": o.status,
+                    **({"slotId": o.slot} if o.slot is not None else {}),
+                }
+                for o in observations
+            ],
+        }
+    )
+    if decision.episode is not None:
+        doc["episodeId"] = decision.episode
+    if joined is not None:
+        doc["reward"] = joined.reward
+        doc["rewarded"] = joined.rewarded
+        doc["learnable"] = joined.learnable
+    if "x" in record:
+        doc["inferenceExplanation"] = record["x"]
+    return Response(orjson.dumps(doc), media_type="application/json")
+
+
 router.add_route("/personalizer/rank", rank, methods=["POST"])
+router.add_route("/personalizer/events/{event_id}", get_event, methods=["GET"])
+router.add_route("/personalizer/episodes/{episode_id}/end", end_episode, methods=["POST"])
 router.add_route("/personalizer/events/{event_id}/reward", reward, methods=["POST"])
 router.add_route("/personalizer/events/{event_id}/activate", activate, methods=["POST"])

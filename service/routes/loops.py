@@ -23,7 +23,7 @@ from service.models import ApiKey, Loop
 router = APIRouter()
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-KINDS = {"cb"}  # "ccb" and "rl" arrive with their learners
+KINDS = {"cb", "ccb", "rl"}
 
 
 def _loop_doc(loop: Loop) -> dict[str, Any]:
@@ -53,6 +53,7 @@ def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = N
             raise ApiError(409, "Conflict", f"loop '{name}' exists with kind {existing.kind}")
         loop = store.ensure_loop(session, name=name, kind=kind, now=d.clock())
         doc = _loop_doc(loop)
+        store.notify_models(session, [name])  # other replicas reload at once
     with d.sessions() as session:
         d.registry.load(session)
     return JSONResponse(doc, status_code=200 if existing is not None else 201)
@@ -68,6 +69,7 @@ def delete_loop(request: Request, name: str) -> Response:
         if session.get(Loop, name) is None:
             raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
         store.delete_loop(session, name=name)
+        store.notify_models(session, [name])
     with d.sessions() as session:
         d.registry.load(session)
     d.reload_keys()

@@ -82,7 +82,7 @@ async def import_model(request: Request) -> Response:
         raise bad_request("InvalidModelImportFormat", "request body must hold the model")
     model = _unsigned(body)
     try:
-        await run_in_threadpool(check_model, model)
+        await run_in_threadpool(check_model, model, kind=rt.kind)
     except PolicyError as exc:
         raise bad_request("InvalidModelImportFormat", str(exc)) from None
     await run_in_threadpool(d.reset_model, rt.name, model=model)

@@ -1,0 +1,464 @@
+"""Counterfactual evaluation of policies on a loop's logged decisions (DSJSON lines).
+
+For every logged decision the estimators (learners.estimators) need the probability each
+candidate policy gives the logged action. Policies:
+
+- Online: the logging policy itself (its probabilities are in the log), so its estimate is the
+  observed average reward.
+- Baseline: always the first action that was not excluded (Personalizer's baseline).
+- Random: uniform over the actions that were not excluded.
+- Custom: any VW `--cb_explore_adf` arguments, trained on the same log in time order and asked
+  for its probabilities on each decision before learning it (progressive validation), so no
+  decision is scored by a model that has seen it.
+
+Doubly robust estimates use a reward model trained the same progressive way: VW `--cb_adf` MTR
+regression of the reward of the chosen action (label probability 1, no importance weights).
+
+Excluded actions carry probability 0 in the log; every policy is restricted to the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import orjson
+
+from learners import estimators, vw
+from learners.joiner import parse_time
+from learners.rl import relabel
+from learners.sampling import restrict
+
+REWARD_MODEL = "--cb_adf --cb_type mtr -q :: --power_t 0 -l 0.1"
+
+
+@dataclass
+class Logged:
+    """One logged decision, by action index (0-based, order of the rank request)."""
+
+    t: float
+    reward: float
+    chosen: int
+    p: float  # logging probability of the chosen action
+    eligible: list[bool]  # not excluded
+    logged: list[float]  # logging probabilities by action index
+    line: str
+    baseline: int | None = None  # multi-slot: the slot's baselineAction
+    ccb: dict[str, Any] | None = None  # multi-slot: the whole CCB line ...
+    slot: int = 0  # ... and which of its slots this is
+
+
+def read_slots(lines: Iterable[str]) -> dict[str, list[Logged]]:
+    """Multi-slot (CCB) lines as one single-slot decision per slot, by slot id: the slot's
+    candidates (the actions still free for it), its logged probabilities, its reward, its
+    baseline; the context is the shared features plus the slot's own. Every slot can then be
+    evaluated like a single-slot loop (Personalizer evaluated only the first)."""
+    out: dict[str, list[Logged]] = {}
+    for line in lines:
+        doc = orjson.loads(line)
+        if doc.get("_skipLearn") or "_outcomes" not in doc:
+            continue
+        c = doc["c"]
+        n = len(c["_multi"])
+        for k, (outcome, slot) in enumerate(zip(doc["_outcomes"], c["_slots"], strict=True)):
+            if not outcome["_a"]:
+                continue
+            logged = [0.0] * n
+            for a, p in zip(outcome["_a"], outcome["_p"], strict=True):
+                logged[a] = float(p)
+            chosen = int(outcome["_a"][0])
+            single = {
+                "_label_cost": outcome["_label_cost"],
+                "_label_probability": outcome["_p"][0],
+                "_label_Action": chosen + 1,
+                "_labelIndex": chosen,
+                "Timestamp": doc["Timestamp"],
+                "a": [a + 1 for a in outcome["_a"]],
+                "c": {
+                    "FromUrl": [*c.get("FromUrl", []), *slot.get("sj", [])],
+                    "_multi": c["_multi"],
+                },
+                "p": outcome["_p"],
+            }
+            out.setdefault(outcome["_id"], []).append(
+                Logged(
+                    t=parse_time(doc["Timestamp"]),
+                    reward=-float(outcome["_label_cost"]),
+                    chosen=chosen,
+                    p=float(outcome["_p"][0]),
+                    eligible=[p > 0 for p in logged],
+                    logged=logged,
+                    line=orjson.dumps(single).decode(),
+                    baseline=int(doc["_ba"][k]) if "_ba" in doc else None,
+                    ccb=doc,
+                    slot=k,
+                )
+            )
+    for items in out.values():
+        items.sort(key=lambda x: x.t)
+    return out
+
+
+def read(lines: Iterable[str]) -> list[Logged]:
+    """Learnable, labelled single-slot lines (others cannot be evaluated)."""
+    out = []
+    for line in lines:
+        doc = orjson.loads(line)
+        if doc.get("_skipLearn") or "_label_cost" not in doc:
+            continue
+        ids, probs = doc["a"], doc["p"]
+        n = len(doc["c"]["_multi"])
+        logged = [0.0] * n
+        for aid, p in zip(ids, probs, strict=True):
+            logged[aid - 1] = float(p)
+        out.append(
+            Logged(
+                t=parse_time(doc["Timestamp"]),
+                reward=-float(doc["_label_cost"]),
+                chosen=int(doc["_labelIndex"]),
+                p=float(probs[0]),
+                eligible=[p > 0 for p in logged],
+                logged=logged,
+                line=line,
+            )
+        )
+    out.sort(key=lambda x: x.t)
+    return out
+
+
+def read_any(lines: Iterable[str]) -> dict[str, list[Logged]]:
+    """Decisions grouped by slot id: one group per slot for multi-slot logs, else one ("")."""
+    kept = list(lines)
+    slots = read_slots(kept)
+    return slots if slots else {"": read(kept)}
+
+
+@dataclass
+class PolicySpec:
+    name: str
+    source: str  # Online | Baseline | Random | Custom | OfflineExperimentation
+    arguments: str = ""
+
+
+Probabilities = Callable[[Logged], list[float]]
+
+
+def _baseline(d: Logged) -> list[float]:
+    if d.baseline is not None and d.eligible[d.baseline]:
+        first = d.baseline
+    else:
+        first = d.eligible.index(True)
+    return [1.0 if i == first else 0.0 for i in range(len(d.eligible))]
+
+
+def _uniform(d: Logged) -> list[float]:
+    return restrict([1.0] * len(d.eligible), d.eligible)
+
+
+class Progressive:
+    """A VW learner scored on each decision before it learns it. A multi-slot policy
+    (`--ccb_explore_adf`) is asked for the slot's probabilities over the actions that were
+    free for it (as serving does), then learns the whole CCB line."""
+
+    def __init__(self, arguments: str) -> None:
+        self.ws = vw.workspace(f"{arguments} --dsjson")
+        self.slots = "--ccb_explore_adf" in arguments
+
+    def __call__(self, d: Logged) -> list[float]:
+        if self.slots and d.ccb is not None:
+            return self._slot(d)
+        pmf = vw.predict_scores(self.ws, d.line)
+        vw.learn_line(self.ws, d.line)
+        return restrict(pmf, d.eligible)
+
+    def _slot(self, d: Logged) -> list[float]:
+        assert d.ccb is not None
+        c = d.ccb["c"]
+        candidates = [i for i, ok in enumerate(d.eligible) if ok]
+        # VW's DSJSON reader answers a CCB line only with its outcomes; a placeholder outcome
+        # (never learned: this line is only predicted) lists the slot's candidates.
+        one = {
+            "Timestamp": d.ccb["Timestamp"],
+            "Version": "1",
+            "EventId": "evaluate",
+            "c": {**c, "_slots": [{**c["_slots"][d.slot], "_inc": candidates}]},
+            "_outcomes": [
+                {
+                    "_label_cost": 0.0,
+                    "_id": c["_slots"][d.slot]["_id"],
+                    "_a": candidates,
+                    "_p": [1.0 / len(candidates)] * len(candidates),
+                    "_o": [],
+                }
+            ],
+        }
+        decisions = vw.predict_decisions(self.ws, orjson.dumps(one).decode())
+        by_action = dict(decisions[0]) if decisions else {}
+        vw.learn_line(self.ws, orjson.dumps(d.ccb).decode())
+        return restrict([float(by_action.get(i, 0.0)) for i in range(len(d.eligible))], d.eligible)
+
+
+@dataclass
+class Result:
+    spec: PolicySpec
+    weights: np.ndarray
+    rewards: np.ndarray
+    rhat_chosen: np.ndarray
+    rhat_target: np.ndarray
+    times: np.ndarray
+    estimates: dict[str, estimators.Estimate] = field(default_factory=dict)
+
+    def estimate(self, sl: slice | np.ndarray | None = None) -> dict[str, estimators.Estimate]:
+        s = slice(None) if sl is None else sl
+        w, r = self.weights[s], self.rewards[s]
+        return {
+            "ips": estimators.ips(r, w),
+            "snips": estimators.snips(r, w),
+            "dr": estimators.dr(r, w, self.rhat_chosen[s], self.rhat_target[s]),
+        }
+
+
+def evaluate(
+    logged: list[Logged],
+    policies: list[PolicySpec],
+    *,
+    progress: Callable[[float], None] | None = None,
+) -> list[Result]:
+    """Score every policy on the logged decisions (one pass, all policies side by side)."""
+    scorers: list[Probabilities] = []
+    for spec in policies:
+        if spec.source == "Online":
+            scorers.append(lambda d: d.logged)
+        elif spec.source == "Baseline":
+            scorers.append(_baseline)
+        elif spec.source == "Random":
+            scorers.append(_uniform)
+        else:
+            scorers.append(Progressive(spec.arguments))
+    reward_model = vw.workspace(f"{REWARD_MODEL} --dsjson")
+    n, k = len(logged), len(policies)
+    weights = np.zeros((k, n))
+    rhat_target = np.zeros((k, n))
+    rhat_chosen = np.zeros(n)
+    for i, d in enumerate(logged):
+        rhat = [-c for c in vw.predict_scores(reward_model, d.line)]
+        vw.learn_line(reward_model, relabel(d.line, -d.reward))
+        rhat_chosen[i] = rhat[d.chosen]
+        for j, score in enumerate(scorers):
+            pi = score(d)
+            weights[j, i] = pi[d.chosen] / d.p
+            rhat_target[j, i] = float(np.dot(pi, rhat))
+        if progress is not None and (i % 500 == 0 or i == n - 1):
+            progress((i + 1) / n)
+    rewards = np.array([d.reward for d in logged])
+    times = np.array([d.t for d in logged])
+    results = []
+    for j, spec in enumerate(policies):
+        res = Result(spec, weights[j], rewards, rhat_chosen, rhat_target[j], times)
+        res.estimates = res.estimate()
+        results.append(res)
+    return results
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+
+SERIES = {5: "Expanding", 60: "Rolling", 360: "Rolling", 720: "Rolling", 1440: "Rolling"}
+
+
+def timeseries(res: Result, *, start: float, minutes: int, window: str) -> list[dict[str, Any]]:
+    """The doubly robust estimate per interval (Rolling: the decisions in it; Expanding: all up
+    to its end), computed from per-interval sums, so a long window of short intervals is cheap."""
+    if not len(res.times):
+        return []
+    terms = res.rhat_target + res.weights * (res.rewards - res.rhat_chosen)
+    step = minutes * 60.0
+    bucket = np.floor((res.times - start) / step).astype(int)
+    ids, inverse = np.unique(bucket, return_inverse=True)
+    n = np.bincount(inverse).astype(float)
+    total = np.bincount(inverse, weights=terms)
+    squares = np.bincount(inverse, weights=terms * terms)
+    if window == "Expanding":
+        n, total, squares = np.cumsum(n), np.cumsum(total), np.cumsum(squares)
+    points = []
+    for k, count, s1, s2 in zip(ids, n, total, squares, strict=True):
+        mean = s1 / count
+        if count > 1:
+            var = max(s2 - count * mean * mean, 0.0) / (count - 1)
+            half = estimators.Z95 * float(np.sqrt(var / count))
+        else:
+            half = float("inf")
+        points.append(
+            {
+                "timeStamp": _iso(start + (int(k) + 1) * step),
+                "expectedReward": _num(mean),
+                "confidenceInterval": [_num(mean - half), _num(mean + half)],
+            }
+        )
+    return points
+
+
+def content(results: list[Result], *, start: float, end: float, slot: str = "") -> dict[str, Any]:
+    """Personalizer's EvaluationResult: per policy a summary and a time series of the doubly
+    robust estimate (5-minute intervals, expanding). dloop adds every estimator, the event count
+    and the effective sample size to the summary, and under `dloopTimeseries` the series for
+    every interval Personalizer's GET accepts ("60/Rolling", ...), which GET then serves."""
+    value = []
+    for res in results:
+        est = res.estimates
+        series = {
+            f"{m}/{w}": timeseries(res, start=start, minutes=m, window=w) for m, w in SERIES.items()
+        }
+        value.append(
+            {
+                "name": res.spec.name,
+                "arguments": res.spec.arguments,
+                "slotId": slot,
+                "policySource": res.spec.source,
+                "summary": {
+                    "expectedReward": _num(est["dr"].value),
+                    "confidenceInterval": [_num(est["dr"].low), _num(est["dr"].high)],
+                    "estimator": "DR",
+                    "events": len(res.rewards),
+                    "effectiveSampleSize": _num(estimators.effective_sample_size(res.weights)),
+                    "estimates": {
+                        name: {
+                            "expectedReward": _num(e.value),
+                            "confidenceInterval": [_num(e.low), _num(e.high)],
+                        }
+                        for name, e in est.items()
+                    },
+                },
+                "timeseries": {"data": series["5/Expanding"]},
+                "dloopTimeseries": series,
+            }
+        )
+    return {
+        "startTime": _iso(start),
+        "endTime": _iso(end),
+        "intervalInMinutes": 5,
+        "value": value,
+    }
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) or math.isinf(x) else round(float(x), 6)
+
+
+# ---- multi-step RL ---------------------------------------------------------------------------
+
+
+@dataclass
+class LoggedEpisode:
+    steps: list[Logged]
+
+
+def read_episodes(episodes: Iterable[list[str]]) -> list[LoggedEpisode]:
+    """Episodes as lists of their joined lines in step order (learners.episodes)."""
+    out = []
+    for lines in episodes:
+        steps = read(lines)
+        if steps:
+            out.append(LoggedEpisode(steps))
+    return out
+
+
+@dataclass
+class EpisodeResult:
+    spec: PolicySpec
+    returns: np.ndarray  # per episode: sum_t gamma^t rho_{0:t} r_t
+    final_weights: np.ndarray  # per episode: rho over the whole episode
+    estimate: estimators.Estimate
+    effective_sample_size: float
+    usable: bool
+
+
+def evaluate_episodes(
+    episodes: list[LoggedEpisode],
+    policies: list[PolicySpec],
+    *,
+    gamma: float,
+    greedy_values: Callable[[Logged], list[float]] | None = None,
+    epsilon: float = 0.0,
+) -> list[EpisodeResult]:
+    """Per-decision importance sampling of the discounted return of each policy:
+
+        V = mean over episodes of sum_t gamma^t * prod_{k <= t} pi(a_k|s_k) / mu(a_k|s_k) * r_t
+
+    Online is the logging policy (weights 1: the observed discounted return); Baseline and
+    Random as for bandits; "Greedy" is epsilon-greedy on `greedy_values` (the loop's current Q
+    model). Products of ratios grow fast with episode length, so an estimate whose effective
+    sample size (of the whole-episode weights) is under 10% of the episodes, or under 10
+    episodes, is marked unusable rather than reported as if it were informative.
+    """
+    results = []
+    for spec in policies:
+        per_episode, finals = [], []
+        for ep in episodes:
+            rho, total = 1.0, 0.0
+            for t, d in enumerate(ep.steps):
+                if spec.source == "Online":
+                    pi = d.logged
+                elif spec.source == "Baseline":
+                    pi = _baseline(d)
+                elif spec.source == "Random":
+                    pi = _uniform(d)
+                else:
+                    assert greedy_values is not None
+                    values = greedy_values(d)
+                    costs = [
+                        -v if ok else float("inf") for v, ok in zip(values, d.eligible, strict=True)
+                    ]
+                    from learners.rl import epsilon_greedy
+
+                    pi = restrict(epsilon_greedy(costs, epsilon), d.eligible)
+                rho *= pi[d.chosen] / d.p
+                total += gamma**t * rho * d.reward
+            per_episode.append(total)
+            finals.append(rho)
+        returns = np.array(per_episode)
+        est = (
+            estimators._interval(returns, float(returns.mean()))
+            if len(returns)
+            else (estimators.Estimate(float("nan"), float("nan"), float("nan")))
+        )
+        ess = estimators.effective_sample_size(np.array(finals))
+        usable = ess >= max(10.0, 0.1 * len(episodes))
+        results.append(EpisodeResult(spec, returns, np.array(finals), est, ess, usable))
+    return results
+
+
+def episode_content(results: list[EpisodeResult], *, start: float, end: float) -> dict[str, Any]:
+    """The EvaluationResult shape for RL loops: expected discounted return per episode."""
+    value = []
+    for r in results:
+        summary: dict[str, Any] = {
+            "expectedReward": _num(r.estimate.value),
+            "confidenceInterval": [_num(r.estimate.low), _num(r.estimate.high)],
+            "estimator": "PerDecisionIS",
+            "episodes": len(r.returns),
+            "effectiveSampleSize": _num(r.effective_sample_size),
+            "usable": r.usable,
+        }
+        if not r.usable:
+            summary["warning"] = (
+                "importance weights over whole episodes are too uneven for this estimate to "
+                "mean anything (effective sample size "
+                f"{r.effective_sample_size:.1f} of {len(r.returns)} episodes)"
+            )
+        value.append(
+            {
+                "name": r.spec.name,
+                "arguments": r.spec.arguments,
+                "slotId": "",
+                "policySource": r.spec.source,
+                "summary": summary,
+                "timeseries": {"data": []},
+            }
+        )
+    return {"startTime": _iso(start), "endTime": _iso(end), "intervalInMinutes": 5, "value": value}

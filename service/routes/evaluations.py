@@ -1,0 +1,308 @@
+"""Offline evaluations (Personalizer's /evaluations), applyFromEvaluation, feature importance.
+
+PUT creates a job (v1.0: POST /evaluations); it runs in the background (service.evaluations)
+and GET shows its status, progress (dloop: `progress` from 0 to 1) and, once Succeeded, the
+result: per policy (Online, Baseline, Random, Custom, OfflineExperimentation) the doubly robust
+estimate of its average reward with a 95% confidence interval, and a time series.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from starlette.responses import JSONResponse, Response
+
+from learners.joiner import parse_time, timestamp
+from learners.vw import PolicyError, algorithm, check_policy
+from service import store
+from service.context import Dloop, loop_for
+from service.errors import ApiError, bad_request
+from service.models import Evaluation, FeatureImportance
+from service.routes.configuration import save_policy
+
+router = APIRouter()
+Payload = Annotated[Any, Body()]
+
+MAX_POLICIES = 10
+INTERVALS = {5, 60, 360, 720, 1440}
+
+
+def _instant(value: Any, field: str, code: str) -> float:
+    try:
+        return parse_time(value)
+    except (AttributeError, TypeError, ValueError):  # not a string, or not a date-time
+        raise bad_request(code, f"{field} must be an ISO-8601 date-time") from None
+
+
+def _window(payload: Any, *, code: str, order_code: str, body: str) -> tuple[str, float, float]:
+    """The `name`, `startTime` and `endTime` every job contract has (400 `code` if wrong)."""
+    if not isinstance(payload, dict):
+        raise bad_request(code, f"body must be {body}")
+    name = payload.get("name")
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise bad_request(code, "name must have 1 to 256 characters")
+    start, end = (_instant(payload.get(f), f, code) for f in ("startTime", "endTime"))
+    if start > end:
+        raise bad_request(order_code, "startTime is after endTime")
+    return name, start, end
+
+
+def _doc(ev: Evaluation, *, details: bool = False, series: str = "5/Expanding") -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": ev.id,
+        "name": ev.name,
+        "startTime": timestamp(ev.start_time),
+        "endTime": timestamp(ev.end_time),
+        "creationTime": timestamp(ev.created_at),
+        "status": ev.status,
+        "evaluationType": ev.evaluation_type,
+    }
+    if details:
+        return doc
+    doc["progress"] = ev.progress
+    if ev.description:
+        doc["description"] = ev.description
+    if ev.optimal_policy:
+        doc["optimalPolicy"] = ev.optimal_policy
+    if ev.content is not None:
+        content = dict(ev.content)
+        content["intervalInMinutes"] = int(series.split("/")[0])
+        values = []
+        for v in content.get("value", []):
+            v = dict(v)
+            every = v.pop("dloopTimeseries", None)
+            if every is not None:
+                v["timeseries"] = {"data": every.get(series, [])}
+            values.append(v)
+        content["value"] = values
+        doc["content"] = content
+    return doc
+
+
+def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, Evaluation]:
+    d, rt = loop_for(request, admin=True)
+
+    if not evaluation_id or len(evaluation_id) > 256:
+        raise bad_request("InvalidRequest", "evaluation ids have 1 to 256 characters")
+    name, start, end = _window(
+        payload,
+        code="InvalidEvaluationContract",
+        order_code="InvalidDateTimesInEvaluationContract",
+        body="an EvaluationContract",
+    )
+    policies = payload.get("policies") or []
+    if not isinstance(policies, list):
+        raise bad_request("InvalidEvaluationContract", "policies must be a list")
+    if len(policies) > MAX_POLICIES:
+        raise bad_request(
+            "MaximumEvaluationCustomPoliciesExceeded", f"at most {MAX_POLICIES} custom policies"
+        )
+    custom = []
+    for p in policies:
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+            raise bad_request("InvalidEvaluationContract", "each policy needs a name")
+        if not isinstance(p.get("arguments"), str):
+            raise bad_request("InvalidEvaluationContract", "each policy needs arguments")
+        try:
+            check_policy(p["arguments"], algorithm=algorithm(rt.kind))
+        except PolicyError as exc:
+            raise bad_request("InvalidPolicyConfiguration", f"{p['name']}: {exc}") from None
+        custom.append({"name": p["name"], "arguments": p["arguments"]})
+    if rt.kind == "rl" and (custom or payload.get("enablePolicyOptimization")):
+        raise bad_request(
+            "InvalidEvaluationContract",
+            "RL loops evaluate the online policy, its current model, baseline and random",
+        )
+    if len({p["name"] for p in custom}) != len(custom):
+        raise bad_request("DuplicateCustomPolicyNames", "custom policy names must be unique")
+    optimize = payload.get(
+        "enablePolicyOptimization", payload.get("enableOfflineExperimentation", False)
+    )
+    if not isinstance(optimize, bool):
+        raise bad_request("InvalidEvaluationContract", "enablePolicyOptimization is a boolean")
+    with d.sessions.begin() as session:
+        if session.get(Evaluation, (rt.name, evaluation_id)) is not None:
+            raise bad_request("EvaluationAlreadyExists", f"evaluation '{evaluation_id}' exists")
+        ev = Evaluation(
+            loop=rt.name,
+            id=evaluation_id,
+            name=name,
+            start_time=start,
+            end_time=end,
+            created_at=d.clock(),
+            status="NotSubmitted",
+            evaluation_type="Manual",
+            policies=custom,
+            optimize=optimize,
+            progress=0.0,
+        )
+        session.add(ev)
+    d.jobs.submit(rt.name, evaluation_id)
+    return d, ev
+
+
+@router.put("/personalizer/evaluations/{evaluation_id}")
+def create_evaluation(request: Request, evaluation_id: str, payload: Payload = None) -> Any:
+    _, ev = _create(request, evaluation_id, payload)
+    return _doc(ev)
+
+
+@router.post("/personalizer/evaluations")
+def create_evaluation_v1(request: Request, payload: Payload = None) -> Response:
+    """v1.0: POST with a generated id, 201 and the evaluation (with Location)."""
+    _, ev = _create(request, uuid.uuid4().hex, payload)
+    return JSONResponse(_doc(ev), status_code=201, headers={"Location": f"evaluations/{ev.id}"})
+
+
+def _get(request: Request, evaluation_id: str) -> tuple[Dloop, Evaluation]:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        ev = session.get(Evaluation, (rt.name, evaluation_id))
+    if ev is None:
+        raise ApiError(404, "EvaluationNotFound", f"evaluation '{evaluation_id}' not found")
+    return d, ev
+
+
+@router.get("/personalizer/evaluations/{evaluation_id}")
+def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
+    q = request.query_params
+    interval = q.get("intervalInMinutes")
+    window = q.get("window")
+    if interval is not None and (not interval.isdigit() or int(interval) not in INTERVALS):
+        raise bad_request("InvalidRequest", f"intervalInMinutes must be one of {sorted(INTERVALS)}")
+    if window is not None and window not in ("Expanding", "Rolling"):
+        raise bad_request("InvalidRequest", "window must be Expanding or Rolling")
+    if (window == "Expanding" and interval not in (None, "5")) or (
+        window == "Rolling" and interval in (None, "5")
+    ):
+        raise bad_request(
+            "IncompatibleIntervalAndWindow", "Expanding goes with 5 minutes, Rolling with longer"
+        )
+    _, ev = _get(request, evaluation_id)
+    minutes = int(interval) if interval is not None else 5
+    return _doc(ev, series=f"{minutes}/{'Expanding' if minutes == 5 else 'Rolling'}")
+
+
+@router.get("/personalizer/evaluations")
+def list_evaluations(request: Request) -> Any:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        rows = store.list_evaluations(session, loop=rt.name)
+    docs = [_doc(ev, details=True) for ev in rows]
+    if request.scope.get("dloop.version") == "v1.0":
+        return docs  # v1.0 answered a bare array
+    return {"value": docs}
+
+
+@router.delete("/personalizer/evaluations/{evaluation_id}", status_code=204)
+def delete_evaluation(request: Request, evaluation_id: str) -> Response:
+    d, ev = _get(request, evaluation_id)
+    with d.sessions.begin() as session:
+        row = session.get(Evaluation, (ev.loop, ev.id))
+        if row is not None:
+            session.delete(row)
+    return Response(status_code=204)
+
+
+@router.post("/personalizer/configurations/applyFromEvaluation", status_code=204)
+def apply_from_evaluation(request: Request, payload: Payload = None) -> Response:
+    """Make an evaluated policy the loop's policy (the model retrains on the loop's history)."""
+    d, rt = loop_for(request, admin=True)
+    if not isinstance(payload, dict) or not all(
+        isinstance(payload.get(k), str) for k in ("evaluationId", "policyName")
+    ):
+        raise bad_request("InvalidRequest", "body must be {evaluationId, policyName}")
+    _, ev = _get(request, payload["evaluationId"])
+    results = (ev.content or {}).get("value", [])
+    match = next((r for r in results if r["name"] == payload["policyName"]), None)
+    if match is None or match["policySource"] in ("Baseline", "Random"):
+        raise ApiError(
+            404, "LearningSettingsNotFound", f"no policy '{payload['policyName']}' to apply"
+        )
+    save_policy(d, rt, {"name": match["name"], "arguments": match["arguments"]})
+    return Response(status_code=204)
+
+
+# ---- feature importance ----------------------------------------------------------------------
+
+
+def _importance_doc(job: FeatureImportance, *, details: bool = False) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": job.id,
+        "name": job.name,
+        "startTime": timestamp(job.start_time),
+        "endTime": timestamp(job.end_time),
+        "creationTime": timestamp(job.created_at),
+        "status": job.status,
+    }
+    if details:
+        return doc
+    doc["progress"] = job.progress
+    if job.description:
+        doc["description"] = job.description
+    if job.scores is not None:
+        doc["featureScores"] = job.scores
+    return doc
+
+
+@router.put("/personalizer/featureImportances/{job_id}")
+def create_feature_importance(request: Request, job_id: str, payload: Payload = None) -> Any:
+    d, rt = loop_for(request, admin=True)
+    if not job_id or len(job_id) > 256:
+        raise bad_request("InvalidRequest", "feature importance ids have 1 to 256 characters")
+    name, start, end = _window(
+        payload,
+        code="InvalidRequest",
+        order_code="InvalidRequest",
+        body="{name, startTime, endTime}",
+    )
+    with d.sessions.begin() as session:
+        if session.get(FeatureImportance, (rt.name, job_id)) is not None:
+            raise bad_request("FeatureImportanceAlreadyExists", f"'{job_id}' exists")
+        job = FeatureImportance(
+            loop=rt.name,
+            id=job_id,
+            name=name,
+            start_time=start,
+            end_time=end,
+            created_at=d.clock(),
+            status="NotSubmitted",
+            progress=0.0,
+        )
+        session.add(job)
+    d.jobs.submit_importance(rt.name, job_id)
+    return _importance_doc(job)
+
+
+def _importance(request: Request, job_id: str) -> tuple[Dloop, FeatureImportance]:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        job = session.get(FeatureImportance, (rt.name, job_id))
+    if job is None:
+        raise ApiError(404, "FeatureImportanceNotFound", f"feature importance '{job_id}' not found")
+    return d, job
+
+
+@router.get("/personalizer/featureImportances/{job_id}")
+def get_feature_importance(request: Request, job_id: str) -> dict[str, Any]:
+    return _importance_doc(_importance(request, job_id)[1])
+
+
+@router.get("/personalizer/featureImportances")
+def list_feature_importances(request: Request) -> dict[str, Any]:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        rows = store.list_feature_importances(session, loop=rt.name)
+    return {"value": [_importance_doc(job, details=True) for job in rows]}
+
+
+@router.delete("/personalizer/featureImportances/{job_id}", status_code=204)
+def delete_feature_importance(request: Request, job_id: str) -> Response:
+    d, job = _importance(request, job_id)
+    with d.sessions.begin() as session:
+        row = session.get(FeatureImportance, (job.loop, job.id))
+        if row is not None:
+            session.delete(row)
+    return Response(status_code=204)

@@ -1,0 +1,202 @@
+"""Multi-slot rank, reward and activate (Personalizer's /multislot), for loops of kind `ccb`.
+
+Slots are filled in request order, each from the actions still free for it (learners.ccb). The
+response carries, beyond Personalizer's `{id, rewardActionId}` per slot, the probability each
+slot's action was drawn with (clients asked for it; SDKs ignore unknown fields). Apprentice mode
+serves every slot's baseline and logs the model's own choices; LoggingOnly serves and logs the
+baselines.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from learners.ccb import CCBRanker, ccb_context
+from learners.features import FeatureError, features_ok, validate_features
+from service.context import Dloop, loop_for
+from service.errors import bad_request
+from service.routes.events import (
+    MAX_ID,
+    _check_event_id,
+    _json_body,
+    _observation,
+    _parse_rank,
+    _rank_error,
+    _retry,
+)
+from service.runtime import LoopRuntime
+
+router = APIRouter()
+
+
+def _multislot_loop(request: Request) -> tuple[Dloop, LoopRuntime]:
+    d, rt = loop_for(request, admin=False)
+    if rt.kind != "ccb":
+        raise bad_request(
+            "InvalidMultiSlotApiAccess",
+            f"loop '{rt.name}' is single-slot; multi-slot needs a loop of kind ccb",
+        )
+    return d, rt
+
+
+def _parse_slots(body: dict[str, Any], ids: list[str]) -> list[dict[str, Any]]:
+    slots = body.get("slots")
+    limit = min(50, len(ids))
+    if not isinstance(slots, list) or not 1 <= len(slots) <= limit:
+        raise _rank_error(f"slots must be a list of 1 to {limit} slots (at most one per action)")
+    index = {aid: i for i, aid in enumerate(ids)}
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    baselines: set[int] = set()
+    for k, slot in enumerate(slots):
+        if not isinstance(slot, dict):
+            raise _rank_error(f"slots[{k}] must be an object")
+        sid = slot.get("id")
+        if not isinstance(sid, str) or not sid or len(sid) > MAX_ID or sid in seen:
+            raise _rank_error(f"slots[{k}].id must be a unique non-empty string")
+        seen.add(sid)
+        baseline = slot.get("baselineAction")
+        if not isinstance(baseline, str) or baseline not in index:
+            raise _rank_error(f"slots[{k}].baselineAction must be one of the action ids")
+        if index[baseline] in baselines:
+            raise _rank_error(f"slots[{k}].baselineAction is already another slot's baseline")
+        baselines.add(index[baseline])
+        excluded = slot.get("excludedActions") or []
+        if not isinstance(excluded, list) or not all(
+            isinstance(x, str) and x in index for x in excluded
+        ):
+            raise _rank_error(f"slots[{k}].excludedActions must list existing action ids")
+        if baseline in excluded:
+            raise _rank_error(f"slots[{k}].baselineAction must not be excluded")
+        features = slot.get("features")
+        try:
+            if not features_ok(features, required=False):
+                validate_features(features, f"slots[{k}].features", required=False)
+        except FeatureError as exc:
+            raise _rank_error(str(exc)) from None
+        allowed = [i for i, aid in enumerate(ids) if aid not in excluded]
+        out.append(
+            {"id": sid, "features": features or [], "allowed": allowed, "baseline": index[baseline]}
+        )
+    return out
+
+
+async def rank_multi_slot(request: Request) -> Response:
+    d, rt = _multislot_loop(request)
+    body = await _json_body(request, "InvalidRankRequest")
+    req = _parse_rank(body, d.settings.max_actions)
+    ids: list[str] = req["ids"]
+    slots = _parse_slots(body, ids)
+    event_id: str = req["event_id"]
+    fingerprint, retried = _retry(d, rt, event_id, [ids, body.get("slots")], "slots")
+    if retried is not None:
+        return retried
+
+    now = d.clock()
+    c = ccb_context(
+        req["context"],
+        list(zip(ids, req["features"], strict=True)),
+        [(s["id"], s["features"], s["allowed"]) for s in slots],
+    )
+    mode = rt.settings.mode
+    baselines = [s["baseline"] for s in slots]
+    ranker, model_id = rt.served
+    if mode == "LoggingOnly":
+        decided = [(b, [b], [1.0]) for b in baselines]
+    else:
+        model = ranker if isinstance(ranker, CCBRanker) else CCBRanker(None)
+        try:
+            decided = model.rank(c, [s["allowed"] for s in slots], f"{rt.name}/{event_id}")
+        except Exception as exc:  # VW's parser rejects what validation let through
+            raise _rank_error(f"features could not be parsed: {exc}") from None
+    if any(chosen < 0 for chosen, _, _ in decided):
+        raise _rank_error("a slot has no action left (too many exclusions)")
+    record = {
+        "k": "m",
+        "loop": rt.name,
+        "id": event_id,
+        "t": now,
+        "deferred": req["defer"],
+        "mode": mode,
+        "s": [
+            {"id": s["id"], "a": order, "p": probs}
+            for s, (_, order, probs) in zip(slots, decided, strict=True)
+        ],
+        "b": baselines,
+        "m": model_id,
+        "c": orjson.dumps(c).decode(),
+    }
+    d.log.append(orjson.dumps(record))
+    served = (
+        [(b, 1.0) for b in baselines]
+        if mode == "Apprentice"
+        else [(chosen, probs[0]) for chosen, _, probs in decided]
+    )
+    response = orjson.dumps(
+        {
+            "eventId": event_id,
+            "slots": [
+                {"id": s["id"], "rewardActionId": ids[a], "probability": p}
+                for s, (a, p) in zip(slots, served, strict=True)
+            ],
+        }
+    )
+    rt.remember(event_id, fingerprint, response, d.settings.dedup_cache_size)
+    d.metrics.ranks.labels(rt.name).inc()
+    return Response(response, status_code=201, media_type="application/json")
+
+
+async def reward_multi_slot(request: Request) -> Response:
+    """`{"reward": [{"slotId", "value"}]}`; a slot's rewards may come in several calls."""
+    event_id = request.path_params["event_id"]
+    d, rt = _multislot_loop(request)
+    _check_event_id(event_id, "InvalidRewardRequest")
+    body = await _json_body(request, "InvalidRewardRequest")
+    rewards = body.get("reward") if isinstance(body, dict) else None
+    if not isinstance(rewards, list) or not rewards:
+        raise bad_request("InvalidRewardRequest", 'body must be {"reward": [{slotId, value}]}')
+    checked = []
+    for i, item in enumerate(rewards):
+        slot = item.get("slotId") if isinstance(item, dict) else None
+        value = item.get("value") if isinstance(item, dict) else None
+        if not isinstance(slot, str) or not slot or len(slot) > MAX_ID:
+            raise bad_request("InvalidRewardRequest", f"reward[{i}].slotId must be a slot id")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not -1 <= value <= 1
+        ):
+            raise bad_request(
+                "InvalidRewardRequest", f"reward[{i}].value must be a finite number in [-1, 1]"
+            )
+        checked.append((slot, float(value)))
+    for slot, value in checked:
+        _observation(d, rt, "r", event_id, value, slot=slot)
+        d.metrics.rewards.labels(rt.name).inc()
+    return Response(status_code=204)
+
+
+async def activate_multi_slot(request: Request) -> Response:
+    """Activates every slot of a deferred multi-slot event."""
+    event_id = request.path_params["event_id"]
+    d, rt = _multislot_loop(request)
+    _check_event_id(event_id, "InvalidEventIdToActivate")
+    await _json_body(request, "InvalidEventIdToActivate", required=False)
+    _observation(d, rt, "a", event_id, None)
+    d.metrics.activations.labels(rt.name).inc()
+    return Response(status_code=204)
+
+
+router.add_route("/personalizer/multislot/rank", rank_multi_slot, methods=["POST"])
+router.add_route(
+    "/personalizer/multislot/events/{event_id}/reward", reward_multi_slot, methods=["POST"]
+)
+router.add_route(
+    "/personalizer/multislot/events/{event_id}/activate", activate_multi_slot, methods=["POST"]
+)

@@ -1,0 +1,74 @@
+"""The Kafka joiner on a real broker and Postgres: a joiner that is behind on its partitions
+closes no reward window before it has read the rewards inside it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import orjson
+from sqlalchemy import select
+
+from benchmarks.pipeline import records
+from learners.join_worker import JoinWorker
+from service import kafka, store
+from service.db import make_engine, make_sessionmaker
+from service.migrate import upgrade
+from service.models import Joined, Loop
+from service.settings import load_settings
+from tests.conftest import Broker, FakeClock
+
+
+def test_a_lagging_joiner_reads_the_rewards_before_closing_their_windows(
+    postgres_url: str, kafka_broker: Broker
+) -> None:
+    upgrade(postgres_url)
+    settings = load_settings(
+        db={"url": postgres_url},
+        kafka={
+            "bootstrap_servers": kafka_broker.address,
+            "topic_prefix": f"j{uuid.uuid4().hex[:8]}",
+            "partitions": 2,
+        },
+    )
+    kafka.ensure_topics(settings)
+    engine = make_engine(postgres_url)
+    sessions = make_sessionmaker(engine)
+    start = time.time()
+    with sessions.begin() as session:
+        loop = store.ensure_loop(session, name="default", kind="cb", now=start)
+        loop.config = {**loop.config, "rewardWaitTime": "PT5S", "rewardAggregation": "sum"}
+    # A backlog: 40 decisions, then their rewards (value 1), all read an hour later.
+    pairs = records(40, start)
+    decisions, rewards = pairs[0::2], pairs[1::2]
+    producer = kafka.producer(settings)
+    kafka.send_all(producer, kafka.events_topic(settings), decisions + rewards, timeout=10)
+    producer.close()
+    clock = FakeClock(start + 3600)
+    joiner = JoinWorker(
+        sessions=sessions,
+        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.joiner"),
+        producer=kafka.producer(settings),
+        events_topic=kafka.events_topic(settings),
+        joined_topic=kafka.joined_topic(settings),
+        clock=clock,
+        batch_size=7,  # a few records per poll
+    )
+    deadline = time.time() + 60
+    try:
+        while True:
+            joiner.run_once(poll_ms=200)
+            with sessions() as session:
+                rows = session.execute(select(Joined.event_id, Joined.line)).all()
+            if len(rows) == 40:
+                break
+            assert time.time() < deadline, f"{len(rows)} of 40 joined"
+    finally:
+        joiner.consumer.close()
+        joiner.producer.close()
+    with sessions() as session:
+        assert session.get(Loop, "default") is not None
+    for event_id, line in rows:
+        i = int(event_id[1:])
+        assert orjson.loads(line)["_label_cost"] == -float(i % 2), event_id
+    engine.dispose()
