@@ -23,6 +23,7 @@ from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import kafka, store
+from service.background import keep_running
 from service.log import record_time
 
 log = logging.getLogger("dloop.join")
@@ -96,15 +97,7 @@ class JoinWorker:
         consumer.subscribe([events_topic], listener=SeekToStored(consumer, sessions, "join"))
 
     def run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                backoff = 0.5
-            except Exception:
-                log.exception("join pass failed; retrying in %.1f s", backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+        keep_running(self._stop, self.run_once, what="join pass", logger=log)
         self.consumer.close()
 
     def request_stop(self) -> None:

@@ -28,6 +28,7 @@ from learners.episodes import EpisodeLearner, train_episodes
 from learners.join_worker import SeekToStored, offset_name, read_joined
 from learners.vw import with_exploration
 from service import store
+from service.background import keep_running
 from service.models import Loop, ModelCheckpoint
 
 log = logging.getLogger("dloop.learn")
@@ -66,16 +67,13 @@ class LearnWorker:
         consumer.subscribe([joined_topic], listener=_Rebalance(self))
 
     def run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                backoff = 0.5
-            except Exception:
-                log.exception("learn pass failed; retrying in %.1f s", backoff)
-                self.learners.clear()  # rebuild from the last checkpoint
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+        keep_running(
+            self._stop,
+            self.run_once,
+            what="learn pass",
+            logger=log,
+            on_error=self.learners.clear,  # rebuild from the last checkpoint
+        )
         try:
             self.checkpoint()
         finally:

@@ -9,7 +9,6 @@ joined events after the checkpoint (nothing lost, nothing learned twice).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from learners.cb import CBTrainer
 from learners.episodes import EpisodeLearner, train_episodes
 from service import store
+from service.background import keep_running, lower_thread_priority
 from service.log import LocalLog, record_time
 from service.models import Loop
 from service.runtime import Registry
@@ -30,14 +30,6 @@ log = logging.getLogger("dloop.worker")
 
 LOG_OFFSET = "local-log"
 RETENTION_EVERY = 600.0
-
-
-def lower_thread_priority() -> None:
-    """Background work shares the serving process: on a busy machine ranking comes first,
-    joining, learning and offline jobs catch up in the gaps (Linux gives each thread its own
-    nice value)."""
-    if hasattr(os, "setpriority"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 @dataclass
@@ -88,18 +80,16 @@ class EmbeddedWorker:
         # switch interval a request can wait that long for a batch of joins to yield. 0.5 ms
         # keeps rank latency flat (see benchmarks/) at a small cost in worker throughput.
         sys.setswitchinterval(0.0005)
-        backoff = self.tick
-        while not self._stop.is_set():
-            try:
-                busy = self.run_once()
-                backoff = self.tick
-            except Exception:
-                # Transient (a locked or restarting database): back off, keep what is committed.
-                log.exception("worker pass failed; retrying in %.1f s", backoff)
-                busy = False
-                backoff = min(backoff * 2, 5.0)
-            if not busy:
-                self._stop.wait(backoff)
+        # A failed pass (a locked or restarting database) commits nothing: retry it later.
+        keep_running(
+            self._stop,
+            self.run_once,
+            what="worker pass",
+            logger=log,
+            idle=self.tick,
+            backoff=self.tick,
+            max_backoff=5.0,
+        )
         self.run_once(final=True)
 
     def request_stop(self) -> None:

@@ -26,9 +26,9 @@ from learners.evaluation import PolicySpec
 from learners.importance import feature_importance
 from learners.joiner import parse_time
 from learners.vw import with_exploration
-from learners.worker import lower_thread_priority
 from service import store
-from service.models import Evaluation, FeatureImportance, Loop
+from service.background import lower_thread_priority
+from service.models import Evaluation, FeatureImportance, Loop, OfflineJob
 
 log = logging.getLogger("dloop.evaluations")
 
@@ -68,7 +68,7 @@ def policy_specs(loop: Loop, custom: list[dict[str, str]], optimize: bool) -> li
     return specs
 
 
-Job = TypeVar("Job", Evaluation, FeatureImportance)
+Job = TypeVar("Job", bound=OfflineJob)
 
 
 def _progress(
@@ -109,7 +109,7 @@ def _finish(
 def _fail(
     sessions: sessionmaker[Session], table: type[Job], key: tuple[str, str], exc: Exception
 ) -> None:
-    log.exception("%s %s/%s failed", table.__tablename__, *key)
+    log.exception("%s %s/%s failed", table.__name__, *key)
     with sessions.begin() as session:
         job = session.get(table, key)
         if job is not None:

@@ -154,44 +154,39 @@ class Episode(Base):
     __table_args__ = (Index("ix_episodes_pending", "loop", "learned", "ended_at"),)
 
 
-class Evaluation(Base):
+class OfflineJob:
+    """What evaluation and feature-importance jobs share: a loop's named job over a time
+    window, its status (NotSubmitted, Running, Succeeded, Failed), progress and error."""
+
+    loop: Mapped[str] = mapped_column(
+        String(64), ForeignKey("loops.name", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(ID)
+    start_time: Mapped[float] = mapped_column(Float)
+    end_time: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Evaluation(OfflineJob, Base):
     """An offline evaluation job and, once it has run, its result (Personalizer's shape)."""
 
     __tablename__ = "evaluations"
-    loop: Mapped[str] = mapped_column(
-        String(64), ForeignKey("loops.name", ondelete="CASCADE"), primary_key=True
-    )
-    id: Mapped[str] = mapped_column(ID, primary_key=True)
-    name: Mapped[str] = mapped_column(ID)
-    start_time: Mapped[float] = mapped_column(Float)
-    end_time: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[float] = mapped_column(Float)
-    status: Mapped[str] = mapped_column(String(32))
     evaluation_type: Mapped[str] = mapped_column(String(16))
     policies: Mapped[list[dict[str, str]]] = mapped_column(JSON)
     optimize: Mapped[bool] = mapped_column(Boolean)
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
     content: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     optimal_policy: Mapped[str | None] = mapped_column(ID, nullable=True)
-    description: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-class FeatureImportance(Base):
+class FeatureImportance(OfflineJob, Base):
     """A feature-importance job and its scores (Personalizer's /featureImportances)."""
 
     __tablename__ = "feature_importances"
-    loop: Mapped[str] = mapped_column(
-        String(64), ForeignKey("loops.name", ondelete="CASCADE"), primary_key=True
-    )
-    id: Mapped[str] = mapped_column(ID, primary_key=True)
-    name: Mapped[str] = mapped_column(ID)
-    start_time: Mapped[float] = mapped_column(Float)
-    end_time: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[float] = mapped_column(Float)
-    status: Mapped[str] = mapped_column(String(32))
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
     scores: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
-    description: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class LogOffset(Base):

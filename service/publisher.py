@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from service.background import keep_running
 from service.kafka import send_all
 from service.log import LocalLog
 
@@ -50,19 +51,18 @@ class LogPublisher:
         self._stop = threading.Event()
 
     def run(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                busy = self.run_once()
-                backoff = 0.1
-                if not busy:
-                    self._stop.wait(0.05)
-            except Exception as exc:  # broker away or restarting: keep the log, retry later
-                log.warning("publishing paused (%s); retrying in %.1f s", exc, backoff)
-                self.connected = False
-                self._close_producer()
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+        # Broker away or restarting: the records stay in the local log, retried later.
+        keep_running(
+            self._stop,
+            self.run_once,
+            what="publishing",
+            logger=log,
+            idle=0.05,
+            backoff=0.1,
+            max_backoff=5.0,
+            on_error=self._disconnect,
+            traceback=False,
+        )
         try:
             self.run_once()
         except Exception as exc:
@@ -102,6 +102,10 @@ class LogPublisher:
             os.fsync(f.fileno())
         os.replace(tmp, self.offset_path)
         self.offset = offset
+
+    def _disconnect(self) -> None:
+        self.connected = False
+        self._close_producer()
 
     def _close_producer(self) -> None:
         if self._producer is not None:
