@@ -9,7 +9,7 @@ estimate of its average reward with a 95% confidence interval, and a time series
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Request
 from starlette.responses import JSONResponse, Response
@@ -19,7 +19,7 @@ from learners.vw import PolicyError, algorithm, check_policy
 from service import store
 from service.context import Dloop, loop_for
 from service.errors import ApiError, bad_request
-from service.models import Evaluation, FeatureImportance
+from service.models import Evaluation, FeatureImportance, OfflineJob
 from service.routes.configuration import save_policy
 
 router = APIRouter()
@@ -49,21 +49,60 @@ def _window(payload: Any, *, code: str, order_code: str, body: str) -> tuple[str
     return name, start, end
 
 
-def _doc(ev: Evaluation, *, details: bool = False, series: str = "5/Expanding") -> dict[str, Any]:
+Job = TypeVar("Job", bound=OfflineJob)
+
+
+def _new_job(d: Dloop, table: type[Job], job: Job, *, exists: str) -> Job:
+    """Store a new job (400 `exists` if the id is taken), NotSubmitted; the caller submits it."""
+    job.created_at = d.clock()
+    job.status = "NotSubmitted"
+    job.progress = 0.0
+    with d.sessions.begin() as session:
+        if session.get(table, (job.loop, job.id)) is not None:
+            raise bad_request(exists, f"'{job.id}' exists")
+        session.add(job)
+    return job
+
+
+def _find(request: Request, table: type[Job], job_id: str, *, missing: str) -> tuple[Dloop, Job]:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        job = session.get(table, (rt.name, job_id))
+    if job is None:
+        raise ApiError(404, missing, f"'{job_id}' not found")
+    return d, job
+
+
+def _delete(d: Dloop, job: OfflineJob) -> Response:
+    with d.sessions.begin() as session:
+        row = session.get(type(job), (job.loop, job.id))
+        if row is not None:
+            session.delete(row)
+    return Response(status_code=204)
+
+
+def _job_doc(job: OfflineJob, *, details: bool, **extra: Any) -> dict[str, Any]:
+    """The fields every job document has; the list view (`details`) stops at the status."""
     doc: dict[str, Any] = {
-        "id": ev.id,
-        "name": ev.name,
-        "startTime": timestamp(ev.start_time),
-        "endTime": timestamp(ev.end_time),
-        "creationTime": timestamp(ev.created_at),
-        "status": ev.status,
-        "evaluationType": ev.evaluation_type,
+        "id": job.id,
+        "name": job.name,
+        "startTime": timestamp(job.start_time),
+        "endTime": timestamp(job.end_time),
+        "creationTime": timestamp(job.created_at),
+        "status": job.status,
+        **extra,
     }
+    if not details:
+        doc["progress"] = job.progress
+        if job.description:
+            doc["description"] = job.description
+    return doc
+
+
+def _doc(ev: Evaluation, *, details: bool = False, series: str = "5/Expanding") -> dict[str, Any]:
+    doc = _job_doc(ev, details=details, evaluationType=ev.evaluation_type)
     if details:
         return doc
-    doc["progress"] = ev.progress
-    if ev.description:
-        doc["description"] = ev.description
     if ev.optimal_policy:
         doc["optimalPolicy"] = ev.optimal_policy
     if ev.content is not None:
@@ -122,23 +161,21 @@ def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, 
     )
     if not isinstance(optimize, bool):
         raise bad_request("InvalidEvaluationContract", "enablePolicyOptimization is a boolean")
-    with d.sessions.begin() as session:
-        if session.get(Evaluation, (rt.name, evaluation_id)) is not None:
-            raise bad_request("EvaluationAlreadyExists", f"evaluation '{evaluation_id}' exists")
-        ev = Evaluation(
+    ev = _new_job(
+        d,
+        Evaluation,
+        Evaluation(
             loop=rt.name,
             id=evaluation_id,
             name=name,
             start_time=start,
             end_time=end,
-            created_at=d.clock(),
-            status="NotSubmitted",
             evaluation_type="Manual",
             policies=custom,
             optimize=optimize,
-            progress=0.0,
-        )
-        session.add(ev)
+        ),
+        exists="EvaluationAlreadyExists",
+    )
     d.jobs.submit(rt.name, evaluation_id)
     return d, ev
 
@@ -157,12 +194,7 @@ def create_evaluation_v1(request: Request, payload: Payload = None) -> Response:
 
 
 def _get(request: Request, evaluation_id: str) -> tuple[Dloop, Evaluation]:
-    d, rt = loop_for(request, admin=True)
-    with d.sessions() as session:
-        ev = session.get(Evaluation, (rt.name, evaluation_id))
-    if ev is None:
-        raise ApiError(404, "EvaluationNotFound", f"evaluation '{evaluation_id}' not found")
-    return d, ev
+    return _find(request, Evaluation, evaluation_id, missing="EvaluationNotFound")
 
 
 @router.get("/personalizer/evaluations/{evaluation_id}")
@@ -198,12 +230,7 @@ def list_evaluations(request: Request) -> Any:
 
 @router.delete("/personalizer/evaluations/{evaluation_id}", status_code=204)
 def delete_evaluation(request: Request, evaluation_id: str) -> Response:
-    d, ev = _get(request, evaluation_id)
-    with d.sessions.begin() as session:
-        row = session.get(Evaluation, (ev.loop, ev.id))
-        if row is not None:
-            session.delete(row)
-    return Response(status_code=204)
+    return _delete(*_get(request, evaluation_id))
 
 
 @router.post("/personalizer/configurations/applyFromEvaluation", status_code=204)
@@ -229,20 +256,8 @@ def apply_from_evaluation(request: Request, payload: Payload = None) -> Response
 
 
 def _importance_doc(job: FeatureImportance, *, details: bool = False) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "id": job.id,
-        "name": job.name,
-        "startTime": timestamp(job.start_time),
-        "endTime": timestamp(job.end_time),
-        "creationTime": timestamp(job.created_at),
-        "status": job.status,
-    }
-    if details:
-        return doc
-    doc["progress"] = job.progress
-    if job.description:
-        doc["description"] = job.description
-    if job.scores is not None:
+    doc = _job_doc(job, details=details)
+    if not details and job.scores is not None:
         doc["featureScores"] = job.scores
     return doc
 
@@ -258,31 +273,18 @@ def create_feature_importance(request: Request, job_id: str, payload: Payload = 
         order_code="InvalidRequest",
         body="{name, startTime, endTime}",
     )
-    with d.sessions.begin() as session:
-        if session.get(FeatureImportance, (rt.name, job_id)) is not None:
-            raise bad_request("FeatureImportanceAlreadyExists", f"'{job_id}' exists")
-        job = FeatureImportance(
-            loop=rt.name,
-            id=job_id,
-            name=name,
-            start_time=start,
-            end_time=end,
-            created_at=d.clock(),
-            status="NotSubmitted",
-            progress=0.0,
-        )
-        session.add(job)
+    job = _new_job(
+        d,
+        FeatureImportance,
+        FeatureImportance(loop=rt.name, id=job_id, name=name, start_time=start, end_time=end),
+        exists="FeatureImportanceAlreadyExists",
+    )
     d.jobs.submit_importance(rt.name, job_id)
     return _importance_doc(job)
 
 
 def _importance(request: Request, job_id: str) -> tuple[Dloop, FeatureImportance]:
-    d, rt = loop_for(request, admin=True)
-    with d.sessions() as session:
-        job = session.get(FeatureImportance, (rt.name, job_id))
-    if job is None:
-        raise ApiError(404, "FeatureImportanceNotFound", f"feature importance '{job_id}' not found")
-    return d, job
+    return _find(request, FeatureImportance, job_id, missing="FeatureImportanceNotFound")
 
 
 @router.get("/personalizer/featureImportances/{job_id}")
@@ -300,9 +302,4 @@ def list_feature_importances(request: Request) -> dict[str, Any]:
 
 @router.delete("/personalizer/featureImportances/{job_id}", status_code=204)
 def delete_feature_importance(request: Request, job_id: str) -> Response:
-    d, job = _importance(request, job_id)
-    with d.sessions.begin() as session:
-        row = session.get(FeatureImportance, (job.loop, job.id))
-        if row is not None:
-            session.delete(row)
-    return Response(status_code=204)
+    return _delete(*_importance(request, job_id))
