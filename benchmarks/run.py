@@ -208,7 +208,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--decisions", type=int, default=4000)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pages", type=int, default=3000)
+    parser.add_argument("--pages", type=int, nargs="+", default=[1000, 3000])
+    parser.add_argument("--page-seeds", type=int, default=10)
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--pipeline-events", type=int, default=20000)
@@ -232,8 +233,8 @@ def main() -> None:
 
     table(
         f"Multi-slot learning: greedy slate's share of the way from random slates (0) to the "
-        f"best (1) on a 3-slot page after {args.pages} pages, explorationPercentage 0.2",
-        multislot.learning(args.pages, args.seeds),
+        f"best (1) on a 3-slot page, mean of {args.page_seeds} seeds, explorationPercentage 0.2",
+        multislot.learning(args.pages, args.page_seeds),
     )
     table(
         f"Learning: share of the way from uniform random (0) to the oracle (1), last third of "
