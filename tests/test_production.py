@@ -198,6 +198,7 @@ def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
     assert count(stack.db_url, select(ModelCheckpoint.examples)) == n
     after = stack.api("GET", "/personalizer/v1.0/model/properties").json()
     assert after["creationTime"] != before["creationTime"]
+    mark = time.time()
     with httpx.Client(base_url=stack.url, headers=HEADERS, timeout=10) as client:
         for i in range(n, n + 50):
             r = client.post(
@@ -227,6 +228,10 @@ def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
     )
     lines = list(sources.kafka_lines(settings, loop="default"))
     assert {orjson.loads(line)["EventId"] for line in lines} == {f"e{i}" for i in range(n + 50)}
+    # From a time: Kafka finds the first joined message published since then (the first n were
+    # learned, so published, before `mark`).
+    lines = list(sources.kafka_lines(settings, loop="default", since=mark))
+    assert {orjson.loads(line)["EventId"] for line in lines} == {f"e{i}" for i in range(n, n + 50)}
 
 
 def test_rl_loop_learns_episodes_on_the_production_path(stack: Stack) -> None:
