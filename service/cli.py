@@ -125,8 +125,14 @@ def _require_production(settings: Settings) -> None:
         )
 
 
-def _run_until_signalled(worker: object) -> None:
+def _run_until_signalled(worker: object, settings: Settings) -> None:
+    import logging
     import signal
+
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":
+        logging.getLogger("kafka").setLevel(logging.WARNING)
 
     def stop(*_: object) -> None:
         worker.request_stop()  # type: ignore[attr-defined]
@@ -159,7 +165,7 @@ def join() -> None:
     )
     typer.echo("dloop: joiner running")
     try:
-        _run_until_signalled(worker)
+        _run_until_signalled(worker, settings)
     finally:
         producer.close(timeout=5)
         engine.dispose()
@@ -185,7 +191,7 @@ def learn() -> None:
     )
     typer.echo("dloop: learner running")
     try:
-        _run_until_signalled(worker)
+        _run_until_signalled(worker, settings)
     finally:
         engine.dispose()
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_actions: int = 50
     # Rank responses remembered per loop for idempotent retries of the same eventId.
     dedup_cache_size: int = 100_000
+    # Worker processes (join, learn) log at this level to stderr; kafka-python's own chatter
+    # shows only at DEBUG.
+    log_level: str = "INFO"
     db: DbSettings = DbSettings()
     kafka: KafkaSettings = KafkaSettings()
     learner: LearnerSettings = LearnerSettings()
