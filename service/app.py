@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from learners.worker import EmbeddedWorker
 from service import errors, kafka, store
+from service.background import configure_logging
 from service.context import Dloop
 from service.db import make_engine, make_sessionmaker
 from service.evaluations import AutoOptimizer
@@ -167,7 +168,9 @@ def claim_replica(root: Path) -> tuple[Path, int]:
 
 def from_environment() -> FastAPI:
     """App factory for `dloop serve --workers N` (each uvicorn worker process builds its own)."""
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 def create_app(

@@ -1,5 +1,6 @@
 """What every background thread shares: the loop that runs one step until stopped and backs off
-when a step fails, and a lower scheduling priority than the threads that serve requests."""
+when a step fails, and a lower scheduling priority than the threads that serve requests; and
+the logging of the production processes that run them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at `level` (DLOOP_LOG_LEVEL) in `dloop serve`, `join` and `learn`;
+    kafka-python's connection and group messages show only at DEBUG."""
+    level = level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":
+        logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
 def lower_thread_priority() -> None:

@@ -102,6 +102,7 @@ def serve(
     import uvicorn
 
     from service.app import create_app
+    from service.background import configure_logging
 
     settings = _settings(data_dir, host=host, port=port)
     _require_production(settings)
@@ -111,6 +112,7 @@ def serve(
     )
     options: dict[str, Any] = dict(host=host, port=port, log_level="warning", access_log=False)
     if workers == 1:
+        configure_logging(settings.log_level)
         uvicorn.run(create_app(settings), **options)
         return
     # Worker processes read their settings from the environment.
@@ -126,13 +128,11 @@ def _require_production(settings: Settings) -> None:
 
 
 def _run_until_signalled(worker: object, settings: Settings) -> None:
-    import logging
     import signal
 
-    level = settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":
-        logging.getLogger("kafka").setLevel(logging.WARNING)
+    from service.background import configure_logging
+
+    configure_logging(settings.log_level)
 
     def stop(*_: object) -> None:
         worker.request_stop()  # type: ignore[attr-defined]

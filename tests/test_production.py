@@ -244,12 +244,20 @@ def test_rl_loop_learns_episodes_on_the_production_path(stack: Stack) -> None:
         client.create_loop("rl")
         client.configure(modelExportFrequency="PT1S", rewardWaitTime="PT10S")
         client.set_policy("tabular", TABULAR_RL_POLICY)
-        curve = simulate.run(client, "dloop/DelayedKey-v0", 40, eval_episodes=1, progress=False)
+        # A fixed run id fixes the exploration draws (dloop seeds them from the event ids).
+        curve = simulate.run(
+            client, "dloop/DelayedKey-v0", 40, eval_episodes=1, progress=False, run_id="keys"
+        )
         learned = select(func.count()).where(Episode.loop == "keys", Episode.learned.is_(True))
-        wait_for(lambda: count(stack.db_url, learned) == 40, 30, "the episodes learned")
+        wait_for(lambda: count(stack.db_url, learned) == 40, 60, "the episodes learned")
         # The served model (loaded by the replicas from the database) plays the key.
-        time.sleep(2)
-        assert simulate.greedy_return(client.model(), "rl", "dloop/DelayedKey-v0", 200, 1) == 1.0
+        wait_for(
+            lambda: (
+                simulate.greedy_return(client.model(), "rl", "dloop/DelayedKey-v0", 200, 1) == 1.0
+            ),
+            15,
+            "a served model that takes the key",
+        )
     assert len(curve.returns) == 40
 
 
