@@ -394,16 +394,36 @@ def evaluate(
 
     from learners import estimators, evaluation
     from learners.evaluation import PolicySpec
+    from learners.vw import PolicyError, algorithm, check_policy
     from service.evaluations import SEARCH, policy_specs
 
     settings = _settings(data_dir)
+    row = _loop_row(settings, loop)
+    if row is not None and row.kind == "rl":
+        if policy or optimize or source != "db":
+            raise typer.BadParameter(
+                "RL loops evaluate their logged episodes (db) against the online policy, "
+                "the current model, baseline and random",
+                param_hint="--policy/--optimize/--source",
+            )
+        _evaluate_rl(settings, loop, since, until, out)
+        return
+    # A file with no loop behind it may hold single- or multi-slot lines.
+    algorithms = [algorithm(row.kind)] if row is not None else [algorithm(k) for k in ("cb", "ccb")]
     custom = []
     for item in policy or []:
         name, sep, args = item.partition("=")
-        if not sep or not name or "--cb_explore_adf" not in args:
-            raise typer.BadParameter("NAME=--cb_explore_adf ...", param_hint="--policy")
+        errors = []
+        for algo in algorithms:
+            try:
+                check_policy(args, algorithm=algo)
+            except PolicyError as exc:
+                errors.append(str(exc))
+        if not sep or not name or len(errors) == len(algorithms):
+            raise typer.BadParameter(
+                f"NAME=VW_ARGUMENTS ({'; '.join(errors) or 'no name'})", param_hint="--policy"
+            )
         custom.append({"name": name, "arguments": args})
-    row = _loop_row(settings, loop)
     if row is not None:
         specs = policy_specs(row, custom, optimize)
     else:
@@ -441,6 +461,35 @@ def evaluate(
         times = [d.t for g in groups.values() for d in g]
         doc = evaluation.content([], start=min(times), end=max(times) + 1)
         doc["value"] = value
+        out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+
+
+def _evaluate_rl(
+    settings: Settings, loop: str, since: str | None, until: str | None, out: Path | None
+) -> None:
+    import orjson
+
+    from learners import evaluation
+    from service.evaluations import evaluate_rl
+
+    start, end = _time(since) or 0.0, _time(until) or time.time() + 1
+    with _database(settings) as sessions:
+        results = evaluate_rl(sessions, loop, start, end)
+    episodes = len(results[0].returns) if results else 0
+    if not episodes:
+        typer.echo("dloop: no ended episodes in that range", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{episodes} logged episodes; per-decision importance sampling, 95% intervals")
+    typer.echo(f"{'policy':<28}{'source':<12}{'discounted return':>28}{'ESS':>8}  usable")
+    for r in sorted(results, key=lambda r: -r.estimate.value):
+        e = r.estimate
+        ret = f"{e.value:.4f} [{e.low:.3f}, {e.high:.3f}]"
+        typer.echo(
+            f"{r.spec.name[:27]:<28}{r.spec.source:<12}{ret:>28}{r.effective_sample_size:>8.1f}"
+            f"  {'yes' if r.usable else 'no: weights too uneven'}"
+        )
+    if out is not None:
+        doc = evaluation.episode_content(results, start=start, end=end)
         out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
 

@@ -174,10 +174,11 @@ def run(
         _fail(sessions, Evaluation, key, exc)
 
 
-def _run_rl(
-    sessions: sessionmaker[Session], loop: str, key: tuple[str, str], start: float, end: float
-) -> None:
-    """RL loops: per-decision importance sampling over the episodes ended in the window."""
+def evaluate_rl(
+    sessions: sessionmaker[Session], loop: str, start: float, end: float
+) -> list[evaluation.EpisodeResult]:
+    """RL loops: per-decision importance sampling of the online policy, baseline, random and
+    the current model (epsilon-greedy) over the episodes that ended in [start, end)."""
     from learners.rl import RLRanker
 
     with sessions() as session:
@@ -204,13 +205,19 @@ def _run_rl(
             return ranker.values(orjson.dumps(orjson.loads(d.line)["c"]))
 
         specs.append(PolicySpec("current-model", "Custom", row.policy["arguments"]))
-    results = evaluation.evaluate_episodes(
+    return evaluation.evaluate_episodes(
         episodes,
         specs,
         gamma=settings.discount,
         greedy_values=values,
         epsilon=settings.exploration,
     )
+
+
+def _run_rl(
+    sessions: sessionmaker[Session], loop: str, key: tuple[str, str], start: float, end: float
+) -> None:
+    results = evaluate_rl(sessions, loop, start, end)
     doc = evaluation.episode_content(results, start=start, end=end)
     usable = [r for r in results if r.usable and r.spec.source in ("Online", "Custom")]
     best = max(usable, key=lambda r: r.estimate.low, default=None)
@@ -220,7 +227,7 @@ def _run_rl(
         key,
         content=doc,
         optimal_policy=best.spec.name if best is not None else None,
-        description=f"{len(episodes)} logged episodes evaluated",
+        description=f"{len(results[0].returns) if results else 0} logged episodes evaluated",
     )
 
 

@@ -308,6 +308,14 @@ def test_exported_ccb_logs_parse_in_vw_with_counts_and_labels_matching(
     )
     assert result.exit_code == 0, result.output
     assert "slot.pos" in result.output
+    # Custom multi-slot policies evaluate on every slot; a single-slot one is refused for the loop.
+    cli = ["evaluate", "--loop", "page", "--data-dir", str(data_dir), "--source", str(out)]
+    result = CliRunner().invoke(app, [*cli, "--policy", "sq=--ccb_explore_adf --squarecb"])
+    assert result.exit_code == 0, result.output
+    assert [s["id"] in result.output for s in SLOTS] == [True] * 3
+    assert result.output.count("sq ") == 3
+    result = CliRunner().invoke(app, [*cli, "--policy", "cb=--cb_explore_adf"])
+    assert result.exit_code == 2 and "--ccb_explore_adf" in result.output
 
 
 def test_apprentice_serves_each_slots_baseline_and_learns_to_imitate(harness: Harness) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 import pytest
 from sqlalchemy import select
@@ -215,7 +217,7 @@ def test_simulate_drives_a_cb_loop_on_a_synthetic_world(harness: Harness) -> Non
     assert gain > 0.5, gain
 
 
-def test_offline_evaluation_of_an_rl_loop(harness: Harness) -> None:
+def test_offline_evaluation_of_an_rl_loop(harness: Harness, tmp_path: Path) -> None:
     """Per-decision importance sampling on logged DelayedKey episodes: the uniform policy's
     discounted return is known exactly; weights over 10-step episodes are flagged when too
     uneven to use."""
@@ -261,3 +263,20 @@ def test_offline_evaluation_of_an_rl_loop(harness: Harness) -> None:
     assert results["Online"]["episodes"] == 150 and results["Online"]["effectiveSampleSize"] == 150
     # The learned model's greedy policy is worth more than random.
     assert results["Custom"]["expectedReward"] > random_truth
+
+    # The CLI evaluates the same episodes the same way.
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    data_dir = str(harness.dloop.settings.data_dir)
+    out = tmp_path / "rl.json"
+    cli = ["evaluate", "--loop", "keys", "--data-dir", data_dir]
+    result = CliRunner().invoke(app, [*cli, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "150 logged episodes" in result.output
+    by_source = {v["policySource"]: v["summary"] for v in orjson.loads(out.read_bytes())["value"]}
+    assert by_source["Random"]["confidenceInterval"] == results["Random"]["confidenceInterval"]
+    assert by_source["Custom"]["expectedReward"] == results["Custom"]["expectedReward"]
+    refused = CliRunner().invoke(app, [*cli, "--policy", "x=--cb_explore_adf"])
+    assert refused.exit_code == 2 and "RL loops" in refused.output
