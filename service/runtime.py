@@ -71,9 +71,7 @@ class Registry:
                 rt = LoopRuntime(loop.name, loop.kind, loop.config, loop.policy, settings)
                 self.loops[loop.name] = rt
             else:
-                rt.config, rt.policy, rt.settings = loop.config, loop.policy, settings
-                if isinstance(rt.served[0], RLRanker):
-                    rt.served[0].epsilon = settings.exploration
+                self._configure(rt, loop.config, loop.policy, settings)
             ckpt = store.get_checkpoint(session, loop=loop.name)
             if ckpt is None or ckpt.model is None:
                 self.publish(loop.name, None, "N/A")
@@ -89,12 +87,23 @@ class Registry:
         if model is None:
             rt.served = (None, "N/A")  # blank: uniform ranking until the first model
             return
-        ranker = RLRanker(model, rt.settings.exploration) if rt.kind == "rl" else CBRanker(model)
+        ranker: CBRanker | RLRanker | CCBRanker
+        if rt.kind == "rl":
+            ranker = RLRanker(model, rt.settings.exploration)
+        elif rt.kind == "ccb":
+            ranker = CCBRanker(model)
+        else:
+            ranker = CBRanker(model)
         rt.served = (ranker, model_id)
 
     def update(self, name: str, *, config: dict[str, Any], policy: dict[str, str]) -> None:
         rt = self.loops[name]
-        rt.config, rt.policy, rt.settings = config, policy, LoopSettings.from_doc(config)
-        ranker = rt.served[0]
-        if isinstance(ranker, RLRanker):
-            ranker.epsilon = rt.settings.exploration
+        self._configure(rt, config, policy, LoopSettings.from_doc(config))
+
+    @staticmethod
+    def _configure(
+        rt: LoopRuntime, config: dict[str, Any], policy: dict[str, str], settings: LoopSettings
+    ) -> None:
+        rt.config, rt.policy, rt.settings = config, policy, settings
+        if isinstance(rt.served[0], RLRanker):
+            rt.served[0].epsilon = settings.exploration  # RL loops explore outside VW

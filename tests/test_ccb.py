@@ -203,6 +203,16 @@ def test_the_learned_slate_beats_baselines_and_random(harness: Harness) -> None:
     # Measured: the best slate for both users (progress 1.0; baselines 0.31, random 0.31).
     assert progress > 0.8, (learned, best)
     assert np.mean(learned) > np.mean(baseline) + 0.1
+    # The served ranking uses that model: each user's favourite lands in the hero slot far
+    # more often than a uniform draw's one time in four.
+    for user, favourite in ((0, "a0"), (1, "a3")):
+        heroes = [
+            rank(harness, page(f"after-{user}-{i}", user=f"u{user}")).json()["slots"][0]
+            for i in range(40)
+        ]
+        hits = sum(h["rewardActionId"] == favourite for h in heroes)
+        assert hits >= 30, (user, hits)  # measured: 40 and 39 of 40
+        assert max(h["probability"] for h in heroes) > 0.9
 
     # Offline evaluation covers every slot; the hero slot's baseline and random values are
     # known exactly (every action is free for the first slot).
