@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from learners import evaluation
 from learners.evaluation import PolicySpec
 from learners.importance import feature_importance
-from learners.joiner import parse_time
 from learners.vw import with_exploration
 from service import store
 from service.background import lower_thread_priority
@@ -301,11 +300,10 @@ def auto_optimize(d: Any, loop: str) -> str | None:
     rt = d.registry.get(loop)
     if rt is None or rt.kind != "cb":
         return None
-    cfg = rt.config
-    if not cfg.get("isAutoOptimizationEnabled"):
+    if not rt.settings.auto_optimize:
         return None
-    every = _seconds(cfg.get("autoOptimizationFrequency")) or DEFAULT_AUTO_EVERY
-    start_at = _instant(cfg.get("autoOptimizationStartDate")) or 0.0
+    every = rt.settings.auto_every or DEFAULT_AUTO_EVERY
+    start_at = rt.settings.auto_start
     if now < start_at:
         return None
     evaluation_id = f"auto-{int((now - start_at) // every)}"
@@ -354,20 +352,6 @@ def auto_optimize(d: Any, loop: str) -> str | None:
     if better:
         save_policy(d, rt, {"name": best["name"], "arguments": best["arguments"]})
     return evaluation_id
-
-
-def _seconds(value: Any) -> float | None:
-    from datetime import timedelta
-
-    from pydantic import TypeAdapter
-
-    if not value:
-        return None
-    return TypeAdapter(timedelta).validate_python(value).total_seconds()
-
-
-def _instant(value: Any) -> float | None:
-    return parse_time(str(value)) if value else None
 
 
 class AutoOptimizer:

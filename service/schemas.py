@@ -155,6 +155,10 @@ class LoopSettings:
     retention_days: int
     explain: bool
     discount: float
+    # Auto-optimisation: on or off, every how many seconds (0: not set), from when (0: not set).
+    auto_optimize: bool
+    auto_every: float
+    auto_start: float
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> LoopSettings:
@@ -172,4 +176,15 @@ class LoopSettings:
             retention_days=cfg.log_retention_days,
             explain=bool(cfg.is_inference_explainability_enabled),
             discount=cfg.discount_factor,
+            auto_optimize=bool(cfg.is_auto_optimization_enabled),
+            auto_every=(
+                cfg.auto_optimization_frequency.total_seconds()
+                if cfg.auto_optimization_frequency
+                else 0.0
+            ),
+            auto_start=(
+                cfg.auto_optimization_start_date.timestamp()
+                if cfg.auto_optimization_start_date
+                else 0.0
+            ),
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import uuid
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from fastapi import APIRouter, Request
@@ -115,8 +115,7 @@ def _parse_rank(body: Any, max_actions: int) -> dict[str, Any]:
 def _policy_pmf(rt: LoopRuntime, req: dict[str, Any], context: bytes) -> tuple[list[float], str]:
     eligible: list[bool] = req["eligible"]
     ranker, model_id = rt.served
-    if isinstance(ranker, CCBRanker):
-        raise _rank_error("this is a multi-slot loop: rank with /multislot/rank")
+    assert not isinstance(ranker, CCBRanker)  # `rank` turns multi-slot loops away first
     if ranker is None:
         return restrict([1.0] * len(eligible), eligible), model_id
     if all(eligible):
@@ -154,7 +153,8 @@ def _explain(rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
     """Per action, the context features that moved its probability most (learners.importance)."""
     ids: list[str] = req["ids"]
     ranker = rt.served[0]
-    if ranker is None or isinstance(ranker, CCBRanker):
+    assert not isinstance(ranker, CCBRanker)  # `rank` turns multi-slot loops away first
+    if ranker is None:
         return [{"id": a, "features": []} for a in ids]
     eligible: list[bool] = req["eligible"]
     actions = [(a, f) for a, f, ok in zip(ids, req["features"], eligible, strict=True) if ok]
@@ -280,21 +280,31 @@ async def reward(request: Request) -> Response:
     _check_event_id(event_id, "InvalidRewardRequest")
     body = await _json_body(request, "InvalidRewardRequest")
     value = body.get("value") if isinstance(body, dict) else None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not -1 <= value <= 1
-    ):
+    if not is_reward(value):
         raise bad_request("InvalidRewardRequest", "value must be a finite number between -1 and 1")
     _observation(d, rt, "r", event_id, float(value))
     d.metrics.rewards.labels(rt.name).inc()
     return Response(status_code=204)
 
 
+def is_reward(value: Any) -> TypeGuard[int | float]:
+    """A reward value dloop accepts: a finite number (not a boolean) in [-1, 1]."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and -1 <= value <= 1
+    )
+
+
 async def activate(request: Request) -> Response:
-    event_id = request.path_params["event_id"]
     d, rt = loop_for(request, admin=False)
+    return await activate_event(request, d, rt)
+
+
+async def activate_event(request: Request, d: Dloop, rt: LoopRuntime) -> Response:
+    """Activate a deferred event (for a multi-slot event: every slot)."""
+    event_id = request.path_params["event_id"]
     _check_event_id(event_id, "InvalidEventIdToActivate")
     await _json_body(request, "InvalidEventIdToActivate", required=False)
     _observation(d, rt, "a", event_id, None)

@@ -9,7 +9,6 @@ baselines.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import orjson
@@ -28,6 +27,8 @@ from service.routes.events import (
     _parse_rank,
     _rank_error,
     _retry,
+    activate_event,
+    is_reward,
 )
 from service.runtime import LoopRuntime
 
@@ -166,12 +167,7 @@ async def reward_multi_slot(request: Request) -> Response:
         value = item.get("value") if isinstance(item, dict) else None
         if not isinstance(slot, str) or not slot or len(slot) > MAX_ID:
             raise bad_request("InvalidRewardRequest", f"reward[{i}].slotId must be a slot id")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or not -1 <= value <= 1
-        ):
+        if not is_reward(value):
             raise bad_request(
                 "InvalidRewardRequest", f"reward[{i}].value must be a finite number in [-1, 1]"
             )
@@ -183,14 +179,8 @@ async def reward_multi_slot(request: Request) -> Response:
 
 
 async def activate_multi_slot(request: Request) -> Response:
-    """Activates every slot of a deferred multi-slot event."""
-    event_id = request.path_params["event_id"]
     d, rt = _multislot_loop(request)
-    _check_event_id(event_id, "InvalidEventIdToActivate")
-    await _json_body(request, "InvalidEventIdToActivate", required=False)
-    _observation(d, rt, "a", event_id, None)
-    d.metrics.activations.labels(rt.name).inc()
-    return Response(status_code=204)
+    return await activate_event(request, d, rt)
 
 
 router.add_route("/personalizer/multislot/rank", rank_multi_slot, methods=["POST"])
