@@ -47,11 +47,16 @@ def _interval(terms: np.ndarray, value: float) -> Estimate:
     return Estimate(value, value - Z95 * se, value + Z95 * se)
 
 
-def ips(rewards: Values, weights: Values) -> Estimate:
-    terms = np.asarray(weights, float) * np.asarray(rewards, float)
-    if len(terms) == 0:
+def mean(terms: Values) -> Estimate:
+    """The mean of per-decision (or per-episode) terms with its 95% interval; NaN if none."""
+    t = np.asarray(terms, float)
+    if len(t) == 0:
         return Estimate(float("nan"), float("nan"), float("nan"))
-    return _interval(terms, float(terms.mean()))
+    return _interval(t, float(t.mean()))
+
+
+def ips(rewards: Values, weights: Values) -> Estimate:
+    return mean(np.asarray(weights, float) * np.asarray(rewards, float))
 
 
 def snips(rewards: Values, weights: Values) -> Estimate:
@@ -63,18 +68,23 @@ def snips(rewards: Values, weights: Values) -> Estimate:
     return _interval(w * (r - value) / w.mean(), value)
 
 
+def dr_terms(
+    rewards: Values, weights: Values, predicted_chosen: Values, predicted_target: Values
+) -> npt.NDArray[np.float64]:
+    """Per-decision doubly robust terms, rhat_pi_i + w_i (r_i - rhat_i)."""
+    terms: npt.NDArray[np.float64] = np.asarray(predicted_target, float) + np.asarray(
+        weights, float
+    ) * (np.asarray(rewards, float) - np.asarray(predicted_chosen, float))
+    return terms
+
+
 def dr(
     rewards: Values,
     weights: Values,
     predicted_chosen: Values,
     predicted_target: Values,
 ) -> Estimate:
-    terms = np.asarray(predicted_target, float) + np.asarray(weights, float) * (
-        np.asarray(rewards, float) - np.asarray(predicted_chosen, float)
-    )
-    if len(terms) == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"))
-    return _interval(terms, float(terms.mean()))
+    return mean(dr_terms(rewards, weights, predicted_chosen, predicted_target))
 
 
 def effective_sample_size(weights: Values) -> float:

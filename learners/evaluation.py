@@ -30,7 +30,7 @@ import orjson
 
 from learners import estimators, vw
 from learners.joiner import parse_time
-from learners.rl import relabel
+from learners.rl import epsilon_greedy, relabel
 from learners.sampling import restrict
 
 REWARD_MODEL = "--cb_adf --cb_type mtr -q :: --power_t 0 -l 0.1"
@@ -222,6 +222,14 @@ class Result:
         }
 
 
+def _logged(d: Logged) -> list[float]:
+    return d.logged
+
+
+# The policies whose probabilities need no model; the others are VW policies.
+FIXED: dict[str, Probabilities] = {"Online": _logged, "Baseline": _baseline, "Random": _uniform}
+
+
 def evaluate(
     logged: list[Logged],
     policies: list[PolicySpec],
@@ -229,16 +237,7 @@ def evaluate(
     progress: Callable[[float], None] | None = None,
 ) -> list[Result]:
     """Score every policy on the logged decisions (one pass, all policies side by side)."""
-    scorers: list[Probabilities] = []
-    for spec in policies:
-        if spec.source == "Online":
-            scorers.append(lambda d: d.logged)
-        elif spec.source == "Baseline":
-            scorers.append(_baseline)
-        elif spec.source == "Random":
-            scorers.append(_uniform)
-        else:
-            scorers.append(Progressive(spec.arguments))
+    scorers = [FIXED.get(spec.source) or Progressive(spec.arguments) for spec in policies]
     reward_model = vw.workspace(f"{REWARD_MODEL} --dsjson")
     n, k = len(logged), len(policies)
     weights = np.zeros((k, n))
@@ -276,7 +275,7 @@ def timeseries(res: Result, *, start: float, minutes: int, window: str) -> list[
     to its end), computed from per-interval sums, so a long window of short intervals is cheap."""
     if not len(res.times):
         return []
-    terms = res.rhat_target + res.weights * (res.rewards - res.rhat_chosen)
+    terms = estimators.dr_terms(res.rewards, res.weights, res.rhat_chosen, res.rhat_target)
     step = minutes * 60.0
     bucket = np.floor((res.times - start) / step).astype(int)
     ids, inverse = np.unique(bucket, return_inverse=True)
@@ -396,37 +395,26 @@ def evaluate_episodes(
     sample size (of the whole-episode weights) is under 10% of the episodes, or under 10
     episodes, is marked unusable rather than reported as if it were informative.
     """
+
+    def greedy(d: Logged) -> list[float]:
+        assert greedy_values is not None
+        values = greedy_values(d)
+        costs = [-v if ok else float("inf") for v, ok in zip(values, d.eligible, strict=True)]
+        return restrict(epsilon_greedy(costs, epsilon), d.eligible)
+
     results = []
     for spec in policies:
+        score = FIXED.get(spec.source) or greedy
         per_episode, finals = [], []
         for ep in episodes:
             rho, total = 1.0, 0.0
             for t, d in enumerate(ep.steps):
-                if spec.source == "Online":
-                    pi = d.logged
-                elif spec.source == "Baseline":
-                    pi = _baseline(d)
-                elif spec.source == "Random":
-                    pi = _uniform(d)
-                else:
-                    assert greedy_values is not None
-                    values = greedy_values(d)
-                    costs = [
-                        -v if ok else float("inf") for v, ok in zip(values, d.eligible, strict=True)
-                    ]
-                    from learners.rl import epsilon_greedy
-
-                    pi = restrict(epsilon_greedy(costs, epsilon), d.eligible)
-                rho *= pi[d.chosen] / d.p
+                rho *= score(d)[d.chosen] / d.p
                 total += gamma**t * rho * d.reward
             per_episode.append(total)
             finals.append(rho)
         returns = np.array(per_episode)
-        est = (
-            estimators._interval(returns, float(returns.mean()))
-            if len(returns)
-            else (estimators.Estimate(float("nan"), float("nan"), float("nan")))
-        )
+        est = estimators.mean(returns)
         ess = estimators.effective_sample_size(np.array(finals))
         usable = ess >= max(10.0, 0.1 * len(episodes))
         results.append(EpisodeResult(spec, returns, np.array(finals), est, ess, usable))

@@ -182,12 +182,17 @@ def optimal_return(
         if np.max(np.abs(new - values)) < 1e-9:
             break
         values = new
+    return _play(env, lambda obs: int(np.argmax(q(int(obs)))), episodes, seed)
+
+
+def _play(env: gym.Env[Any, Any], act: Callable[[Any], int], episodes: int, seed: int) -> float:
+    """Mean return of the policy `act` (observation -> action) over `episodes` fixed seeds."""
     totals = []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
         total = 0.0
         while True:
-            obs, reward, terminated, truncated, _ = env.step(int(np.argmax(q(int(obs)))))
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
             total += float(reward)
             if terminated or truncated:
                 break
@@ -199,27 +204,20 @@ def greedy_return(
     model: bytes, kind: str, env_id: str, max_steps: int, episodes: int, seed: int = 10_000
 ) -> float:
     """Mean return of the model's greedy policy over `episodes` fixed seeds (played locally)."""
+    if not model:
+        return float("nan")
     env = make_env(env_id, max_steps)
     actions = envs.action_list(env.action_space)
     pairs = [(a["id"], a["features"]) for a in actions]
-    if not model:
-        return float("nan")
     score: Callable[[bytes], list[float]]
     if kind == "rl":
         ranker = RLRanker(model, 0.0)
         score = ranker.values
     else:
         score = CBRanker(model).predict
-    totals = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total = 0.0
-        while True:
-            values = score(context_json(envs.observation_features(obs), pairs))
-            action = int(actions[int(np.argmax(values))]["id"])
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            if terminated or truncated:
-                break
-        totals.append(total)
-    return float(np.mean(totals))
+
+    def act(obs: Any) -> int:
+        values = score(context_json(envs.observation_features(obs), pairs))
+        return int(actions[int(np.argmax(values))]["id"])
+
+    return _play(env, act, episodes, seed)

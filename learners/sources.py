@@ -27,11 +27,20 @@ def _in_range(line: str, since: float | None, until: float | None) -> bool:
     if since is None and until is None:
         return True
     try:
-        stamp = orjson.loads(line).get("Timestamp")
-        if not isinstance(stamp, str):
-            return False
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return _stamp_in_range(doc.get("Timestamp"), since, until)
+
+
+def _stamp_in_range(stamp: object, since: float | None, until: float | None) -> bool:
+    if since is None and until is None:
+        return True
+    if not isinstance(stamp, str):
+        return False
+    try:
         t = parse_time(stamp)
-    except (ValueError, orjson.JSONDecodeError):
+    except ValueError:
         return False
     return (since is None or t >= since) and (until is None or t < until)
 
@@ -51,7 +60,7 @@ def file_lines(
                 continue
             if "_multi" not in doc.get("c", {}) or not ("a" in doc or "_outcomes" in doc):
                 continue  # not an interaction (a header, a model record, ...)
-            if _in_range(line, since, until):
+            if _stamp_in_range(doc.get("Timestamp"), since, until):
                 yield line
     finally:
         if stream is not sys.stdin:
@@ -75,17 +84,13 @@ def kafka_lines(
     until: float | None = None,
 ) -> Iterator[str]:
     """The loop's lines from the joined topic (its messages are keyed by loop)."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
     from learners.join_worker import read_joined
     from service import kafka as k
 
     topic = k.joined_topic(settings)
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers.split(","),
-        enable_auto_commit=False,
-        consumer_timeout_ms=2000,
-    )
+    consumer = k.consumer(settings, group=None, consumer_timeout_ms=2000)
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
         consumer.assign(partitions)

@@ -172,13 +172,16 @@ def check_model(model: bytes, *, kind: str = "cb") -> None:
     expected = algorithm(kind)
     try:
         learners = ws.get_enabled_learners()
-        explores = any(n.startswith("cb_explore_adf") for n in learners)
-        slots = any(n.startswith("ccb_explore_adf") for n in learners)
-        if (
-            slots != (expected == "--ccb_explore_adf")
-            or (explores and not slots) != (expected == "--cb_explore_adf")
-            or "cb_adf" not in learners
-        ):
+        # The outermost contextual-bandit reduction the model stacks (all of them on cb_adf).
+        found = next(
+            (
+                f"--{name}"
+                for name in ("ccb_explore_adf", "cb_explore_adf")
+                if any(n.startswith(name) for n in learners)
+            ),
+            "--cb_adf",
+        )
+        if found != expected or "cb_adf" not in learners:
             raise PolicyError(f"the model is not a {expected} model")
     finally:
         ws.finish()

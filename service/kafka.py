@@ -78,7 +78,8 @@ def send_all(
         future.get(timeout=0)
 
 
-def consumer(settings: Settings, *, group: str, **overrides: Any) -> KafkaConsumer:
+def consumer(settings: Settings, *, group: str | None, **overrides: Any) -> KafkaConsumer:
+    """A consumer in `group` (None: no group, for reading assigned partitions)."""
     config: dict[str, Any] = {
         "bootstrap_servers": _servers(settings),
         "group_id": group,
