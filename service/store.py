@@ -51,17 +51,21 @@ def _insert(session: Session, table: Any) -> Any:
 
 
 def ensure_loop(session: Session, *, name: str, kind: str, now: float) -> Loop:
+    """The loop, created if missing. Several processes may do this at once (the replicas of
+    `dloop serve --workers N` all make sure the default loop exists as they start): the insert
+    yields to a concurrent one, and the loop is read back, whoever created it."""
     loop = session.get(Loop, name)
     if loop is None:
-        loop = Loop(
-            name=name,
-            kind=kind,
-            created_at=now,
-            config=default_config(now),
-            policy=default_policy(kind),
-        )
-        session.add(loop)
-        session.flush()
+        row = {
+            "name": name,
+            "kind": kind,
+            "created_at": now,
+            "config": default_config(now),
+            "policy": default_policy(kind),
+        }
+        session.execute(_insert(session, Loop).values(**row).on_conflict_do_nothing())
+        loop = session.get(Loop, name)
+        assert loop is not None
     return loop
 
 

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from service.migrate import upgrade
-from service.models import Joined, ModelCheckpoint, Observation
+from service.models import Joined, Loop, ModelCheckpoint, Observation
 from tests.conftest import Broker, free_port
 
 KEY = "prod-admin-key"
@@ -298,3 +298,37 @@ def test_multi_slot_loop_learns_on_the_production_path(stack: Stack) -> None:
         return 'model_id="N/A"' not in info
 
     wait_for(served, 10, "a served multi-slot model")
+
+
+def test_replicas_starting_together_create_the_default_loop_once(postgres_url: str) -> None:
+    """`dloop serve --workers N` processes all make sure the default loop exists as they start;
+    one that finds another's insert in flight waits for it and uses that loop (before, its own
+    insert failed and uvicorn stopped every worker)."""
+    import threading
+
+    from service import store
+    from service.db import make_engine, make_sessionmaker
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        first = sessions()
+        first.begin()
+        store.ensure_loop(first, name="default", kind="cb", now=1.0)  # not committed yet
+        found: list[Any] = []
+
+        def second() -> None:
+            with sessions.begin() as session:
+                found.append(store.ensure_loop(session, name="default", kind="cb", now=2.0).kind)
+
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.5)  # the second insert is now waiting on the first transaction
+        first.commit()
+        first.close()
+        t.join(10)
+        assert found == ["cb"]
+        assert count(postgres_url, select(func.count()).select_from(Loop)) == 1
+    finally:
+        engine.dispose()
