@@ -148,27 +148,25 @@ def join() -> None:
     `<prefix>.joiner`; run as many as there are partitions) and publish joined interactions."""
     from learners.join_worker import JoinWorker
     from service import kafka
-    from service.db import make_engine, make_sessionmaker
 
     settings = load_settings()
     _require_production(settings)
     kafka.ensure_topics(settings)
-    engine = make_engine(settings.database_url)
-    producer = kafka.producer(settings)
-    worker = JoinWorker(
-        sessions=make_sessionmaker(engine),
-        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.joiner"),
-        producer=producer,
-        events_topic=kafka.events_topic(settings),
-        joined_topic=kafka.joined_topic(settings),
-        batch_size=settings.learner.batch_size,
-    )
-    typer.echo("dloop: joiner running")
-    try:
-        _run_until_signalled(worker, settings)
-    finally:
-        producer.close(timeout=5)
-        engine.dispose()
+    with _database(settings) as sessions:
+        producer = kafka.producer(settings)
+        worker = JoinWorker(
+            sessions=sessions,
+            consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.joiner"),
+            producer=producer,
+            events_topic=kafka.events_topic(settings),
+            joined_topic=kafka.joined_topic(settings),
+            batch_size=settings.learner.batch_size,
+        )
+        typer.echo("dloop: joiner running")
+        try:
+            _run_until_signalled(worker, settings)
+        finally:
+            producer.close(timeout=5)
 
 
 @app.command()
@@ -177,23 +175,19 @@ def learn() -> None:
     learner per loop at a time), checkpointing models with offsets in the database."""
     from learners.learn_worker import LearnWorker
     from service import kafka
-    from service.db import make_engine, make_sessionmaker
 
     settings = load_settings()
     _require_production(settings)
     kafka.ensure_topics(settings)
-    engine = make_engine(settings.database_url)
-    worker = LearnWorker(
-        sessions=make_sessionmaker(engine),
-        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
-        joined_topic=kafka.joined_topic(settings),
-        batch_size=settings.learner.batch_size,
-    )
-    typer.echo("dloop: learner running")
-    try:
+    with _database(settings) as sessions:
+        worker = LearnWorker(
+            sessions=sessions,
+            consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
+            joined_topic=kafka.joined_topic(settings),
+            batch_size=settings.learner.batch_size,
+        )
+        typer.echo("dloop: learner running")
         _run_until_signalled(worker, settings)
-    finally:
-        engine.dispose()
 
 
 @app.command()
@@ -393,9 +387,8 @@ def evaluate(
     from tqdm import tqdm
 
     from learners import estimators, evaluation
-    from learners.evaluation import PolicySpec
     from learners.vw import PolicyError, algorithm, check_policy
-    from service.evaluations import SEARCH, policy_specs
+    from service.evaluations import policy_specs
 
     settings = _settings(data_dir)
     row = _loop_row(settings, loop)
@@ -424,14 +417,7 @@ def evaluate(
                 f"NAME=VW_ARGUMENTS ({'; '.join(errors) or 'no name'})", param_hint="--policy"
             )
         custom.append({"name": name, "arguments": args})
-    if row is not None:
-        specs = policy_specs(row, custom, optimize)
-    else:
-        specs = [PolicySpec("Online", "Online"), PolicySpec("Baseline", "Baseline")]
-        specs += [PolicySpec("Random", "Random")]
-        specs += [PolicySpec(p["name"], "Custom", p["arguments"]) for p in custom]
-        if optimize:
-            specs += [PolicySpec(n, "OfflineExperimentation", a) for n, a in SEARCH]
+    specs = policy_specs(row, custom, optimize)
     groups = _with_lines(settings, source, loop, since, until, offset, evaluation.read_any)
     if not any(groups.values()):
         typer.echo("dloop: no learnable logged interactions in that range", err=True)

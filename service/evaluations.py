@@ -46,22 +46,25 @@ SEARCH = [
 ]
 
 
-def policy_specs(loop: Loop, custom: list[dict[str, str]], optimize: bool) -> list[PolicySpec]:
-    """The policies an evaluation compares (a multi-slot loop searches the CCB versions)."""
-    settings = store.loop_settings(loop)
+def policy_specs(
+    loop: Loop | None, custom: list[dict[str, str]], optimize: bool
+) -> list[PolicySpec]:
+    """The policies an evaluation compares (a multi-slot loop searches the CCB versions).
+    Without a loop (a log file alone) the online policy is known only by its logged choices."""
+    online = PolicySpec("Online", "Online")
+    if loop is not None:
+        exploration = store.loop_settings(loop).exploration
+        arguments = with_exploration(loop.policy["arguments"], exploration)
+        online = PolicySpec(loop.policy["name"], "Online", arguments)
     specs = [
-        PolicySpec(
-            loop.policy["name"],
-            "Online",
-            with_exploration(loop.policy["arguments"], settings.exploration),
-        ),
+        online,
         PolicySpec("Baseline", "Baseline"),
         PolicySpec("Random", "Random"),
     ]
     specs += [PolicySpec(p["name"], "Custom", p["arguments"]) for p in custom]
     if optimize:
         for name, args in SEARCH:
-            if loop.kind == "ccb":
+            if loop is not None and loop.kind == "ccb":
                 args = args.replace("--cb_explore_adf", "--ccb_explore_adf")
             specs.append(PolicySpec(name, "OfflineExperimentation", args))
     return specs

@@ -399,8 +399,7 @@ def test_model_import_checks_the_models_kind() -> None:
     from learners.vw import PolicyError
 
     models = {
-        kind: vw.model_bytes(vw.workspace(vw.algorithm(kind)))
-        for kind in ("cb", "ccb", "rl")
+        kind: vw.model_bytes(vw.workspace(vw.algorithm(kind))) for kind in ("cb", "ccb", "rl")
     }
     for kind, model in models.items():
         vw.check_model(model, kind=kind)
