@@ -56,10 +56,14 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, json: Any = None) -> Any:
-        r = self._http.request(method, path, json=json, headers=self._headers)
+    def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        r: httpx.Response = self._http.request(method, path, json=json, headers=self._headers)
         if r.status_code >= 400:
             raise DloopError(r.status_code, r.text)
+        return r
+
+    def _call(self, method: str, path: str, json: Any = None) -> Any:
+        r = self._send(method, path, json)
         return r.json() if r.content else None
 
     # ---- decisions -----------------------------------------------------------------------------
@@ -124,10 +128,7 @@ class Client:
         )
 
     def model(self) -> bytes:
-        r = self._http.get(f"{self._base}/model", headers=self._headers)
-        if r.status_code >= 400:
-            raise DloopError(r.status_code, r.text)
-        return bytes(r.content)
+        return bytes(self._send("GET", f"{self._base}/model").content)
 
 
 class Episode:
