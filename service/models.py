@@ -49,6 +49,11 @@ class ApiKey(Base):
         String(64), ForeignKey("loops.name", ondelete="CASCADE"), nullable=True
     )
     created_at: Mapped[float] = mapped_column(Float)
+    # Where the key came from ("env": DLOOP_API_KEY, "api", "cli"), a name to tell keys apart
+    # in listings, and an optional expiry (UNIX seconds; None: never).
+    source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    label: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Decision(Base):
@@ -205,4 +210,14 @@ class DeadLetter(Base):
     source: Mapped[str] = mapped_column(String(128))
     record: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ServerSecret(Base):
+    """A deployment-wide secret (e.g. the key that signs exported models), created once and
+    shared by every process through the database."""
+
+    __tablename__ = "server_secrets"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)
