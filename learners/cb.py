@@ -50,3 +50,6 @@ class CBTrainer:
 
     def to_bytes(self) -> bytes:
         return vw.model_bytes(self._ws)
+
+    def close(self) -> None:
+        self._ws.finish()

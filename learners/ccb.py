@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from learners import vw
+from learners.vw import Workspace
 from learners.features import Features, action_json
 from learners.sampling import sample
 
@@ -51,6 +52,13 @@ class CCBRanker:
 
     def __init__(self, model: bytes | None) -> None:
         self._ws = vw.workspace("--json", model) if model is not None else None
+
+    @classmethod
+    def loaded(cls, ws: Workspace | None) -> CCBRanker:
+        """A ranker on a workspace someone else owns (a sandbox child's model cache)."""
+        ranker = cls(None)
+        ranker._ws = ws
+        return ranker
 
     def slot_pmf(self, c: dict[str, Any], slot: dict[str, Any], allowed: list[int]) -> list[float]:
         """Probabilities over `allowed` (action indices) for one slot."""

@@ -6,15 +6,21 @@ the whole `contextFeatures` list under `"FromUrl"` and one `_multi` element per 
 lay it out. Serving parses that text with `--json`, learning parses the logged line (that text
 embedded as `c`) with `--dsjson`, so both see the same hashed features by construction; VW applies
 Personalizer's semantics (nested objects are namespaces, strings one-hot, numbers valued, numeric
-arrays positional, false/0 dropped, `_` keys ignored).
+arrays positional, false/0 dropped).
 
-`validate_features` rejects what VW would choke on or silently misread, with Personalizer's rules,
-so bad input is a 400 rather than a parser exception.
+Keys starting with `_` never reach VW. Personalizer ignores them, and VW reserves some of them
+inside features (`__aid` segfaults VW 9.11.9's parser, `_multi`, `_labelIndex`, `_text`, `_slots`
+make it raise or change the example). dloop drops them rather than rejecting the request: that is
+Personalizer's rule, so clients that send `_`-prefixed metadata keep working. `clean_features`
+does it for rank requests (with the other rules and the size limits, so bad input is a 400, not a
+parser exception), `clean_context`/`clean_line` for logged decisions and DSJSON files read back
+(ingestion, replay, evaluation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -26,81 +32,212 @@ class FeatureError(ValueError):
     """A feature list breaks Personalizer's feature rules; the message says where."""
 
 
-def _check_value(value: Any, where: str) -> None:
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            if key == "":
-                raise FeatureError(f"{where}: empty string is not allowed as a feature name")
-            _check_value(inner, f"{where}.{key}")
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, int | float):
-                raise FeatureError(f"{where}: feature arrays may only contain numbers")
-    elif value is not None and not isinstance(value, str | int | float | bool):
-        raise FeatureError(f"{where}: unsupported feature value")
+@dataclass(frozen=True)
+class FeatureLimits:
+    """How much one rank request may ask VW to parse. `-q ::` crosses every namespace with every
+    other, in every action, so the cost of a prediction grows with the square of the features:
+    20,000 features took 8.6 s. Values are documented in the README (Security)."""
 
+    max_features: int = 2000  # leaves in the whole request (context, actions, slots)
+    max_namespace_features: int = 500  # leaves directly inside one feature object
+    max_depth: int = 16  # nested objects (orjson cannot write past 254 levels)
+
+
+DEFAULT_LIMITS = FeatureLimits()
 
 _SCALARS = {str, int, float, bool, type(None)}
 _NUMBERS = {int, float}
 
 
-def _ok(obj: dict[str, Any]) -> bool:
-    """Fast path of _check_value for the (common) valid input: no messages, no recursion on
-    scalars. Rank validation runs this on every request."""
+def _leaves(obj: dict[str, Any], depth: int, limits: FeatureLimits) -> int:
+    """The number of features in `obj`, or -1 if it needs `_clean` (a key starting with `_`,
+    a value of the wrong type, a limit reached). Rank runs this on every request, so the
+    common valid case builds nothing and formats no message."""
+    if depth > limits.max_depth:
+        return -1
+    total = 0
+    here = 0
     for key, value in obj.items():
+        if not key or key[0] == "_":
+            return -1
         kind = type(value)
         if kind in _SCALARS:
-            pass
+            here += 1
         elif kind is dict:
-            if not _ok(value):
-                return False
+            inner = _leaves(value, depth + 1, limits)
+            if inner < 0:
+                return -1
+            total += inner
         elif kind is list:
             for item in value:
                 if type(item) not in _NUMBERS:
-                    return False
+                    return -1
+            here += len(value)
         else:
-            return False
-        if not key:
-            return False
-    return True
+            return -1
+    if here > limits.max_namespace_features:
+        return -1
+    return total + here
 
 
-def features_ok(features: Any, *, required: bool) -> bool:
-    """True if `features` is a list of key/value objects Personalizer accepts."""
-    if type(features) is not list:
-        return features is None and not required
-    for f in features:
-        if type(f) is not dict or not _ok(f):
-            return False
-    if required:
+def _clean(
+    obj: dict[str, Any], where: str, depth: int, limits: FeatureLimits
+) -> tuple[dict[str, Any], int]:
+    """`obj` without the keys Personalizer ignores (starting with `_`, at any depth) and its
+    number of features; FeatureError (saying where) for what VW would choke on or misread."""
+    if depth > limits.max_depth:
+        raise FeatureError(f"{where}: features are nested more than {limits.max_depth} deep")
+    out: dict[str, Any] = {}
+    total = 0
+    here = 0
+    for key, value in obj.items():
+        if key == "":
+            raise FeatureError(f"{where}: empty string is not allowed as a feature name")
+        if key[0] == "_":
+            continue  # Personalizer ignores them; VW reserves some (`__aid`, `_multi`, ...)
+        if isinstance(value, dict):
+            out[key], inner = _clean(value, f"{where}.{key}", depth + 1, limits)
+            total += inner
+            continue
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, bool) or not isinstance(item, int | float):
+                    raise FeatureError(f"{where}.{key}: feature arrays may only contain numbers")
+            here += len(value)
+        elif value is not None and not isinstance(value, str | int | float | bool):
+            raise FeatureError(f"{where}.{key}: unsupported feature value")
+        else:
+            here += 1
+        out[key] = value
+    if here > limits.max_namespace_features:
+        raise FeatureError(
+            f"{where}: more than {limits.max_namespace_features} features in one object"
+        )
+    return out, total + here
+
+
+def clean_features(
+    features: Any, where: str, *, required: bool, limits: FeatureLimits = DEFAULT_LIMITS
+) -> tuple[Features, int]:
+    """Personalizer's feature rules for one feature list: returns what VW may see (keys starting
+    with `_` dropped at every depth) and how many features it holds, or raises FeatureError
+    saying what is wrong and where. `required`: at least one non-null feature (actions)."""
+    if type(features) is list:
+        count = 0
         for f in features:
-            for v in f.values():
-                if v is not None:
-                    return True
-        return False
-    return True
-
-
-def validate_features(features: Any, where: str, *, required: bool) -> Features:
-    """Return `features` if it is a list of key/value objects Personalizer accepts, else raise
-    FeatureError saying what is wrong and where."""
-    if features_ok(features, required=required):
-        return features or []
+            n = _leaves(f, 1, limits) if type(f) is dict else -1
+            if n < 0:
+                break
+            count += n
+        else:
+            if not required or any(v is not None for f in features for v in f.values()):
+                return features, count
     if features is None:
         if required:
             raise FeatureError(f"{where} must be a list of feature objects")
-        return []
+        return [], 0
     if not isinstance(features, list):
         raise FeatureError(f"{where} must be a list of feature objects")
+    out: Features = []
+    count = 0
     for i, item in enumerate(features):
         if not isinstance(item, dict):
             raise FeatureError(
                 f"{where}[{i}] must be a key/value object, not {type(item).__name__}"
             )
-        _check_value(item, f"{where}[{i}]")
-    if required and not any(any(v is not None for v in f.values()) for f in features):
+        cleaned, n = _clean(item, f"{where}[{i}]", 1, limits)
+        out.append(cleaned)
+        count += n
+    if required and not any(v is not None for f in out for v in f.values()):
         raise FeatureError(f"{where} needs at least one non-null feature")
-    return features
+    return out, count
+
+
+def validate_features(features: Any, where: str, *, required: bool) -> Features:
+    """The features VW may see (see clean_features), without the count."""
+    return clean_features(features, where, required=required)[0]
+
+
+_MAX_LOGGED_DEPTH = 64
+
+
+def _clean_value(value: Any, where: str, depth: int = 0) -> Any:
+    """A logged namespace value with the keys Personalizer ignores dropped at every depth."""
+    if depth > _MAX_LOGGED_DEPTH:
+        raise FeatureError(f"{where}: nested more than {_MAX_LOGGED_DEPTH} deep")
+    if isinstance(value, dict):
+        return {
+            k: _clean_value(v, f"{where}.{k}", depth + 1)
+            for k, v in value.items()
+            if k[:1] != "_"
+        }
+    if isinstance(value, list):
+        return [_clean_value(v, where, depth + 1) for v in value]
+    return value
+
+
+def clean_context(c: Any) -> dict[str, Any]:
+    """A logged decision's `c` object (from the decision log, a Kafka record, a DSJSON file),
+    with the keys Personalizer ignores dropped from every feature, keeping only the structure
+    dloop and Personalizer write: namespaces, `_multi` actions (`_tag` and features) and
+    `_slots` (`_id`, `_inc` and features). FeatureError if it is not shaped like that."""
+    if not isinstance(c, dict):
+        raise FeatureError("c must be an object")
+    out: dict[str, Any] = {}
+    actions = c.get("_multi")
+    if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+        raise FeatureError("c._multi must be a list of action objects")
+    for key, value in c.items():
+        if key == "_multi":
+            out[key] = [_clean_element(a, "_tag", f"c._multi[{i}]") for i, a in enumerate(value)]
+        elif key == "_slots":
+            if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
+                raise FeatureError("c._slots must be a list of slot objects")
+            out[key] = [_clean_slot(s, len(actions), i) for i, s in enumerate(value)]
+        elif key and key[0] != "_":
+            out[key] = _clean_value(value, f"c.{key}")
+    return out
+
+
+def _clean_element(element: dict[str, Any], id_key: str, where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in element.items():
+        if key == id_key:
+            if not isinstance(value, str):
+                raise FeatureError(f"{where}.{id_key} must be a string")
+            out[key] = value
+        elif key and key[0] != "_":
+            out[key] = _clean_value(value, f"{where}.{key}")
+    return out
+
+
+def _clean_slot(slot: dict[str, Any], actions: int, i: int) -> dict[str, Any]:
+    out = _clean_element(slot, "_id", f"c._slots[{i}]")
+    if "_inc" in slot:
+        allowed = slot["_inc"]
+        if not isinstance(allowed, list) or not all(
+            type(a) is int and 0 <= a < actions for a in allowed
+        ):
+            raise FeatureError(f"c._slots[{i}]._inc must list action indices")
+        out["_inc"] = allowed
+    return out
+
+
+def clean_line(line: str) -> str:
+    """A DSJSON line whose `c` went through clean_context (unchanged if it was clean, so
+    dloop's own lines come back byte for byte); FeatureError if it cannot be read."""
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise FeatureError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FeatureError("a DSJSON line must be an object")
+    c = doc.get("c")
+    cleaned = clean_context(c)
+    if cleaned == c:
+        return line
+    doc["c"] = cleaned
+    return orjson.dumps(doc).decode()
 
 
 def action_json(action_id: str, features: Features) -> dict[str, Any]:

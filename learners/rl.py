@@ -172,6 +172,9 @@ class RLTrainer:
     def to_bytes(self) -> bytes:
         return vw.model_bytes(self._ws)
 
+    def close(self) -> None:
+        self._ws.finish()
+
 
 def relabel(line: str, cost: float) -> str:
     """The DSJSON line with its chosen action's cost replaced and its label probability set to

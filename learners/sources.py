@@ -7,6 +7,9 @@
 - DSJSON files (any other value: a path, `-` for stdin), as `dloop logs export` writes them or
   as Personalizer exported them (single- and multi-slot); other lines are skipped.
 
+Every line's features go through learners.features.clean_line (keys Personalizer ignores never
+reach VW), wherever it comes from.
+
 The embedded decision log itself is not a source: its segments are deleted once ingested, and
 what they held lives on in the database.
 """
@@ -20,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from learners.features import FeatureError, clean_line
 from learners.joiner import parse_time
 
 
@@ -61,7 +65,10 @@ def file_lines(
             if "_multi" not in doc.get("c", {}) or not ("a" in doc or "_outcomes" in doc):
                 continue  # not an interaction (a header, a model record, ...)
             if _stamp_in_range(doc.get("Timestamp"), since, until):
-                yield line
+                try:
+                    yield clean_line(line)
+                except FeatureError:
+                    continue  # features VW cannot read: not an interaction dloop can use
     finally:
         if stream is not sys.stdin:
             stream.close()
@@ -72,7 +79,7 @@ def db_lines(
 ) -> Iterator[str]:
     from service import store
 
-    yield from store.export_lines(session, loop=loop, since=since, until=until)
+    yield from store.export_lines(session, loop=loop, since=since, until=until)  # cleaned there
 
 
 def kafka_lines(
@@ -117,7 +124,10 @@ def kafka_lines(
                     if message.key == key:
                         for _, _, line in read_joined(message.value):
                             if _in_range(line, since, until):
-                                yield line
+                                try:
+                                    yield clean_line(line)
+                                except FeatureError:
+                                    continue
                 if consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
     finally:

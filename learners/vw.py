@@ -153,6 +153,11 @@ def workspace(args: str, model: bytes | None = None) -> Workspace:
         Path(path).unlink(missing_ok=True)
 
 
+def workspace_file(args: str, path: str) -> Workspace:
+    """A workspace for the model saved in `path`, plus `args` (I/O flags)."""
+    return Workspace(f"{args} --quiet -i {shlex.quote(path)}")
+
+
 def model_bytes(ws: Workspace) -> bytes:
     fd, path = tempfile.mkstemp(prefix="dloop-model-", suffix=".vw")
     os.close(fd)
@@ -201,6 +206,13 @@ def predict_scores(ws: Workspace, text: str) -> list[float]:
         scores: list[float] = examples[0].get_action_scores()
         return scores
     finally:
+        pylibvw.vw._finish_example_multi_ex(ws, examples)
+
+
+def parse_only(ws: Workspace, text: str) -> None:
+    """Parse one multi-line JSON/DSJSON example and drop it: only whether VW can read it."""
+    examples = pylibvw.vw._parse(ws, text)
+    if examples:
         pylibvw.vw._finish_example_multi_ex(ws, examples)
 
 

@@ -7,6 +7,7 @@ import gc
 import itertools
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from learners.sandbox import RankerPool
 from learners.worker import EmbeddedWorker
 from service import errors, kafka, store
 from service.background import configure_logging
@@ -194,7 +196,13 @@ def create_app(
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.database_url)
         sessions = make_sessionmaker(engine)
-        registry = Registry()
+        lock = None
+        model_dir = settings.data_dir / "models"
+        if serve:
+            replica_dir, lock = claim_replica(settings.data_dir)
+            model_dir = replica_dir / "models"
+        shutil.rmtree(model_dir, ignore_errors=True)  # files of the last run's models
+        registry = Registry(model_dir)
         with sessions.begin() as session:
             store.ensure_loop(session, name=store.DEFAULT_LOOP, kind="cb", now=clock())
             if settings.api_key is not None:
@@ -207,10 +215,8 @@ def create_app(
                 )
         with sessions() as session:
             registry.load(session)
-        lock = None
         log_dir = settings.data_dir / "log"
         if serve:
-            replica_dir, lock = claim_replica(settings.data_dir)
             log_dir = replica_dir / "log"
         decision_log = LocalLog(log_dir)
         worker = publisher = None
@@ -232,7 +238,17 @@ def create_app(
                 tick=settings.learner.tick_seconds,
                 batch_size=settings.learner.batch_size,
             )
-        d = Dloop(settings, engine, sessions, decision_log, registry, worker, clock, publisher)
+        sandbox = settings.sandbox
+        rankers = RankerPool(
+            sandbox.rankers,
+            timeout=sandbox.rank_timeout,
+            wait=sandbox.wait_timeout,
+            cache_models=sandbox.cached_models,
+        )
+        await rankers.start()
+        d = Dloop(
+            settings, engine, sessions, decision_log, registry, worker, rankers, clock, publisher
+        )
         d.reload_keys()
         app.state.dloop = d
         if publisher is not None:
@@ -256,6 +272,7 @@ def create_app(
             for thread in threads:
                 thread.join()
             d.jobs.close()
+            await rankers.close()
             decision_log.close()
             engine.dispose()
             if lock is not None:

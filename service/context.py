@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
 from learners.cb import CBTrainer
+from learners.features import FeatureLimits
+from learners.sandbox import RankerPool
 from learners.worker import EmbeddedWorker
 from service import store
 from service.auth import authorize
@@ -51,15 +53,23 @@ class Dloop:
     log: LocalLog
     registry: Registry
     worker: EmbeddedWorker | None
+    rankers: RankerPool
     clock: Callable[[], float] = time.time
     publisher: LogPublisher | None = None
     keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     jobs: Jobs = field(init=False)
+    feature_limits: FeatureLimits = field(init=False)
     _refreshed: float = 0.0
 
     def __post_init__(self) -> None:
         self.jobs = Jobs(self.sessions, self.clock)
+        limits = self.settings.limits
+        self.feature_limits = FeatureLimits(
+            max_features=limits.max_features,
+            max_namespace_features=limits.max_namespace_features,
+            max_depth=limits.max_feature_depth,
+        )
 
     def backlog(self) -> int:
         """Bytes of the local log not yet ingested (embedded) or published to Kafka (serve)."""

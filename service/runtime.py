@@ -9,13 +9,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from learners.cb import CBRanker
-from learners.ccb import CCBRanker
-from learners.rl import RLRanker
+from learners.sandbox import NO_MODEL, ModelRef, write_model
 from learners.vw import with_exploration
 from service import store
 from service.schemas import LoopSettings
@@ -28,13 +27,14 @@ class LoopRuntime:
     config: dict[str, Any]
     policy: dict[str, str]
     settings: LoopSettings
-    # (ranker, model id) swapped as one tuple so a request never pairs a model with another's id.
-    served: tuple[CBRanker | RLRanker | CCBRanker | None, str] = (None, "N/A")
+    # The served model, swapped whole so a request never pairs a model with another's id. The
+    # ranking children (learners.sandbox.RankerPool) load it from its file.
+    served: ModelRef = NO_MODEL
     recent: OrderedDict[str, tuple[bytes, bytes]] = field(default_factory=OrderedDict)
 
     @property
     def model_id(self) -> str:
-        return self.served[1]
+        return self.served.model_id
 
     @property
     def arguments(self) -> str:
@@ -51,11 +51,13 @@ class LoopRuntime:
 
 
 class Registry:
-    """The loops this process serves, by name."""
+    """The loops this process serves, by name; published models are written to `model_dir`
+    for the ranking children to load."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_dir: Path) -> None:
         self.loops: dict[str, LoopRuntime] = {}
         self.lock = threading.Lock()
+        self.model_dir = model_dir
 
     def get(self, name: str) -> LoopRuntime | None:
         return self.loops.get(name)
@@ -85,16 +87,9 @@ class Registry:
         if rt is None:
             return
         if model is None:
-            rt.served = (None, "N/A")  # blank: uniform ranking until the first model
+            rt.served = NO_MODEL  # blank: uniform ranking until the first model
             return
-        ranker: CBRanker | RLRanker | CCBRanker
-        if rt.kind == "rl":
-            ranker = RLRanker(model, rt.settings.exploration)
-        elif rt.kind == "ccb":
-            ranker = CCBRanker(model)
-        else:
-            ranker = CBRanker(model)
-        rt.served = (ranker, model_id)
+        rt.served = ModelRef(model_id, write_model(self.model_dir, name, model_id, model))
 
     def update(self, name: str, *, config: dict[str, Any], policy: dict[str, str]) -> None:
         rt = self.loops[name]
@@ -105,5 +100,3 @@ class Registry:
         rt: LoopRuntime, config: dict[str, Any], policy: dict[str, str], settings: LoopSettings
     ) -> None:
         rt.config, rt.policy, rt.settings = config, policy, settings
-        if isinstance(rt.served[0], RLRanker):
-            rt.served[0].epsilon = settings.exploration  # RL loops explore outside VW

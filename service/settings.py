@@ -30,6 +30,28 @@ class LearnerSettings(BaseModel):
     batch_size: int = 2000
 
 
+class LimitSettings(BaseModel):
+    """What one request may cost (README, Security)."""
+
+    # Features in one rank request, in one feature object, and how deep objects nest
+    # (learners.features.FeatureLimits): `-q ::` makes a prediction cost the square of them.
+    max_features: int = 2000
+    max_namespace_features: int = 500
+    max_feature_depth: int = 16
+
+
+class SandboxSettings(BaseModel):
+    """Where VW runs on untrusted input (learners.sandbox): child processes of the server."""
+
+    # Ranking processes per serving process, and how many loops' models each keeps loaded.
+    rankers: int = 2
+    cached_models: int = 64
+    # Seconds VW may take to parse and predict one request before its process is stopped
+    # (the request gets a 400), and seconds a request may wait for a free process (503).
+    rank_timeout: float = 5.0
+    wait_timeout: float = 5.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DLOOP_", env_nested_delimiter="__")
 
@@ -47,6 +69,8 @@ class Settings(BaseSettings):
     db: DbSettings = DbSettings()
     kafka: KafkaSettings = KafkaSettings()
     learner: LearnerSettings = LearnerSettings()
+    limits: LimitSettings = LimitSettings()
+    sandbox: SandboxSettings = SandboxSettings()
 
     @property
     def database_url(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -13,6 +13,7 @@ from sqlalchemy import and_, delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from learners.features import FeatureError, clean_context, clean_line
 from learners.joiner import (
     BACKWARD_WINDOW,
     DecisionView,
@@ -156,7 +157,15 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
             if missing:
                 raise KeyError(", ".join(sorted(missing)))
             float(r["t"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            if kind in ("d", "m"):
+                # Features VW must never see (learners.features): the log may hold records
+                # from an older version or another producer on the events topic.
+                c = orjson.loads(r["c"])
+                cleaned = clean_context(c)
+                if cleaned != c:
+                    r["c"] = orjson.dumps(cleaned).decode()
+                    raw = orjson.dumps(r)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
             reason = f"{type(exc).__name__}: {exc}"[:512]
             dead.append(
                 {
@@ -520,13 +529,20 @@ def delete_logs(session: Session, *, loop: str) -> None:
 
 def export_lines(
     session: Session, *, loop: str, since: float | None = None, until: float | None = None
-) -> Iterable[str]:
+) -> Iterator[str]:
+    """The loop's joined DSJSON lines in join order, for offline tools (export, replay,
+    evaluation). Rows written before features were cleaned at ingestion are cleaned here, and
+    a line that cannot be is left out."""
     stmt = select(Joined.line).where(Joined.loop == loop)
     if since is not None:
         stmt = stmt.where(Joined.created_at >= since)
     if until is not None:
         stmt = stmt.where(Joined.created_at < until)
-    return session.scalars(stmt.order_by(Joined.seq).execution_options(yield_per=1000))
+    for line in session.scalars(stmt.order_by(Joined.seq).execution_options(yield_per=1000)):
+        try:
+            yield clean_line(line)
+        except FeatureError:
+            continue
 
 
 def loop_counts(session: Session, *, loop: str) -> dict[str, int]:

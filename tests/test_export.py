@@ -97,8 +97,9 @@ def test_a_model_replayed_from_exported_logs_ranks_like_the_live_one(
         app, ["replay", "--source", str(out_file), "--data-dir", str(data_dir), "--out", str(model)]
     )
     assert result.exit_code == 0, result.output
-    live = harness.dloop.registry.loops["default"].served[0]
-    assert live is not None
+    served = harness.dloop.registry.loops["default"].served
+    assert served.path is not None
+    live = CBRanker(Path(served.path).read_bytes())
     replayed = CBRanker(model.read_bytes())
     actions = [(a["id"], a["features"]) for a in world.actions()]
     for _ in range(50):

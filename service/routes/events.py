@@ -17,11 +17,11 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from learners.ccb import CCBRanker
-from learners.features import FeatureError, context_json, features_ok, validate_features
-from learners.importance import explain
+from learners.features import FeatureError, FeatureLimits, clean_features, context_json
 from learners.joiner import timestamp
+from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
+from learners.sandbox import NO_MODEL, SandboxBusy, SandboxError, SandboxTimeout
 from service import store
 from service.context import Dloop, loop_for
 from service.errors import ApiError, bad_request
@@ -51,6 +51,13 @@ async def _json_body(request: Request, code: str, *, required: bool = True) -> A
         raise bad_request(code, f"request body is not valid JSON: {exc}") from None
 
 
+def check_feature_count(count: int, limits: FeatureLimits) -> None:
+    if count > limits.max_features:
+        raise _rank_error(
+            f"the request has {count} features; at most {limits.max_features} are allowed"
+        )
+
+
 def _check_event_id(event_id: Any, code: str) -> str:
     if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID:
         raise bad_request(
@@ -59,7 +66,7 @@ def _check_event_id(event_id: Any, code: str) -> str:
     return event_id
 
 
-def _parse_rank(body: Any, max_actions: int) -> dict[str, Any]:
+def _parse_rank(body: Any, max_actions: int, limits: FeatureLimits) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _rank_error("request body must be a JSON object")
     actions = body.get("actions")
@@ -68,23 +75,24 @@ def _parse_rank(body: Any, max_actions: int) -> dict[str, Any]:
     ids: list[str] = []
     feats: list[list[dict[str, Any]]] = []
     try:
+        context, count = clean_features(
+            body.get("contextFeatures"), "contextFeatures", required=False, limits=limits
+        )
         for i, action in enumerate(actions):
             if not isinstance(action, dict):
                 raise _rank_error(f"actions[{i}] must be an object")
             aid = action.get("id")
             if not isinstance(aid, str) or not aid or len(aid) > MAX_ID:
                 raise _rank_error(f"actions[{i}].id must be a non-empty string of at most {MAX_ID}")
-            features = action.get("features")
-            if not features_ok(features, required=True):
-                validate_features(features, f"actions[{i}].features", required=True)
-            feats.append(features or [])
+            features, n = clean_features(
+                action.get("features"), f"actions[{i}].features", required=True, limits=limits
+            )
+            feats.append(features)
             ids.append(aid)
-        context = body.get("contextFeatures")
-        if not features_ok(context, required=False):
-            validate_features(context, "contextFeatures", required=False)
-        context = context or []
+            count += n
     except FeatureError as exc:
         raise _rank_error(str(exc)) from None
+    check_feature_count(count, limits)
     if len(set(ids)) != len(ids):
         raise _rank_error("action ids must be unique")
     excluded = body.get("excludedActions") or []
@@ -109,28 +117,43 @@ def _parse_rank(body: Any, max_actions: int) -> dict[str, Any]:
         "eligible": eligible,
         "event_id": event_id,
         "defer": defer,
+        "features_count": count,
     }
 
 
-def _policy_pmf(rt: LoopRuntime, req: dict[str, Any], context: bytes) -> tuple[list[float], str]:
+def sandbox_error(exc: SandboxError) -> ApiError:
+    """How serving answers when VW could not handle a request in its sandbox."""
+    if isinstance(exc, SandboxBusy):
+        return ApiError(503, "ServiceUnavailable", f"{exc}; retry shortly")
+    if isinstance(exc, SandboxTimeout):
+        return _rank_error(f"ranking this request {exc}: send fewer features")
+    return _rank_error(f"features could not be parsed: {exc}")
+
+
+async def _policy_pmf(
+    d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes
+) -> tuple[list[float], str]:
+    """The policy's probabilities for every action (0 for excluded ones) and the model id.
+    VW parses the request in a sandbox even before the first model (uniform then), so nothing
+    it cannot read is ever logged for the learner."""
     eligible: list[bool] = req["eligible"]
-    ranker, model_id = rt.served
-    assert not isinstance(ranker, CCBRanker)  # `rank` turns multi-slot loops away first
-    if ranker is None:
-        return restrict([1.0] * len(eligible), eligible), model_id
-    if all(eligible):
-        scored = context
-    else:
+    served = rt.served
+    scored = context
+    if served.path is not None and not all(eligible):
         scored = context_json(
             req["context"],
             [(a, f) for a, f, ok in zip(req["ids"], req["features"], eligible, strict=True) if ok],
         )
     try:
-        pmf_eligible = ranker.predict(scored)
-    except Exception as exc:  # VW's parser rejects what validation let through
-        raise _rank_error(f"features could not be parsed: {exc}") from None
-    it = iter(pmf_eligible)
-    return restrict([next(it) if ok else 0.0 for ok in eligible], eligible), model_id
+        scores = await d.rankers.predict(rt.name, rt.kind, served, scored)
+    except SandboxError as exc:
+        raise sandbox_error(exc) from None
+    if served.path is None:
+        return restrict([1.0] * len(eligible), eligible), served.model_id
+    if rt.kind == "rl":
+        scores = epsilon_greedy(scores, rt.settings.exploration)  # RL loops explore outside VW
+    it = iter(scores)
+    return restrict([next(it) if ok else 0.0 for ok in eligible], eligible), served.model_id
 
 
 def _retry(
@@ -149,24 +172,27 @@ def _retry(
     return fingerprint, Response(seen[1], status_code=201, media_type="application/json")
 
 
-def _explain(rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per action, the context features that moved its probability most (learners.importance)."""
+async def _explain(d: Dloop, rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per action, the context features that moved its probability most (learners.importance),
+    computed in a ranking sandbox."""
     ids: list[str] = req["ids"]
-    ranker = rt.served[0]
-    assert not isinstance(ranker, CCBRanker)  # `rank` turns multi-slot loops away first
-    if ranker is None:
+    if rt.served.path is None:
         return [{"id": a, "features": []} for a in ids]
     eligible: list[bool] = req["eligible"]
     actions = [(a, f) for a, f, ok in zip(ids, req["features"], eligible, strict=True) if ok]
-
-    def predict(context: list[dict[str, Any]]) -> list[float]:
-        pmf = iter(ranker.predict(context_json(context, actions)))
-        return [next(pmf) if ok else 0.0 for ok in eligible]
-
     try:
-        return explain(predict, req["context"], ids)
-    except Exception as exc:  # VW's parser rejects what validation let through
-        raise _rank_error(f"features could not be parsed: {exc}") from None
+        return await d.rankers.explain(
+            rt.name,
+            rt.kind,
+            rt.served,
+            context=req["context"],
+            actions=actions,
+            eligible=eligible,
+            ids=ids,
+            epsilon=rt.settings.exploration,
+        )
+    except SandboxError as exc:
+        raise sandbox_error(exc) from None
 
 
 async def rank(request: Request) -> Response:
@@ -174,7 +200,7 @@ async def rank(request: Request) -> Response:
     if rt.kind == "ccb":
         raise _rank_error("this is a multi-slot loop: rank with /multislot/rank")
     body = await _json_body(request, "InvalidRankRequest")
-    req = _parse_rank(body, d.settings.max_actions)
+    req = _parse_rank(body, d.settings.max_actions, d.feature_limits)
     event_id: str = req["event_id"]
     ids: list[str] = req["ids"]
     fingerprint, retried = _retry(d, rt, event_id, [ids, body.get("excludedActions")], "actions")
@@ -201,8 +227,12 @@ async def rank(request: Request) -> Response:
         ]
         pmf = [1.0 if i == baseline else 0.0 for i in range(len(ids))]
         model_id = rt.model_id
+        try:
+            await d.rankers.predict(rt.name, rt.kind, NO_MODEL, context)  # only parses
+        except SandboxError as exc:
+            raise sandbox_error(exc) from None
     else:
-        pmf, model_id = _policy_pmf(rt, req, context)
+        pmf, model_id = await _policy_pmf(d, rt, req, context)
         chosen = sample(pmf, f"{rt.name}/{event_id}")
         rest = sorted((i for i in range(len(ids)) if i != chosen), key=lambda i: -pmf[i])
         order = [chosen, *rest]
@@ -225,8 +255,12 @@ async def rank(request: Request) -> Response:
         record["ep"] = episode or event_id
     explanation = None
     if rt.settings.explain and mode != "LoggingOnly":
-        explanation = _explain(rt, req)
+        explanation = await _explain(d, rt, req)
         record["x"] = explanation
+    # A concurrent retry of this eventId may have been answered while this one awaited VW.
+    _, retried = _retry(d, rt, event_id, [ids, body.get("excludedActions")], "actions")
+    if retried is not None:
+        return retried
     d.log.append(orjson.dumps(record))
     if rt.kind == "rl" and episode is None:
         d.log.append(_episode_end(rt, event_id, now, terminated=True))

@@ -15,8 +15,9 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from learners.ccb import CCBRanker, ccb_context
-from learners.features import FeatureError, features_ok, validate_features
+from learners.ccb import ccb_context
+from learners.features import FeatureError, FeatureLimits, clean_features
+from learners.sandbox import NO_MODEL, SandboxError
 from service.context import Dloop, loop_for
 from service.errors import bad_request
 from service.routes.events import (
@@ -27,6 +28,8 @@ from service.routes.events import (
     _parse_rank,
     _rank_error,
     _retry,
+    check_feature_count,
+    sandbox_error,
     activate_event,
     is_reward,
 )
@@ -45,13 +48,17 @@ def _multislot_loop(request: Request) -> tuple[Dloop, LoopRuntime]:
     return d, rt
 
 
-def _parse_slots(body: dict[str, Any], ids: list[str]) -> list[dict[str, Any]]:
+def _parse_slots(
+    body: dict[str, Any], ids: list[str], limits: FeatureLimits
+) -> tuple[list[dict[str, Any]], int]:
+    """The slots, and how many features they add to the request."""
     slots = body.get("slots")
     limit = min(50, len(ids))
     if not isinstance(slots, list) or not 1 <= len(slots) <= limit:
         raise _rank_error(f"slots must be a list of 1 to {limit} slots (at most one per action)")
     index = {aid: i for i, aid in enumerate(ids)}
     out: list[dict[str, Any]] = []
+    count = 0
     seen: set[str] = set()
     baselines: set[int] = set()
     for k, slot in enumerate(slots):
@@ -74,25 +81,27 @@ def _parse_slots(body: dict[str, Any], ids: list[str]) -> list[dict[str, Any]]:
             raise _rank_error(f"slots[{k}].excludedActions must list existing action ids")
         if baseline in excluded:
             raise _rank_error(f"slots[{k}].baselineAction must not be excluded")
-        features = slot.get("features")
         try:
-            if not features_ok(features, required=False):
-                validate_features(features, f"slots[{k}].features", required=False)
+            features, n = clean_features(
+                slot.get("features"), f"slots[{k}].features", required=False, limits=limits
+            )
         except FeatureError as exc:
             raise _rank_error(str(exc)) from None
+        count += n
         allowed = [i for i, aid in enumerate(ids) if aid not in excluded]
         out.append(
-            {"id": sid, "features": features or [], "allowed": allowed, "baseline": index[baseline]}
+            {"id": sid, "features": features, "allowed": allowed, "baseline": index[baseline]}
         )
-    return out
+    return out, count
 
 
 async def rank_multi_slot(request: Request) -> Response:
     d, rt = _multislot_loop(request)
     body = await _json_body(request, "InvalidRankRequest")
-    req = _parse_rank(body, d.settings.max_actions)
+    req = _parse_rank(body, d.settings.max_actions, d.feature_limits)
     ids: list[str] = req["ids"]
-    slots = _parse_slots(body, ids)
+    slots, count = _parse_slots(body, ids, d.feature_limits)
+    check_feature_count(req["features_count"] + count, d.feature_limits)
     event_id: str = req["event_id"]
     fingerprint, retried = _retry(d, rt, event_id, [ids, body.get("slots")], "slots")
     if retried is not None:
@@ -106,17 +115,24 @@ async def rank_multi_slot(request: Request) -> Response:
     )
     mode = rt.settings.mode
     baselines = [s["baseline"] for s in slots]
-    ranker, model_id = rt.served
-    if mode == "LoggingOnly":
-        decided = [(b, [b], [1.0]) for b in baselines]
-    else:
-        model = ranker if isinstance(ranker, CCBRanker) else CCBRanker(None)
-        try:
-            decided = model.rank(c, [s["allowed"] for s in slots], f"{rt.name}/{event_id}")
-        except Exception as exc:  # VW's parser rejects what validation let through
-            raise _rank_error(f"features could not be parsed: {exc}") from None
+    served = rt.served
+    model_id = served.model_id
+    try:
+        if mode == "LoggingOnly":
+            await d.rankers.predict(rt.name, "ccb", NO_MODEL, orjson.dumps(c))  # parse only
+            decided = [(b, [b], [1.0]) for b in baselines]
+        else:
+            decided = await d.rankers.rank_slots(
+                rt.name, served, c, [s["allowed"] for s in slots], f"{rt.name}/{event_id}"
+            )
+    except SandboxError as exc:
+        raise sandbox_error(exc) from None
     if any(chosen < 0 for chosen, _, _ in decided):
         raise _rank_error("a slot has no action left (too many exclusions)")
+    # A concurrent retry of this eventId may have been answered while this one awaited VW.
+    _, retried = _retry(d, rt, event_id, [ids, body.get("slots")], "slots")
+    if retried is not None:
+        return retried
     record = {
         "k": "m",
         "loop": rt.name,

@@ -1,0 +1,175 @@
+"""What a sandbox child (learners.sandbox) does with each call: VW work on its own workspaces.
+
+Loaded into the forkserver before any child is forked, so every child starts with VW imported.
+Nothing here talks to a database, a broker or the network; the only file it reads is a model
+file the parent wrote.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+
+from learners import vw
+from learners.vw import Workspace
+from learners.cb import CBTrainer
+from learners.ccb import CCBRanker
+from learners.features import context_json
+from learners.importance import explain
+from learners.rl import RLTrainer, Step, epsilon_greedy
+from learners.sampling import restrict
+
+# The parser each loop kind's examples need (prediction without a model only parses).
+_PARSE_ARGS = {"cb": "--cb_explore_adf", "rl": "--cb_adf", "ccb": "--ccb_explore_adf"}
+
+
+class Host:
+    def __init__(self, cache_models: int = 64) -> None:
+        self.cache_models = cache_models
+        self.rankers: OrderedDict[str, tuple[str, Workspace]] = OrderedDict()
+        self.parsers: dict[str, Workspace] = {}
+        self.trainers: dict[str, CBTrainer | RLTrainer] = {}
+
+    def handle(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        op = header["op"]
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            raise ValueError(f"unknown operation {op!r}")
+        out: tuple[Any, bytes] = handler(header, blob)
+        return out
+
+    # ---- serving ----
+
+    def _ranker(self, header: dict[str, Any]) -> Workspace | None:
+        """The loop's model (loaded from its file once, then kept: least recently used first
+        out), or None if the loop has none yet."""
+        loop: str = header["loop"]
+        model_id, path = header["model"]
+        if path is None:
+            return None
+        cached = self.rankers.get(loop)
+        if cached is not None and cached[0] == model_id:
+            self.rankers.move_to_end(loop)
+            return cached[1]
+        ws = vw.workspace_file("--json", path)
+        if cached is not None:
+            cached[1].finish()
+        self.rankers[loop] = (model_id, ws)
+        self.rankers.move_to_end(loop)
+        while len(self.rankers) > self.cache_models:
+            _, (_, old) = self.rankers.popitem(last=False)
+            old.finish()
+        return ws
+
+    def _parser(self, kind: str) -> Workspace:
+        ws = self.parsers.get(kind)
+        if ws is None:
+            ws = self.parsers[kind] = vw.workspace(f"{_PARSE_ARGS[kind]} --json")
+        return ws
+
+    def op_predict(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        ws = self._ranker(header)
+        text = blob.decode()
+        if ws is None:
+            vw.parse_only(self._parser(header["kind"]), text)
+            return [], b""
+        return vw.predict_scores(ws, text), b""
+
+    def op_rank_slots(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        ws = self._ranker(header)
+        c = orjson.loads(blob)
+        if ws is None:
+            vw.parse_only(self._parser("ccb"), blob.decode())
+        ranker = CCBRanker.loaded(ws)
+        return ranker.rank(c, header["allowed"], header["seed"]), b""
+
+    def op_explain(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        ws = self._ranker(header)
+        ids: list[str] = header["ids"]
+        if ws is None:
+            return [{"id": a, "features": []} for a in ids], b""
+        doc = orjson.loads(blob)
+        actions = [(a, f) for a, f in doc["actions"]]
+        eligible: list[bool] = header["eligible"]
+        rl = header["kind"] == "rl"
+        epsilon = float(header["epsilon"])
+
+        def predict(context: list[dict[str, Any]]) -> list[float]:
+            scores = vw.predict_scores(ws, context_json(context, actions).decode())
+            pmf = iter(epsilon_greedy(scores, epsilon) if rl else scores)
+            return restrict([next(pmf) if ok else 0.0 for ok in eligible], eligible)
+
+        return explain(predict, doc["context"], ids), b""
+
+    # ---- checks ----
+
+    def op_check_model(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        vw.check_model(blob, kind=header["kind"])
+        return None, b""
+
+    def op_check_policy(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        vw.check_policy(header["args"], algorithm=header["algorithm"])
+        return None, b""
+
+    def op_parse(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        """Parse one example with `args` (the parser fuzzer)."""
+        ws = vw.workspace(header["args"])
+        try:
+            vw.parse_only(ws, blob.decode())
+        finally:
+            ws.finish()
+        return None, b""
+
+    # ---- learning ----
+
+    def op_open(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        key: str = header["key"]
+        self._drop(key)
+        model = blob or None
+        if header["kind"] == "rl":
+            self.trainers[key] = RLTrainer(
+                header["args"], model, int(header["examples"]), gamma=float(header["gamma"])
+            )
+        else:
+            self.trainers[key] = CBTrainer(header["args"], model, int(header["examples"]))
+        return None, b""
+
+    def op_learn(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        trainer = self.trainers[header["key"]]
+        assert isinstance(trainer, CBTrainer)
+        errors: list[tuple[int, str]] = []
+        for i, line in enumerate(blob.decode().split("\n")):
+            try:
+                trainer.learn_text(line)
+            except Exception as exc:  # VW refused this line; the others still learn
+                errors.append((i, f"{type(exc).__name__}: {exc}"[:1000]))
+        return {"examples": trainer.examples, "errors": errors}, b""
+
+    def op_learn_episodes(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        trainer = self.trainers[header["key"]]
+        assert isinstance(trainer, RLTrainer)
+        trainer.gamma = float(header["gamma"])
+        errors: list[tuple[int, str]] = []
+        for i, (steps, terminated) in enumerate(header["episodes"]):
+            try:
+                trainer.learn_episode(
+                    [Step(line, float(r), bool(ok)) for line, r, ok in steps], bool(terminated)
+                )
+            except Exception as exc:
+                errors.append((i, f"{type(exc).__name__}: {exc}"[:1000]))
+        return {"examples": trainer.examples, "errors": errors}, b""
+
+    def op_save(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        trainer = self.trainers[header["key"]]
+        return {"examples": trainer.examples}, trainer.to_bytes()
+
+    def op_close(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        self._drop(header["key"])
+        return None, b""
+
+    def _drop(self, key: str) -> None:
+        trainer = self.trainers.pop(key, None)
+        if trainer is not None:
+            trainer.close()
