@@ -6,75 +6,188 @@ A workspace is not thread-safe; every caller owns its own and swaps whole object
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 from vowpalwabbit import Workspace
 from vowpalwabbit.pyvw import pylibvw
 
-# Options that read or write files, open sockets or change how input is read: a policy is
-# arguments for the learning algorithm only, and the service owns all I/O.
-_FORBIDDEN = {
-    "-d",
-    "--data",
-    "-f",
-    "--final_regressor",
-    "-i",
-    "--initial_regressor",
-    "-c",
-    "--cache",
-    "--cache_file",
-    "-p",
-    "--predictions",
-    "-r",
-    "--raw_predictions",
-    "--readable_model",
-    "--invert_hash",
-    "--daemon",
-    "--port",
-    "--pid_file",
-    "--port_file",
-    "--save_per_pass",
-    "--output_feature_regularizer_binary",
-    "--output_feature_regularizer_text",
-    "--input_feature_regularizer",
-    "--feature_mask",
-    "--json",
-    "--dsjson",
-    "--passes",
-    "--audit",
-    "--audit_regressor",
-    "--sendto",
-    "--compressed",
-    "--examples",
-    "--ring_size",
-    "--extra_metrics",
-    "--dictionary",
-    "--dictionary_path",
-    "--flatbuffer",
-    "--id",
-    "--save_resume",
-    "--predict_only_model",
-    "-t",
-    "--testonly",
-    "--holdout_off",
-    "--chain_hash",
-    "--progress",
-    "-P",
-    "--limit_output",
-    "--help",
-    "-h",
-    "--version",
-    "--cats",
-    "--cb_explore",
-    "--slates",
-}
-
 
 class PolicyError(ValueError):
     """Policy arguments that dloop cannot run; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Value:
+    """What an option's value must be; `describe` completes "must be ..." when it is not."""
+
+    valid: Callable[[str], bool]
+    describe: str
+
+
+@dataclass(frozen=True)
+class _Option:
+    value: _Value | None = None  # None: a flag, which takes no value
+    explore: bool = False  # meaningless on an RL loop's --cb_adf: dloop explores around it
+    repeat: bool = False  # each occurrence adds a value (interactions, namespaces)
+
+
+# Plain decimal numbers only: VW's own conversion reads "1_0", "0x1p3", "nan" differently or not.
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_WHOLE = re.compile(r"[0-9]{1,10}")
+# Characters that shlex.join leaves unquoted (with_exploration rebuilds arguments with it, and VW,
+# which splits at spaces only, would read quotes and backslashes literally); ':' is every namespace.
+# Arguments may also hold '=' (`--opt=value`) and '/', the latter only so that a path is refused
+# by the option or word that carries it, with a message that says so.
+_NAMESPACES = re.compile(r"[A-Za-z0-9_@%+,.:]+")
+_CHARACTERS = re.compile(r"[A-Za-z0-9_@%+,.:=/ -]*")
+_NEGATIVE = re.compile(r"-\.?[0-9]")
+
+
+def _number(low: float, high: float, *, whole: bool = False, why: str = "") -> _Value:
+    pattern = _WHOLE if whole else _FLOAT
+    span = f"from {low} to {high}" if whole else f"from {low:g} to {high:g}"
+    return _Value(
+        lambda v: bool(pattern.fullmatch(v)) and low <= float(v) <= high,
+        f"{'a whole number' if whole else 'a number'} {span}{why}",
+    )
+
+
+def _choice(*choices: str) -> _Value:
+    return _Value(lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+def _namespaces(low: int, high: int) -> _Value:
+    count = f"{low}" if low == high else f"{low} to {high}"
+    return _Value(
+        lambda v: bool(_NAMESPACES.fullmatch(v)) and low <= len(v) <= high,
+        f"{count} namespace letters (letters, digits or _@%+,.: where : is every namespace)",
+    )
+
+
+# 2^22 weights of 4 floats each (the weight and VW's adaptive and normalised state) take 64 MiB,
+# and a loop holds several copies of its model (serving, training, evaluation, every replica).
+MAX_BITS = 22
+# Bagging, cover and RND train and score every member on every example: CPU grows with the count.
+MAX_MEMBERS = 16
+# Each interaction multiplies the features VW hashes per action.
+MAX_INTERACTIONS = 16
+
+_BITS = _number(1, MAX_BITS, whole=True, why=" (each bit doubles the memory of every model copy)")
+_MEMBERS = _number(1, MAX_MEMBERS, whole=True, why=" (each member costs CPU on every example)")
+_UNIT = _number(0, 1)
+_RATE = _number(0, 1000)
+_BOUND = _number(-1e6, 1e6)
+_SEED = _number(0, 2**32 - 1, whole=True)
+_FLAG = _Option()
+_EXPLORE_FLAG = _Option(explore=True)
+_LIST = _Option(_namespaces(1, 64), repeat=True)
+
+# The VW options a policy may hold: learning options only. Everything else, above all every
+# option that reads or writes a file or a socket or changes how input is read, is refused by name:
+# the service owns all I/O.
+_OPTIONS: dict[str, _Option] = {
+    # The loop kinds' reductions (check_policy wants exactly the loop's own).
+    "--cb_explore_adf": _FLAG,
+    "--ccb_explore_adf": _FLAG,
+    "--cb_adf": _FLAG,
+    # Exploration algorithms, one at a time (_ALGORITHMS), and their parameters.
+    "--epsilon": _Option(_UNIT, explore=True),
+    "--squarecb": _EXPLORE_FLAG,
+    "--gamma_scale": _Option(_number(0, 1e9), explore=True),
+    "--gamma_exponent": _Option(_UNIT, explore=True),
+    "--elim": _EXPLORE_FLAG,
+    "--mellowness": _Option(_RATE, explore=True),
+    "--cb_min_cost": _Option(_BOUND, explore=True),
+    "--cb_max_cost": _Option(_BOUND, explore=True),
+    "--regcb": _EXPLORE_FLAG,
+    "--regcbopt": _EXPLORE_FLAG,
+    "--bag": _Option(_MEMBERS, explore=True),
+    "--greedify": _EXPLORE_FLAG,
+    "--first_only": _EXPLORE_FLAG,
+    "--cover": _Option(_MEMBERS, explore=True),
+    "--psi": _Option(_RATE, explore=True),
+    "--nounif": _EXPLORE_FLAG,
+    "--first": _Option(_number(1, 10**9, whole=True), explore=True),
+    "--softmax": _EXPLORE_FLAG,
+    "--lambda": _Option(_RATE, explore=True),
+    "--rnd": _Option(_MEMBERS, explore=True),
+    "--rnd_alpha": _Option(_RATE, explore=True),
+    "--rnd_invlambda": _Option(_number(0, 1e6), explore=True),
+    "--synthcover": _EXPLORE_FLAG,
+    "--synthcoverpsi": _Option(_RATE, explore=True),
+    "--synthcoversize": _Option(_number(1, 100, whole=True), explore=True),
+    # Contextual-bandit estimator.
+    "--cb_type": _Option(_choice("mtr", "ips", "dr", "dm", "sm")),
+    "--clip_p": _Option(_UNIT),
+    # Features: interactions up to cubic, namespaces, hashing, the weight table.
+    "--quadratic": _Option(_namespaces(2, 2), repeat=True),
+    "--cubic": _Option(_namespaces(3, 3), repeat=True),
+    "--interactions": _Option(_namespaces(2, 3), repeat=True),
+    "--permutations": _FLAG,
+    "--leave_duplicate_interactions": _FLAG,
+    "--ignore": _LIST,
+    "--ignore_linear": _LIST,
+    "--keep": _LIST,
+    "--noconstant": _FLAG,
+    "--constant": _Option(_BOUND),
+    "--hash": _Option(_choice("strings", "all")),
+    "--hash_seed": _Option(_SEED),
+    "--bit_precision": _Option(_BITS),
+    # Learning rate and its schedule, regularisation, update rule and optimiser.
+    "--learning_rate": _Option(_RATE),
+    "--power_t": _Option(_UNIT),
+    "--initial_t": _Option(_number(0, 1e9)),
+    "--decay_learning_rate": _Option(_UNIT),
+    "--l1": _Option(_RATE),
+    "--l2": _Option(_RATE),
+    "--sgd": _FLAG,
+    "--adaptive": _FLAG,
+    "--normalized": _FLAG,
+    "--invariant": _FLAG,
+    "--adax": _FLAG,
+    "--coin": _FLAG,
+    "--ftrl": _FLAG,
+    "--pistol": _FLAG,
+    "--ftrl_alpha": _Option(_RATE),
+    "--ftrl_beta": _Option(_RATE),
+    "--initial_weight": _Option(_BOUND),
+    "--random_weights": _FLAG,
+    "--normal_weights": _FLAG,
+    "--truncated_normal_weights": _FLAG,
+    "--sparse_weights": _FLAG,
+    "--random_seed": _Option(_SEED),
+    # Loss.
+    "--loss_function": _Option(
+        _choice("squared", "classic", "hinge", "logistic", "quantile", "poisson", "expectile")
+    ),
+    "--quantile_tau": _Option(_UNIT),
+    "--expectile_q": _Option(_number(0, 0.5)),
+    "--logistic_min": _Option(_BOUND),
+    "--logistic_max": _Option(_BOUND),
+    "--min_prediction": _Option(_BOUND),
+    "--max_prediction": _Option(_BOUND),
+}
+_SHORT = {"-b": "--bit_precision", "-l": "--learning_rate", "-q": "--quadratic", "-C": "--constant"}
+# Exploration algorithms by family (RegCB's two variants are one); VW stacks no two of them.
+_ALGORITHMS = {
+    "--squarecb": "--squarecb",
+    "--regcb": "--regcb",
+    "--regcbopt": "--regcb",
+    "--bag": "--bag",
+    "--cover": "--cover",
+    "--first": "--first",
+    "--softmax": "--softmax",
+    "--rnd": "--rnd",
+    "--synthcover": "--synthcover",
+}
+_INTERACTIONS = {"--quadratic", "--cubic", "--interactions"}
+_LOOP_ALGORITHMS = {"--cb_adf", "--cb_explore_adf", "--ccb_explore_adf"}
 
 
 def tokens(args: str) -> list[str]:
@@ -90,24 +203,100 @@ def algorithm(kind: str) -> str:
     return {"rl": "--cb_adf", "ccb": "--ccb_explore_adf"}.get(kind, "--cb_explore_adf")
 
 
-def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
-    """Raise PolicyError unless `args` is a VW command line dloop may train and serve."""
+def _is_option(word: str) -> bool:
+    return word.startswith("-") and not _NEGATIVE.match(word)
+
+
+def policy_options(args: str) -> list[tuple[str, str | None]]:
+    """The options of policy arguments in order, as (long name, value or None for a flag), with
+    every spelling VW reads (`--opt value`, `--opt=value`, `-x value`, `-xVALUE`) normalised.
+
+    Raises PolicyError for anything but allowed options with valid values: an option off the
+    list, a word that is no option's value (VW would read it as a data file), characters VW and
+    shlex would split differently. Reads no file and builds no workspace.
+    """
     if len(args) > 1024:
         raise PolicyError("policy arguments are limited to 1024 characters")
-    parts = tokens(args)
-    if algorithm not in parts:
+    if not _CHARACTERS.fullmatch(args):
+        raise PolicyError(
+            "policy arguments may hold only letters, digits, spaces and _@%+,.:=/- (Vowpal Wabbit "
+            "splits them at spaces and would read quotes, backslashes and tabs literally)"
+        )
+    words = [word for word in args.split(" ") if word]
+    options: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word.startswith("--"):
+            spelled, eq, rest = word.partition("=")
+            attached = rest if eq else None
+        elif _is_option(word) and len(word) > 1:
+            spelled, attached = word[:2], word[2:] or None
+        else:
+            raise PolicyError(
+                f"unexpected argument {word!r}: a policy holds options only (Vowpal Wabbit would "
+                "read a word on its own as a data file); give every value its own option"
+            )
+        name = _SHORT.get(spelled, spelled)
+        option = _OPTIONS.get(name)
+        if option is None:
+            raise PolicyError(
+                f"option {spelled} is not allowed in a policy: a policy holds Vowpal Wabbit "
+                "learning options only"
+            )
+        if option.value is None:
+            if attached is not None:
+                raise PolicyError(f"option {spelled} takes no value")
+            options.append((name, None))
+            continue
+        value = attached
+        # The next word is the value unless it is an option (a negative number is a value).
+        if value is None and i < len(words) and not _is_option(words[i]):
+            value = words[i]
+            i += 1
+        if not value:
+            raise PolicyError(f"option {spelled} needs a value")
+        if not option.value.valid(value):
+            raise PolicyError(f"{spelled} {value}: must be {option.value.describe}")
+        options.append((name, value))
+    return options
+
+
+def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
+    """Raise PolicyError unless `args` is a VW command line dloop may train and serve: allowed
+    learning options only (policy_options), the loop's own reduction, within the caps.
+
+    Touches no file: with only allowed options VW opens none, so after dloop's own checks a
+    workspace is built to let VW refuse bad combinations; its message, which can then only name
+    allowed options and checked values, is passed on as one line.
+    """
+    names = [name for name, _ in policy_options(args)]
+    if algorithm not in names:
         raise PolicyError(f"policy arguments must contain {algorithm}")
-    others = {"--cb_adf", "--cb_explore_adf", "--ccb_explore_adf"} - {algorithm}
-    if others & set(parts):
+    others = sorted((_LOOP_ALGORITHMS - {algorithm}) & set(names))
+    if others:
         raise PolicyError(f"this loop's policy must use {algorithm}, not {' '.join(others)}")
-    for part in parts:
-        name = part.split("=", 1)[0]
-        if name in _FORBIDDEN:
-            raise PolicyError(f"option {name} is not allowed in a policy")
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1 and not _OPTIONS[name].repeat:
+            raise PolicyError(f"option {name} is given more than once")
+    if sum(name in _INTERACTIONS for name in names) > MAX_INTERACTIONS:
+        raise PolicyError(f"a policy may hold at most {MAX_INTERACTIONS} interactions")
+    families = list(dict.fromkeys(_ALGORITHMS[n] for n in names if n in _ALGORITHMS))
+    if len(families) > 1:
+        raise PolicyError(f"choose one exploration algorithm, not {' and '.join(families)}")
+    if algorithm == "--cb_adf":
+        exploring = next((name for name in names if _OPTIONS[name].explore), None)
+        if exploring is not None:
+            raise PolicyError(
+                f"option {exploring} is for exploration, and an RL loop explores outside "
+                "Vowpal Wabbit (explorationPercentage)"
+            )
     try:
         ws = Workspace(f"{args} --quiet")
     except Exception as exc:  # VW raises RuntimeError subclasses with its own message
-        raise PolicyError(f"Vowpal Wabbit rejected the arguments: {exc}") from None
+        reason = " ".join(str(exc).split())[:300]
+        raise PolicyError(f"Vowpal Wabbit rejected the arguments: {reason}") from None
     ws.finish()
 
 
