@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 
 from learners import vw
-from learners.vw import Workspace
 from learners.features import Features, action_json
 from learners.sampling import sample
+from learners.vw import Workspace
 
 DEFAULT_CCB_POLICY = "--ccb_explore_adf --squarecb -q ::"
 PERSONALIZER_CCB_POLICY = "--ccb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"

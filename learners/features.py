@@ -130,7 +130,7 @@ def clean_features(
                 break
             count += n
         else:
-            if not required or any(v is not None for f in features for v in f.values()):
+            if not required or any(_has_value(f) for f in features):
                 return features, count
     if features is None:
         if required:
@@ -148,9 +148,20 @@ def clean_features(
         cleaned, n = _clean(item, f"{where}[{i}]", 1, limits)
         out.append(cleaned)
         count += n
-    if required and not any(v is not None for f in out for v in f.values()):
+    if required and not any(_has_value(f) for f in out):
         raise FeatureError(f"{where} needs at least one non-null feature")
     return out, count
+
+
+def _has_value(obj: dict[str, Any]) -> bool:
+    """Whether a feature object holds a feature VW will see (not only nulls or empty objects)."""
+    for value in obj.values():
+        if type(value) is dict:
+            if _has_value(value):
+                return True
+        elif value is not None and value != []:
+            return True
+    return False
 
 
 def validate_features(features: Any, where: str, *, required: bool) -> Features:
@@ -167,9 +178,7 @@ def _clean_value(value: Any, where: str, depth: int = 0) -> Any:
         raise FeatureError(f"{where}: nested more than {_MAX_LOGGED_DEPTH} deep")
     if isinstance(value, dict):
         return {
-            k: _clean_value(v, f"{where}.{k}", depth + 1)
-            for k, v in value.items()
-            if k[:1] != "_"
+            k: _clean_value(v, f"{where}.{k}", depth + 1) for k, v in value.items() if k[:1] != "_"
         }
     if isinstance(value, list):
         return [_clean_value(v, where, depth + 1) for v in value]

@@ -17,15 +17,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
-from learners.cb import CBTrainer
-from learners.episodes import EpisodeLearner, train_episodes
+from learners.episodes import EpisodeLearner, poison_episode, train_episodes
 from learners.join_worker import SeekToStored, offset_name, read_joined
+from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost
 from learners.vw import with_exploration
 from service import store
 from service.background import keep_running
@@ -34,13 +34,17 @@ from service.models import Loop, ModelCheckpoint
 log = logging.getLogger("dloop.learn")
 
 
+SOURCE = "learn-stream"  # the stream learner's dead letters (ref: the joined-stream position)
+
+
 @dataclass
 class StreamLearner:
-    trainer: CBTrainer
+    trainer: RemoteTrainer
     arguments: str
     pos: int
     model_id: str
     exported_examples: int
+    skip: set[int] = field(default_factory=set)  # dead-lettered positions ahead
 
 
 class LearnWorker:
@@ -52,32 +56,40 @@ class LearnWorker:
         joined_topic: str,
         clock: Callable[[], float] = time.time,
         batch_size: int = 2000,
+        trainers: TrainerHost | None = None,
     ) -> None:
         self.sessions = sessions
         self.consumer = consumer
         self.clock = clock
         self.batch_size = batch_size
+        self.host = trainers or TrainerHost()
         self.learners: dict[str, StreamLearner] = {}
         self.rl_learners: dict[str, EpisodeLearner] = {}
+        self.rl_careful: set[str] = set()
+        # After the learning process died on a batch: learn one line per call up to this
+        # position, so the line that kills it again is found and dead-lettered.
+        self.careful: dict[str, int] = {}
         self.offsets: dict[Any, int] = {}
         self.checkpointed_at = 0.0
         self._tick_read_at = 0.0
         self._tick_value = 0.0
         self._stop = threading.Event()
-        consumer.subscribe([joined_topic], listener=_Rebalance(self))
+        self._rebalance = _Rebalance(self)
+        consumer.subscribe([joined_topic], listener=self._rebalance)
 
     def run(self) -> None:
-        keep_running(
-            self._stop,
-            self.run_once,
-            what="learn pass",
-            logger=log,
-            on_error=self.learners.clear,  # rebuild from the last checkpoint
-        )
         try:
+            keep_running(
+                self._stop,
+                self.run_once,
+                what="learn pass",
+                logger=log,
+                on_error=self.learners.clear,  # rebuild from the last checkpoint
+            )
             self.checkpoint()
         finally:
             self.consumer.close()
+            self.host.close()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -86,6 +98,7 @@ class LearnWorker:
         batch = self.consumer.poll(timeout_ms=poll_ms, max_records=self.batch_size)
         count = 0
         by_key: dict[bytes, StreamLearner | None] = {}
+        work: dict[str, list[tuple[int, str]]] = {}
         for tp, messages in batch.items():
             for message in messages:
                 key = message.key
@@ -94,16 +107,70 @@ class LearnWorker:
                 learner = by_key[key]
                 if learner is None:
                     continue
+                lines = work.setdefault(key.decode(), [])
                 for pos, learn, line in read_joined(message.value):
                     if pos > learner.pos:
-                        if learn:
-                            learner.trainer.learn_text(line)
+                        if learn and pos not in learner.skip:
+                            lines.append((pos, line))
                         learner.pos = pos
                         count += 1
             self.offsets[tp] = messages[-1].offset + 1
+        for name, lines in work.items():
+            if not self._learn(name, lines):
+                self._rewind()
+                return count
         if self.clock() - self.checkpointed_at >= self._tick():
             self.checkpoint()
         return count
+
+    def _learn(self, name: str, lines: list[tuple[int, str]]) -> bool:
+        """Learn a loop's lines of this poll (one per call where a crash happened before);
+        False if the learning process died (every learner then restarts from its checkpoint)."""
+        learner = self.learners[name]
+        careful_until = self.careful.get(name, 0)
+        chunks = [[item] for item in lines if item[0] <= careful_until]
+        rest = [item for item in lines if item[0] > careful_until]
+        if rest:
+            chunks.append(rest)
+        for chunk in chunks:
+            try:
+                refused = learner.trainer.learn_lines([line for _, line in chunk])
+            except NativeCrash as exc:
+                if len(chunk) == 1:
+                    pos, line = chunk[0]
+                    self._dead_letter(name, pos, line, f"native crash while learning: {exc}")
+                else:
+                    log.error("the learning process died on %s; retrying line by line", name)
+                    self.careful[name] = chunk[-1][0]
+                return False
+            for i, reason in refused:
+                pos, line = chunk[i]
+                self._dead_letter(name, pos, line, f"Vowpal Wabbit refused it: {reason}")
+        if careful_until and learner.pos >= careful_until:
+            self.careful.pop(name, None)
+        return True
+
+    def _dead_letter(self, name: str, pos: int, line: str, reason: str) -> None:
+        with self.sessions.begin() as session:
+            store.dead_letter(
+                session,
+                source=SOURCE,
+                loop=name,
+                ref=pos,
+                record=line,
+                reason=reason,
+                now=self.clock(),
+            )
+        log.warning("loop %s: joined position %s moved to dead_letters (%s)", name, pos, reason)
+
+    def _rewind(self) -> None:
+        """The learning process died: drop every learner (they rebuild from their checkpoints)
+        and go back to the offsets stored with those checkpoints, since poll() has moved past
+        what this learner had not yet saved."""
+        self.learners.clear()
+        self.rl_learners.clear()
+        self.offsets.clear()
+        self._rebalance.on_partitions_assigned(self.consumer.assignment())
 
     def _tick(self) -> float:
         if self.clock() - self._tick_read_at < 10 and self._tick_value:
@@ -122,7 +189,7 @@ class LearnWorker:
 
     def _learner(self, name: str) -> StreamLearner | None:
         learner = self.learners.get(name)
-        if learner is not None:
+        if learner is not None and not learner.trainer.lost:
             return learner
         with self.sessions() as session:
             loop = session.get(Loop, name)
@@ -133,13 +200,13 @@ class LearnWorker:
             settings = store.loop_settings(loop)
             arguments = with_exploration(loop.policy["arguments"], settings.exploration)
             ckpt = store.get_checkpoint(session, loop=name)
-        if ckpt is not None and ckpt.model is not None:
-            trainer = CBTrainer(arguments, ckpt.model, ckpt.examples)
-        else:
-            trainer = CBTrainer(arguments)
-        pos = ckpt.learned_seq if ckpt is not None else 0
+            pos = ckpt.learned_seq if ckpt is not None else 0
+            skip = store.poisoned(session, source=SOURCE, loop=name, after=pos)
+        model = ckpt.model if ckpt is not None else None
+        examples = ckpt.examples if ckpt is not None and model is not None else 0
+        trainer = self.host.open(name, kind="cb", args=arguments, model=model, examples=examples)
         model_id = ckpt.model_id if ckpt is not None else "N/A"
-        learner = StreamLearner(trainer, arguments, pos, model_id, trainer.examples)
+        learner = StreamLearner(trainer, arguments, pos, model_id, trainer.examples, skip)
         self.learners[name] = learner
         return learner
 
@@ -186,21 +253,42 @@ class LearnWorker:
         self.train_rl()
 
     def train_rl(self) -> None:
-        """RL loops learn complete episodes from the database (learners.episodes)."""
+        """RL loops learn complete episodes from the database (learners.episodes); after the
+        learning process died on a loop's episodes, one episode at a time, and the one that
+        kills it again is dead-lettered."""
         with self.sessions() as session:
             names = [loop.name for loop in store.list_loops(session) if loop.kind == "rl"]
         for name in names:
-            with self.sessions.begin() as session:
-                loop = session.get(Loop, name)
-                if loop is None:
-                    continue
-                arguments = loop.policy["arguments"]
-                learner, model = train_episodes(
-                    session, loop, self.rl_learners.get(name), arguments=arguments, now=self.clock()
-                )
+            careful = name in self.rl_careful
+            try:
+                with self.sessions.begin() as session:
+                    loop = session.get(Loop, name)
+                    if loop is None:
+                        continue
+                    learner, model = train_episodes(
+                        session,
+                        loop,
+                        self.rl_learners.get(name),
+                        arguments=loop.policy["arguments"],
+                        now=self.clock(),
+                        host=self.host,
+                        limit=1 if careful else 1000,
+                    )
+            except NativeCrash as exc:
+                self.learners.clear()
+                self.rl_learners.clear()
+                if careful:
+                    with self.sessions.begin() as session:
+                        reason = f"native crash while learning the episode: {exc}"
+                        poison_episode(session, loop=name, reason=reason, now=self.clock())
+                else:
+                    self.rl_careful.add(name)
+                continue
             self.rl_learners[name] = learner
             if model is not None:
                 log.info("published an RL model for %s", name)
+            else:
+                self.rl_careful.discard(name)
 
     def _adopt(
         self, session: Session, name: str, learner: StreamLearner, ckpt: ModelCheckpoint
@@ -209,10 +297,9 @@ class LearnWorker:
         learn the rows this learner had already consumed past that from the database, or
         skip ahead to it."""
         learner.arguments = ckpt.arguments
-        learner.trainer = (
-            CBTrainer(ckpt.arguments, ckpt.model, ckpt.examples)
-            if ckpt.model is not None
-            else CBTrainer(ckpt.arguments)
+        examples = ckpt.examples if ckpt.model is not None else 0
+        learner.trainer = self.host.open(
+            name, kind="cb", args=ckpt.arguments, model=ckpt.model, examples=examples
         )
         learner.model_id = ckpt.model_id
         learner.exported_examples = learner.trainer.examples
@@ -220,9 +307,9 @@ class LearnWorker:
             learner.pos = ckpt.learned_seq
             return
         rows = store.joined_by_pos(session, loop=name, after=ckpt.learned_seq, until=learner.pos)
-        for row in rows:
-            if store.trainable(row):
-                learner.trainer.learn_text(row.line)
+        lines = [r.line for r in rows if store.trainable(r) and (r.pos or 0) not in learner.skip]
+        for _, reason in learner.trainer.learn_lines(lines):
+            log.warning("loop %s: a joined row VW refused on adopting a model: %s", name, reason)
         ckpt.learned_seq = learner.pos
 
 

@@ -200,7 +200,11 @@ class Child:
         self._proc: _Process | None = None
 
     def call(
-        self, op: str, header: dict[str, Any] | None = None, blob: bytes = b"", *,
+        self,
+        op: str,
+        header: dict[str, Any] | None = None,
+        blob: bytes = b"",
+        *,
         timeout: float | None = None,
     ) -> tuple[Any, bytes]:
         if self._proc is None:
@@ -535,8 +539,13 @@ class RemoteTrainer:
         self.examples = examples
         self._generation = generation
 
+    @property
+    def lost(self) -> bool:
+        """True once the child holding this trainer died (or was restarted since)."""
+        return self.host.child.generation != self._generation or self.host.child._proc is None
+
     def _call(self, op: str, header: dict[str, Any], blob: bytes = b"") -> tuple[Any, bytes]:
-        if self.host.child.generation != self._generation or self.host.child._proc is None:
+        if self.lost:
             raise TrainerLost(f"the learning process of {self.key} was restarted")
         return self.host.child.call(op, {"key": self.key, **header}, blob)
 
@@ -560,5 +569,5 @@ class RemoteTrainer:
         return model
 
     def close(self) -> None:
-        if self.host.child.generation == self._generation and self.host.child._proc is not None:
+        if not self.lost:
             self.host.child.call("close", {"key": self.key})

@@ -13,13 +13,13 @@ from typing import Any
 import orjson
 
 from learners import vw
-from learners.vw import Workspace
 from learners.cb import CBTrainer
 from learners.ccb import CCBRanker
 from learners.features import context_json
 from learners.importance import explain
 from learners.rl import RLTrainer, Step, epsilon_greedy
 from learners.sampling import restrict
+from learners.vw import Workspace
 
 # The parser each loop kind's examples need (prediction without a model only parses).
 _PARSE_ARGS = {"cb": "--cb_explore_adf", "rl": "--cb_adf", "ccb": "--ccb_explore_adf"}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from vowpalwabbit import Workspace
+from vowpalwabbit import Workspace as Workspace
 from vowpalwabbit.pyvw import pylibvw
 
 

@@ -4,41 +4,70 @@ each loop's model and publishes it for ranking every modelExportFrequency.
 Crash safety: the log offset is committed with the rows it produced; a model checkpoint stores
 the trainer's bytes with the last joined seq they include, so a restart re-learns exactly the
 joined events after the checkpoint (nothing lost, nothing learned twice).
+
+Many loops: a pass visits only the loops with something to do (records just ingested, a reward
+window closing, joined rows to learn, a model to export), so idle loops cost nothing; a loop's
+trainer lives in the learning process while the loop is busy and is dropped after
+`idle_evict` seconds without work (its model is in its checkpoint).
+
+Poison: the trainers live in a sandbox child (learners.sandbox), so VW crashing on a record
+kills that child, not the server. A line VW refuses goes to the dead letters at once. A crash
+cannot say which line did it: the loop's learner is rebuilt from its checkpoint and the lines up
+to the end of the failed batch are learned one per call; the one that crashes again is
+dead-lettered (with the loop and seq, so it is never tried again) and learning moves on. A loop
+that fails for any other reason is reported (`failing`, shown on /readyz and /metrics) and
+skipped for that pass: one loop's failure never stops another's learning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from learners.cb import CBTrainer
-from learners.episodes import EpisodeLearner, train_episodes
+from learners.episodes import EpisodeLearner, poison_episode, train_episodes
+from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost
 from service import store
 from service.background import keep_running, lower_thread_priority
 from service.log import LocalLog, record_time
-from service.models import Loop
-from service.runtime import Registry
+from service.models import Joined, Loop
+from service.runtime import LoopRuntime, Registry
 
 log = logging.getLogger("dloop.worker")
 
 LOG_OFFSET = "local-log"
 RETENTION_EVERY = 600.0
+SOURCE = "learn"  # the embedded learner's dead letters (ref: the joined seq)
 
 
 @dataclass
 class LoopLearner:
-    trainer: CBTrainer
+    trainer: RemoteTrainer
     arguments: str
-    learned_seq: int
+    learned_seq: int  # the last joined seq the trainer has seen
+    saved_seq: int  # ... and the one its checkpoint says
     exported_examples: int
     exported_at: float
+    used_at: float
+    skip: set[int] = field(default_factory=set)  # dead-lettered seqs ahead
+
+
+@dataclass
+class LoopHealth:
+    """A loop whose last pass failed: since when, how often in a row, and why."""
+
+    since: float
+    failures: int
+    error: str
 
 
 class EmbeddedWorker:
@@ -54,6 +83,8 @@ class EmbeddedWorker:
         clock: Callable[[], float] = time.time,
         tick: float = 0.2,
         batch_size: int = 2000,
+        idle_evict: float = 300.0,
+        trainers: TrainerHost | None = None,
     ) -> None:
         self.sessions = sessions
         self.log = decision_log
@@ -61,16 +92,32 @@ class EmbeddedWorker:
         self.clock = clock
         self.tick = tick
         self.batch_size = batch_size
+        self.idle_evict = idle_evict
+        self.host = trainers or TrainerHost()
         self.learners: dict[str, LoopLearner] = {}
+        self.rl_learners: dict[str, EpisodeLearner] = {}
+        self.rl_trained_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self.offset = 0
         self.retention_at = 0.0
         self.read_until = 0.0  # event time of the last record ingested
-        self.rl_learners: dict[str, EpisodeLearner] = {}
-        self.rl_trained_at: dict[str, float] = {}
         # Small ingestion transactions keep each GIL-holding stretch short.
         self.read_bytes = 1 << 20
+        # Which loops have work: when join_due next may join something, joined rows not yet
+        # learned, RL episodes to train; None until the first pass reads it from the database.
+        self.due: dict[str, float] | None = None
+        self.to_learn: set[str] = set()
+        self.rl_due: set[str] = set()
+        # After a crash: learn one line per call up to this seq (one episode per call: RL).
+        self.careful: dict[str, int] = {}
+        self.rl_careful: set[str] = set()
+        # Health, for /readyz and /metrics.
+        self.failing: dict[str, LoopHealth] = {}
+        self.passed_at = time.monotonic()  # the end of the last pass that completed
+        self.running = False
+        self.crashes = 0  # times the learning process died
+        self.dead_lettered = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -80,49 +127,165 @@ class EmbeddedWorker:
         # switch interval a request can wait that long for a batch of joins to yield. 0.5 ms
         # keeps rank latency flat (see benchmarks/) at a small cost in worker throughput.
         sys.setswitchinterval(0.0005)
-        # A failed pass (a locked or restarting database) commits nothing: retry it later.
-        keep_running(
-            self._stop,
-            self.run_once,
-            what="worker pass",
-            logger=log,
-            idle=self.tick,
-            backoff=self.tick,
-            max_backoff=5.0,
-        )
-        self.run_once(final=True)
+        self.running = True
+        try:
+            # A failed pass (a locked or restarting database) commits nothing: retry it later.
+            keep_running(
+                self._stop,
+                self.run_once,
+                what="worker pass",
+                logger=log,
+                idle=self.tick,
+                backoff=self.tick,
+                max_backoff=5.0,
+            )
+            self.run_once(final=True)
+        finally:
+            self.running = False
+            self.host.close()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop the learning process (the thread's `run` does it itself)."""
+        with self._lock:
+            self.host.close()
 
     # ---- one pass ----------------------------------------------------------------------------
 
     def run_once(self, *, final: bool = False) -> bool:
         """Ingest, join, learn, maybe publish. Returns True if there may be more work right now."""
         with self._lock:
+            if self.due is None:
+                self._start()
             busy = self._ingest()
             now = self.clock()
             if busy:
                 # Behind on the log: judge reward windows by the last record read, so none
                 # closes while its reward is still unread.
                 now = min(now, self.read_until)
-            for name, rt in list(self.registry.loops.items()):
-                with self.sessions.begin() as session:
-                    joined = store.join_due(
-                        session, loop=name, rules=rt.settings.rules, now=now, limit=self.batch_size
-                    )
-                busy |= joined >= self.batch_size
-                if rt.kind == "rl":
-                    if final or now - self.rl_trained_at.get(name, 0.0) >= rt.settings.export_every:
-                        busy |= self._train_episodes(name, now)
+            for name in self._active(now, final):
+                rt = self.registry.get(name)
+                if rt is None:  # deleted
+                    self._forget(name)
                     continue
-                busy |= self._learn(name)
-                learner = self.learners[name]
-                if final or now - learner.exported_at >= rt.settings.export_every:
-                    self._export(name, now)
+                try:
+                    busy |= self._work(name, rt, now, final)
+                except SQLAlchemyError:
+                    raise  # the database is away: the whole pass retries
+                except Exception as exc:
+                    self._fail(name, exc)
+                    continue
+                self.failing.pop(name, None)
+            self._evict(now)
             if now - self.retention_at >= RETENTION_EVERY:
                 self._retention(now)
+            self.passed_at = time.monotonic()
             return busy
+
+    def _start(self) -> None:
+        with self.sessions() as session:
+            self.due = {name: -math.inf for name in store.loops_with_pending(session)}
+            self.to_learn = store.loops_to_learn(session)
+        self.rl_due = {name for name, rt in self.registry.loops.items() if rt.kind == "rl"}
+
+    def _active(self, now: float, final: bool) -> set[str]:
+        assert self.due is not None
+        names = {name for name, at in self.due.items() if at <= now}
+        names |= self.to_learn | self.rl_due
+        for name, learner in self.learners.items():
+            rt = self.registry.get(name)
+            export_every = rt.settings.export_every if rt is not None else 0.0
+            changed = (
+                learner.trainer.examples != learner.exported_examples
+                or learner.learned_seq != learner.saved_seq
+            )
+            if changed and (final or now - learner.exported_at >= export_every):
+                names.add(name)
+        return names
+
+    def _work(self, name: str, rt: LoopRuntime, now: float, final: bool) -> bool:
+        assert self.due is not None
+        busy = False
+        if self.due.get(name, math.inf) <= now:
+            with self.sessions.begin() as session:
+                joined = store.join_due(
+                    session, loop=name, rules=rt.settings.rules, now=now, limit=self.batch_size
+                )
+            if joined:
+                (self.rl_due if rt.kind == "rl" else self.to_learn).add(name)
+            if joined >= self.batch_size:
+                busy = True
+            else:
+                with self.sessions() as session:
+                    at = store.next_join_at(session, loop=name, wait=rt.settings.rules.wait)
+                if at is None:
+                    self.due.pop(name, None)
+                else:
+                    self.due[name] = at
+        if rt.kind == "rl":
+            due = final or now - self.rl_trained_at.get(name, 0.0) >= rt.settings.export_every
+            if name in self.rl_due and due:
+                busy |= self._train_episodes(name, rt, now)
+            return busy
+        if name in self.to_learn:
+            busy |= self._learn(name, rt, now)
+        learner = self.learners.get(name)
+        if learner is not None and (final or now - learner.exported_at >= rt.settings.export_every):
+            self._export(name, learner, now)
+        return busy
+
+    def _fail(self, name: str, exc: Exception) -> None:
+        if isinstance(exc, NativeCrash):
+            self._lost_trainers()
+        health = self.failing.get(name)
+        message = f"{type(exc).__name__}: {exc}"[:500]
+        if health is None:
+            self.failing[name] = LoopHealth(self.clock(), 1, message)
+            log.exception("loop %s failed; other loops go on", name, exc_info=exc)
+        else:
+            health.failures += 1
+            health.error = message
+
+    def _forget(self, name: str) -> None:
+        assert self.due is not None
+        self.due.pop(name, None)
+        self.to_learn.discard(name)
+        self.rl_due.discard(name)
+        self.careful.pop(name, None)
+        self.rl_careful.discard(name)
+        self.failing.pop(name, None)
+        self.rl_learners.pop(name, None)
+        learner = self.learners.pop(name, None)
+        if learner is not None:
+            self._close(learner)
+
+    def _lost_trainers(self) -> None:
+        """The learning process died: every trainer in it is gone. Each loop rebuilds from its
+        checkpoint and learns again what followed."""
+        self.crashes += 1
+        self.to_learn |= set(self.learners)
+        self.rl_due |= set(self.rl_learners)
+        self.learners.clear()
+        self.rl_learners.clear()
+
+    def _evict(self, now: float) -> None:
+        for name, learner in list(self.learners.items()):
+            idle = (
+                name not in self.to_learn
+                and learner.trainer.examples == learner.exported_examples
+                and learner.learned_seq == learner.saved_seq
+                and now - learner.used_at >= self.idle_evict
+            )
+            if idle:
+                del self.learners[name]
+                self._close(learner)
+
+    @staticmethod
+    def _close(learner: LoopLearner) -> None:
+        with contextlib.suppress(NativeCrash):  # gone already
+            learner.trainer.close()
 
     def _retention(self, now: float) -> None:
         """Drop logged events older than each loop's logRetentionDays (-1 keeps them)."""
@@ -134,76 +297,163 @@ class EmbeddedWorker:
                     store.apply_retention(session, loop=name, before=now - days * 86400)
 
     def _ingest(self) -> bool:
+        assert self.due is not None
         with self.sessions.begin() as session:
             offset = store.get_offset(session, name=LOG_OFFSET)
             records, new_offset = self.log.read(offset, max_bytes=self.read_bytes)
             if not records:
                 return False
-            dead = store.ingest(
+            result = store.ingest(
                 session, records=[r for r in records if r], source=LOG_OFFSET, now=self.clock()
             )
-            if dead:
-                log.warning("%d unreadable log records moved to dead_letters", dead)
+            if result.dead:
+                log.warning("%d unreadable log records moved to dead_letters", result.dead)
             store.set_offset(session, name=LOG_OFFSET, offset=new_offset)
+        for name in result.loops:
+            self.due[name] = -math.inf  # look at once (an early join, an orphan's decision)
+            rt = self.registry.get(name)
+            if rt is not None and rt.kind == "rl":
+                self.rl_due.add(name)
         self.offset = new_offset
         self.log.release(new_offset)
         self.read_until = record_time(records[-1])
         return new_offset < self.log.end()
 
-    def _learner(self, name: str) -> LoopLearner:
+    # ---- learning ----------------------------------------------------------------------------
+
+    def _learner(self, name: str, rt: LoopRuntime) -> LoopLearner:
         learner = self.learners.get(name)
-        rt = self.registry.loops[name]
-        if learner is not None and learner.arguments == rt.arguments:
+        if learner is not None and learner.arguments == rt.arguments and not learner.trainer.lost:
+            learner.used_at = self.clock()
             return learner
+        if learner is not None:
+            self._close(learner)
         with self.sessions() as session:
             ckpt = store.get_checkpoint(session, loop=name)
-        if ckpt is not None and ckpt.model is not None and ckpt.arguments == rt.arguments:
-            trainer = CBTrainer(rt.arguments, ckpt.model, ckpt.examples)
-            learner = LoopLearner(trainer, rt.arguments, ckpt.learned_seq, ckpt.examples, 0.0)
-        else:
             seq = ckpt.learned_seq if ckpt is not None else 0
-            learner = LoopLearner(CBTrainer(rt.arguments), rt.arguments, seq, 0, 0.0)
+            skip = store.poisoned(session, source=SOURCE, loop=name, after=seq)
+        examples = 0
+        if ckpt is not None and ckpt.model is not None and ckpt.arguments == rt.arguments:
+            examples = ckpt.examples
+            trainer = self.host.open(
+                name, kind="cb", args=rt.arguments, model=ckpt.model, examples=examples
+            )
+        else:
+            trainer = self.host.open(name, kind="cb", args=rt.arguments)
+        now = self.clock()
+        learner = LoopLearner(trainer, rt.arguments, seq, seq, examples, 0.0, now, skip)
         self.learners[name] = learner
         return learner
 
-    def _learn(self, name: str) -> bool:
-        learner = self._learner(name)
+    def _learn(self, name: str, rt: LoopRuntime, now: float) -> bool:
+        """Learn the loop's next joined rows; True if more may be waiting."""
+        learner = self._learner(name, rt)
         with self.sessions() as session:
             rows = store.joined_after(
                 session, loop=name, seq=learner.learned_seq, limit=self.batch_size
             )
+        if not rows:
+            self.to_learn.discard(name)
+            return False
+        careful_until = self.careful.get(name, 0)
+        batch: list[Joined] = []
         for row in rows:
-            if store.trainable(row):
-                learner.trainer.learn(row.line.encode())
-            learner.learned_seq = row.seq
-        return len(rows) >= self.batch_size
+            if not store.trainable(row) or row.seq in learner.skip:
+                continue
+            if row.seq <= careful_until:
+                if not self._learn_rows(name, learner, [row], now):
+                    return True
+            else:
+                batch.append(row)
+        if batch and not self._learn_rows(name, learner, batch, now):
+            return True
+        learner.learned_seq = rows[-1].seq
+        if learner.learned_seq >= careful_until:
+            self.careful.pop(name, None)
+        more = len(rows) >= self.batch_size
+        if not more:
+            self.to_learn.discard(name)
+        return more
 
-    def _train_episodes(self, name: str, now: float) -> bool:
+    def _learn_rows(self, name: str, learner: LoopLearner, rows: list[Joined], now: float) -> bool:
+        """Learn `rows` in one call; False if the learning process died doing it (the loop then
+        relearns from its checkpoint, carefully)."""
+        try:
+            refused = learner.trainer.learn_lines([row.line for row in rows])
+        except NativeCrash as exc:
+            self._lost_trainers()
+            if len(rows) == 1:
+                self._dead_letter(name, rows[0], f"native crash while learning: {exc}", now)
+                learner.skip.add(rows[0].seq)
+            else:
+                log.error("the learning process died on a batch of %s; retrying line by line", name)
+                self.careful[name] = rows[-1].seq
+            return False
+        for i, reason in refused:
+            self._dead_letter(name, rows[i], f"Vowpal Wabbit refused it: {reason}", now)
+        return True
+
+    def _dead_letter(self, name: str, row: Joined, reason: str, now: float) -> None:
+        with self.sessions.begin() as session:
+            store.dead_letter(
+                session,
+                source=SOURCE,
+                loop=name,
+                ref=row.seq,
+                record=row.line,
+                reason=reason,
+                now=now,
+            )
+        self.dead_lettered += 1
+        log.warning("loop %s: joined event %s moved to dead_letters (%s)", name, row.seq, reason)
+
+    def _train_episodes(self, name: str, rt: LoopRuntime, now: float) -> bool:
         """RL loops: learn complete episodes and publish the model (learners.episodes)."""
         self.rl_trained_at[name] = now
-        rt = self.registry.loops[name]
-        with self.sessions.begin() as session:
-            loop = session.get(Loop, name)
-            if loop is None:
-                return False
-            learner, model = train_episodes(
-                session, loop, self.rl_learners.get(name), arguments=rt.arguments, now=now
-            )
+        careful = name in self.rl_careful
+        try:
+            with self.sessions.begin() as session:
+                loop = session.get(Loop, name)
+                if loop is None:
+                    return False
+                learner, model = train_episodes(
+                    session,
+                    loop,
+                    self.rl_learners.get(name),
+                    arguments=rt.arguments,
+                    now=now,
+                    host=self.host,
+                    limit=1 if careful else 1000,
+                )
+        except NativeCrash as exc:
+            self._lost_trainers()
+            if careful:
+                with self.sessions.begin() as session:
+                    reason = f"native crash while learning the episode: {exc}"
+                    poison_episode(session, loop=name, reason=reason, now=now)
+                self.dead_lettered += 1
+            else:
+                self.rl_careful.add(name)
+            self.rl_trained_at[name] = 0.0
+            return True
         self.rl_learners[name] = learner
         if model is None:
+            self.rl_due.discard(name)
+            self.rl_careful.discard(name)
             return False
         self.registry.publish(name, model, learner.model_id)
         self.rl_trained_at[name] = 0.0  # more may be waiting: look again at once
         return True
 
-    def _export(self, name: str, now: float) -> None:
-        learner = self.learners[name]
+    def _export(self, name: str, learner: LoopLearner, now: float) -> None:
         learner.exported_at = now
         if learner.trainer.examples == learner.exported_examples:
-            with self.sessions.begin() as session:
-                ckpt = store.get_checkpoint(session, loop=name)
-                if ckpt is not None and ckpt.learned_seq != learner.learned_seq:
-                    ckpt.learned_seq = learner.learned_seq
+            if learner.learned_seq != learner.saved_seq:
+                with self.sessions.begin() as session:
+                    ckpt = store.get_checkpoint(session, loop=name)
+                    if ckpt is not None:
+                        ckpt.learned_seq = learner.learned_seq
+                learner.saved_seq = learner.learned_seq
             return
         model = learner.trainer.to_bytes()
         model_id = uuid.uuid4().hex[:16]
@@ -219,6 +469,7 @@ class EmbeddedWorker:
                 now=now,
             )
         learner.exported_examples = learner.trainer.examples
+        learner.saved_seq = learner.learned_seq
         self.registry.publish(name, model, model_id)
 
     # ---- commands from the API ---------------------------------------------------------------
@@ -242,21 +493,26 @@ class EmbeddedWorker:
                 )
                 if rt.kind == "rl" and retrain_since is not None and model is None:
                     store.unlearn_episodes(session, loop=name, since=retrain_since)
-            self.learners.pop(name, None)
+            old = self.learners.pop(name, None)
+            if old is not None:
+                self._close(old)
+            self.careful.pop(name, None)
             self.registry.publish(name, model, model_id)
             if rt.kind == "rl":
+                self.rl_learners.pop(name, None)
                 self.rl_trained_at.pop(name, None)  # retrain (if asked) on the next pass
+                self.rl_due.add(name)
                 return model_id
             if retrain_since is not None and model is None:
-                learner = self._learner(name)
+                learner = self._learner(name, rt)
                 with self.sessions() as session:
                     rows = store.joined_between(
                         session, loop=name, since=retrain_since, until_seq=seq
                     )
-                for row in rows:
-                    if store.trainable(row):
-                        learner.trainer.learn(row.line.encode())
-                if learner.trainer.examples:
-                    self._export(name, now)
+                trainable = [r for r in rows if store.trainable(r) and r.seq not in learner.skip]
+                # A crash here fails the API call; the loop relearns carefully on its own.
+                self._learn_rows(name, learner, trainable, now)
+                if learner.trainer.examples and not learner.trainer.lost:
+                    self._export(name, learner, now)
                     model_id = self.registry.loops[name].model_id
             return model_id

@@ -11,9 +11,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
-from learners.cb import CBTrainer
 from learners.features import FeatureLimits
-from learners.sandbox import RankerPool
+from learners.sandbox import RankerPool, TrainerHost
 from learners.worker import EmbeddedWorker
 from service import store
 from service.auth import authorize
@@ -96,15 +95,12 @@ class Dloop:
                 if retrain_since is not None and model is None:
                     store.unlearn_episodes(session, loop=name, since=retrain_since)
             elif retrain_since is not None and model is None:
-                trainer = CBTrainer(rt.arguments)
                 rows = store.joined_by_pos(
                     session, loop=name, after=0, until=position, since=retrain_since
                 )
-                for row in rows:
-                    if store.trainable(row):
-                        trainer.learn_text(row.line)
-                if trainer.examples:
-                    model, examples = trainer.to_bytes(), trainer.examples
+                model, examples = retrain(
+                    rt.arguments, [r.line for r in rows if store.trainable(r)]
+                )
             model_id, _ = store.reset_checkpoint(
                 session,
                 loop=name,
@@ -130,6 +126,18 @@ class Dloop:
     def reload_keys(self) -> None:
         with self.sessions() as session:
             self.keys = store.key_table(session)
+
+
+def retrain(arguments: str, lines: list[str]) -> tuple[bytes | None, int]:
+    """A model trained from scratch on `lines` in a sandbox (None if nothing was learned); lines
+    VW refuses are left out, and a crash fails the call without touching the server."""
+    host = TrainerHost()
+    try:
+        trainer = host.open("retrain", kind="cb", args=arguments)
+        trainer.learn_lines(lines)
+        return (trainer.to_bytes(), trainer.examples) if trainer.examples else (None, 0)
+    finally:
+        host.close()
 
 
 def dloop(request: Request) -> Dloop:

@@ -203,7 +203,9 @@ class LogOffset(Base):
 
 
 class DeadLetter(Base):
-    """A log record the joiner could not use, kept with where it came from and why."""
+    """A record dloop could not use, kept with where it came from and why: a log record the
+    joiner could not read, or a joined interaction a learner could not learn (`loop` and
+    `ref`, its position in the loop's joined stream, so no learner tries it again)."""
 
     __tablename__ = "dead_letters"
     id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
@@ -211,6 +213,10 @@ class DeadLetter(Base):
     record: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[float] = mapped_column(Float)
+    loop: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ref: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+    __table_args__ = (Index("ix_dead_letters_ref", "loop", "source", "ref"),)
 
 
 class ServerSecret(Base):

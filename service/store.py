@@ -6,6 +6,7 @@ import hashlib
 import secrets
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -134,11 +135,17 @@ _SLOTS_KEYS = _OBSERVATION_KEYS | {"deferred", "mode", "s", "b", "m", "c"}
 _EPISODE_KEYS = _OBSERVATION_KEYS | {"term"}
 
 
-def ingest(session: Session, *, records: Iterable[bytes], source: str, now: float) -> int:
+@dataclass
+class Ingested:
+    dead: int  # records that went to the dead letters
+    loops: set[str]  # loops that got decisions, observations or episode ends
+
+
+def ingest(session: Session, *, records: Iterable[bytes], source: str, now: float) -> Ingested:
     """Store decision and observation records. The first decision for an eventId wins.
 
     An observation for an event that is already joined is stored as late. A record that cannot
-    be read goes to the dead-letter table; returns how many did.
+    be read goes to the dead-letter table.
     """
     decisions: list[dict[str, Any]] = []
     observations: list[dict[str, Any]] = []
@@ -230,7 +237,8 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
         session.execute(
             update(Observation).where(Observation.status == "pending", late).values(status="late")
         )
-    return len(dead)
+    loops = {str(r["loop"]) for r in (*decisions, *observations, *ends)}
+    return Ingested(len(dead), loops)
 
 
 # ---- join ------------------------------------------------------------------------------------
@@ -345,6 +353,57 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
     if joined_rows:
         session.execute(_insert(session, Joined).on_conflict_do_nothing(), joined_rows)
     return len(joined_rows)
+
+
+def next_join_at(session: Session, *, loop: str, wait: float) -> float | None:
+    """When `join_due` will next have work in this loop: the end of its oldest open decision's
+    window, or when its oldest orphan observation turns dangling (None: nothing is pending).
+    A reward that completes a decision early arrives through ingestion, which looks at once."""
+    oldest = session.scalar(
+        select(func.min(Decision.created_at)).where(
+            Decision.loop == loop, Decision.joined.is_(False)
+        )
+    )
+    orphan = session.scalar(
+        select(func.min(Observation.received_at)).where(
+            Observation.loop == loop, Observation.status == "pending"
+        )
+    )
+    times = [t + w for t, w in ((oldest, wait), (orphan, BACKWARD_WINDOW)) if t is not None]
+    return min(times, default=None)
+
+
+def loops_with_pending(session: Session) -> set[str]:
+    """Loops with open decisions or pending observations (the worker's start-up view)."""
+    open_ = select(Decision.loop).where(Decision.joined.is_(False)).distinct()
+    pending = select(Observation.loop).where(Observation.status == "pending").distinct()
+    return set(session.scalars(open_)) | set(session.scalars(pending))
+
+
+def loops_to_learn(session: Session) -> set[str]:
+    """Loops with joined rows their model does not include yet (the worker's start-up view)."""
+    newest = select(Joined.loop, func.max(Joined.seq)).group_by(Joined.loop)
+    learned = dict(session.execute(select(ModelCheckpoint.loop, ModelCheckpoint.learned_seq)).all())
+    return {loop for loop, seq in session.execute(newest).all() if seq > learned.get(loop, 0)}
+
+
+def dead_letter(
+    session: Session, *, source: str, loop: str, ref: int, record: str, reason: str, now: float
+) -> None:
+    """Keep an interaction a learner could not learn, with why; no learner tries it again."""
+    session.add(
+        DeadLetter(
+            source=source, loop=loop, ref=ref, record=record, reason=reason[:512], created_at=now
+        )
+    )
+
+
+def poisoned(session: Session, *, source: str, loop: str, after: int) -> set[int]:
+    """Positions past `after` in the loop's joined stream that a learner dead-lettered."""
+    stmt = select(DeadLetter.ref).where(
+        DeadLetter.loop == loop, DeadLetter.source == source, DeadLetter.ref > after
+    )
+    return {ref for ref in session.scalars(stmt) if ref is not None}
 
 
 def trainable(row: Joined) -> bool:

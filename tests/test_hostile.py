@@ -153,9 +153,13 @@ def test_reserved_keys_are_ignored_when_a_model_serves(server: Server, context: 
     serve_a_model(server)
     r = server.rank(body("e1", context))
     assert r.status_code == 201, r.text
-    actions = [{"id": "x", "features": context}, {"id": "y", "features": [{"ok": 1}]}]
+    actions = [{"id": "x", "features": [*context, {"ok": 1}]}, {"id": "y", "features": [{"ok": 1}]}]
     r = server.rank(body("e2", [{"ok": 1}], actions))
     assert r.status_code == 201, r.text
+    # An action left with no feature of its own once they are dropped is a clear 400.
+    actions = [{"id": "x", "features": context}, {"id": "y", "features": [{"ok": 1}]}]
+    r = server.rank(body("e4", [{"ok": 1}], actions))
+    assert r.status_code == 400 and "actions[0].features" in r.text, r.text
     assert server.rank(body("e3", [{"time": "noon"}])).status_code == 201
     logged = server.event("e1")
     assert logged and logged["ranking"]  # logged like any decision ...
@@ -205,12 +209,22 @@ def insert_poison(s: Server, line: str, *, loop: str = "default", event_id: str 
 def dsjson(context: list[dict[str, Any]], event_id: str = "p1") -> str:
     c = {
         "FromUrl": context,
-        "_multi": [{"_tag": a["id"], "i": {"constant": 1, "id": a["id"]}, "j": a["features"]}
-                   for a in ACTIONS],
+        "_multi": [
+            {"_tag": a["id"], "i": {"constant": 1, "id": a["id"]}, "j": a["features"]}
+            for a in ACTIONS
+        ],
     }
     head = {"_label_cost": -1, "_label_probability": 0.5, "_label_Action": 1, "_labelIndex": 0}
-    tail = {"o": [], "Timestamp": "2026-12-02T00:00:00.000Z", "Version": "1", "EventId": event_id,
-            "a": [1, 2, 3], "c": c, "p": [0.5, 0.25, 0.25], "VWState": {"m": "N/A"}}
+    tail = {
+        "o": [],
+        "Timestamp": "2026-12-02T00:00:00.000Z",
+        "Version": "1",
+        "EventId": event_id,
+        "a": [1, 2, 3],
+        "c": c,
+        "p": [0.5, 0.25, 0.25],
+        "VWState": {"m": "N/A"},
+    }
     return orjson.dumps({**head, **tail}).decode()
 
 

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from pydantic import ValidationError
 
-from learners.vw import PolicyError, algorithm, check_policy
+from learners.sandbox import check_policy
+from learners.vw import PolicyError, algorithm
 from service import store
 from service.context import Dloop, loop_for
 from service.errors import ApiError, bad_request

@@ -15,7 +15,8 @@ from fastapi import APIRouter, Body, Request
 from starlette.responses import JSONResponse, Response
 
 from learners.joiner import parse_time, timestamp
-from learners.vw import PolicyError, algorithm, check_policy
+from learners.sandbox import check_policy
+from learners.vw import PolicyError, algorithm
 from service import store
 from service.context import Dloop, loop_for
 from service.errors import ApiError, bad_request

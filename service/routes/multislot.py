@@ -28,10 +28,10 @@ from service.routes.events import (
     _parse_rank,
     _rank_error,
     _retry,
-    check_feature_count,
-    sandbox_error,
     activate_event,
+    check_feature_count,
     is_reward,
+    sandbox_error,
 )
 from service.runtime import LoopRuntime
 
@@ -115,15 +115,15 @@ async def rank_multi_slot(request: Request) -> Response:
     )
     mode = rt.settings.mode
     baselines = [s["baseline"] for s in slots]
-    served = rt.served
-    model_id = served.model_id
+    model = rt.served
+    model_id = model.model_id
     try:
         if mode == "LoggingOnly":
             await d.rankers.predict(rt.name, "ccb", NO_MODEL, orjson.dumps(c))  # parse only
             decided = [(b, [b], [1.0]) for b in baselines]
         else:
             decided = await d.rankers.rank_slots(
-                rt.name, served, c, [s["allowed"] for s in slots], f"{rt.name}/{event_id}"
+                rt.name, model, c, [s["allowed"] for s in slots], f"{rt.name}/{event_id}"
             )
     except SandboxError as exc:
         raise sandbox_error(exc) from None
