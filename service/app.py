@@ -32,6 +32,7 @@ from service.routes import (
     evaluations,
     events,
     health,
+    keys,
     logs,
     loops,
     model,
@@ -198,13 +199,7 @@ def create_app(
         with sessions.begin() as session:
             store.ensure_loop(session, name=store.DEFAULT_LOOP, kind="cb", now=clock())
             if settings.api_key is not None:
-                store.add_key(
-                    session,
-                    key=settings.api_key.get_secret_value(),
-                    role="admin",
-                    loop=None,
-                    now=clock(),
-                )
+                store.install_env_key(session, key=settings.api_key.get_secret_value(), now=clock())
         with sessions() as session:
             registry.load(session)
         lock = None
@@ -269,7 +264,8 @@ def create_app(
         redoc_url=None,
     )
     errors.install(app)
-    for module in (events, multislot, configuration, evaluations, model, logs, loops, health):
+    routers = (events, multislot, configuration, evaluations, model, logs, loops, keys, health)
+    for module in routers:
         app.include_router(module.router)
     app.add_middleware(PathStyles, max_body=settings.max_body_bytes)
     return app

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from learners.cb import CBTrainer
 from learners.worker import EmbeddedWorker
 from service import store
-from service.auth import authorize
+from service.auth import KeyTable, authorize
 from service.errors import ApiError
 from service.evaluations import Jobs
 from service.log import LocalLog
@@ -53,7 +53,7 @@ class Dloop:
     worker: EmbeddedWorker | None
     clock: Callable[[], float] = time.time
     publisher: LogPublisher | None = None
-    keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    keys: KeyTable = field(default_factory=KeyTable)
     metrics: Metrics = field(default_factory=Metrics)
     jobs: Jobs = field(init=False)
     _refreshed: float = 0.0
@@ -119,7 +119,7 @@ class Dloop:
 
     def reload_keys(self) -> None:
         with self.sessions() as session:
-            self.keys = store.key_table(session)
+            self.keys = KeyTable(store.key_table(session), self.clock)
 
 
 def dloop(request: Request) -> Dloop:

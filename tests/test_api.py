@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import AUTH, Harness
+from tests.conftest import ADMIN_KEY, AUTH, Harness
 
 ACTIONS = [
     {"id": "news", "features": [{"topic": "politics"}]},
@@ -63,7 +63,7 @@ def test_excluded_actions_are_listed_with_zero_and_never_chosen(harness: Harness
     [
         ({}, 401),
         ({"Ocp-Apim-Subscription-Key": "wrong"}, 401),
-        ({"Authorization": "Bearer test-admin-key"}, 201),
+        ({"Authorization": f"Bearer {ADMIN_KEY}"}, 201),
     ],
 )
 def test_keys(harness: Harness, headers: dict[str, str], status: int) -> None:
