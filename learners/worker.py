@@ -54,6 +54,7 @@ class EmbeddedWorker:
         clock: Callable[[], float] = time.time,
         tick: float = 0.2,
         batch_size: int = 2000,
+        max_dangling: int = store.MAX_DANGLING,
     ) -> None:
         self.sessions = sessions
         self.log = decision_log
@@ -61,6 +62,7 @@ class EmbeddedWorker:
         self.clock = clock
         self.tick = tick
         self.batch_size = batch_size
+        self.max_dangling = max_dangling
         self.learners: dict[str, LoopLearner] = {}
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -109,7 +111,12 @@ class EmbeddedWorker:
             for name, rt in list(self.registry.loops.items()):
                 with self.sessions.begin() as session:
                     joined = store.join_due(
-                        session, loop=name, rules=rt.settings.rules, now=now, limit=self.batch_size
+                        session,
+                        loop=name,
+                        rules=rt.settings.rules,
+                        now=now,
+                        limit=self.batch_size,
+                        max_dangling=self.max_dangling,
                     )
                 busy |= joined >= self.batch_size
                 if rt.kind == "rl":

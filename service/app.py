@@ -226,6 +226,7 @@ def create_app(
                 clock=clock,
                 tick=settings.learner.tick_seconds,
                 batch_size=settings.learner.batch_size,
+                max_dangling=settings.max_dangling,
             )
         d = Dloop(settings, engine, sessions, decision_log, registry, worker, clock, publisher)
         d.reload_keys()

@@ -172,6 +172,7 @@ def join() -> None:
             events_topic=kafka.events_topic(settings),
             joined_topic=kafka.joined_topic(settings),
             batch_size=settings.learner.batch_size,
+            max_dangling=settings.max_dangling,
         )
         typer.echo("dloop: joiner running")
         try:

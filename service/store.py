@@ -81,6 +81,7 @@ def delete_loop(session: Session, *, name: str) -> None:
     tables = (Decision, Observation, Joined, Episode, Evaluation, FeatureImportance)
     for table in (*tables, ModelCheckpoint, ApiKey):
         session.execute(delete(table).where(table.loop == name))
+    session.execute(delete(LogOffset).where(LogOffset.name == _dropped(name)))
     session.execute(delete(Loop).where(Loop.name == name))
 
 
@@ -267,10 +268,59 @@ def _view(d: Decision) -> DecisionView:
     )
 
 
-def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit: int) -> int:
-    """Join decisions whose window closed, or that are complete early; returns how many."""
-    # Orphans whose decision can no longer arrive are dangling.
+MAX_DANGLING = 10_000
+
+
+def _dropped(loop: str) -> str:
+    # The running count lives beside the log offsets (a name and a 64-bit integer) rather than
+    # in a table of its own.
+    return f"dropped-dangling/{loop}"
+
+
+def drop_dangling(session: Session, *, loop: str, keep: int) -> int:
+    """Delete a loop's oldest dangling observations beyond the newest `keep` (rewards for
+    eventIds that never got a decision would otherwise pile up without limit); returns how
+    many, also added to the loop's `observations_dropped` count in loop_counts."""
+    # Ids follow ingestion order, which is arrival order up to the spread between partitions.
+    newest_dropped = session.scalar(
+        select(Observation.id)
+        .where(Observation.loop == loop, Observation.status == "dangling")
+        .order_by(Observation.id.desc())
+        .offset(keep)
+        .limit(1)
+    )
+    if newest_dropped is None:
+        return 0
+    result = session.execute(
+        delete(Observation).where(
+            Observation.loop == loop,
+            Observation.status == "dangling",
+            Observation.id <= newest_dropped,
+        )
+    )
+    n = int(result.rowcount)  # type: ignore[attr-defined]
+    stmt = _insert(session, LogOffset).values(name=_dropped(loop), offset=n)
     session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["name"], set_={"offset": LogOffset.offset + stmt.excluded.offset}
+        )
+    )
+    return n
+
+
+def join_due(
+    session: Session,
+    *,
+    loop: str,
+    rules: JoinRules,
+    now: float,
+    limit: int,
+    max_dangling: int = MAX_DANGLING,
+) -> int:
+    """Join decisions whose window closed, or that are complete early; returns how many.
+    Keeps at most `max_dangling` dangling observations in the loop (drop_dangling)."""
+    # Orphans whose decision can no longer arrive are dangling.
+    marked = session.execute(
         update(Observation)
         .where(
             Observation.loop == loop,
@@ -282,6 +332,8 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
         )
         .values(status="dangling")
     )
+    if marked.rowcount:  # type: ignore[attr-defined]
+        drop_dangling(session, loop=loop, keep=max_dangling)
     closed = select(Decision).where(
         Decision.loop == loop, Decision.joined.is_(False), Decision.created_at <= now - rules.wait
     )
@@ -545,7 +597,8 @@ def export_lines(
 
 
 def loop_counts(session: Session, *, loop: str) -> dict[str, int]:
-    """Counts for /metrics: decisions by state and observations by status."""
+    """Counts for /metrics: decisions by state, observations by status, and dangling
+    observations dropped (drop_dangling)."""
     out = {"decisions_pending": 0, "decisions_joined": 0}
     for joined, n in session.execute(
         select(Decision.joined, func.count()).where(Decision.loop == loop).group_by(Decision.joined)
@@ -557,6 +610,7 @@ def loop_counts(session: Session, *, loop: str) -> dict[str, int]:
         .group_by(Observation.status)
     ):
         out[f"observations_{status}"] = n
+    out["observations_dropped"] = get_offset(session, name=_dropped(loop))
     return out
 
 
