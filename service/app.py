@@ -106,26 +106,30 @@ class Watcher:
     On Postgres it LISTENs for the learners' notifications and reloads as soon as a model is
     published; every `every` seconds it reloads anyway (configuration and key changes made
     through other replicas, and any notification lost while the connection was down).
+    Embedded mode (`keys_only`): only keys, which `dloop keys` may change beside a running
+    `dloop up`; the worker owns loops and models there.
     """
 
-    def __init__(self, d: Dloop, every: float = 0.5) -> None:
+    def __init__(self, d: Dloop, every: float = 0.5, *, keys_only: bool = False) -> None:
         self.d = d
         self.every = every
+        self.keys_only = keys_only
         self._stop = threading.Event()
 
     def run(self) -> None:
         listener: psycopg.Connection[Any] | None = None
         while not self._stop.is_set():
             try:
-                if listener is None or listener.closed:
+                if not self.keys_only and (listener is None or listener.closed):
                     listener = self._listen()
                 if listener is not None:
                     for _ in listener.notifies(timeout=self.every, stop_after=1):
                         pass
                 else:
                     self._stop.wait(self.every)
-                with self.d.sessions() as session:
-                    self.d.registry.load(session)
+                if not self.keys_only:
+                    with self.d.sessions() as session:
+                        self.d.registry.load(session)
                 self.d.reload_keys()
             except Exception:
                 errors.log.exception("reloading from the database failed; retrying")
@@ -234,7 +238,7 @@ def create_app(
         if publisher is not None:
             stoppables += [publisher, Watcher(d)]
         elif run_worker and worker is not None:
-            stoppables.append(worker)
+            stoppables += [worker, Watcher(d, every=1.0, keys_only=True)]
         if run_worker:
             stoppables.append(AutoOptimizer(d))
         # Everything built so far (framework, SQLAlchemy, VW bindings) lives as long as the

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -14,7 +16,7 @@ from pydantic import ValidationError
 from learners.joiner import timestamp
 from service.app import create_app
 from service.settings import load_settings
-from tests.conftest import AUTH, FakeClock, Harness, make_settings
+from tests.conftest import AUTH, FakeClock, Harness, LiveServer, make_settings
 
 RANK = {
     "contextFeatures": [{"time": "morning"}],
@@ -213,3 +215,32 @@ def test_replicas_installing_the_environment_key_together_leave_one(postgres_url
         assert env == [store.hash_key(KEY_B)]
     finally:
         engine.dispose()
+
+
+def test_keys_changed_offline_reach_a_running_embedded_server(live_server: LiveServer) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    data = ["--data-dir", str(live_server.settings.data_dir)]
+    runner = CliRunner()
+    created = runner.invoke(app, ["keys", "create", "--admin", "--label", "spare", *data])
+    assert created.exit_code == 0, created.output
+    key = created.output.strip()
+    url = f"{live_server.url}/keys"
+
+    def status() -> int:
+        return httpx.get(url, headers=headers(key)).status_code
+
+    wait_for(lambda: status() == 200, "the created key to be accepted")
+    key_id = next(k["id"] for k in httpx.get(url, headers=AUTH).json()["value"] if k["label"])
+    revoked = runner.invoke(app, ["keys", "revoke", str(key_id), *data])
+    assert revoked.exit_code == 0, revoked.output
+    wait_for(lambda: status() == 401, "the revoked key to be refused")
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
