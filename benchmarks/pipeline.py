@@ -30,7 +30,7 @@ from service.models import Joined, LogOffset, ModelCheckpoint
 from service.settings import load_settings
 
 ACTIONS = [(f"a{i}", [{"kind": f"k{i % 3}", "rank": i}]) for i in range(10)]
-KEY = "bench-key"
+KEY = "bench-admin-key-0123456789abcdefghij"
 
 
 def records(n: int, start: float, prefix: str = "b") -> list[tuple[bytes, bytes]]:

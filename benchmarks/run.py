@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "bench-key"
+KEY = "bench-admin-key-0123456789abcdefghij"
 
 CONTEXT = [{"user": {"country": "fr", "device": "mobile", "visits": 12}, "time": "evening"}]
 ACTIONS = [

@@ -83,6 +83,7 @@ class JoinWorker:
         joined_topic: str,
         clock: Callable[[], float] = time.time,
         batch_size: int = 2000,
+        max_dangling: int = store.MAX_DANGLING,
     ) -> None:
         self.sessions = sessions
         self.consumer = consumer
@@ -91,6 +92,7 @@ class JoinWorker:
         self.joined_topic = joined_topic
         self.clock = clock
         self.batch_size = batch_size
+        self.max_dangling = max_dangling
         # Event time of the last record read from each partition.
         self.read_until: dict[Any, float] = {}
         self._stop = threading.Event()
@@ -149,7 +151,12 @@ class JoinWorker:
             while True:
                 with self.sessions.begin() as session:
                     n = store.join_due(
-                        session, loop=name, rules=settings.rules, now=now, limit=self.batch_size
+                        session,
+                        loop=name,
+                        rules=settings.rules,
+                        now=now,
+                        limit=self.batch_size,
+                        max_dangling=self.max_dangling,
                     )
                 if n < self.batch_size:
                     break

@@ -85,6 +85,7 @@ class EmbeddedWorker:
         batch_size: int = 2000,
         idle_evict: float = 300.0,
         trainers: TrainerHost | None = None,
+        max_dangling: int = store.MAX_DANGLING,
     ) -> None:
         self.sessions = sessions
         self.log = decision_log
@@ -94,6 +95,7 @@ class EmbeddedWorker:
         self.batch_size = batch_size
         self.idle_evict = idle_evict
         self.host = trainers or TrainerHost()
+        self.max_dangling = max_dangling
         self.learners: dict[str, LoopLearner] = {}
         self.rl_learners: dict[str, EpisodeLearner] = {}
         self.rl_trained_at: dict[str, float] = {}
@@ -211,7 +213,12 @@ class EmbeddedWorker:
         if self.due.get(name, math.inf) <= now:
             with self.sessions.begin() as session:
                 joined = store.join_due(
-                    session, loop=name, rules=rt.settings.rules, now=now, limit=self.batch_size
+                    session,
+                    loop=name,
+                    rules=rt.settings.rules,
+                    now=now,
+                    limit=self.batch_size,
+                    max_dangling=self.max_dangling,
                 )
             if joined:
                 (self.rl_due if rt.kind == "rl" else self.to_learn).add(name)

@@ -34,6 +34,7 @@ from service.routes import (
     evaluations,
     events,
     health,
+    keys,
     logs,
     loops,
     model,
@@ -107,26 +108,30 @@ class Watcher:
     On Postgres it LISTENs for the learners' notifications and reloads as soon as a model is
     published; every `every` seconds it reloads anyway (configuration and key changes made
     through other replicas, and any notification lost while the connection was down).
+    Embedded mode (`keys_only`): only keys, which `dloop keys` may change beside a running
+    `dloop up`; the worker owns loops and models there.
     """
 
-    def __init__(self, d: Dloop, every: float = 0.5) -> None:
+    def __init__(self, d: Dloop, every: float = 0.5, *, keys_only: bool = False) -> None:
         self.d = d
         self.every = every
+        self.keys_only = keys_only
         self._stop = threading.Event()
 
     def run(self) -> None:
         listener: psycopg.Connection[Any] | None = None
         while not self._stop.is_set():
             try:
-                if listener is None or listener.closed:
+                if not self.keys_only and (listener is None or listener.closed):
                     listener = self._listen()
                 if listener is not None:
                     for _ in listener.notifies(timeout=self.every, stop_after=1):
                         pass
                 else:
                     self._stop.wait(self.every)
-                with self.d.sessions() as session:
-                    self.d.registry.load(session)
+                if not self.keys_only:
+                    with self.d.sessions() as session:
+                        self.d.registry.load(session)
                 self.d.reload_keys()
             except Exception:
                 errors.log.exception("reloading from the database failed; retrying")
@@ -206,13 +211,7 @@ def create_app(
         with sessions.begin() as session:
             store.ensure_loop(session, name=store.DEFAULT_LOOP, kind="cb", now=clock())
             if settings.api_key is not None:
-                store.add_key(
-                    session,
-                    key=settings.api_key.get_secret_value(),
-                    role="admin",
-                    loop=None,
-                    now=clock(),
-                )
+                store.install_env_key(session, key=settings.api_key.get_secret_value(), now=clock())
         with sessions() as session:
             registry.load(session)
         log_dir = settings.data_dir / "log"
@@ -237,6 +236,7 @@ def create_app(
                 clock=clock,
                 tick=settings.learner.tick_seconds,
                 batch_size=settings.learner.batch_size,
+                max_dangling=settings.max_dangling,
             )
         sandbox = settings.sandbox
         rankers = RankerPool(
@@ -254,7 +254,7 @@ def create_app(
         if publisher is not None:
             stoppables += [publisher, Watcher(d)]
         elif run_worker and worker is not None:
-            stoppables.append(worker)
+            stoppables += [worker, Watcher(d, every=1.0, keys_only=True)]
         if run_worker:
             stoppables.append(AutoOptimizer(d))
         # Everything built so far (framework, SQLAlchemy, VW bindings) lives as long as the
@@ -286,7 +286,8 @@ def create_app(
         redoc_url=None,
     )
     errors.install(app)
-    for module in (events, multislot, configuration, evaluations, model, logs, loops, health):
+    routers = (events, multislot, configuration, evaluations, model, logs, loops, keys, health)
+    for module in routers:
         app.include_router(module.router)
     app.add_middleware(PathStyles, max_body=settings.max_body_bytes)
     return app

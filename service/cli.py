@@ -42,13 +42,22 @@ def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
 
 
 def _settings(data_dir: Path | None, **overrides: object) -> Settings:
+    from pydantic import ValidationError
+
+    from service.schemas import validation_message
+
     if data_dir is not None:
         overrides["data_dir"] = data_dir
-    return load_settings(**overrides)
+    try:
+        return load_settings(**overrides)
+    except ValidationError as exc:  # a bad DLOOP_* variable: say which, no traceback
+        typer.echo(f"dloop: invalid settings: {validation_message(exc)}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _prepare(settings: Settings) -> str | None:
-    """Migrate the database and make sure an admin key exists; return a newly generated key."""
+    """Migrate the database and make sure a valid admin key exists; return a newly generated
+    key."""
     from service import store
     from service.migrate import upgrade
 
@@ -56,12 +65,14 @@ def _prepare(settings: Settings) -> str | None:
     upgrade(settings.database_url)
     if settings.api_key is not None:
         return None
+    now = time.time()
     with _database(settings) as sessions, sessions.begin() as session:
-        store.ensure_loop(session, name=store.DEFAULT_LOOP, kind="cb", now=time.time())
-        if store.has_admin_key(session):
+        store.ensure_loop(session, name=store.DEFAULT_LOOP, kind="cb", now=now)
+        if store.has_admin_key(session, now=now):
             return None
-        key = store.new_key()
-        store.add_key(session, key=key, role="admin", loop=None, now=time.time())
+        _, key = store.create_key(
+            session, role="admin", loop=None, now=now, source="cli", label="dloop up"
+        )
         return key
 
 
@@ -149,7 +160,7 @@ def join() -> None:
     from learners.join_worker import JoinWorker
     from service import kafka
 
-    settings = load_settings()
+    settings = _settings(None)
     _require_production(settings)
     kafka.ensure_topics(settings)
     with _database(settings) as sessions:
@@ -161,6 +172,7 @@ def join() -> None:
             events_topic=kafka.events_topic(settings),
             joined_topic=kafka.joined_topic(settings),
             batch_size=settings.learner.batch_size,
+            max_dangling=settings.max_dangling,
         )
         typer.echo("dloop: joiner running")
         try:
@@ -176,7 +188,7 @@ def learn() -> None:
     from learners.learn_worker import LearnWorker
     from service import kafka
 
-    settings = load_settings()
+    settings = _settings(None)
     _require_production(settings)
     kafka.ensure_topics(settings)
     with _database(settings) as sessions:
@@ -625,20 +637,36 @@ def simulate(
     )
 
 
+ExpiresInDays = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option("--expires-in-days", help="Refused after this many days (default: never)."),
+]
+
+
 @keys_app.command("create")
 def keys_create(
     data_dir: DataDir = None,
     loop: Annotated[str, typer.Option(help="Loop a client key is for.")] = "default",
     admin: Annotated[bool, typer.Option("--admin", help="An admin key (every loop).")] = False,
+    label: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="A name to tell the key apart in listings."),
+    ] = None,
+    expires_in_days: ExpiresInDays = None,
 ) -> None:
     """Create an API key (for example to replace a lost admin key) and print it once."""
-    from service import store
-    from service.migrate import upgrade
-    from service.models import Loop
+    from pydantic import ValidationError
 
-    settings = _settings(data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.database_url)
+    from service import store
+    from service.models import Loop
+    from service.schemas import KeyRequest, validation_message
+
+    try:
+        options = KeyRequest.model_validate({"label": label, "expiresInDays": expires_in_days})
+    except ValidationError as exc:
+        raise typer.BadParameter(validation_message(exc)) from None
+    settings = _migrated(data_dir)
+    now = time.time()
     with _database(settings) as sessions, sessions.begin() as session:
         if not admin and session.get(Loop, loop) is None:
             raise typer.BadParameter(f"loop '{loop}' does not exist", param_hint="--loop")
@@ -646,9 +674,66 @@ def keys_create(
             session,
             role="admin" if admin else "client",
             loop=None if admin else loop,
-            now=time.time(),
+            now=now,
+            source="cli",
+            label=options.label,
+            expires_at=options.expiry(now),
         )
     typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None) -> None:
+    """List every key: id, role, loop, source, label, created and expiry times (never the key)."""
+    from learners.joiner import timestamp
+    from service import store
+
+    settings = _migrated(data_dir)
+    now = time.time()
+    with _database(settings) as sessions, sessions() as session:
+        rows = store.all_keys(session)
+    typer.echo(
+        f"{'id':>6}  {'role':<7}{'loop':<20}{'source':<8}{'created':<22}{'expires':<22}label"
+    )
+    for row in rows:
+        expires = "never" if row.expires_at is None else timestamp(row.expires_at)[:19]
+        if row.expires_at is not None and row.expires_at <= now:
+            expires += " (expired)"
+        typer.echo(
+            f"{row.id:>6}  {row.role:<7}{(row.loop or '*')[:19]:<20}{row.source or '?':<8}"
+            f"{timestamp(row.created_at)[:19]:<22}{expires:<22}{row.label or ''}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[int, typer.Argument(help="The key's id (see `dloop keys list`).")],
+    data_dir: DataDir = None,
+) -> None:
+    """Revoke a key at once (serving processes stop accepting it within a second). The last
+    valid admin key cannot be revoked; create another first."""
+    from service import store
+
+    settings = _migrated(data_dir)
+    with _database(settings) as sessions, sessions.begin() as session:
+        row = store.get_key(session, key_id=key_id)
+        if row is None:
+            raise typer.BadParameter(f"there is no key {key_id}", param_hint="KEY_ID")
+        try:
+            store.revoke_key(session, row=row, now=time.time())
+        except store.LastAdminKeyError as exc:
+            raise typer.BadParameter(str(exc), param_hint="KEY_ID") from None
+    typer.echo(f"dloop: revoked key {key_id}")
+
+
+def _migrated(data_dir: Path | None) -> Settings:
+    """Settings for an offline key command, on a database at the latest schema."""
+    from service.migrate import upgrade
+
+    settings = _settings(data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    return settings
 
 
 def main() -> None:

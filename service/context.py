@@ -15,7 +15,7 @@ from learners.features import FeatureLimits
 from learners.sandbox import RankerPool, TrainerHost
 from learners.worker import EmbeddedWorker
 from service import store
-from service.auth import authorize
+from service.auth import KeyTable, authorize
 from service.errors import ApiError
 from service.evaluations import Jobs
 from service.log import LocalLog
@@ -55,7 +55,7 @@ class Dloop:
     rankers: RankerPool
     clock: Callable[[], float] = time.time
     publisher: LogPublisher | None = None
-    keys: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    keys: KeyTable = field(default_factory=KeyTable)
     metrics: Metrics = field(default_factory=Metrics)
     jobs: Jobs = field(init=False)
     feature_limits: FeatureLimits = field(init=False)
@@ -125,7 +125,7 @@ class Dloop:
 
     def reload_keys(self) -> None:
         with self.sessions() as session:
-            self.keys = store.key_table(session)
+            self.keys = KeyTable(store.key_table(session), self.clock)
 
 
 def retrain(arguments: str, lines: list[str]) -> tuple[bytes | None, int]:

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from learners.cb import DEFAULT_POLICY
@@ -97,6 +105,33 @@ class ServiceConfiguration(Wire):
 class PolicyContract(Wire):
     name: str = Field(min_length=1, max_length=256)
     arguments: str = Field(min_length=1, max_length=1024)
+
+
+class KeyRequest(Wire):
+    """The optional body of a key creation: a label and at most one way to say when it expires.
+    Unknown fields are refused: a misspelt expiry must not make a key that never expires."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(default=None, max_length=256)
+    expires_at: AwareDatetime | None = None
+    expires_in_days: float | None = Field(default=None, gt=0, le=36_500)
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> KeyRequest:
+        if self.expires_at is not None and self.expires_in_days is not None:
+            raise ValueError("give expiresAt or expiresInDays, not both")
+        return self
+
+    def expiry(self, now: float) -> float | None:
+        """When the key expires (UNIX seconds), None for never; ValueError if already past."""
+        if self.expires_in_days is not None:
+            return now + self.expires_in_days * 86400
+        if self.expires_at is None:
+            return None
+        if self.expires_at.timestamp() <= now:
+            raise ValueError("expiresAt: must be in the future")
+        return self.expires_at.timestamp()
 
 
 def default_config(now: float) -> dict[str, Any]:

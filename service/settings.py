@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,6 +52,13 @@ class SandboxSettings(BaseModel):
     wait_timeout: float = 5.0
 
 
+# An operator-chosen admin key must be as hard to guess as the ones dloop generates (32 hex
+# characters, 128 bits): keys are checked against an unsalted SHA-256, so a short or repetitive
+# key falls to online guessing or, if the database leaks, to an offline search.
+MIN_KEY_LENGTH = 32
+MIN_KEY_DISTINCT = 8
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DLOOP_", env_nested_delimiter="__")
 
@@ -66,11 +73,26 @@ class Settings(BaseSettings):
     # Worker processes (join, learn) log at this level to stderr; kafka-python's own chatter
     # shows only at DEBUG.
     log_level: str = "INFO"
+    # Rewards and activations whose eventId never got a decision are kept as "dangling"
+    # observations (counted in /metrics); beyond this many per loop the oldest are deleted.
+    max_dangling: int = Field(default=10_000, ge=0)
     db: DbSettings = DbSettings()
     kafka: KafkaSettings = KafkaSettings()
     learner: LearnerSettings = LearnerSettings()
     limits: LimitSettings = LimitSettings()
     sandbox: SandboxSettings = SandboxSettings()
+
+    @field_validator("api_key")
+    @classmethod
+    def _strong_key(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None:
+            value = key.get_secret_value()
+            if len(value) < MIN_KEY_LENGTH or len(set(value)) < MIN_KEY_DISTINCT:
+                raise ValueError(
+                    f"DLOOP_API_KEY must be at least {MIN_KEY_LENGTH} characters with at least "
+                    f"{MIN_KEY_DISTINCT} different ones (e.g. `openssl rand -hex 16`)"
+                )
+        return key
 
     @property
     def database_url(self) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -83,6 +83,7 @@ def delete_loop(session: Session, *, name: str) -> None:
     tables = (Decision, Observation, Joined, Episode, Evaluation, FeatureImportance)
     for table in (*tables, ModelCheckpoint, ApiKey):
         session.execute(delete(table).where(table.loop == name))
+    session.execute(delete(LogOffset).where(LogOffset.name == _dropped(name)))
     session.execute(delete(Loop).where(Loop.name == name))
 
 
@@ -94,19 +95,34 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def add_key(session: Session, *, key: str, role: str, loop: str | None, now: float) -> None:
-    stmt = _insert(session, ApiKey).values(
-        key_hash=hash_key(key), role=role, loop=loop, created_at=now
-    )
-    session.execute(stmt.on_conflict_do_nothing())
+KEYS_LOCK = 0x646C6B6579  # "dlkey": the Postgres advisory lock of install_env_key
 
 
-def has_admin_key(session: Session) -> bool:
-    return session.scalar(select(exists().where(ApiKey.role == "admin"))) or False
+def install_env_key(session: Session, *, key: str, now: float) -> None:
+    """Make `key` (DLOOP_API_KEY) the one environment admin key: stored with source "env" and
+    every other env-sourced key deleted; keys made through the API or CLI stay. Replicas
+    starting together run this at once: one at a time (a Postgres advisory lock held until
+    commit), so replicas started with different keys leave one of them, never a deadlock."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(KEYS_LOCK)))
+    env = {"role": "admin", "loop": None, "source": "env", "label": None, "expires_at": None}
+    stmt = _insert(session, ApiKey).values(key_hash=hash_key(key), created_at=now, **env)
+    session.execute(stmt.on_conflict_do_update(index_elements=[ApiKey.key_hash], set_=env))
+    session.execute(delete(ApiKey).where(ApiKey.source == "env", ApiKey.key_hash != hash_key(key)))
 
 
-def key_table(session: Session) -> dict[str, tuple[str, str | None]]:
-    return {k.key_hash: (k.role, k.loop) for k in session.scalars(select(ApiKey))}
+def _valid_admin(now: float) -> Any:
+    return and_(ApiKey.role == "admin", or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now))
+
+
+def has_admin_key(session: Session, *, now: float) -> bool:
+    """Whether some admin key is valid (not expired) at `now`."""
+    return session.scalar(select(exists().where(_valid_admin(now)))) or False
+
+
+def key_table(session: Session) -> dict[str, tuple[str, str | None, float | None]]:
+    """Every key by hash: (role, loop, expiry or None)."""
+    return {k.key_hash: (k.role, k.loop, k.expires_at) for k in session.scalars(select(ApiKey))}
 
 
 # ---- ingestion from the decision log --------------------------------------------------------
@@ -269,10 +285,59 @@ def _view(d: Decision) -> DecisionView:
     )
 
 
-def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit: int) -> int:
-    """Join decisions whose window closed, or that are complete early; returns how many."""
-    # Orphans whose decision can no longer arrive are dangling.
+MAX_DANGLING = 10_000
+
+
+def _dropped(loop: str) -> str:
+    # The running count lives beside the log offsets (a name and a 64-bit integer) rather than
+    # in a table of its own.
+    return f"dropped-dangling/{loop}"
+
+
+def drop_dangling(session: Session, *, loop: str, keep: int) -> int:
+    """Delete a loop's oldest dangling observations beyond the newest `keep` (rewards for
+    eventIds that never got a decision would otherwise pile up without limit); returns how
+    many, also added to the loop's `observations_dropped` count in loop_counts."""
+    # Ids follow ingestion order, which is arrival order up to the spread between partitions.
+    newest_dropped = session.scalar(
+        select(Observation.id)
+        .where(Observation.loop == loop, Observation.status == "dangling")
+        .order_by(Observation.id.desc())
+        .offset(keep)
+        .limit(1)
+    )
+    if newest_dropped is None:
+        return 0
+    result = session.execute(
+        delete(Observation).where(
+            Observation.loop == loop,
+            Observation.status == "dangling",
+            Observation.id <= newest_dropped,
+        )
+    )
+    n = int(result.rowcount)  # type: ignore[attr-defined]
+    stmt = _insert(session, LogOffset).values(name=_dropped(loop), offset=n)
     session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["name"], set_={"offset": LogOffset.offset + stmt.excluded.offset}
+        )
+    )
+    return n
+
+
+def join_due(
+    session: Session,
+    *,
+    loop: str,
+    rules: JoinRules,
+    now: float,
+    limit: int,
+    max_dangling: int = MAX_DANGLING,
+) -> int:
+    """Join decisions whose window closed, or that are complete early; returns how many.
+    Keeps at most `max_dangling` dangling observations in the loop (drop_dangling)."""
+    # Orphans whose decision can no longer arrive are dangling.
+    marked = session.execute(
         update(Observation)
         .where(
             Observation.loop == loop,
@@ -284,6 +349,8 @@ def join_due(session: Session, *, loop: str, rules: JoinRules, now: float, limit
         )
         .values(status="dangling")
     )
+    if marked.rowcount:  # type: ignore[attr-defined]
+        drop_dangling(session, loop=loop, keep=max_dangling)
     closed = select(Decision).where(
         Decision.loop == loop, Decision.joined.is_(False), Decision.created_at <= now - rules.wait
     )
@@ -605,7 +672,8 @@ def export_lines(
 
 
 def loop_counts(session: Session, *, loop: str) -> dict[str, int]:
-    """Counts for /metrics: decisions by state and observations by status."""
+    """Counts for /metrics: decisions by state, observations by status, and dangling
+    observations dropped (drop_dangling)."""
     out = {"decisions_pending": 0, "decisions_joined": 0}
     for joined, n in session.execute(
         select(Decision.joined, func.count()).where(Decision.loop == loop).group_by(Decision.joined)
@@ -617,6 +685,7 @@ def loop_counts(session: Session, *, loop: str) -> dict[str, int]:
         .group_by(Observation.status)
     ):
         out[f"observations_{status}"] = n
+    out["observations_dropped"] = get_offset(session, name=_dropped(loop))
     return out
 
 
@@ -657,22 +726,64 @@ def apprentice_metrics(session: Session, *, loop: str, batch: int = 1000) -> dic
     }
 
 
-def list_keys(session: Session, *, loop: str) -> Sequence[ApiKey]:
-    return session.scalars(select(ApiKey).where(ApiKey.loop == loop).order_by(ApiKey.id)).all()
+def list_keys(session: Session, *, loop: str | None) -> Sequence[ApiKey]:
+    """A loop's client keys, or with loop None the admin keys."""
+    where = ApiKey.loop == loop if loop is not None else ApiKey.role == "admin"
+    return session.scalars(select(ApiKey).where(where).order_by(ApiKey.id)).all()
 
 
-def create_key(session: Session, *, role: str, loop: str | None, now: float) -> tuple[ApiKey, str]:
+def create_key(
+    session: Session,
+    *,
+    role: str,
+    loop: str | None,
+    now: float,
+    source: str,
+    label: str | None = None,
+    expires_at: float | None = None,
+) -> tuple[ApiKey, str]:
     """A new random key: the row (hash only) and the key itself, which is not stored."""
     key = new_key()
-    row = ApiKey(key_hash=hash_key(key), role=role, loop=loop, created_at=now)
+    row = ApiKey(
+        key_hash=hash_key(key),
+        role=role,
+        loop=loop,
+        created_at=now,
+        source=source,
+        label=label,
+        expires_at=expires_at,
+    )
     session.add(row)
     session.flush()
     return row, key
 
 
-def delete_key(session: Session, *, loop: str, key_id: int) -> bool:
-    result = session.execute(delete(ApiKey).where(ApiKey.loop == loop, ApiKey.id == key_id))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+def all_keys(session: Session) -> Sequence[ApiKey]:
+    return session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
+
+
+def get_key(session: Session, *, key_id: int) -> ApiKey | None:
+    # Ids are 64-bit at most: anything else names no key (and would overflow the database).
+    if not 0 < key_id < 1 << 63:
+        return None
+    return session.get(ApiKey, key_id)
+
+
+class LastAdminKeyError(Exception):
+    """Revoking this key would leave no valid admin key."""
+
+
+def revoke_key(session: Session, *, row: ApiKey, now: float) -> None:
+    """Delete a key. Raises LastAdminKeyError rather than delete the last valid admin key
+    (nobody could manage the deployment after that)."""
+    if row.role == "admin":
+        # Locking every valid admin key makes two concurrent revocations of the last two wait
+        # for each other: the second then sees only its own key left.
+        valid = session.scalars(select(ApiKey.id).where(_valid_admin(now)).with_for_update())
+        if list(valid) == [row.id]:
+            raise LastAdminKeyError("this is the last valid admin key: create another one first")
+    session.delete(row)
+    session.flush()
 
 
 # ---- Kafka path: joined-stream outbox --------------------------------------------------------

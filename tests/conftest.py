@@ -20,7 +20,8 @@ from service.context import Dloop
 from service.migrate import upgrade
 from service.settings import Settings, load_settings
 
-ADMIN_KEY = "test-admin-key"
+# DLOOP_API_KEY must be at least 32 characters (service.settings).
+ADMIN_KEY = "test-admin-key-0123456789abcdefghij"
 AUTH = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
 
 
@@ -36,7 +37,8 @@ class FakeClock:
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    settings = load_settings(data_dir=data_dir, api_key=ADMIN_KEY, **overrides)
+    overrides.setdefault("api_key", ADMIN_KEY)
+    settings = load_settings(data_dir=data_dir, **overrides)
     data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     return settings

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
 
-from tests.conftest import AUTH, Harness
+from service.app import create_app
+from service.models import Observation
+from tests.conftest import ADMIN_KEY, AUTH, FakeClock, Harness, make_settings
 
 ACTIONS = [
     {"id": "news", "features": [{"topic": "politics"}]},
@@ -63,7 +68,7 @@ def test_excluded_actions_are_listed_with_zero_and_never_chosen(harness: Harness
     [
         ({}, 401),
         ({"Ocp-Apim-Subscription-Key": "wrong"}, 401),
-        ({"Authorization": "Bearer test-admin-key"}, 201),
+        ({"Authorization": f"Bearer {ADMIN_KEY}"}, 201),
     ],
 )
 def test_keys(harness: Harness, headers: dict[str, str], status: int) -> None:
@@ -246,6 +251,39 @@ def test_dangling_reward_is_counted(harness: Harness) -> None:
     harness.work()
     metrics = harness.client.get("/metrics", headers=AUTH).text
     assert 'dloop_observations_dangling{loop="default"} 1' in metrics
+
+
+def test_dangling_observations_are_bounded_per_loop(tmp_path: Path, clock: FakeClock) -> None:
+    settings = make_settings(tmp_path / "data", max_dangling=3)
+    with TestClient(create_app(settings, clock=clock, run_worker=False)) as client:
+        harness = Harness(client, clock)
+        harness.client.put("/loops/other", json={"kind": "cb"}, headers=AUTH)
+        for i in range(5):
+            harness.reward(f"unknown{i}", 1.0)
+            clock.advance(1)
+        r = client.post(
+            "/loops/other/personalizer/v1.0/events/x/reward", json={"value": 1}, headers=AUTH
+        )
+        assert r.status_code == 204
+        clock.advance(121)
+        harness.work()
+        metrics = client.get("/metrics", headers=AUTH).text
+        assert 'dloop_observations_dangling{loop="default"} 3' in metrics
+        assert 'dloop_observations_dropped{loop="default"} 2' in metrics
+        assert 'dloop_observations_dangling{loop="other"} 1' in metrics
+        for i in range(5, 7):
+            harness.reward(f"unknown{i}", 1.0)
+        clock.advance(121)
+        harness.work()
+        metrics = client.get("/metrics", headers=AUTH).text
+        assert 'dloop_observations_dropped{loop="default"} 4' in metrics
+        with harness.dloop.sessions() as session:
+            kept = session.scalars(
+                select(Observation.event_id).where(
+                    Observation.loop == "default", Observation.status == "dangling"
+                )
+            ).all()
+        assert sorted(kept) == ["unknown4", "unknown5", "unknown6"]  # the newest
 
 
 def test_deferred_event_learns_only_when_activated(harness: Harness) -> None:

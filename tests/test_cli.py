@@ -170,3 +170,61 @@ def test_simulate_and_replay_as_a_user_runs_them(tmp_path: Path) -> None:
     result = runner.invoke(app, ["replay", "--loop", "keys", "--data-dir", str(data), "--apply"])
     assert result.exit_code == 0, result.output
     assert "now serves model" in result.output
+
+
+def test_keys_list_create_and_revoke_admin_keys_offline(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    runner = CliRunner()
+    data = ["--data-dir", str(tmp_path / "d")]
+    created = runner.invoke(app, ["keys", "create", "--admin", "--label", "ops", *data])
+    assert created.exit_code == 0, created.output
+    key = created.output.strip()
+    temp = runner.invoke(app, ["keys", "create", "--admin", "--expires-in-days", "0.5", *data])
+    assert temp.exit_code == 0, temp.output
+    listed = runner.invoke(app, ["keys", "list", *data])
+    assert listed.exit_code == 0, listed.output
+    assert key not in listed.output and temp.output.strip() not in listed.output
+    rows = listed.output.splitlines()[1:]
+    assert len(rows) == 2
+    assert rows[0].split()[:4] == ["1", "admin", "*", "cli"] and rows[0].endswith("ops")
+    assert "never" in rows[0] and "never" not in rows[1]
+    assert runner.invoke(app, ["keys", "revoke", "2", *data]).exit_code == 0
+    last = runner.invoke(app, ["keys", "revoke", "1", *data])
+    assert last.exit_code != 0 and "last valid admin key" in last.output
+    assert runner.invoke(app, ["keys", "revoke", "2", *data]).exit_code != 0
+    assert runner.invoke(app, ["keys", "revoke", str(2**64), *data]).exit_code != 0
+    bad = runner.invoke(app, ["keys", "create", "--admin", "--expires-in-days", "0", *data])
+    assert bad.exit_code != 0 and "expiresInDays" in bad.output
+
+
+def test_a_weak_environment_key_stops_every_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    env = {"DLOOP_API_KEY": "password"}
+    result = CliRunner().invoke(app, ["migrate", "--data-dir", str(tmp_path)], env=env)
+    assert result.exit_code == 2
+    assert "DLOOP_API_KEY must be at least 32 characters" in result.output
+
+
+def test_up_makes_a_new_admin_key_when_every_one_has_expired(tmp_path: Path) -> None:
+    from service import store
+    from service.cli import _prepare
+    from service.db import make_engine, make_sessionmaker
+    from service.settings import load_settings
+
+    settings = load_settings(data_dir=tmp_path / "d")
+    assert _prepare(settings) is not None  # first start: a key
+    assert _prepare(settings) is None  # it exists
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            for row in store.all_keys(session):
+                row.expires_at = 1.0
+    finally:
+        engine.dispose()
+    assert _prepare(settings) is not None

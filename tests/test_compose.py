@@ -62,7 +62,9 @@ def test_environment_is_what_settings_read(
 ) -> None:
     env = compose["services"]["api"]["environment"]
     for key, value in env.items():
-        monkeypatch.setenv(key, "secret" if "${" in str(value) else str(value))
+        monkeypatch.setenv(
+            key, "a-compose-secret-0123456789abcdef" if "${" in str(value) else str(value)
+        )
     settings = Settings()
     assert settings.db.url == env["DLOOP_DB__URL"]
     assert settings.kafka.bootstrap_servers == "kafka:9092"

@@ -34,7 +34,7 @@ def test_export_round_trip(harness: Harness, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
         ["logs", "export", "--data-dir", str(data_dir), "--out", str(out_file)],
-        env={"DLOOP_API_KEY": "x"},
+        env={"DLOOP_API_KEY": "export-test-key-0123456789abcdefghij"},
     )
     assert result.exit_code == 0, result.output
     lines = out_file.read_text().splitlines()

@@ -72,3 +72,37 @@ def test_a_lagging_joiner_reads_the_rewards_before_closing_their_windows(
         i = int(event_id[1:])
         assert orjson.loads(line)["_label_cost"] == -float(i % 2), event_id
     engine.dispose()
+
+
+def test_dangling_observations_are_bounded_on_postgres(postgres_url: str) -> None:
+    """Rewards for eventIds that never got a decision: the newest are kept, the rest counted."""
+    from sqlalchemy import func
+
+    from service.models import Observation
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        with sessions.begin() as session:
+            loop = store.ensure_loop(session, name="default", kind="cb", now=0.0)
+            rules = store.loop_settings(loop).rules
+            orphans = [
+                orjson.dumps({"k": "r", "loop": "default", "id": f"u{i}", "t": i, "v": 1.0})
+                for i in range(10)
+            ]
+            store.ingest(session, records=orphans, source="test", now=10.0)
+        with sessions.begin() as session:
+            store.join_due(
+                session, loop="default", rules=rules, now=1000.0, limit=10, max_dangling=4
+            )
+        with sessions.begin() as session:
+            assert store.drop_dangling(session, loop="default", keep=4) == 0
+            assert store.drop_dangling(session, loop="default", keep=3) == 1
+        with sessions() as session:
+            kept = session.scalars(select(Observation.event_id).order_by(Observation.id)).all()
+            assert kept == ["u7", "u8", "u9"]
+            assert store.loop_counts(session, loop="default")["observations_dropped"] == 7
+            assert session.scalar(select(func.count()).select_from(Observation)) == 3
+    finally:
+        engine.dispose()

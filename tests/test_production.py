@@ -23,7 +23,7 @@ from service.migrate import upgrade
 from service.models import Joined, Loop, ModelCheckpoint, Observation
 from tests.conftest import Broker, free_port
 
-KEY = "prod-admin-key"
+KEY = "prod-admin-key-0123456789abcdefghij"
 HEADERS = {"Ocp-Apim-Subscription-Key": KEY}
 ACTIONS = [{"id": f"a{i}", "features": [{"kind": f"k{i}"}]} for i in range(4)]
 

@@ -1,8 +1,7 @@
 """Named loops: each with its own keys, configuration, policy, model and logs.
 
 A named loop answers the whole Personalizer API under `/loops/{loop}/personalizer/...`.
-Client keys (rank, reward and activate on one loop) are managed under `/loops/{loop}/keys`;
-the key itself is returned once, only its hash is stored.
+Its client keys are managed under `/loops/{loop}/keys` (routes/keys.py).
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ from starlette.responses import JSONResponse, Response
 from learners.joiner import timestamp
 from service import store
 from service.auth import authorize
-from service.context import Dloop, dloop
+from service.context import dloop
 from service.errors import ApiError, bad_request
-from service.models import ApiKey, Loop
+from service.models import Loop
 
 router = APIRouter()
 
@@ -72,51 +71,5 @@ def delete_loop(request: Request, name: str) -> Response:
         store.notify_models(session, [name])
     with d.sessions() as session:
         d.registry.load(session)
-    d.reload_keys()
-    return Response(status_code=204)
-
-
-def _key_doc(row: ApiKey) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "role": row.role,
-        "loop": row.loop,
-        "createdTime": timestamp(row.created_at),
-    }
-
-
-def _existing(d: Dloop, name: str) -> None:
-    if d.registry.get(name) is None:
-        raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
-
-
-@router.post("/loops/{name}/keys", status_code=201)
-def create_client_key(request: Request, name: str) -> dict[str, Any]:
-    d = dloop(request)
-    authorize(d.keys, request, loop=name, admin=True)
-    _existing(d, name)
-    with d.sessions.begin() as session:
-        row, key = store.create_key(session, role="client", loop=name, now=d.clock())
-        doc = {**_key_doc(row), "key": key}
-    d.reload_keys()
-    return doc
-
-
-@router.get("/loops/{name}/keys")
-def list_client_keys(request: Request, name: str) -> dict[str, Any]:
-    d = dloop(request)
-    authorize(d.keys, request, loop=name, admin=True)
-    _existing(d, name)
-    with d.sessions() as session:
-        return {"value": [_key_doc(row) for row in store.list_keys(session, loop=name)]}
-
-
-@router.delete("/loops/{name}/keys/{key_id}", status_code=204)
-def delete_client_key(request: Request, name: str, key_id: int) -> Response:
-    d = dloop(request)
-    authorize(d.keys, request, loop=name, admin=True)
-    with d.sessions.begin() as session:
-        if not store.delete_key(session, loop=name, key_id=key_id):
-            raise ApiError(404, "ResourceNotFound", f"loop '{name}' has no key {key_id}")
     d.reload_keys()
     return Response(status_code=204)
