@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from service.files import private_dir
 from service.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def _prepare(settings: Settings) -> str | None:
     from service import store
     from service.migrate import upgrade
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     upgrade(settings.database_url)
     if settings.api_key is not None:
         return None
@@ -196,7 +197,7 @@ def migrate(data_dir: DataDir = None) -> None:
     from service.migrate import upgrade
 
     settings = _settings(data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     upgrade(settings.database_url)
     typer.echo("dloop: database at head")
 
@@ -637,7 +638,7 @@ def keys_create(
     from service.models import Loop
 
     settings = _settings(data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     upgrade(settings.database_url)
     with _database(settings) as sessions, sessions.begin() as session:
         if not admin and session.get(Loop, loop) is None:
