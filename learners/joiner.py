@@ -106,13 +106,18 @@ def is_complete(decision: DecisionView, observations: Sequence[Obs], rules: Join
 
 
 def timestamp(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO-8601 in UTC with microseconds and a four-digit year (strftime's %Y writes year 1 as
+    "1"); ValueError for an instant outside years 1 to 9999."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_time(value: str) -> float:
     """Seconds since the epoch of an ISO-8601 date-time ("Z" or an offset), as `timestamp`
-    writes them and as API callers send them."""
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    writes them and as API callers send them; ValueError unless `timestamp` can print it back
+    (an offset, or float rounding, can push an instant out of years 1 to 9999)."""
+    t = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    timestamp(t)
+    return t
 
 
 def join(decision: DecisionView, observations: Sequence[Obs], rules: JoinRules) -> JoinResult:

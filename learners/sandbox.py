@@ -254,6 +254,12 @@ def check_model(model: bytes, *, kind: str) -> None:
         raise PolicyError("not a Vowpal Wabbit model (loading it crashed the parser)") from None
 
 
+def blank_model(args: str) -> bytes:
+    """The bytes of a model that has learned nothing, trained with `args` (made in a sandbox)."""
+    _, model = run_once("blank", {"args": args})
+    return model
+
+
 def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
     """learners.vw.check_policy in a sandbox."""
     from learners.vw import PolicyError

@@ -113,6 +113,13 @@ class Host:
         vw.check_policy(header["args"], algorithm=header["algorithm"])
         return None, b""
 
+    def op_blank(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        trainer = CBTrainer(header["args"])
+        try:
+            return None, trainer.to_bytes()
+        finally:
+            trainer.close()
+
     def op_parse(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         """Parse one example with `args` (the parser fuzzer)."""
         ws = vw.workspace(header["args"])

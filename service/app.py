@@ -27,10 +27,13 @@ from service.background import configure_logging
 from service.context import Dloop
 from service.db import make_engine, make_sessionmaker
 from service.evaluations import AutoOptimizer
+from service.files import private_dir
+from service.headers import NoSniff
 from service.log import LocalLog
 from service.publisher import LogPublisher
 from service.routes import (
     configuration,
+    docs,
     evaluations,
     events,
     health,
@@ -161,9 +164,8 @@ def claim_replica(root: Path) -> tuple[Path, int]:
     (uvicorn worker or separate replica sharing a data dir) keeps its durable Kafka buffer
     there, and a restarted process takes a free slot over and publishes what was left in it."""
     for i in itertools.count():
-        path = root / f"replica-{i}"
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        path = private_dir(root / f"replica-{i}")
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -198,7 +200,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)
         engine = make_engine(settings.database_url)
         sessions = make_sessionmaker(engine)
         lock = None
@@ -282,12 +284,16 @@ def create_app(
         title="dloop",
         summary="Self-hosted online decision service, wire-compatible with Azure AI Personalizer",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,
         redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     errors.install(app)
     routers = (events, multislot, configuration, evaluations, model, logs, loops, keys, health)
     for module in routers:
         app.include_router(module.router)
+    if settings.docs:
+        docs.install(app)
     app.add_middleware(PathStyles, max_body=settings.max_body_bytes)
+    app.add_middleware(NoSniff)  # added last: outermost, so it wraps PathStyles' answers too
     return app

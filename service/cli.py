@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from service.files import private_dir
 from service.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def _prepare(settings: Settings) -> str | None:
     from service import store
     from service.migrate import upgrade
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     upgrade(settings.database_url)
     if settings.api_key is not None:
         return None
@@ -208,7 +209,7 @@ def migrate(data_dir: DataDir = None) -> None:
     from service.migrate import upgrade
 
     settings = _settings(data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     upgrade(settings.database_url)
     typer.echo("dloop: database at head")
 
@@ -731,7 +732,7 @@ def _migrated(data_dir: Path | None) -> Settings:
     from service.migrate import upgrade
 
     settings = _settings(data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     upgrade(settings.database_url)
     return settings
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from service.files import private_dir
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -25,6 +29,7 @@ def make_engine(url: str) -> Engine:
     # pre_ping: a pooled connection that a database restart killed is replaced, not handed out.
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
+        _create_private(make_url(url).database)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
@@ -40,6 +45,16 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
     return engine
+
+
+def _create_private(database: str | None) -> None:
+    """Create a SQLite file 0600 before SQLite does (it would use the umask, 0644 by default);
+    its -wal and -shm files then take the same mode."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    private_dir(path.parent)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -33,9 +33,9 @@ def bad_request(code: str, message: str) -> ApiError:
 
 def error_response(status: int, code: str, message: str) -> Response:
     body = orjson.dumps({"error": {"code": code, "message": message}})
-    return Response(
-        body, status_code=status, media_type="application/json", headers={"x-ms-error-code": code}
-    )
+    # nosniff here too: the framework's 500 handler answers outside every middleware.
+    headers = {"x-ms-error-code": code, "x-content-type-options": "nosniff"}
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 _HTTP_CODES = {

@@ -20,8 +20,11 @@ import os
 import re
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
+
+from service.files import private_dir, private_opener
 
 
 def record_time(record: bytes) -> float:
@@ -40,18 +43,20 @@ class LocalLog:
     crash once it returns (the bytes are in the OS); `close` fsyncs."""
 
     def __init__(self, directory: Path, *, segment_bytes: int = 64 << 20) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
+        self.directory = private_dir(directory)
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
         bases = self._bases()
         self._base = bases[-1] if bases else 0
         self._repair(self._path(self._base))
-        self._file = open(self._path(self._base), "ab", buffering=0)  # noqa: SIM115
+        self._file = self._open(self._base)
         self._size = self._file.seek(0, os.SEEK_END)
 
     def _path(self, base: int) -> Path:
         return self.directory / f"events-{base:020d}.log"
+
+    def _open(self, base: int) -> BinaryIO:
+        return open(self._path(base), "ab", buffering=0, opener=private_opener)
 
     def _bases(self) -> list[int]:
         return sorted(
@@ -86,7 +91,7 @@ class LocalLog:
                 self._file.close()
                 self._base += self._size
                 self._size = 0
-                self._file = open(self._path(self._base), "ab", buffering=0)  # noqa: SIM115
+                self._file = self._open(self._base)
 
     def end(self) -> int:
         """The offset after the last record."""

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from service.background import keep_running
+from service.files import private_opener
 from service.kafka import send_all
 from service.log import LocalLog
 
@@ -96,7 +97,7 @@ class LogPublisher:
 
     def _save(self, offset: int) -> None:
         tmp = self.offset_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
+        with open(tmp, "w", opener=private_opener) as f:
             f.write(str(offset))
             f.flush()
             os.fsync(f.fileno())

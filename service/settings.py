@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 256 * 1024
+    # PUT /model reads at most this many bytes, and a signed archive may inflate to no more.
+    max_model_bytes: int = 256 << 20
+    # Serve /docs (Swagger UI, from the swagger-ui-bundle-v2 package) and /openapi.json.
+    docs: bool = True
     max_actions: int = 50
     # Rank responses remembered per loop for idempotent retries of the same eventId.
     dedup_cache_size: int = 100_000

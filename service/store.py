@@ -38,6 +38,7 @@ from service.models import (
     Loop,
     ModelCheckpoint,
     Observation,
+    ServerSecret,
 )
 from service.schemas import LoopSettings, default_config, default_policy
 
@@ -69,6 +70,19 @@ def ensure_loop(session: Session, *, name: str, kind: str, now: float) -> Loop:
         loop = session.get(Loop, name)
         assert loop is not None
     return loop
+
+
+def server_secret(session: Session, *, name: str, now: float) -> bytes:
+    """The deployment-wide secret `name`, 32 random bytes made on first use. Replicas may ask
+    at once: the insert yields to a concurrent one and the stored value is read back, so every
+    process uses the same secret."""
+    row = session.get(ServerSecret, name)
+    if row is None:
+        new = {"name": name, "value": secrets.token_bytes(32), "created_at": now}
+        session.execute(_insert(session, ServerSecret).values(**new).on_conflict_do_nothing())
+        row = session.get(ServerSecret, name)
+        assert row is not None
+    return row.value
 
 
 def loop_settings(loop: Loop) -> LoopSettings:
