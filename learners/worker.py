@@ -117,6 +117,7 @@ class EmbeddedWorker:
         # Health, for /readyz and /metrics.
         self.failing: dict[str, LoopHealth] = {}
         self.passed_at = time.monotonic()  # the end of the last pass that completed
+        self.started = False
         self.running = False
         self.crashes = 0  # times the learning process died
         self.dead_lettered = 0
@@ -129,7 +130,7 @@ class EmbeddedWorker:
         # switch interval a request can wait that long for a batch of joins to yield. 0.5 ms
         # keeps rank latency flat (see benchmarks/) at a small cost in worker throughput.
         sys.setswitchinterval(0.0005)
-        self.running = True
+        self.started = self.running = True
         try:
             # A failed pass (a locked or restarting database) commits nothing: retry it later.
             keep_running(
@@ -148,6 +149,10 @@ class EmbeddedWorker:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def close(self) -> None:
         """Stop the learning process (the thread's `run` does it itself)."""

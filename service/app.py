@@ -18,7 +18,8 @@ from typing import Any
 import psycopg
 from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from learners.sandbox import RankerPool
 from learners.worker import EmbeddedWorker
@@ -28,6 +29,15 @@ from service.context import Dloop
 from service.db import make_engine, make_sessionmaker
 from service.evaluations import AutoOptimizer
 from service.files import private_dir
+from service.guard import (
+    BodyTimeout,
+    BodyTooLarge,
+    RateLimiter,
+    is_public,
+    key_hash,
+    limited_receive,
+    scope_key,
+)
 from service.headers import NoSniff
 from service.log import LocalLog
 from service.publisher import LogPublisher
@@ -49,48 +59,89 @@ from service.settings import Settings, load_settings
 # /personalizer/v1.0/..., /personalizer/v1.1-preview.N/..., /personalizer/...?api-version=,
 # each optionally under /loops/{loop}: all served by the routes at /personalizer/...
 _PATH = re.compile(r"^(?:/loops/([^/]+))?/personalizer(?:/(v1\.0|v1\.1-preview\.[0-9]+))?(/.*)?$")
-_BIG_BODY = re.compile(r"/model/?$")
 _HOT = re.compile(r"^/personalizer/(?:(rank)|events/([^/]+)/(reward|activate))$")
 _HOT_HANDLERS = {"rank": events.rank, "reward": events.reward, "activate": events.activate}
 
 
 class PathStyles:
-    """Rewrite every supported path style to one route table, remembering the loop; reject
-    oversized bodies before they are read; answer rank, reward and activate directly.
+    """Rewrite every supported path style to one route table, remembering the loop; guard every
+    request (service.guard: a valid key before any body is read, the key's rate limit, a body
+    counted as it arrives); answer rank, reward and activate directly.
 
     The hot path skips the framework's middleware and routing layers (about 40 us of a rank's
     130 us in-process, measured with the same handlers): the handlers are the ones the router
     also serves, and errors get the same Personalizer body as everywhere else.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.max_body = max_body
+        self.max_body = settings.max_body_bytes
+        self.max_model = settings.max_model_bytes
+        self.body_timeout = settings.limits.body_timeout
+        self.rate = settings.limits.rate_per_key
+        self.burst = settings.limits.burst_per_key
+        self.limiter: RateLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            m = _PATH.match(scope["path"])
-            if m:
-                scope = dict(scope)
-                scope["path"] = "/personalizer" + (m.group(3) or "")
-                scope["dloop.loop"] = m.group(1) or store.DEFAULT_LOOP
-                scope["dloop.version"] = m.group(2)
-            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            if (
-                length is not None
-                and length.isdigit()
-                and int(length) > self.max_body
-                and not _BIG_BODY.search(scope["path"])
-            ):
-                response = errors.error_response(
-                    413, "PayloadSizeExceeded", f"request body exceeds {self.max_body} bytes"
-                )
-                await response(scope, receive, send)
-                return
-            if scope["method"] == "POST" and (hot := _HOT.match(scope["path"])):
-                await self._hot(hot, scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        m = _PATH.match(scope["path"])
+        if m:
+            scope = dict(scope)
+            scope["path"] = "/personalizer" + (m.group(3) or "")
+            scope["dloop.loop"] = m.group(1) or store.DEFAULT_LOOP
+            scope["dloop.version"] = m.group(2)
+        path, method = scope["path"], scope["method"]
+        refused = None if is_public(path) else self._admit(scope)
+        # Only the exact model import route takes bodies beyond max_body (it caps them itself).
+        cap = self.max_model if method == "PUT" and path == "/personalizer/model" else self.max_body
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if refused is None and length is not None and length.isdigit() and int(length) > cap:
+            refused = errors.error_response(
+                413, "PayloadSizeExceeded", f"request body exceeds {cap} bytes"
+            )
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        receive = limited_receive(receive, cap=cap, timeout=self.body_timeout)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            if method == "POST" and (hot := _HOT.match(path)):
+                await self._hot(hot, scope, receive, tracked)
+            else:
+                await self.app(scope, receive, tracked)
+        except (BodyTooLarge, BodyTimeout) as exc:
+            if started:
+                raise
+            await errors.http_error_response(exc)(scope, receive, send)
+
+    def _admit(self, scope: Scope) -> Response | None:
+        """401 without a valid key, 429 past its rate; None to let the request in. Roles and
+        loops are the routes' to check."""
+        d: Dloop = scope["app"].state.dloop
+        digest = key_hash(d.keys, scope)
+        if digest is None and d.refresh():  # a key created through another replica?
+            digest = key_hash(d.keys, scope)
+        if digest is None:
+            if scope_key(scope) is None:
+                message = "Access denied: missing Ocp-Apim-Subscription-Key header"
+            else:
+                message = "Access denied: invalid subscription key"
+            return errors.error_response(401, "Unauthorized", message)
+        if self.limiter is None:
+            self.limiter = RateLimiter(self.rate, self.burst, d.clock)
+        wait = self.limiter.check(digest)
+        if wait:
+            message = f"this key is limited to {self.rate:g} requests a second"
+            return errors.ApiError(429, "TooManyRequests", message, retry_after=wait).response()
+        return None
 
     async def _hot(self, hot: re.Match[str], scope: Scope, receive: Receive, send: Send) -> None:
         if hot.group(2) is not None:
@@ -98,7 +149,9 @@ class PathStyles:
         try:
             response = await _HOT_HANDLERS[hot.group(1) or hot.group(3)](Request(scope, receive))
         except errors.ApiError as exc:
-            response = errors.error_response(exc.status, exc.code, exc.message)
+            response = exc.response()
+        except (BodyTooLarge, BodyTimeout):
+            raise
         except Exception:
             errors.log.exception("unhandled error")
             response = errors.error_response(500, "InternalServerError", "internal error")
@@ -294,6 +347,6 @@ def create_app(
         app.include_router(module.router)
     if settings.docs:
         docs.install(app)
-    app.add_middleware(PathStyles, max_body=settings.max_body_bytes)
+    app.add_middleware(PathStyles, settings=settings)
     app.add_middleware(NoSniff)  # added last: outermost, so it wraps PathStyles' answers too
     return app

@@ -96,7 +96,7 @@ def up(
     elif settings.api_key is None:
         typer.echo("dloop: using the admin key created at first start (or set DLOOP_API_KEY)")
     typer.echo(f"dloop: Personalizer endpoint http://{host}:{port}  (docs at /docs)")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(settings), **_server_options(settings))
 
 
 @app.command()
@@ -122,7 +122,7 @@ def serve(
         f"dloop: serving on http://{host}:{port} ({workers} process(es)),"
         f" Kafka {settings.kafka.bootstrap_servers}"
     )
-    options: dict[str, Any] = dict(host=host, port=port, log_level="warning", access_log=False)
+    options = _server_options(settings)
     if workers == 1:
         configure_logging(settings.log_level)
         uvicorn.run(create_app(settings), **options)
@@ -130,6 +130,20 @@ def serve(
     # Worker processes read their settings from the environment.
     os.environ["DLOOP_DATA_DIR"] = str(settings.data_dir)
     uvicorn.run("service.app:from_environment", factory=True, workers=workers, **options)
+
+
+def _server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's settings: connections held at once (503 beyond), idle keep-alive, and a bound
+    on how long a shutdown waits for requests in flight."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "warning",
+        "access_log": False,
+        "limit_concurrency": settings.limits.max_connections,
+        "timeout_keep_alive": settings.limits.keep_alive,
+        "timeout_graceful_shutdown": 10,
+    }
 
 
 def _require_production(settings: Settings) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
 from learners.features import FeatureLimits
+from learners.joiner import timestamp
 from learners.sandbox import RankerPool, TrainerHost
 from learners.worker import EmbeddedWorker
 from service import store
@@ -20,7 +21,7 @@ from service.errors import ApiError
 from service.evaluations import Jobs
 from service.log import LocalLog
 from service.publisher import LogPublisher
-from service.runtime import LoopRuntime, Registry
+from service.runtime import LoopRuntime, Registry, RetryCache
 from service.settings import Settings
 
 
@@ -59,10 +60,12 @@ class Dloop:
     metrics: Metrics = field(default_factory=Metrics)
     jobs: Jobs = field(init=False)
     feature_limits: FeatureLimits = field(init=False)
+    retries: RetryCache = field(init=False)
     _refreshed: float = 0.0
 
     def __post_init__(self) -> None:
         self.jobs = Jobs(self.sessions, self.clock)
+        self.retries = RetryCache(self.settings.dedup_cache_bytes)
         limits = self.settings.limits
         self.feature_limits = FeatureLimits(
             max_features=limits.max_features,
@@ -111,6 +114,24 @@ class Dloop:
                 examples=examples,
             )
         self.registry.publish(name, model, model_id)
+
+    def learner_health(self) -> tuple[str, list[dict[str, object]]]:
+        """The embedded learner's state for /readyz: "ok", or why it is not (it stopped, or
+        made no pass for two minutes), and the loops whose last pass failed. The Kafka path's
+        learners are processes of their own: /metrics shows their backlog per loop."""
+        worker = self.worker
+        if worker is None:
+            return "ok", []
+        if worker.started and not worker.running and not worker.stopping:
+            return "the learner thread stopped", []
+        stalled = time.monotonic() - worker.passed_at
+        if worker.running and stalled > 120:
+            return f"no learner pass for {stalled:.0f} s", []
+        failing: list[dict[str, object]] = [
+            {"loop": name, "since": timestamp(h.since), "failures": h.failures, "error": h.error}
+            for name, h in sorted(worker.failing.items())
+        ]
+        return "ok", failing
 
     def refresh(self) -> bool:
         """Serve mode: reload loops and keys now (something another replica changed moments

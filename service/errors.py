@@ -20,11 +20,18 @@ log = logging.getLogger("dloop")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds (429, 503): sent as Retry-After
+
+    def response(self) -> Response:
+        response = error_response(self.status, self.code, self.message)
+        if self.retry_after is not None:
+            response.headers["Retry-After"] = str(self.retry_after)
+        return response
 
 
 def bad_request(code: str, message: str) -> ApiError:
@@ -41,16 +48,24 @@ def error_response(status: int, code: str, message: str) -> Response:
 _HTTP_CODES = {
     401: "Unauthorized",
     403: "InvalidApiAccess",
+    408: "RequestTimeout",
+    429: "TooManyRequests",
     404: "ResourceNotFound",
     405: "MethodNotAllowed",
     413: "PayloadSizeExceeded",
 }
 
 
+def http_error_response(exc: HTTPException) -> Response:
+    """The Personalizer body for the framework's (and service.guard's) HTTP errors."""
+    code = _HTTP_CODES.get(exc.status_code, "BadRequest")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
@@ -60,8 +75,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> Response:
-        code = _HTTP_CODES.get(exc.status_code, "BadRequest")
-        return error_response(exc.status_code, code, str(exc.detail))
+        return http_error_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:

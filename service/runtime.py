@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ class LoopRuntime:
     # The served model, swapped whole so a request never pairs a model with another's id. The
     # ranking children (learners.sandbox.RankerPool) load it from its file.
     served: ModelRef = NO_MODEL
-    recent: OrderedDict[str, tuple[bytes, bytes]] = field(default_factory=OrderedDict)
 
     @property
     def model_id(self) -> str:
@@ -44,10 +43,43 @@ class LoopRuntime:
             return self.policy["arguments"]
         return with_exploration(self.policy["arguments"], self.settings.exploration)
 
-    def remember(self, event_id: str, fingerprint: bytes, response: bytes, size: int) -> None:
-        self.recent[event_id] = (fingerprint, response)
-        if len(self.recent) > size:
-            self.recent.popitem(last=False)
+
+
+class RetryCache:
+    """Recent rank answers by (loop, eventId), so a client's retry gets the original answer
+    byte for byte: (request fingerprint, response). Bounded in bytes across every loop, oldest
+    out first, so unique eventIds cannot grow it past `max_bytes`."""
+
+    OVERHEAD = 160  # bytes per entry beyond the response: key, fingerprint, dict slot
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[str, str], tuple[bytes, bytes]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, loop: str, event_id: str) -> tuple[bytes, bytes] | None:
+        return self._items.get((loop, event_id))
+
+    def put(self, loop: str, event_id: str, fingerprint: bytes, response: bytes) -> None:
+        key = (loop, event_id)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= self._size(key, old[1])
+        self._items[key] = (fingerprint, response)
+        self.bytes += self._size(key, response)
+        while self.bytes > self.max_bytes and self._items:
+            gone, (_, answer) = self._items.popitem(last=False)
+            self.bytes -= self._size(gone, answer)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def _size(self, key: tuple[str, str], response: bytes) -> int:
+        return len(response) + len(key[0]) + len(key[1]) + self.OVERHEAD
 
 
 class Registry:

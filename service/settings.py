@@ -38,6 +38,16 @@ class LimitSettings(BaseModel):
     max_features: int = 2000
     max_namespace_features: int = 500
     max_feature_depth: int = 16
+    # Seconds a client may take to send a request body (408 after), counted from its first read.
+    body_timeout: float = 30.0
+    # Requests a second per API key in each serving process, and the burst above that rate
+    # (429 with Retry-After beyond; 0: no limit).
+    rate_per_key: float = 1000.0
+    burst_per_key: int = 2000
+    # Connections a serving process holds at once (503 beyond) and seconds an idle keep-alive
+    # connection stays open. Slow headers need the reverse proxy (README, Security).
+    max_connections: int = 1000
+    keep_alive: float = 5.0
 
 
 class SandboxSettings(BaseModel):
@@ -72,8 +82,8 @@ class Settings(BaseSettings):
     # Serve /docs (Swagger UI, from the swagger-ui-bundle-v2 package) and /openapi.json.
     docs: bool = True
     max_actions: int = 50
-    # Rank responses remembered per loop for idempotent retries of the same eventId.
-    dedup_cache_size: int = 100_000
+    # Bytes of rank responses remembered (all loops together) to answer retries of an eventId.
+    dedup_cache_bytes: int = 64 << 20
     # Worker processes (join, learn) log at this level to stderr; kafka-python's own chatter
     # shows only at DEBUG.
     log_level: str = "INFO"

@@ -685,22 +685,48 @@ def export_lines(
             continue
 
 
-def loop_counts(session: Session, *, loop: str) -> dict[str, int]:
-    """Counts for /metrics: decisions by state, observations by status, and dangling
-    observations dropped (drop_dangling)."""
-    out = {"decisions_pending": 0, "decisions_joined": 0}
-    for joined, n in session.execute(
-        select(Decision.joined, func.count()).where(Decision.loop == loop).group_by(Decision.joined)
+def loop_counts(session: Session) -> dict[str, dict[str, int]]:
+    """Counts for /metrics, by loop, in a few grouped queries whatever the number of loops:
+    decisions by state, observations by status, dangling observations dropped (drop_dangling),
+    and the learner's backlog (joined rows its model does not include yet; by joined seq on the
+    embedded path, by stream position on the Kafka path)."""
+    out: dict[str, dict[str, int]] = {}
+
+    def put(loop: str, key: str, value: int) -> None:
+        out.setdefault(loop, {"decisions_pending": 0, "decisions_joined": 0})[key] = value
+
+    for loop, joined, n in session.execute(
+        select(Decision.loop, Decision.joined, func.count()).group_by(
+            Decision.loop, Decision.joined
+        )
     ):
-        out["decisions_joined" if joined else "decisions_pending"] = n
-    for status, n in session.execute(
-        select(Observation.status, func.count())
-        .where(Observation.loop == loop)
-        .group_by(Observation.status)
+        put(loop, "decisions_joined" if joined else "decisions_pending", n)
+    for loop, status, n in session.execute(
+        select(Observation.loop, Observation.status, func.count()).group_by(
+            Observation.loop, Observation.status
+        )
     ):
-        out[f"observations_{status}"] = n
-    out["observations_dropped"] = get_offset(session, name=_dropped(loop))
+        put(loop, f"observations_{status}", n)
+    prefix = _dropped("")
+    for name, n in session.execute(
+        select(LogOffset.name, LogOffset.offset).where(LogOffset.name.startswith(prefix))
+    ):
+        put(name[len(prefix) :], "observations_dropped", n)
+    position = func.coalesce(Joined.pos, Joined.seq)
+    learned = func.coalesce(ModelCheckpoint.learned_seq, 0)
+    for loop, n in session.execute(
+        select(Joined.loop, func.count())
+        .outerjoin(ModelCheckpoint, ModelCheckpoint.loop == Joined.loop)
+        .where(position > learned)
+        .group_by(Joined.loop)
+    ):
+        put(loop, "learner_backlog", n)
     return out
+
+
+def model_examples(session: Session) -> dict[str, int]:
+    """Examples in each loop's current model."""
+    return dict(session.execute(select(ModelCheckpoint.loop, ModelCheckpoint.examples)).all())
 
 
 def apprentice_metrics(session: Session, *, loop: str, batch: int = 1000) -> dict[str, Any] | None:

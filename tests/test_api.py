@@ -193,7 +193,7 @@ def test_retry_returns_original_response_and_logs_once(harness: Harness) -> None
 
 def test_same_event_id_same_model_same_choice_after_restart_of_cache(harness: Harness) -> None:
     out = harness.rank(rank_body("seeded"))
-    harness.dloop.registry.loops["default"].recent.clear()
+    harness.dloop.retries.clear()
     again = harness.rank(rank_body("seeded"))
     assert again["rewardActionId"] == out["rewardActionId"]
 

@@ -250,3 +250,75 @@ def test_a_joined_row_that_breaks_vw_is_dead_lettered_and_learning_goes_on(
     assert server.alive()
     letters = [d for d in server.dead_letters() if "p1" in d.record]
     assert len(letters) == 1 and why in letters[0].reason, letters
+
+
+# ---- in-process: the embedded worker's passes --------------------------------------------------
+
+
+def test_a_loop_that_cannot_learn_is_reported_and_the_others_learn(harness: Any) -> None:
+    from service.models import Loop as LoopRow
+    from tests.conftest import AUTH
+
+    h = harness
+    assert h.client.put("/loops/broken", json={}, headers=AUTH).status_code == 201
+    for prefix in ("", "/loops/broken"):
+        path = f"{prefix}/personalizer/v1.0/configurations/service"
+        cfg = h.client.get(path, headers=AUTH).json()
+        cfg.update(rewardWaitTime="PT1S", modelExportFrequency="PT1S")
+        assert h.client.put(path, json=cfg, headers=AUTH).status_code == 200
+    # A policy VW refuses, as a database edited by hand (or an older dloop) could hold.
+    with h.dloop.sessions.begin() as session:
+        row = session.get(LoopRow, "broken")
+        row.policy = {"name": "bad", "arguments": "--cb_explore_adf --no_such_option 3"}
+    with h.dloop.sessions() as session:
+        h.dloop.registry.load(session)
+    for prefix in ("", "/loops/broken"):
+        for i in range(3):
+            r = h.client.post(
+                f"{prefix}/personalizer/v1.0/rank", json=body(f"e{i}", [{"a": 1}]), headers=AUTH
+            )
+            assert r.status_code == 201, r.text
+            h.client.post(
+                f"{prefix}/personalizer/v1.0/events/e{i}/reward", json={"value": 1}, headers=AUTH
+            )
+    h.clock.advance(5)
+    h.work()
+    assert h.dloop.registry.loops["default"].model_id != "N/A"  # the healthy loop learned
+    ready = h.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+    failing = ready.json()["failingLoops"]
+    assert [f["loop"] for f in failing] == ["broken"] and "no_such_option" in failing[0]["error"]
+    metrics = h.client.get("/metrics", headers=AUTH).text
+    assert 'dloop_learner_failing{loop="broken"} 1' in metrics
+
+
+def test_a_loop_deleted_during_a_pass_stops_nothing(
+    harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import store
+    from tests.conftest import AUTH
+
+    h = harness
+    assert h.client.put("/loops/gone", json={}, headers=AUTH).status_code == 201
+    for prefix in ("", "/loops/gone"):
+        r = h.client.post(
+            f"{prefix}/personalizer/v1.0/rank", json=body("e1", [{"a": 1}]), headers=AUTH
+        )
+        assert r.status_code == 201
+        h.client.post(
+            f"{prefix}/personalizer/v1.0/events/e1/reward", json={"value": 1}, headers=AUTH
+        )
+    next_join_at = store.next_join_at
+
+    def join_then_delete(session: Any, *, loop: str, **kw: Any) -> float | None:
+        at = next_join_at(session, loop=loop, **kw)
+        if loop == "gone":  # the API deletes the loop while the worker is inside its pass
+            assert h.client.delete("/loops/gone", headers=AUTH).status_code == 204
+        return at
+
+    monkeypatch.setattr(store, "next_join_at", join_then_delete)
+    h.clock.advance(700)
+    h.work()
+    with h.dloop.sessions() as session:
+        assert store.get_checkpoint(session, loop="default") is not None
+    assert "gone" not in h.dloop.registry.loops

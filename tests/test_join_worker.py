@@ -102,7 +102,7 @@ def test_dangling_observations_are_bounded_on_postgres(postgres_url: str) -> Non
         with sessions() as session:
             kept = session.scalars(select(Observation.event_id).order_by(Observation.id)).all()
             assert kept == ["u7", "u8", "u9"]
-            assert store.loop_counts(session, loop="default")["observations_dropped"] == 7
+            assert store.loop_counts(session)["default"]["observations_dropped"] == 7
             assert session.scalar(select(func.count()).select_from(Observation)) == 3
     finally:
         engine.dispose()

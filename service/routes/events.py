@@ -124,7 +124,7 @@ def _parse_rank(body: Any, max_actions: int, limits: FeatureLimits) -> dict[str,
 def sandbox_error(exc: SandboxError) -> ApiError:
     """How serving answers when VW could not handle a request in its sandbox."""
     if isinstance(exc, SandboxBusy):
-        return ApiError(503, "ServiceUnavailable", f"{exc}; retry shortly")
+        return ApiError(503, "ServiceUnavailable", f"{exc}; retry shortly", retry_after=1)
     if isinstance(exc, SandboxTimeout):
         return _rank_error(f"ranking this request {exc}: send fewer features")
     return _rank_error(f"features could not be parsed: {exc}")
@@ -163,7 +163,7 @@ def _retry(
     for byte, or 400 if it now asks about other `what`. Returns the request's fingerprint (to
     remember with the answer) and the cached response, if there is one."""
     fingerprint = hashlib.blake2b(orjson.dumps(asked)).digest()
-    seen = rt.recent.get(event_id)
+    seen = d.retries.get(rt.name, event_id)
     if seen is None:
         return fingerprint, None
     if seen[0] != fingerprint:
@@ -278,7 +278,7 @@ async def rank(request: Request) -> Response:
     if explanation is not None:
         doc["inferenceExplanation"] = explanation
     response = orjson.dumps(doc)
-    rt.remember(event_id, fingerprint, response, d.settings.dedup_cache_size)
+    d.retries.put(rt.name, event_id, fingerprint, response)
     d.metrics.ranks.labels(rt.name).inc()
     return Response(response, status_code=201, media_type="application/json")
 

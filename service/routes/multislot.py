@@ -163,7 +163,7 @@ async def rank_multi_slot(request: Request) -> Response:
             ],
         }
     )
-    rt.remember(event_id, fingerprint, response, d.settings.dedup_cache_size)
+    d.retries.put(rt.name, event_id, fingerprint, response)
     d.metrics.ranks.labels(rt.name).inc()
     return Response(response, status_code=201, media_type="application/json")
 
