@@ -44,7 +44,6 @@ class LoopRuntime:
         return with_exploration(self.policy["arguments"], self.settings.exploration)
 
 
-
 class RetryCache:
     """Recent rank answers by (loop, eventId), so a client's retry gets the original answer
     byte for byte: (request fingerprint, response). Bounded in bytes across every loop, oldest
