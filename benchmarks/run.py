@@ -11,11 +11,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -80,86 +83,211 @@ def vw_predict_us(n: int = 20000) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
-    if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed (apt-get install wrk)")
-    port = 18000 + os.getpid() % 1000
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    base: str
+    data: Path
+
+    def stop(self) -> float:
+        """Stop it (SIGINT, as Ctrl-C) and return how long it took to exit."""
+        started = time.perf_counter()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        took = time.perf_counter() - started
+        shutil.rmtree(self.data, ignore_errors=True)
+        return took
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and every process under it (the forkserver and the
+        ranking and learning processes it forked)."""
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(stat.parent.name)] = int(fields[1])
+        tree, grew = {self.proc.pid}, True
+        while grew:
+            more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+            tree |= more
+            grew = bool(more)
+        total = 0
+        for pid in tree:
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            total += next((int(x.split()[1]) for x in lines if x.startswith("VmRSS")), 0)
+        return total / 1024
+
+
+def start_server(port: int, **env: str) -> Server:
     data = Path(tempfile.mkdtemp(prefix="dloop-bench-"))
-    env = {**os.environ, "DLOOP_API_KEY": KEY}
+    # The limiter stays on (its cost is part of every request) but never limits the bench.
+    env = {**os.environ, "DLOOP_API_KEY": KEY, "DLOOP_LIMITS__RATE_PER_KEY": "1e9", **env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "up", "--port", str(port), "--data-dir", str(data)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return Server(proc, base, data)
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            sys.exit("dloop up did not start")
+        time.sleep(0.2)
+
+
+def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
+    """Rank throughput against the same server's /healthz, with VW in its sandbox processes
+    (the default) and, as the floor the isolation is measured against, in the serving process
+    (DLOOP_SANDBOX__RANKERS=0), both servers up at once and measured in interleaved rounds."""
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    port = 18000 + os.getpid() % 1000
+    sandboxed = start_server(port)
+    inline = start_server(port + 1, DLOOP_SANDBOX__RANKERS="0")
+    headers = {"Ocp-Apim-Subscription-Key": KEY}
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                sys.exit("dloop up did not start")
-            time.sleep(0.2)
-        headers = {"Ocp-Apim-Subscription-Key": KEY}
-        # The same traffic on a second loop that explains every decision.
-        httpx.put(f"{base}/loops/explained", json={"kind": "cb"}, headers=headers)
-        for prefix, explain in (("", False), ("/loops/explained", True)):
-            train(f"{base}{prefix}/personalizer/v1.0", headers, explain=explain)
+        for server in (sandboxed, inline):
+            base = server.base
+            # The same traffic on a second loop that explains every decision.
+            httpx.put(f"{base}/loops/explained", json={"kind": "cb"}, headers=headers)
+            for prefix, explain in (("", False), ("/loops/explained", True)):
+                train(f"{base}{prefix}/personalizer/v1.0", headers, explain=explain)
         time.sleep(2.5)
-        for prefix in ("", "/loops/explained"):
-            props = httpx.get(
-                f"{base}{prefix}/personalizer/v1.0/model/properties", headers=headers
-            ).json()
-            assert props["creationTime"] != props["lastModifiedTime"], "no model was published"
+        for server in (sandboxed, inline):
+            for prefix in ("", "/loops/explained"):
+                props = httpx.get(
+                    f"{server.base}{prefix}/personalizer/v1.0/model/properties", headers=headers
+                ).json()
+                assert props["creationTime"] != props["lastModifiedTime"], "no model published"
 
         body = json.dumps({"contextFeatures": CONTEXT, "actions": ACTIONS})
-        script = data / "rank.lua"
+        script = sandboxed.data / "rank.lua"
         script.write_text(RANK_LUA % (lua_string(body), KEY))
-        rank_url = f"{base}/personalizer/v1.0/rank"
-        explained_url = f"{base}/loops/explained/personalizer/v1.0/rank"
-        wrk(f"{base}/healthz", conns=conns, seconds=2)  # warm up every endpoint
-        wrk(rank_url, conns=conns, seconds=2, script=script)
-        wrk(explained_url, conns=conns, seconds=2, script=script)
+
+        def run(server: Server, what: str, secs: int) -> dict[str, float]:
+            if what == "health":
+                return wrk(f"{server.base}/healthz", conns=conns, seconds=secs)
+            prefix = "/loops/explained" if what == "explained" else ""
+            url = f"{server.base}{prefix}/personalizer/v1.0/rank"
+            return wrk(url, conns=conns, seconds=secs, script=script)
+
+        for server in (sandboxed, inline):  # warm up every endpoint
+            for what in ("health", "rank", "explained"):
+                run(server, what, 2)
         # Interleaved rounds: the machine's own drift hits every endpoint alike.
-        rounds = []
-        explained = []
+        rounds: list[dict[str, dict[str, float]]] = []
         for _ in range(3):
-            health = wrk(f"{base}/healthz", conns=conns, seconds=seconds)
-            rank = wrk(rank_url, conns=conns, seconds=seconds, script=script)
-            explained.append(wrk(explained_url, conns=conns, seconds=seconds, script=script))
-            rounds.append((health, rank))
+            rounds.append(
+                {
+                    "health": run(sandboxed, "health", seconds),
+                    "rank": run(sandboxed, "rank", seconds),
+                    "explained": run(sandboxed, "explained", seconds),
+                    "inline health": run(inline, "health", seconds),
+                    "inline rank": run(inline, "rank", seconds),
+                }
+            )
     finally:
-        proc.terminate()
-        proc.wait(30)
-        shutil.rmtree(data, ignore_errors=True)
+        sandboxed.stop()
+        inline.stop()
     vw_us = vw_predict_us()
-    ratios = sorted(r["rps"] / h["rps"] for h, r in rounds)
-    health, rank = sorted(rounds, key=lambda hr: hr[1]["rps"] / hr[0]["rps"])[1]
-    cost = sorted(e["rps"] / r["rps"] for (_, r), e in zip(rounds, explained, strict=True))
-    slow = sorted(explained, key=lambda e: e["rps"])[1]
+
+    def median(f: Any) -> tuple[float, str]:
+        values = sorted(f(r) for r in rounds)
+        return values[1], ", ".join(f"{v:.2f}" for v in values)
+
+    ratio, ratios = median(lambda r: r["rank"]["rps"] / r["health"]["rps"])
+    inline_ratio, inline_ratios = median(
+        lambda r: r["inline rank"]["rps"] / r["inline health"]["rps"]
+    )
+    isolation, isolations = median(lambda r: r["rank"]["rps"] / r["inline rank"]["rps"])
+    cost, costs = median(lambda r: r["explained"]["rps"] / r["rank"]["rps"])
+    mid = sorted(rounds, key=lambda r: r["rank"]["rps"] / r["health"]["rps"])[1]
+    health, rank, slow, fast = mid["health"], mid["rank"], mid["explained"], mid["inline rank"]
     return [
         ("connections", f"{conns}"),
         ("/healthz throughput (req/s)", f"{health['rps']:.0f}"),
         ("rank throughput (req/s)", f"{rank['rps']:.0f}"),
-        (
-            "rank / healthz throughput",
-            f"{ratios[1]:.2f}  (median of {', '.join(f'{r:.2f}' for r in ratios)}; target >= 0.50)",
-        ),
+        ("rank / healthz throughput", f"{ratio:.2f}  (median of {ratios}; target >= 0.50)"),
         ("rank p50 / p99 (ms)", f"{rank['p50']:.2f} / {rank['p99']:.2f}  (target p99 <= 20)"),
-        ("rank p99, worst round (ms)", f"{max(r['p99'] for _, r in rounds):.2f}"),
+        ("rank p99, worst round (ms)", f"{max(r['rank']['p99'] for r in rounds):.2f}"),
         ("/healthz p50 / p99 (ms)", f"{health['p50']:.2f} / {health['p99']:.2f}"),
         ("rank non-2xx responses", f"{rank['errors']:.0f}"),
+        (
+            "VW in the serving process (no isolation): rank / healthz",
+            f"{inline_ratio:.2f}  (median of {inline_ratios})",
+        ),
+        ("  its rank p50 / p99 (ms)", f"{fast['p50']:.2f} / {fast['p99']:.2f}"),
+        (
+            "isolation: sandboxed / in-process rank throughput",
+            f"{isolation:.2f}  (median of {isolations})",
+        ),
         ("raw VW parse+predict (us)", f"{vw_us:.1f}"),
         ("rank p50 / raw VW predict", f"{rank['p50'] * 1000 / vw_us:.0f}x"),
-        (
-            "rank with explanations / rank throughput",
-            f"{cost[1]:.2f}  (median of {', '.join(f'{c:.2f}' for c in cost)})",
-        ),
+        ("rank with explanations / rank throughput", f"{cost:.2f}  (median of {costs})"),
         ("rank with explanations p50 / p99 (ms)", f"{slow['p50']:.2f} / {slow['p99']:.2f}"),
+    ]
+
+
+def many_loops(n: int) -> list[tuple[str, str]]:
+    """`dloop up` with `n` loops: what an idle loop costs in memory, whether creating one stays
+    O(1) as loops pile up, and how long a shutdown takes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = start_server(18000 + os.getpid() % 1000 + 2)
+    headers = {"Ocp-Apim-Subscription-Key": KEY}
+    client = httpx.Client(headers=headers, timeout=30)
+    try:
+        before = server.rss_mb()
+        block = max(1, n // 10)
+        per_block: list[float] = []
+
+        def create(i: int) -> float:
+            started = time.perf_counter()
+            r = client.put(f"{server.base}/loops/l{i:05d}", json={"kind": "cb"})
+            assert r.status_code == 201, r.text
+            return time.perf_counter() - started
+
+        with ThreadPoolExecutor(4) as pool:
+            for start in range(0, n, block):
+                times = sorted(pool.map(create, range(start, min(n, start + block))))
+                per_block.append(times[len(times) // 2] * 1000)
+                print(f"  {start + len(times)} loops", file=sys.stderr)
+        after = server.rss_mb()
+        body = {"contextFeatures": CONTEXT, "actions": ACTIONS}
+        for i in range(0, n, max(1, n // 20)):
+            r = client.post(f"{server.base}/loops/l{i:05d}/personalizer/v1.0/rank", json=body)
+            assert r.status_code == 201, r.text
+        listed = client.get(f"{server.base}/loops").json()["value"]
+        assert len(listed) == n + 1
+    finally:
+        client.close()
+        took = server.stop()
+    per_loop_kb = (after - before) * 1024 / n
+    return [
+        ("loops", f"{n}"),
+        ("RSS before / after (MiB, server + its VW processes)", f"{before:.0f} / {after:.0f}"),
+        ("an idle loop costs (KB)", f"{per_loop_kb:.0f}  (target < 200)"),
+        (
+            "loop creation, median ms per tenth of the loops",
+            ", ".join(f"{t:.1f}" for t in per_block),
+        ),
+        ("last tenth / first tenth", f"{per_block[-1] / per_block[0]:.2f}  (O(1): about 1)"),
+        ("shutdown (SIGINT to exit, s)", f"{took:.1f}"),
     ]
 
 
@@ -213,11 +341,13 @@ def main() -> None:
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--pipeline-events", type=int, default=20000)
+    parser.add_argument("--loops", type=int, default=10000, help="for the many-loops table")
     args = parser.parse_args()
     if not args.skip_serving:
         table(
             "Serving (dloop up, wrk on the same machine)", serving(args.seconds, args.connections)
         )
+        table(f"Many loops in one dloop up ({args.loops})", many_loops(args.loops))
     if not args.skip_pipeline:
         from benchmarks import pipeline
 

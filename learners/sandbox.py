@@ -478,6 +478,35 @@ class RankerPool:
         return out
 
 
+class InlineRankers(RankerPool):
+    """RankerPool's operations in the serving process itself: no isolation (a VW crash takes
+    the server down) and prediction on the event loop. `DLOOP_SANDBOX__RANKERS=0`; the
+    benchmark compares it with the pool to show what the isolation costs."""
+
+    def __init__(self, cache_models: int = 64) -> None:
+        super().__init__(0, cache_models=cache_models)
+        from learners.sandbox_host import Host
+
+        self._host = Host(cache_models=cache_models)
+
+    async def start(self) -> None:
+        pass
+
+    async def call(self, op: str, header: dict[str, Any], blob: bytes = b"") -> Any:
+        try:
+            value, _ = self._host.handle({"op": op, **header}, blob)
+        except Exception as exc:
+            raise RemoteError(type(exc).__name__, str(exc)) from None
+        return value
+
+    @property
+    def alive(self) -> int:
+        return 1
+
+    async def close(self) -> None:
+        pass
+
+
 def _model(loop: str, kind: str, model: ModelRef) -> dict[str, Any]:
     return {"loop": loop, "kind": kind, "model": [model.model_id, model.path]}
 

@@ -302,11 +302,13 @@ class EmbeddedWorker:
     def _retention(self, now: float) -> None:
         """Drop logged events older than each loop's logRetentionDays (-1 keeps them)."""
         self.retention_at = now
+        by_days: dict[int, list[str]] = {}
         for name, rt in list(self.registry.loops.items()):
-            days = rt.settings.retention_days
-            if days >= 0:
-                with self.sessions.begin() as session:
-                    store.apply_retention(session, loop=name, before=now - days * 86400)
+            if rt.settings.retention_days >= 0:
+                by_days.setdefault(rt.settings.retention_days, []).append(name)
+        for days, names in by_days.items():  # a few statements, however many loops
+            with self.sessions.begin() as session:
+                store.apply_retention(session, loops=names, before=now - days * 86400)
 
     def _ingest(self) -> bool:
         assert self.due is not None

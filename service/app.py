@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from learners.sandbox import RankerPool
+from learners.sandbox import InlineRankers, RankerPool
 from learners.worker import EmbeddedWorker
 from service import errors, kafka, store
 from service.background import configure_logging
@@ -176,18 +176,26 @@ class Watcher:
 
     def run(self) -> None:
         listener: psycopg.Connection[Any] | None = None
+        full_at = 0.0
         while not self._stop.is_set():
             try:
                 if not self.keys_only and (listener is None or listener.closed):
                     listener = self._listen()
+                changed: set[str] = set()
                 if listener is not None:
-                    for _ in listener.notifies(timeout=self.every, stop_after=1):
-                        pass
+                    for note in listener.notifies(timeout=self.every, stop_after=1):
+                        changed.update(n for n in note.payload.split(",") if n)
                 else:
                     self._stop.wait(self.every)
                 if not self.keys_only:
                     with self.d.sessions() as session:
-                        self.d.registry.load(session)
+                        # The loops named in notifications at once; all of them now and then
+                        # (changes whose notification was lost while the connection was down).
+                        if time.monotonic() - full_at >= self.every * 10:
+                            full_at = time.monotonic()
+                            self.d.registry.load(session)
+                        elif changed:
+                            self.d.registry.load(session, changed)
                 self.d.reload_keys()
             except Exception:
                 errors.log.exception("reloading from the database failed; retrying")
@@ -294,11 +302,15 @@ def create_app(
                 max_dangling=settings.max_dangling,
             )
         sandbox = settings.sandbox
-        rankers = RankerPool(
-            sandbox.rankers,
-            timeout=sandbox.rank_timeout,
-            wait=sandbox.wait_timeout,
-            cache_models=sandbox.cached_models,
+        rankers = (
+            RankerPool(
+                sandbox.rankers,
+                timeout=sandbox.rank_timeout,
+                wait=sandbox.wait_timeout,
+                cache_models=sandbox.cached_models,
+            )
+            if sandbox.rankers > 0
+            else InlineRankers(sandbox.cached_models)
         )
         await rankers.start()
         d = Dloop(
@@ -324,8 +336,11 @@ def create_app(
         finally:
             for s in stoppables:
                 s.request_stop()
+            deadline = time.monotonic() + 30  # a bounded shutdown, however many loops
             for thread in threads:
-                thread.join()
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    errors.log.warning("%s did not stop within 30 s; leaving it", thread.name)
             d.jobs.close()
             await rankers.close()
             decision_log.close()

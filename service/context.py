@@ -133,14 +133,16 @@ class Dloop:
         ]
         return "ok", failing
 
-    def refresh(self) -> bool:
-        """Serve mode: reload loops and keys now (something another replica changed moments
-        ago, before the watcher's next pass); at most every 0.2 s. False in embedded mode."""
+    def refresh(self, loop: str | None = None) -> bool:
+        """Serve mode: reload the keys, and `loop` if given, now (another replica may have
+        changed them moments ago, before the watcher's next pass); at most every 0.2 s. False
+        in embedded mode."""
         if self.publisher is None or time.monotonic() - self._refreshed < 0.2:
             return False
         self._refreshed = time.monotonic()
-        with self.sessions() as session:
-            self.registry.load(session)
+        if loop is not None:
+            with self.sessions() as session:
+                self.registry.load(session, [loop])
         self.reload_keys()
         return True
 
@@ -181,7 +183,7 @@ def loop_for(request: Request, *, admin: bool) -> tuple[Dloop, LoopRuntime]:
             raise
         authorize(d.keys, request, loop=name, admin=admin)
     rt = d.registry.get(name)
-    if rt is None and d.refresh():  # a loop created through another replica?
+    if rt is None and d.refresh(name):  # a loop created through another replica?
         rt = d.registry.get(name)
     if rt is None:
         raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")

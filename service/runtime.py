@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,25 +94,37 @@ class Registry:
     def get(self, name: str) -> LoopRuntime | None:
         return self.loops.get(name)
 
-    def load(self, session: Session) -> None:
-        """(Re)read every loop's configuration and current model from the database."""
-        seen = set()
-        for loop in store.list_loops(session):
-            seen.add(loop.name)
-            rt = self.loops.get(loop.name)
-            settings = LoopSettings.from_doc(loop.config)
+    def load(self, session: Session, names: Iterable[str] | None = None) -> None:
+        """(Re)read loops' configuration and current model from the database: the loops in
+        `names`, or every loop (forgetting those that are gone). A loop's configuration is
+        parsed again only if it changed, and model bytes are read only for a model this process
+        does not serve yet, so a pass over thousands of idle loops stays cheap."""
+        if names is None:
+            rows = list(store.list_loops(session))
+            gone = set(self.loops) - {row.name for row in rows}
+        else:
+            wanted = set(names)
+            rows = list(store.list_loops(session, names=wanted))
+            gone = wanted - {row.name for row in rows}
+        for name in gone:
+            self.loops.pop(name, None)
+        models = store.model_ids(session, names=None if names is None else [r.name for r in rows])
+        for row in rows:
+            rt = self.loops.get(row.name)
             if rt is None:
-                rt = LoopRuntime(loop.name, loop.kind, loop.config, loop.policy, settings)
-                self.loops[loop.name] = rt
-            else:
-                self._configure(rt, loop.config, loop.policy, settings)
-            ckpt = store.get_checkpoint(session, loop=loop.name)
-            if ckpt is None or ckpt.model is None:
-                self.publish(loop.name, None, "N/A")
-            elif ckpt.model_id != rt.model_id:
-                self.publish(loop.name, ckpt.model, ckpt.model_id)
-        for name in set(self.loops) - seen:
-            del self.loops[name]
+                settings = LoopSettings.from_doc(row.config)
+                rt = LoopRuntime(row.name, row.kind, row.config, row.policy, settings)
+                self.loops[row.name] = rt
+            elif rt.config != row.config or rt.policy != row.policy:
+                self._configure(rt, row.config, row.policy, LoopSettings.from_doc(row.config))
+            model_id = models.get(row.name)
+            if model_id is None:
+                if rt.served.path is not None:
+                    self.publish(row.name, None, "N/A")
+            elif model_id != rt.model_id:
+                current = store.current_model(session, loop=row.name)
+                if current is not None:
+                    self.publish(row.name, current[1], current[0] if current[1] else "N/A")
 
     def publish(self, name: str, model: bytes | None, model_id: str) -> None:
         rt = self.loops.get(name)

@@ -54,6 +54,7 @@ class SandboxSettings(BaseModel):
     """Where VW runs on untrusted input (learners.sandbox): child processes of the server."""
 
     # Ranking processes per serving process, and how many loops' models each keeps loaded.
+    # 0 ranks in the serving process itself: no isolation (for benchmarks and trusted input).
     rankers: int = 2
     cached_models: int = 64
     # Seconds VW may take to parse and predict one request before its process is stopped

@@ -89,8 +89,29 @@ def loop_settings(loop: Loop) -> LoopSettings:
     return LoopSettings.from_doc(loop.config)
 
 
-def list_loops(session: Session) -> Sequence[Loop]:
-    return session.scalars(select(Loop).order_by(Loop.name)).all()
+def list_loops(session: Session, names: Iterable[str] | None = None) -> Sequence[Loop]:
+    stmt = select(Loop).order_by(Loop.name)
+    if names is not None:
+        stmt = stmt.where(Loop.name.in_(list(names)))
+    return session.scalars(stmt).all()
+
+
+def model_ids(session: Session, names: Iterable[str] | None = None) -> dict[str, str]:
+    """The id of each loop's current model, for loops that have one (without its bytes)."""
+    stmt = select(ModelCheckpoint.loop, ModelCheckpoint.model_id).where(
+        ModelCheckpoint.model.is_not(None)
+    )
+    if names is not None:
+        stmt = stmt.where(ModelCheckpoint.loop.in_(list(names)))
+    return {loop: model_id for loop, model_id in session.execute(stmt)}
+
+
+def current_model(session: Session, *, loop: str) -> tuple[str, bytes | None] | None:
+    """A loop's current model id and bytes, read together."""
+    row = session.execute(
+        select(ModelCheckpoint.model_id, ModelCheckpoint.model).where(ModelCheckpoint.loop == loop)
+    ).first()
+    return None if row is None else (row[0], row[1])
 
 
 def delete_loop(session: Session, *, name: str) -> None:
@@ -639,14 +660,18 @@ def notify_models(session: Session, loops: Sequence[str]) -> None:
         session.execute(select(func.pg_notify(CHANGES_CHANNEL, ",".join(loops)[:7000])))
 
 
-def apply_retention(session: Session, *, loop: str, before: float) -> None:
-    """Delete the loop's logged events created (or received) before `before`."""
-    session.execute(delete(Decision).where(Decision.loop == loop, Decision.created_at < before))
-    session.execute(delete(Joined).where(Joined.loop == loop, Joined.created_at < before))
-    session.execute(
-        delete(Observation).where(Observation.loop == loop, Observation.received_at < before)
-    )
-    session.execute(delete(Episode).where(Episode.loop == loop, Episode.ended_at < before))
+def apply_retention(session: Session, *, loops: Sequence[str], before: float) -> None:
+    """Delete these loops' logged events created (or received) before `before`."""
+    for i in range(0, len(loops), 500):
+        chunk = list(loops[i : i + 500])
+        session.execute(
+            delete(Decision).where(Decision.loop.in_(chunk), Decision.created_at < before)
+        )
+        session.execute(delete(Joined).where(Joined.loop.in_(chunk), Joined.created_at < before))
+        session.execute(
+            delete(Observation).where(Observation.loop.in_(chunk), Observation.received_at < before)
+        )
+        session.execute(delete(Episode).where(Episode.loop.in_(chunk), Episode.ended_at < before))
 
 
 def dead_letter_count(session: Session) -> int:

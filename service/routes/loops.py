@@ -54,7 +54,7 @@ def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = N
         doc = _loop_doc(loop)
         store.notify_models(session, [name])  # other replicas reload at once
     with d.sessions() as session:
-        d.registry.load(session)
+        d.registry.load(session, [name])
     return JSONResponse(doc, status_code=200 if existing is not None else 201)
 
 
@@ -70,6 +70,6 @@ def delete_loop(request: Request, name: str) -> Response:
         store.delete_loop(session, name=name)
         store.notify_models(session, [name])
     with d.sessions() as session:
-        d.registry.load(session)
+        d.registry.load(session, [name])
     d.reload_keys()
     return Response(status_code=204)
