@@ -8,7 +8,8 @@ embedded as `c`) with `--dsjson`, so both see the same hashed features by constr
 Personalizer's semantics (nested objects are namespaces, strings one-hot, numbers valued, numeric
 arrays positional, false/0 dropped).
 
-Keys starting with `_` never reach VW. Personalizer ignores them, and VW reserves some of them
+Keys starting with `_` never reach VW, and neither does a namespace (a key whose value is an
+object or an array) named with a non-ASCII first letter, which segfaults VW 9.11.9 (a 400). Personalizer ignores them, and VW reserves some of them
 inside features (`__aid` segfaults VW 9.11.9's parser, `_multi`, `_labelIndex`, `_text`, `_slots`
 make it raise or change the example). dloop drops them rather than rejecting the request: that is
 Personalizer's rule, so clients that send `_`-prefixed metadata keep working. `clean_features`
@@ -63,6 +64,8 @@ def _leaves(obj: dict[str, Any], depth: int, limits: FeatureLimits) -> int:
         kind = type(value)
         if kind in _SCALARS:
             here += 1
+        elif key[0] >= "\x80":
+            return -1  # a namespace VW cannot name (see _clean)
         elif kind is dict:
             inner = _leaves(value, depth + 1, limits)
             if inner < 0:
@@ -95,6 +98,8 @@ def _clean(
             raise FeatureError(f"{where}: empty string is not allowed as a feature name")
         if key[0] == "_":
             continue  # Personalizer ignores them; VW reserves some (`__aid`, `_multi`, ...)
+        if isinstance(value, dict | list) and key[0] >= "\x80":
+            raise FeatureError(_namespace_message(f"{where}.{key}"))
         if isinstance(value, dict):
             out[key], inner = _clean(value, f"{where}.{key}", depth + 1, limits)
             total += inner
@@ -169,6 +174,15 @@ def validate_features(features: Any, where: str, *, required: bool) -> Features:
     return clean_features(features, where, required=required)[0]
 
 
+def _namespace_message(where: str) -> str:
+    # VW takes a namespace's first byte as a signed char: one past ASCII (a non-ASCII first
+    # letter) indexes out of its tables and VW 9.11.9 segfaults (found by dloop's fuzzer).
+    return (
+        f"{where}: an object or array value is a namespace, and namespace names must start with "
+        "an ASCII character"
+    )
+
+
 _MAX_LOGGED_DEPTH = 64
 
 
@@ -177,6 +191,9 @@ def _clean_value(value: Any, where: str, depth: int = 0) -> Any:
     if depth > _MAX_LOGGED_DEPTH:
         raise FeatureError(f"{where}: nested more than {_MAX_LOGGED_DEPTH} deep")
     if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, dict | list) and k[:1] >= "\x80":
+                raise FeatureError(_namespace_message(f"{where}.{k}"))
         return {
             k: _clean_value(v, f"{where}.{k}", depth + 1) for k, v in value.items() if k[:1] != "_"
         }

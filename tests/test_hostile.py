@@ -322,3 +322,21 @@ def test_a_loop_deleted_during_a_pass_stops_nothing(
     with h.dloop.sessions() as session:
         assert store.get_checkpoint(session, loop="default") is not None
     assert "gone" not in h.dloop.registry.loops
+
+
+@pytest.mark.parametrize(
+    "context",
+    [[{"é": [1]}], [{"ns": {"€": {"x": 1}}}], [{"😀": {}}]],
+    ids=["array", "deep", "emoji"],
+)
+def test_a_namespace_named_past_ascii_is_a_400_not_a_crash(server: Server, context: Any) -> None:
+    """Found by the feature fuzzer (tests/test_sandbox.py): VW 9.11.9 segfaults on a namespace
+    whose name starts with a non-ASCII character."""
+    for serve in (False, True):
+        if serve:
+            serve_a_model(server)
+        r = server.rank(body(f"e{serve}", context))
+        assert r.status_code == 400, r.text
+        assert "namespace names must start with an ASCII character" in r.text
+    assert server.rank(body("fine", [{"é": 1, "ns": {"x": "ü"}}])).status_code == 201
+    assert server.alive()

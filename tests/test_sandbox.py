@@ -1,0 +1,216 @@
+"""VW out of process (learners.sandbox): a crash in VW's C++ kills a child, never the server;
+and no feature a client can send makes VW's parsers crash (a fuzzer over reserved keys)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from learners.cb import DEFAULT_POLICY
+from learners.ccb import ccb_context
+from learners.features import FeatureError, cb_line, clean_features, context_json
+from learners.sandbox import (
+    NO_MODEL,
+    Child,
+    ModelRef,
+    NativeCrash,
+    RankerPool,
+    RemoteError,
+    TrainerHost,
+    blank_model,
+    write_model,
+)
+from tests.conftest import AUTH, Harness
+
+# VW 9.11.9 segfaults parsing this (the issue's `__aid` with a non-negative integer).
+CRASHER = b'{"FromUrl":[{"__aid":0}],"_multi":[{"_tag":"a","j":[{"x":1}]}]}'
+GOOD = context_json([{"a": 1}], [("x", [{"f": 1}]), ("y", [{"f": 2}])])
+
+
+def test_a_crashing_input_kills_a_ranking_child_not_the_pool(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
+        model = ModelRef("m1", path)
+        pool = RankerPool(1, timeout=5, wait=10)
+        await pool.start()
+        try:
+            assert len(await pool.predict("loop", "cb", model, GOOD)) == 2
+            with pytest.raises(NativeCrash, match="SIGSEGV"):
+                await pool.predict("loop", "cb", model, CRASHER)
+            # the same input again is refused without costing another child
+            with pytest.raises(NativeCrash):
+                await pool.predict("loop", "cb", model, CRASHER)
+            assert pool.stats.crashes == 1 and pool.stats.refused == 1
+            # a replacement serves the next request (it waits for it to start)
+            assert len(await pool.predict("loop", "cb", model, GOOD)) == 2
+            assert await pool.predict("loop", "cb", NO_MODEL, GOOD) == []
+            with pytest.raises(RemoteError):  # VW raising is not a crash: the child lives
+                await pool.predict("loop", "cb", NO_MODEL, b'{"FromUrl":[{"t":["a"]}]}')
+            assert pool.stats.crashes == 1 and pool.alive == 1
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_learning_child_that_crashes_loses_its_trainers() -> None:
+    host = TrainerHost(nice=0)
+    try:
+        trainer = host.open("loop", kind="cb", args=DEFAULT_POLICY)
+        line = cb_line(
+            event_id="e",
+            timestamp="2026-01-01T00:00:00.000Z",
+            context=CRASHER,
+            ranking=[0],
+            probabilities=[1.0],
+            model_id="m",
+            cost=-1.0,
+            original_cost=-1.0,
+        ).decode()
+        with pytest.raises(NativeCrash):
+            trainer.learn_lines([line])
+        assert trainer.lost
+        again = host.open("loop", kind="cb", args=DEFAULT_POLICY)
+        refused = line.replace('"__aid":0', '"_multi":[]')  # VW raises on this one
+        assert [i for i, _ in again.learn_lines([refused])] == [0]  # reported, no crash
+    finally:
+        host.close()
+
+
+def test_a_rank_that_would_crash_vw_is_a_400_and_the_server_goes_on(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As if a new parser bug slipped past the feature cleaner: switch the cleaner off."""
+    from service.routes import events
+
+    c = harness.client
+    model = c.get("/personalizer/v1.0/model", headers=AUTH).content
+    assert c.put("/personalizer/v1.0/model", content=model, headers=AUTH).status_code == 204
+    monkeypatch.setattr(events, "clean_features", lambda features, where, **_: (features or [], 1))
+    body = {"contextFeatures": [{"__aid": 0}], "actions": [{"id": "a", "features": [{"x": 1}]}]}
+    r = c.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert "Vowpal Wabbit crashed" in r.json()["error"]["message"]
+    body["contextFeatures"] = [{"fine": 1}]
+    assert c.post("/personalizer/v1.0/rank", json=body, headers=AUTH).status_code == 201
+    metrics = c.get("/metrics", headers=AUTH).text
+    assert "dloop_ranker_crashes 1" in metrics
+
+
+# ---- the feature-key fuzzer ------------------------------------------------------------------
+
+# Every key VW's JSON and DSJSON parsers give a meaning to, and dloop's own.
+RESERVED = [
+    "_label", "_labelIndex", "_label_cost", "_label_probability", "_label_Action", "_label_ca",
+    "_text", "_tag", "_multi", "_slots", "__aid", "_inc", "_id", "_a", "_p", "_o", "_outcomes",
+    "_ba", "_skipLearn", "_original_label_cost", "_", "__", "___aid", "_label_x", "_labelindex",
+    "c", "a", "p", "o", "pdf", "pdrop", "EventId", "Timestamp", "VWState", "FromUrl", "i", "j",
+    "sj", "constant", "id", " ", "|", ":", "a b", "é", "\u0000",
+]  # fmt: skip
+VALUES: list[Any] = [
+    0, 1, 7, -1, 2**31, 2**32 + 1, 2**63 - 1, -(2**63), 1.5, -0.0, 1e308, -1e-308,
+    "", "x", "a b|c:d", "\u0000", True, False, None,
+    [], [0], [1, 2], [-1.5], [2**40], {}, {"x": 1}, {"__aid": 0}, {"_multi": []},
+    [{"x": 1}], [[1]], ["a"], [True],
+]  # fmt: skip
+
+
+def placements(key: str, value: Any) -> list[tuple[str, Any, Any, Any]]:
+    """(where, context, action features, slot features) holding {key: value} somewhere."""
+    obj = {key: value}
+    plain = [{"ok": 1}]
+    return [
+        ("context", [obj], plain, plain),
+        ("namespace", [{"ns": obj}], plain, plain),
+        ("deep", [{"ns": {"inner": obj}}], plain, plain),
+        ("action", plain, [obj, {"ok": 1}], plain),
+        ("slot", plain, plain, [obj]),
+    ]
+
+
+def examples(count: int | None, seed: int) -> list[tuple[str, Any, Any, Any]]:
+    every = [
+        (f"{where} {key!r}={value!r}", ctx, act, slot)
+        for key, value in itertools.product(RESERVED, VALUES)
+        for where, ctx, act, slot in placements(key, value)
+    ]
+    if count is None:
+        return every
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(count):  # random nests of reserved keys and values
+
+        def pick(depth: int) -> Any:
+            if depth > 3 or rnd.random() < 0.5:
+                return rnd.choice(VALUES)
+            return {rnd.choice(RESERVED): pick(depth + 1) for _ in range(rnd.randint(1, 3))}
+
+        ctx = [{rnd.choice(RESERVED): pick(0)} for _ in range(rnd.randint(1, 3))]
+        act = [{rnd.choice(RESERVED): pick(0)}, {"ok": 1}]
+        out.append(("random", ctx, act, [{rnd.choice(RESERVED): pick(0)}]))
+    return out
+
+
+def test_no_feature_a_client_can_send_crashes_vw() -> None:
+    """Every reserved key with every value type, in every place a rank request holds features,
+    through dloop's feature rules to VW's JSON parser (serving), its CCB parser (multi-slot) and
+    its DSJSON parser while learning (the learner), in child processes: none may crash.
+    `make fuzz` (DLOOP_FUZZ_EXAMPLES) adds random nests of them."""
+    extra = int(os.environ.get("DLOOP_FUZZ_EXAMPLES", "0"))
+    cases = examples(None, 0) + (examples(extra, random.randrange(1 << 30)) if extra else [])
+    child = Child()
+    host = TrainerHost(nice=0)
+    trainer = host.open("fuzz", kind="cb", args=DEFAULT_POLICY)
+    checked = 0
+    try:
+        for where, ctx, act, slot in cases:
+            try:
+                context, _ = clean_features(ctx, "contextFeatures", required=False)
+                action, _ = clean_features(act, "actions[0].features", required=True)
+                slot_f, _ = clean_features(slot, "slots[0].features", required=False)
+            except FeatureError:
+                continue  # a 400 at the API: never reaches VW
+            actions = [("x", action), ("y", [{"ok": 2}])]
+            text = context_json(context, actions)
+            ccb = orjson.dumps(ccb_context(context, actions, [("s", slot_f, [0, 1])]))
+            line = cb_line(
+                event_id="e", timestamp="2026-01-01T00:00:00.000Z", context=text,
+                ranking=[0, 1], probabilities=[0.5, 0.5], model_id="m", cost=-1.0,
+                original_cost=-1.0,
+            ).decode()  # fmt: skip
+            for args, blob in (
+                ("--cb_explore_adf --json", text),
+                ("--ccb_explore_adf --json", ccb),
+            ):
+                try:
+                    child.call("parse", {"args": args}, blob, timeout=30)
+                except RemoteError:
+                    pass  # VW refused it: a 400, not a crash
+                except NativeCrash as exc:
+                    pytest.fail(f"VW crashed parsing {where}: {exc}")
+            try:
+                trainer.learn_lines([line])
+            except NativeCrash as exc:
+                pytest.fail(f"VW crashed learning {where}: {exc}")
+            checked += 1
+    finally:
+        child.close()
+        host.close()
+    assert checked > 3000
+
+
+def test_the_fuzzer_would_see_a_crash() -> None:
+    """The fuzzer's harness catches what it is looking for: unclean features do crash VW."""
+    child = Child()
+    try:
+        with pytest.raises(NativeCrash):
+            child.call("parse", {"args": "--cb_explore_adf --json"}, CRASHER, timeout=30)
+    finally:
+        child.close()
