@@ -8,14 +8,15 @@ embedded as `c`) with `--dsjson`, so both see the same hashed features by constr
 Personalizer's semantics (nested objects are namespaces, strings one-hot, numbers valued, numeric
 arrays positional, false/0 dropped).
 
-Keys starting with `_` never reach VW, and neither does a namespace (a key whose value is an
-object or an array) named with a non-ASCII first letter, which segfaults VW 9.11.9 (a 400). Personalizer ignores them, and VW reserves some of them
+Keys starting with `_` never reach VW. Personalizer ignores them, and VW reserves some of them
 inside features (`__aid` segfaults VW 9.11.9's parser, `_multi`, `_labelIndex`, `_text`, `_slots`
 make it raise or change the example). dloop drops them rather than rejecting the request: that is
-Personalizer's rule, so clients that send `_`-prefixed metadata keep working. `clean_features`
-does it for rank requests (with the other rules and the size limits, so bad input is a 400, not a
-parser exception), `clean_context`/`clean_line` for logged decisions and DSJSON files read back
-(ingestion, replay, evaluation).
+Personalizer's rule, so clients that send `_`-prefixed metadata keep working. A namespace (a key
+whose value is an object or an array) named with a non-ASCII first letter segfaults VW 9.11.9
+too (found by dloop's fuzzer, tests/test_sandbox.py): that is a 400. `clean_features` applies
+these rules to rank requests (with the other rules and the size limits, so bad input is a 400,
+not a parser exception), `clean_context`/`clean_line` to logged decisions and DSJSON files read
+back (ingestion, replay, evaluation).
 """
 
 from __future__ import annotations
