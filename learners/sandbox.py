@@ -144,6 +144,11 @@ _context: Any = None
 _context_lock = threading.Lock()
 
 
+def process_context() -> Any:
+    """The forkserver context every VW child comes from (VW already imported)."""
+    return _mp_context()
+
+
 def _mp_context() -> Any:
     global _context
     with _context_lock:

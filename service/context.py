@@ -64,7 +64,7 @@ class Dloop:
     _refreshed: float = 0.0
 
     def __post_init__(self) -> None:
-        self.jobs = Jobs(self.sessions, self.clock)
+        self.jobs = Jobs(self.sessions, self.database_url)
         self.retries = RetryCache(self.settings.dedup_cache_bytes)
         limits = self.settings.limits
         self.feature_limits = FeatureLimits(
@@ -72,6 +72,10 @@ class Dloop:
             max_namespace_features=limits.max_namespace_features,
             max_depth=limits.max_feature_depth,
         )
+
+    @property
+    def database_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=False)
 
     def backlog(self) -> int:
         """Bytes of the local log not yet ingested (embedded) or published to Kafka (serve)."""

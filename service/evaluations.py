@@ -11,7 +11,10 @@ estimate, so a policy that merely got lucky on a small log is not preferred.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from learners import evaluation
 from learners.evaluation import PolicySpec
 from learners.importance import feature_importance
+from learners.sandbox import process_context
 from learners.vw import with_exploration
 from service import store
 from service.background import lower_thread_priority
@@ -260,24 +264,64 @@ def run_importance(
         _fail(sessions, FeatureImportance, key, exc)
 
 
-class Jobs:
-    """One background thread for evaluation jobs (at low priority: ranking comes first)."""
+def _in_child(url: str, job: str, loop: str, job_id: str) -> None:
+    """Run one job in this (child) process, on its own connection to the database."""
+    from service.db import make_engine, make_sessionmaker
 
-    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], float] = time.time):
+    os.nice(10)  # ranking comes first
+    engine = make_engine(url)
+    try:
+        JOBS[job](make_sessionmaker(engine), loop, job_id, time.time)
+    finally:
+        engine.dispose()
+
+
+JOBS: dict[str, Callable[[sessionmaker[Session], str, str, Callable[[], float]], None]] = {
+    "evaluation": run,
+    "importance": run_importance,
+}
+
+
+def run_isolated(
+    sessions: sessionmaker[Session], url: str, job: str, loop: str, job_id: str
+) -> None:
+    """Run a job in a child process: it trains and scores VW policies on logged input, so a
+    crash in VW ends the job (status Failed, saying so), never the server."""
+    table: type[OfflineJob] = Evaluation if job == "evaluation" else FeatureImportance
+    process = process_context().Process(
+        target=_in_child, args=(url, job, loop, job_id), daemon=True, name=f"dloop-{job}"
+    )
+    process.start()
+    process.join()
+    if process.exitcode == 0:
+        return
+    how = process.exitcode
+    with contextlib.suppress(ValueError, TypeError):
+        how = signal.Signals(-process.exitcode).name
+    log.error("%s %s/%s: its process ended with %s", job, loop, job_id, how)
+    with sessions.begin() as session:
+        row = session.get(table, (loop, job_id))
+        if row is not None and row.status in ("NotSubmitted", "Running"):
+            row.status = "Failed"
+            row.description = f"the job's process ended with {how} (Vowpal Wabbit crashed?)"
+
+
+class Jobs:
+    """One background thread for evaluation jobs, each run in a process of its own
+    (run_isolated)."""
+
+    def __init__(self, sessions: sessionmaker[Session], url: str):
         self.sessions = sessions
-        self.clock = clock
-        self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="dloop-jobs", initializer=lower_thread_priority
-        )
+        self.url = url
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dloop-jobs")
 
     def submit(self, loop: str, evaluation_id: str) -> Any:
-        return self._pool.submit(self._run, run, loop, evaluation_id)
+        return self._pool.submit(
+            run_isolated, self.sessions, self.url, "evaluation", loop, evaluation_id
+        )
 
     def submit_importance(self, loop: str, job_id: str) -> Any:
-        return self._pool.submit(self._run, run_importance, loop, job_id)
-
-    def _run(self, job: Callable[..., None], loop: str, job_id: str) -> None:
-        job(self.sessions, loop, job_id, self.clock)
+        return self._pool.submit(run_isolated, self.sessions, self.url, "importance", loop, job_id)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -328,7 +372,7 @@ def auto_optimize(d: Any, loop: str) -> str | None:
                 progress=0.0,
             )
         )
-    run(d.sessions, loop, evaluation_id, d.clock)
+    run_isolated(d.sessions, d.database_url, "evaluation", loop, evaluation_id)
     with d.sessions.begin() as session:
         ev = session.get(Evaluation, (loop, evaluation_id))
         if ev is None or ev.status != "Succeeded" or not ev.content:

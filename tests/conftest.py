@@ -38,6 +38,9 @@ class FakeClock:
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     overrides.setdefault("api_key", ADMIN_KEY)
+    # Tests drive thousands of calls on a fake clock that does not move: no per-key rate limit
+    # unless a test sets one (tests/test_limits.py).
+    overrides["limits"] = {"rate_per_key": 0, **overrides.get("limits", {})}
     settings = load_settings(data_dir=data_dir, **overrides)
     data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
