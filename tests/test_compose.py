@@ -79,3 +79,26 @@ def test_dockerfile_copies_every_package() -> None:
     text = (ROOT / "Dockerfile").read_text()
     for package in ("service", "learners", "migrations", "pyproject.toml"):
         assert f"COPY {package}" in text or f" {package} " in text
+
+
+def test_the_api_is_reached_through_a_proxy_that_times_out_slow_clients(
+    compose: dict[str, Any],
+) -> None:
+    """uvicorn never times out slow request headers: the proxy must (README, Security)."""
+    services = compose["services"]
+    assert "ports" not in services["api"], "API replicas must not be published directly"
+    proxy = services["proxy"]
+    assert proxy["image"].startswith("nginx") and proxy["ports"] == ["8000:8000"]
+    source = proxy["volumes"][0].split(":")[0]
+    conf = (ROOT / source).read_text()
+    for directive in (
+        "client_header_timeout",
+        "client_body_timeout",
+        "keepalive_timeout",
+        "send_timeout",
+        "limit_conn ",
+        "proxy_request_buffering on",
+    ):
+        assert directive in conf, directive
+    assert "server api:8000" in conf
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
