@@ -160,6 +160,7 @@ def _learn_round(settings: Any, sessions: Any, total: int, round_: int) -> float
     learner.checkpoint()
     busy += time.perf_counter() - t0
     learner.consumer.close()
+    learner.host.close()
     return busy
 
 

@@ -74,8 +74,7 @@ class LearnWorker:
         self._tick_read_at = 0.0
         self._tick_value = 0.0
         self._stop = threading.Event()
-        self._rebalance = _Rebalance(self)
-        consumer.subscribe([joined_topic], listener=self._rebalance)
+        consumer.subscribe([joined_topic], listener=_Rebalance(self))
 
     def run(self) -> None:
         try:
@@ -170,7 +169,13 @@ class LearnWorker:
         self.learners.clear()
         self.rl_learners.clear()
         self.offsets.clear()
-        self._rebalance.on_partitions_assigned(self.consumer.assignment())
+        with self.sessions() as session:
+            for tp in self.consumer.assignment():
+                stored = store.stored_offset(session, name=offset_name("learn", tp))
+                if stored is not None:
+                    self.consumer.seek(tp, stored)
+                else:  # nothing checkpointed from this partition yet: from its start
+                    self.consumer.seek_to_beginning(tp)
 
     def _tick(self) -> float:
         if self.clock() - self._tick_read_at < 10 and self._tick_value:

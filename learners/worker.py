@@ -155,9 +155,13 @@ class EmbeddedWorker:
         return self._stop.is_set()
 
     def close(self) -> None:
-        """Stop the learning process (the thread's `run` does it itself)."""
-        with self._lock:
-            self.host.close()
+        """Stop the learning process (`run` does it itself; this is for a worker driven by
+        `run_once`, or one whose thread did not stop in time)."""
+        if self._lock.acquire(timeout=5):
+            try:
+                self.host.close()
+            finally:
+                self._lock.release()
 
     # ---- one pass ----------------------------------------------------------------------------
 

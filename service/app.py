@@ -342,6 +342,8 @@ def create_app(
                 if thread.is_alive():
                     errors.log.warning("%s did not stop within 30 s; leaving it", thread.name)
             d.jobs.close()
+            if worker is not None:
+                worker.close()
             await rankers.close()
             decision_log.close()
             engine.dispose()

@@ -6,6 +6,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,9 @@ class LiveServer:
     settings: Settings
 
 
-@pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[LiveServer]:
-    """A real uvicorn server with the embedded worker (real clock) on a free port."""
-    settings = make_settings(tmp_path / "live", learner={"tick_seconds": 0.05})
+@contextmanager
+def serving(settings: Settings) -> Iterator[LiveServer]:
+    """A real uvicorn server in this process (real clock) on a free port."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
@@ -123,6 +123,13 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    """A real uvicorn server with the embedded worker (real clock) on a free port."""
+    with serving(make_settings(tmp_path / "live", learner={"tick_seconds": 0.05})) as server:
+        yield server
 
 
 @pytest.fixture

@@ -106,3 +106,61 @@ def test_dangling_observations_are_bounded_on_postgres(postgres_url: str) -> Non
             assert session.scalar(select(func.count()).select_from(Observation)) == 3
     finally:
         engine.dispose()
+
+
+def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
+    postgres_url: str, kafka_broker: Broker
+) -> None:
+    """`dloop learn`: a joined line that segfaults VW (as an older writer could have published
+    it) kills only the learning process; the learner finds it by relearning the batch line by
+    line from its checkpoint, dead-letters it, and learns every other line exactly once."""
+    from learners.join_worker import joined_message
+    from learners.learn_worker import SOURCE, LearnWorker
+    from service.models import DeadLetter, ModelCheckpoint
+    from tests.test_hostile import dsjson
+
+    upgrade(postgres_url)
+    settings = load_settings(
+        db={"url": postgres_url},
+        kafka={
+            "bootstrap_servers": kafka_broker.address,
+            "topic_prefix": f"l{uuid.uuid4().hex[:8]}",
+            "partitions": 1,
+        },
+    )
+    kafka.ensure_topics(settings)
+    engine = make_engine(postgres_url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as session:
+        store.ensure_loop(session, name="default", kind="cb", now=time.time())
+    good = dsjson([{"time": "noon"}])
+    rows = [(pos, True, dsjson([{"__aid": 0}]) if pos == 7 else good) for pos in range(1, 13)]
+    producer = kafka.producer(settings)
+    messages = [(b"default", joined_message(rows[i : i + 4])) for i in range(0, 12, 4)]
+    kafka.send_all(producer, kafka.joined_topic(settings), messages, timeout=10)
+    producer.close()
+    learner = LearnWorker(
+        sessions=sessions,
+        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
+        joined_topic=kafka.joined_topic(settings),
+    )
+    deadline = time.time() + 60
+    try:
+        while True:
+            learner.run_once(poll_ms=200)
+            learner.checkpoint()
+            with sessions() as session:
+                ckpt = session.get(ModelCheckpoint, "default")
+                if ckpt is not None and ckpt.learned_seq == 12:
+                    break
+            assert time.time() < deadline, "the learner did not get past the poison"
+    finally:
+        learner.consumer.close()
+        learner.host.close()
+    with sessions() as session:
+        ckpt = session.get(ModelCheckpoint, "default")
+        assert ckpt is not None and ckpt.examples == 11  # every line but the poison, once
+        letters = list(session.scalars(select(DeadLetter).where(DeadLetter.source == SOURCE)))
+    assert [(d.loop, d.ref) for d in letters] == [("default", 7)]
+    assert "native crash" in letters[0].reason
+    engine.dispose()

@@ -13,11 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.conftest import ADMIN_KEY, AUTH, FakeClock, Harness, LiveServer, free_port, make_settings
+from tests.conftest import ADMIN_KEY, AUTH, FakeClock, Harness, LiveServer, make_settings, serving
 
 MB = 1 << 20
 
@@ -25,22 +24,8 @@ MB = 1 << 20
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[LiveServer]:
     """A real uvicorn server in this process (so tracemalloc sees what it allocates)."""
-    settings = make_settings(tmp_path / "live", limits={"body_timeout": 1.0})
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings)
-    finally:
-        server.should_exit = True
-        thread.join(20)
+    with serving(make_settings(tmp_path / "live", limits={"body_timeout": 1.0})) as live:
+        yield live
 
 
 def chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
@@ -191,21 +176,8 @@ def slow_server(tmp_path: Path) -> Iterator[LiveServer]:
         limits={"max_features": 100_000, "max_namespace_features": 100_000},
         sandbox={"rank_timeout": 0.5},
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings)
-    finally:
-        server.should_exit = True
-        thread.join(20)
+    with serving(settings) as live:
+        yield live
 
 
 def test_an_expensive_rank_blocks_nobody_and_is_cut_at_its_deadline(
@@ -239,3 +211,22 @@ def test_an_expensive_rank_blocks_nobody_and_is_cut_at_its_deadline(
     small = {"contextFeatures": [{"a": 1}], "actions": [{"id": "x", "features": [{"f": 1}]}]}
     r = httpx.post(url + "/personalizer/v1.0/rank", json=small, headers=AUTH, timeout=30)
     assert r.status_code == 201, r.text
+
+
+def test_deeply_nested_features_are_400(harness: Harness) -> None:
+    """orjson cannot write past 254 levels: this used to be a 500."""
+    deep: dict[str, Any] = {"leaf": 1}
+    for i in range(300):
+        deep = {f"n{i}": deep}
+    for where in ("contextFeatures", "actions"):
+        body: dict[str, Any] = {
+            "contextFeatures": [{"a": 1}],
+            "actions": [{"id": "x", "features": [{"f": 1}]}],
+        }
+        if where == "actions":
+            body["actions"][0]["features"] = [deep]
+        else:
+            body["contextFeatures"] = [deep]
+        r = harness.client.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
+        assert r.status_code == 400, r.text
+        assert "nested more than 16 deep" in r.json()["error"]["message"]

@@ -134,8 +134,10 @@ async def _policy_pmf(
     d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes
 ) -> tuple[list[float], str]:
     """The policy's probabilities for every action (0 for excluded ones) and the model id.
-    VW parses the request in a sandbox even before the first model (uniform then), so nothing
-    it cannot read is ever logged for the learner."""
+    VW parses the request in a ranking sandbox even before the first model (which ranks
+    uniformly), so a request VW cannot read is refused before it is logged. (With a model and
+    exclusions only the eligible actions are parsed here; the learner, in its own sandbox,
+    dead-letters what it cannot read.)"""
     eligible: list[bool] = req["eligible"]
     served = rt.served
     scored = context

@@ -68,19 +68,24 @@ def list_admin_keys(request: Request) -> dict[str, Any]:
 def create_admin_key(request: Request, payload: Annotated[Any, Body()] = None) -> Response:
     d = dloop(request)
     authorize(d.keys, request, loop="", admin=True)
+    return _create(d, payload, role="admin", loop=None)
+
+
+def _create(d: Dloop, payload: Any, *, role: str, loop: str | None) -> Response:
+    """A new key (201, shown once) with the label and expiry the body asks for."""
     now = d.clock()
     label, expires_at = key_options(payload, now)
     with d.sessions.begin() as session:
         row, key = store.create_key(
             session,
-            role="admin",
-            loop=None,
+            role=role,
+            loop=loop,
             now=now,
             source="api",
             label=label,
             expires_at=expires_at,
         )
-        doc = {**key_doc(row), "key": key}
+        doc = {**(key_doc(row) if loop is None else _client_key_doc(row)), "key": key}
     d.reload_keys()
     return created(doc)
 
@@ -121,21 +126,7 @@ def create_client_key(
     d = dloop(request)
     authorize(d.keys, request, loop=name, admin=True)
     _existing(d, name)
-    now = d.clock()
-    label, expires_at = key_options(payload, now)
-    with d.sessions.begin() as session:
-        row, key = store.create_key(
-            session,
-            role="client",
-            loop=name,
-            now=now,
-            source="api",
-            label=label,
-            expires_at=expires_at,
-        )
-        doc = {**_client_key_doc(row), "key": key}
-    d.reload_keys()
-    return created(doc)
+    return _create(d, payload, role="client", loop=name)
 
 
 @router.get("/loops/{name}/keys")
