@@ -34,7 +34,7 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,7 +333,11 @@ class RankerPool:
         self.options = {"cache_models": cache_models}
         self.stats = PoolStats()
         self.on_event = on_event
-        self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
+        # Free children, and requests waiting for one in arrival order: a freed child goes to
+        # the oldest waiter (a plain queue let a busy caller take it again and again while
+        # another waited seconds).
+        self._free: list[_Slot] = []
+        self._waiters: deque[asyncio.Future[_Slot]] = deque()
         self._slots: set[_Slot] = set()
         self._quarantine: OrderedDict[bytes, str] = OrderedDict()
         self._recent_deaths: list[float] = []
@@ -352,7 +356,32 @@ class RankerPool:
             await asyncio.to_thread(proc.stop)
             return
         self._slots.add(slot)
-        self._idle.put_nowait(slot)
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._free.append(slot)
+
+    async def _acquire(self) -> _Slot:
+        if self._free and not self._waiters:
+            return self._free.pop()
+        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.wait):
+                return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())  # handed over just as this caller gave up
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
 
     def _replace(self, slot: _Slot) -> str:
         """Kill a dead or stuck child and start another, later if children keep dying."""
@@ -386,17 +415,13 @@ class RankerPool:
 
     async def call(self, op: str, header: dict[str, Any], blob: bytes = b"") -> Any:
         frame = pack({"op": op, **header}, blob)
-        fingerprint = hashlib.blake2b(frame[_HEAD.size :], digest_size=16).digest()
-        seen = self._quarantine.get(fingerprint)
-        if seen is not None:
-            self.stats.refused += 1
-            raise NativeCrash(seen)
+        if self._quarantine:  # hashing every request costs; only once something crashed
+            seen = self._quarantine.get(_fingerprint(frame))
+            if seen is not None:
+                self.stats.refused += 1
+                raise NativeCrash(seen)
         try:
-            if self._idle.empty():
-                async with asyncio.timeout(self.wait):
-                    slot = await self._idle.get()
-            else:
-                slot = self._idle.get_nowait()
+            slot = await self._acquire()
         except TimeoutError:
             self.stats.busy += 1
             self._event("busy")
@@ -408,14 +433,14 @@ class RankerPool:
             self.stats.timeouts += 1
             self._event("timeout")
             message = f"took longer than {self.timeout} s (the process was stopped: {how})"
-            self._remember(fingerprint, message)
+            self._remember(_fingerprint(frame), message)
             raise SandboxTimeout(message) from None
         except (EOFError, OSError, asyncio.IncompleteReadError, SandboxError):
             how = self._replace(slot)
             self.stats.crashes += 1
             self._event("crash")
             message = f"Vowpal Wabbit crashed on it ({how})"
-            self._remember(fingerprint, message)
+            self._remember(_fingerprint(frame), message)
             log.error("a ranking process died on a request: %s", how)
             raise NativeCrash(message) from None
         except BaseException:
@@ -423,7 +448,7 @@ class RankerPool:
             # the stream is out of step; replace it rather than reuse it.
             self._replace(slot)
             raise
-        self._idle.put_nowait(slot)
+        self._release(slot)
         return _answer(reply)
 
     def _remember(self, fingerprint: bytes, message: str) -> None:
@@ -439,6 +464,8 @@ class RankerPool:
         self._closed = True
         for task in list(self._restarting):
             task.cancel()
+        for waiter in self._waiters:
+            waiter.cancel()
         slots, self._slots = list(self._slots), set()
         for slot in slots:
             slot.writer.close()
@@ -510,6 +537,10 @@ class InlineRankers(RankerPool):
 
     async def close(self) -> None:
         pass
+
+
+def _fingerprint(frame: bytes) -> bytes:
+    return hashlib.blake2b(frame[_HEAD.size :], digest_size=16).digest()
 
 
 def _model(loop: str, kind: str, model: ModelRef) -> dict[str, Any]:

@@ -37,10 +37,7 @@ def _rank_error(message: str) -> ApiError:
 
 
 async def _json_body(request: Request, code: str, *, required: bool = True) -> Any:
-    body = await request.body()
-    limit = request.app.state.dloop.settings.max_body_bytes
-    if len(body) > limit:
-        raise ApiError(413, "PayloadSizeExceeded", f"request body exceeds {limit} bytes")
+    body = await request.body()  # at most max_body_bytes: service.guard counts them
     if not body.strip():
         if required:
             raise bad_request(code, "request body is required")
