@@ -31,9 +31,11 @@ INTERVALS = {5, 60, 360, 720, 1440}
 
 def _instant(value: Any, field: str, code: str) -> float:
     try:
-        return parse_time(value)
-    except (AttributeError, TypeError, ValueError):  # not a string, or not a date-time
+        t = parse_time(value)
+        timestamp(t)  # every job document answers it back, so it must be a representable year
+    except (AttributeError, TypeError, ValueError, OverflowError):  # not a string or date-time
         raise bad_request(code, f"{field} must be an ISO-8601 date-time") from None
+    return t
 
 
 def _window(payload: Any, *, code: str, order_code: str, body: str) -> tuple[str, float, float]:
@@ -199,10 +201,13 @@ def _get(request: Request, evaluation_id: str) -> tuple[Dloop, Evaluation]:
 
 @router.get("/personalizer/evaluations/{evaluation_id}")
 def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
+    _, ev = _get(request, evaluation_id)  # the key first: no answer about the query without it
     q = request.query_params
     interval = q.get("intervalInMinutes")
     window = q.get("window")
-    if interval is not None and (not interval.isdigit() or int(interval) not in INTERVALS):
+    if interval is not None and (
+        not (interval.isascii() and interval.isdigit()) or int(interval) not in INTERVALS
+    ):
         raise bad_request("InvalidRequest", f"intervalInMinutes must be one of {sorted(INTERVALS)}")
     if window is not None and window not in ("Expanding", "Rolling"):
         raise bad_request("InvalidRequest", "window must be Expanding or Rolling")
@@ -212,7 +217,6 @@ def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
         raise bad_request(
             "IncompatibleIntervalAndWindow", "Expanding goes with 5 minutes, Rolling with longer"
         )
-    _, ev = _get(request, evaluation_id)
     minutes = int(interval) if interval is not None else 5
     return _doc(ev, series=f"{minutes}/{'Expanding' if minutes == 5 else 'Rolling'}")
 

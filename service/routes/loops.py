@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Path, Request
 from starlette.responses import JSONResponse, Response
 
 from learners.joiner import timestamp
@@ -24,6 +24,8 @@ router = APIRouter()
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KINDS = {"cb", "ccb", "rl"}
+# Key ids are 64-bit database integers: a larger one is a bad request, not a database error.
+KeyId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 
 def _loop_doc(loop: Loop) -> dict[str, Any]:
@@ -45,7 +47,7 @@ def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = N
     if not _NAME.match(name):
         raise bad_request("InvalidRequest", "loop names are 1-64 letters, digits, '_', '.', '-'")
     kind = payload.get("kind", "cb") if isinstance(payload, dict) else None
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise bad_request("InvalidRequest", f"kind must be one of {sorted(KINDS)}")
     with d.sessions.begin() as session:
         existing = session.get(Loop, name)
@@ -112,7 +114,7 @@ def list_client_keys(request: Request, name: str) -> dict[str, Any]:
 
 
 @router.delete("/loops/{name}/keys/{key_id}", status_code=204)
-def delete_client_key(request: Request, name: str, key_id: int) -> Response:
+def delete_client_key(request: Request, name: str, key_id: KeyId) -> Response:
     d = dloop(request)
     authorize(d.keys, request, loop=name, admin=True)
     with d.sessions.begin() as session:
