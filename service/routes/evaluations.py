@@ -201,7 +201,7 @@ def _get(request: Request, evaluation_id: str) -> tuple[Dloop, Evaluation]:
 
 @router.get("/personalizer/evaluations/{evaluation_id}")
 def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
-    _, ev = _get(request, evaluation_id)  # the key first: no answer about the query without it
+    loop_for(request, admin=True)  # the key first: no answer about the query without it
     q = request.query_params
     interval = q.get("intervalInMinutes")
     window = q.get("window")
@@ -217,6 +217,7 @@ def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
         raise bad_request(
             "IncompatibleIntervalAndWindow", "Expanding goes with 5 minutes, Rolling with longer"
         )
+    _, ev = _get(request, evaluation_id)
     minutes = int(interval) if interval is not None else 5
     return _doc(ev, series=f"{minutes}/{'Expanding' if minutes == 5 else 'Rolling'}")
 
