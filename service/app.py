@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from learners.worker import EmbeddedWorker
-from service import errors, kafka, store
+from service import errors, kafka, openapi, store
 from service.background import configure_logging
 from service.context import Dloop
 from service.db import make_engine, make_sessionmaker
@@ -269,7 +269,9 @@ def create_app(
         redoc_url=None,
     )
     errors.install(app)
-    for module in (events, multislot, configuration, evaluations, model, logs, loops, health):
+    modules = (events, multislot, configuration, evaluations, model, logs, loops, health)
+    for module in modules:
         app.include_router(module.router)
+    openapi.install(app, [route for module in modules for route in module.router.routes])
     app.add_middleware(PathStyles, max_body=settings.max_body_bytes)
     return app

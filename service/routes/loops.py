@@ -22,7 +22,7 @@ from service.models import ApiKey, Loop
 
 router = APIRouter()
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KINDS = {"cb", "ccb", "rl"}
 # Key ids are 64-bit database integers: a larger one is a bad request, not a database error.
 KeyId = Annotated[int, Path(ge=1, le=2**63 - 1)]
@@ -44,7 +44,7 @@ def list_loops(request: Request) -> dict[str, Any]:
 def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = None) -> Response:
     d = dloop(request)
     authorize(d.keys, request, loop=name, admin=True)
-    if not _NAME.match(name):
+    if not NAME.match(name):
         raise bad_request("InvalidRequest", "loop names are 1-64 letters, digits, '_', '.', '-'")
     kind = payload.get("kind", "cb") if isinstance(payload, dict) else None
     if not isinstance(kind, str) or kind not in KINDS:
