@@ -559,6 +559,8 @@ def _complete(op: dict[str, Any], spec: Op | None) -> None:
     responses.pop("422", None)  # validation errors are 400 here (service.errors)
     if spec is None:
         errors = DEFAULT_ERRORS
+        if not any(status.startswith("2") for status in responses):
+            responses["2XX"] = {"description": "Success"}  # a plain Starlette route
     else:
         op["summary"] = spec.summary
         responses.clear()

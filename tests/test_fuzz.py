@@ -10,18 +10,23 @@ of examples per operation from a random seed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import hypothesis
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from benchmarks.infra import postgres_database
+from service import openapi
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import AUTH, FakeClock, Harness, make_settings
@@ -129,9 +134,17 @@ class Api:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """One running app for the module, every loop serving a VW model (a blank one exported and
-    imported back) so ranks go through VW's parser, and the default loop explaining them."""
-    settings = make_settings(tmp_path_factory.mktemp("fuzz") / "data")
-    with TestClient(create_app(settings, clock=FakeClock(), run_worker=False)) as client:
+    imported back) so ranks go through VW's parser, and the default loop explaining them. On
+    Postgres, which refuses more than SQLite (NUL in text, integers beyond 32 bits);
+    DLOOP_FUZZ_DB=sqlite fuzzes the embedded database instead."""
+    with contextlib.ExitStack() as stack:
+        db = {}
+        if os.environ.get("DLOOP_FUZZ_DB", "postgres") == "postgres":
+            db["url"] = stack.enter_context(postgres_database())
+        settings = make_settings(tmp_path_factory.mktemp("fuzz") / "data", db=db)
+        client = stack.enter_context(
+            TestClient(create_app(settings, clock=FakeClock(), run_worker=False))
+        )
         for name, kind in LOOPS.items():
             r = client.put(f"/loops/{name}", json={"kind": kind}, headers=AUTH)
             assert r.status_code == 201, r.text
@@ -223,6 +236,28 @@ def test_stateful(api: Api) -> None:
     assert on_created_loops, "no scenario followed a link from a created loop"
 
 
+def test_the_table_describes_every_operation_and_nothing_else() -> None:
+    on_loops = {name for name, op in openapi.OPERATIONS.items() if op.kind in ("loop", "hot")}
+    documented = {op["operationId"] for item in DOCUMENT["paths"].values() for op in item.values()}
+    assert documented == set(openapi.OPERATIONS) | {f"{name}_in_loop" for name in on_loops}
+    for item in DOCUMENT["paths"].values():
+        for op in item.values():
+            assert {"408", "413"} <= set(op["responses"]), op["operationId"]
+
+
+def test_an_operation_missing_from_the_table_gets_the_default_errors() -> None:
+    async def new(request: Any) -> Any: ...
+
+    app = create_app(Settings())
+    doc = openapi.document(app, [Route("/personalizer/new/{thing}", new, methods=["POST"])])
+    for path in ("/personalizer/new/{thing}", "/loops/{loop}/personalizer/new/{thing}"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses) == {"2XX", *(str(s) for s in openapi.DEFAULT_ERRORS)}
+        assert responses["401"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+
+
 # ---- regressions the fuzzer found ------------------------------------------------------------
 
 
@@ -265,3 +300,43 @@ def test_interval_of_non_ascii_digits_is_400(harness: Harness) -> None:
     assert harness.client.put("/personalizer/evaluations/e", json=body, headers=AUTH).is_success
     r = harness.client.get("/personalizer/evaluations/e?intervalInMinutes=²", headers=AUTH)
     assert r.status_code == 400, r.text
+
+
+@pytest.fixture
+def on_postgres(tmp_path: Path, postgres_url: str) -> Iterator[TestClient]:
+    settings = make_settings(tmp_path / "data", db={"url": postgres_url})
+    with TestClient(create_app(settings, clock=FakeClock(), run_worker=False)) as client:
+        yield client
+
+
+def test_key_id_beyond_32_bits_is_400_on_postgres(on_postgres: TestClient) -> None:
+    r = on_postgres.delete("/loops/default/keys/2147483648", headers=AUTH)
+    assert r.status_code == 400, r.text
+
+
+def test_nul_in_job_ids_and_names_is_refused_on_postgres(on_postgres: TestClient) -> None:
+    window = {"startTime": "2026-01-01T00:00:00Z", "endTime": "2026-01-02T00:00:00Z"}
+    nul = "a\x00b"
+    for path, body, status in [
+        ("evaluations/e", {"name": nul, **window}, 400),
+        (
+            "evaluations/e",
+            {"name": "n", **window, "policies": [{"name": nul, "arguments": "--cb_explore_adf"}]},
+            400,
+        ),
+        ("evaluations/a%00b", {"name": "n", **window}, 400),
+        ("featureImportances/f", {"name": nul, **window}, 400),
+        ("featureImportances/a%00b", {"name": "n", **window}, 400),
+    ]:
+        r = on_postgres.put(f"/personalizer/{path}", json=body, headers=AUTH)
+        assert r.status_code == status, (path, body, r.text)
+    for path in ("evaluations/a%00b", "featureImportances/a%00b"):
+        for method in ("GET", "DELETE"):
+            r = on_postgres.request(method, f"/personalizer/{path}", headers=AUTH)
+            assert r.status_code == 404, (method, path, r.text)
+    r = on_postgres.post(
+        "/personalizer/configurations/applyFromEvaluation",
+        json={"evaluationId": nul, "policyName": "p"},
+        headers=AUTH,
+    )
+    assert r.status_code == 404, r.text

@@ -38,13 +38,18 @@ def _instant(value: Any, field: str, code: str) -> float:
     return t
 
 
+def _is_id(value: Any) -> bool:
+    """A job id or name: 1 to 256 characters, none of them NUL (Postgres text cannot hold it)."""
+    return isinstance(value, str) and 0 < len(value) <= 256 and "\x00" not in value
+
+
 def _window(payload: Any, *, code: str, order_code: str, body: str) -> tuple[str, float, float]:
     """The `name`, `startTime` and `endTime` every job contract has (400 `code` if wrong)."""
     if not isinstance(payload, dict):
         raise bad_request(code, f"body must be {body}")
     name = payload.get("name")
-    if not isinstance(name, str) or not name or len(name) > 256:
-        raise bad_request(code, "name must have 1 to 256 characters")
+    if not _is_id(name):
+        raise bad_request(code, "name must have 1 to 256 characters, none of them NUL")
     start, end = (_instant(payload.get(f), f, code) for f in ("startTime", "endTime"))
     if start > end:
         raise bad_request(order_code, "startTime is after endTime")
@@ -68,8 +73,10 @@ def _new_job(d: Dloop, table: type[Job], job: Job, *, exists: str) -> Job:
 
 def _find(request: Request, table: type[Job], job_id: str, *, missing: str) -> tuple[Dloop, Job]:
     d, rt = loop_for(request, admin=True)
-    with d.sessions() as session:
-        job = session.get(table, (rt.name, job_id))
+    job = None
+    if _is_id(job_id):  # no other id can have been stored
+        with d.sessions() as session:
+            job = session.get(table, (rt.name, job_id))
     if job is None:
         raise ApiError(404, missing, f"'{job_id}' not found")
     return d, job
@@ -125,8 +132,8 @@ def _doc(ev: Evaluation, *, details: bool = False, series: str = "5/Expanding") 
 def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, Evaluation]:
     d, rt = loop_for(request, admin=True)
 
-    if not evaluation_id or len(evaluation_id) > 256:
-        raise bad_request("InvalidRequest", "evaluation ids have 1 to 256 characters")
+    if not _is_id(evaluation_id):
+        raise bad_request("InvalidRequest", "evaluation ids have 1 to 256 characters, not NUL")
     name, start, end = _window(
         payload,
         code="InvalidEvaluationContract",
@@ -142,8 +149,8 @@ def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, 
         )
     custom = []
     for p in policies:
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-            raise bad_request("InvalidEvaluationContract", "each policy needs a name")
+        if not isinstance(p, dict) or not _is_id(p.get("name")):
+            raise bad_request("InvalidEvaluationContract", "each policy needs a name (an id)")
         if not isinstance(p.get("arguments"), str):
             raise bad_request("InvalidEvaluationContract", "each policy needs arguments")
         try:
@@ -270,7 +277,7 @@ def _importance_doc(job: FeatureImportance, *, details: bool = False) -> dict[st
 @router.put("/personalizer/featureImportances/{job_id}")
 def create_feature_importance(request: Request, job_id: str, payload: Payload = None) -> Any:
     d, rt = loop_for(request, admin=True)
-    if not job_id or len(job_id) > 256:
+    if not _is_id(job_id):
         raise bad_request("InvalidRequest", "feature importance ids have 1 to 256 characters")
     name, start, end = _window(
         payload,

@@ -24,8 +24,9 @@ router = APIRouter()
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KINDS = {"cb", "ccb", "rl"}
-# Key ids are 64-bit database integers: a larger one is a bad request, not a database error.
-KeyId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+# Key ids are 32-bit database integers (INTEGER in Postgres): a larger one is a bad request,
+# not a database error.
+KeyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _loop_doc(loop: Loop) -> dict[str, Any]:
