@@ -9,7 +9,7 @@ estimate of its average reward with a 95% confidence interval, and a time series
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeGuard, TypeVar
 
 from fastapi import APIRouter, Body, Request
 from starlette.responses import JSONResponse, Response
@@ -38,7 +38,7 @@ def _instant(value: Any, field: str, code: str) -> float:
     return t
 
 
-def _is_id(value: Any) -> bool:
+def _is_id(value: Any) -> TypeGuard[str]:
     """A job id or name: 1 to 256 characters, none of them NUL (Postgres text cannot hold it)."""
     return isinstance(value, str) and 0 < len(value) <= 256 and "\x00" not in value
 
