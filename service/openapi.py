@@ -23,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Route
 
+from learners.joiner import AGGREGATIONS
 from service.routes import loops
 from service.schemas import PolicyContract, ServiceConfiguration
 
@@ -52,6 +53,13 @@ def _obj(required: tuple[str, ...] = (), **properties: Any) -> dict[str, Any]:
 
 def _list_of(item: dict[str, Any]) -> dict[str, Any]:
     return _obj(("value",), value={"type": "array", "items": item})
+
+
+def _service_configuration() -> dict[str, Any]:
+    doc = ServiceConfiguration.model_json_schema(by_alias=True)
+    # A validator, not the type, limits it (case-insensitively; answered in lower case).
+    doc["properties"]["rewardAggregation"]["enum"] = list(AGGREGATIONS)
+    return doc
 
 
 STR = {"type": "string"}
@@ -198,7 +206,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         learnable={"type": "boolean"},
         inferenceExplanation=EXPLANATION,
     ),
-    "ServiceConfiguration": ServiceConfiguration.model_json_schema(by_alias=True),
+    "ServiceConfiguration": _service_configuration(),
     "PolicyContract": PolicyContract.model_json_schema(by_alias=True),
     "PolicyReferenceContract": _obj(("evaluationId", "policyName"), evaluationId=ID, policyName=ID),
     "EvaluationContract": _obj(
