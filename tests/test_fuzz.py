@@ -340,3 +340,8 @@ def test_nul_in_job_ids_and_names_is_refused_on_postgres(on_postgres: TestClient
         headers=AUTH,
     )
     assert r.status_code == 404, r.text
+
+
+def test_long_durations_are_answered_in_days_not_years(harness: Harness) -> None:
+    cfg = harness.configure(modelExportFrequency="P400D", rewardWaitTime="PT2788M")
+    assert (cfg["modelExportFrequency"], cfg["rewardWaitTime"]) == ("P400D", "P1DT22H28M")
