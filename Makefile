@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install up test lint typecheck bench clean
+.PHONY: install up test fuzz lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ up: install
 
 test: install
 	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered $(PYTEST_ARGS)
+
+# Property-based API fuzzing, long: thousands of examples per operation from a random seed
+# (`make test` runs the same file bounded, with a fixed seed).
+fuzz: install
+	DLOOP_FUZZ=long $(BIN)/python -m pytest -p no:cacheprovider tests/test_fuzz.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check service learners tests benchmarks migrations

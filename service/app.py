@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from learners.sandbox import InlineRankers, RankerPool
 from learners.worker import EmbeddedWorker
-from service import errors, kafka, store
+from service import errors, kafka, openapi, store
 from service.background import configure_logging
 from service.context import Dloop
 from service.db import make_engine, make_sessionmaker
@@ -362,6 +362,7 @@ def create_app(
     routers = (events, multislot, configuration, evaluations, model, logs, loops, keys, health)
     for module in routers:
         app.include_router(module.router)
+    openapi.install(app, [route for module in routers for route in module.router.routes])
     if settings.docs:
         docs.install(app)
     app.add_middleware(PathStyles, settings=settings)

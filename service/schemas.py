@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -41,6 +42,19 @@ class Wire(BaseModel):
     )
 
 
+def iso_duration(value: timedelta) -> str:
+    """ISO 8601 in days and time of day, never years: pydantic's own writes 400 days as
+    "P1Y35D", which RFC 3339's duration grammar rejects and calendar-aware parsers (the old
+    SDK's isodate) read as a calendar year and 35 days."""
+    sign, value = ("-", -value) if value < timedelta(0) else ("", value)
+    minutes, seconds = divmod(value.seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    second = f"{seconds}.{value.microseconds:06d}".rstrip("0") if value.microseconds else seconds
+    time = "".join(f"{n}{unit}" for n, unit in ((hours, "H"), (minutes, "M"), (second, "S")) if n)
+    days = f"{value.days}D" if value.days or not time else ""
+    return f"{sign}P{days}" + (f"T{time}" if time else "")
+
+
 class ServiceConfiguration(Wire):
     reward_wait_time: timedelta
     default_reward: float = Field(ge=-1, le=1)
@@ -60,6 +74,15 @@ class ServiceConfiguration(Wire):
     # dloop: the discount of future rewards in RL loops (ignored by bandit loops).
     discount_factor: float = Field(default=0.99, ge=0, le=1)
     latest_apprentice_mode_metrics: dict[str, Any] | None = None
+
+    @field_serializer(
+        "reward_wait_time",
+        "model_export_frequency",
+        "auto_optimization_frequency",
+        when_used="json",
+    )
+    def _duration(self, value: timedelta | None) -> str | None:
+        return None if value is None else iso_duration(value)
 
     @field_validator("reward_wait_time")
     @classmethod

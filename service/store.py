@@ -828,8 +828,8 @@ def all_keys(session: Session) -> Sequence[ApiKey]:
 
 
 def get_key(session: Session, *, key_id: int) -> ApiKey | None:
-    # Ids are 64-bit at most: anything else names no key (and would overflow the database).
-    if not 0 < key_id < 1 << 63:
+    # Ids are 32-bit (INTEGER in Postgres): anything else names no key (and would overflow).
+    if not 0 < key_id < 1 << 31:
         return None
     return session.get(ApiKey, key_id)
 

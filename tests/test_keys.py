@@ -151,10 +151,10 @@ def test_bad_key_requests_are_400(harness: Harness, path: str, body: Any) -> Non
         "/loops/default/keys/9223372036854775808",
     ],
 )
-def test_key_ids_beyond_64_bits_are_404(harness: Harness, path: str) -> None:
+def test_key_ids_that_cannot_exist_are_400(harness: Harness, path: str) -> None:
     r = harness.client.delete(path, headers=AUTH)
-    assert r.status_code == 404, r.text
-    assert r.json()["error"]["code"] == "ResourceNotFound"
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "BadRequest"
 
 
 def test_key_management_needs_an_admin_key(harness: Harness) -> None:

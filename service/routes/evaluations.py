@@ -9,7 +9,7 @@ estimate of its average reward with a 95% confidence interval, and a time series
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeGuard, TypeVar
 
 from fastapi import APIRouter, Body, Request
 from starlette.responses import JSONResponse, Response
@@ -32,9 +32,16 @@ INTERVALS = {5, 60, 360, 720, 1440}
 
 def _instant(value: Any, field: str, code: str) -> float:
     try:
-        return parse_time(value)
-    except (AttributeError, TypeError, ValueError):  # not a string, or not a date-time
+        t = parse_time(value)
+        timestamp(t)  # every job document answers it back, so it must be a representable year
+    except (AttributeError, TypeError, ValueError, OverflowError):  # not a string or date-time
         raise bad_request(code, f"{field} must be an ISO-8601 date-time") from None
+    return t
+
+
+def _is_id(value: Any) -> TypeGuard[str]:
+    """A job id or name: 1 to 256 characters, none of them NUL (Postgres text cannot hold it)."""
+    return isinstance(value, str) and 0 < len(value) <= 256 and "\x00" not in value
 
 
 def _window(payload: Any, *, code: str, order_code: str, body: str) -> tuple[str, float, float]:
@@ -42,8 +49,8 @@ def _window(payload: Any, *, code: str, order_code: str, body: str) -> tuple[str
     if not isinstance(payload, dict):
         raise bad_request(code, f"body must be {body}")
     name = payload.get("name")
-    if not isinstance(name, str) or not name or len(name) > 256:
-        raise bad_request(code, "name must have 1 to 256 characters")
+    if not _is_id(name):
+        raise bad_request(code, "name must have 1 to 256 characters, none of them NUL")
     start, end = (_instant(payload.get(f), f, code) for f in ("startTime", "endTime"))
     if start > end:
         raise bad_request(order_code, "startTime is after endTime")
@@ -67,8 +74,10 @@ def _new_job(d: Dloop, table: type[Job], job: Job, *, exists: str) -> Job:
 
 def _find(request: Request, table: type[Job], job_id: str, *, missing: str) -> tuple[Dloop, Job]:
     d, rt = loop_for(request, admin=True)
-    with d.sessions() as session:
-        job = session.get(table, (rt.name, job_id))
+    job = None
+    if _is_id(job_id):  # no other id can have been stored
+        with d.sessions() as session:
+            job = session.get(table, (rt.name, job_id))
     if job is None:
         raise ApiError(404, missing, f"'{job_id}' not found")
     return d, job
@@ -124,8 +133,8 @@ def _doc(ev: Evaluation, *, details: bool = False, series: str = "5/Expanding") 
 def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, Evaluation]:
     d, rt = loop_for(request, admin=True)
 
-    if not evaluation_id or len(evaluation_id) > 256:
-        raise bad_request("InvalidRequest", "evaluation ids have 1 to 256 characters")
+    if not _is_id(evaluation_id):
+        raise bad_request("InvalidRequest", "evaluation ids have 1 to 256 characters, not NUL")
     name, start, end = _window(
         payload,
         code="InvalidEvaluationContract",
@@ -141,8 +150,8 @@ def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, 
         )
     custom = []
     for p in policies:
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-            raise bad_request("InvalidEvaluationContract", "each policy needs a name")
+        if not isinstance(p, dict) or not _is_id(p.get("name")):
+            raise bad_request("InvalidEvaluationContract", "each policy needs a name (an id)")
         if not isinstance(p.get("arguments"), str):
             raise bad_request("InvalidEvaluationContract", "each policy needs arguments")
         try:
@@ -200,10 +209,13 @@ def _get(request: Request, evaluation_id: str) -> tuple[Dloop, Evaluation]:
 
 @router.get("/personalizer/evaluations/{evaluation_id}")
 def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
+    loop_for(request, admin=True)  # the key first: no answer about the query without it
     q = request.query_params
     interval = q.get("intervalInMinutes")
     window = q.get("window")
-    if interval is not None and (not interval.isdigit() or int(interval) not in INTERVALS):
+    if interval is not None and (
+        not (interval.isascii() and interval.isdigit()) or int(interval) not in INTERVALS
+    ):
         raise bad_request("InvalidRequest", f"intervalInMinutes must be one of {sorted(INTERVALS)}")
     if window is not None and window not in ("Expanding", "Rolling"):
         raise bad_request("InvalidRequest", "window must be Expanding or Rolling")
@@ -266,7 +278,7 @@ def _importance_doc(job: FeatureImportance, *, details: bool = False) -> dict[st
 @router.put("/personalizer/featureImportances/{job_id}")
 def create_feature_importance(request: Request, job_id: str, payload: Payload = None) -> Any:
     d, rt = loop_for(request, admin=True)
-    if not job_id or len(job_id) > 256:
+    if not _is_id(job_id):
         raise bad_request("InvalidRequest", "feature importance ids have 1 to 256 characters")
     name, start, end = _window(
         payload,

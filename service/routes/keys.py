@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Path, Request
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.responses import JSONResponse, Response
@@ -26,6 +26,10 @@ from service.models import ApiKey
 from service.schemas import KeyRequest, validation_message
 
 router = APIRouter()
+
+# Key ids are 32-bit database integers (INTEGER in Postgres): another one is a bad request, not
+# a database error.
+KeyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def key_doc(row: ApiKey) -> dict[str, Any]:
@@ -91,7 +95,7 @@ def _create(d: Dloop, payload: Any, *, role: str, loop: str | None) -> Response:
 
 
 @router.delete("/keys/{key_id}", status_code=204)
-def revoke_admin_key(request: Request, key_id: int) -> Response:
+def revoke_admin_key(request: Request, key_id: KeyId) -> Response:
     d = dloop(request)
     authorize(d.keys, request, loop="", admin=True)
     with d.sessions.begin() as session:
@@ -139,7 +143,7 @@ def list_client_keys(request: Request, name: str) -> dict[str, Any]:
 
 
 @router.delete("/loops/{name}/keys/{key_id}", status_code=204)
-def delete_client_key(request: Request, name: str, key_id: int) -> Response:
+def delete_client_key(request: Request, name: str, key_id: KeyId) -> Response:
     d = dloop(request)
     authorize(d.keys, request, loop=name, admin=True)
     with d.sessions.begin() as session:

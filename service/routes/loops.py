@@ -21,7 +21,7 @@ from service.models import Loop
 
 router = APIRouter()
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 KINDS = {"cb", "ccb", "rl"}
 
 
@@ -41,10 +41,10 @@ def list_loops(request: Request) -> dict[str, Any]:
 def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = None) -> Response:
     d = dloop(request)
     authorize(d.keys, request, loop=name, admin=True)
-    if not _NAME.match(name):
+    if not NAME.match(name):
         raise bad_request("InvalidRequest", "loop names are 1-64 letters, digits, '_', '.', '-'")
     kind = payload.get("kind", "cb") if isinstance(payload, dict) else None
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise bad_request("InvalidRequest", f"kind must be one of {sorted(KINDS)}")
     with d.sessions.begin() as session:
         existing = session.get(Loop, name)
