@@ -21,10 +21,12 @@ up: install
 test: install
 	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered $(PYTEST_ARGS)
 
-# Property-based API fuzzing, long: thousands of examples per operation from a random seed
-# (`make test` runs the same file bounded, with a fixed seed).
+# Fuzzing, long: the API from its OpenAPI document (thousands of examples per operation, random
+# seed) and VW's parsers with random nests of reserved feature keys. `make test` runs both
+# bounded, with fixed seeds.
 fuzz: install
-	DLOOP_FUZZ=long $(BIN)/python -m pytest -p no:cacheprovider tests/test_fuzz.py $(PYTEST_ARGS)
+	DLOOP_FUZZ=long $(BIN)/python -m pytest -p no:cacheprovider tests/test_fuzz.py \
+		tests/test_sandbox.py::test_no_feature_a_client_can_send_crashes_vw $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check service learners tests benchmarks migrations

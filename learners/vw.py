@@ -392,7 +392,8 @@ def with_exploration(args: str, exploration: float) -> str:
     """
     parts = tokens(args)
     if "--squarecb" in parts:
-        name, value = "--gamma_scale", (2.0 / exploration if exploration > 0 else 1e6)
+        # Greedy enough past 1e6 (VW refuses gamma_scales near the float range).
+        name, value = "--gamma_scale", min(2.0 / exploration if exploration > 0 else 1e6, 1e6)
     else:
         name, value = "--epsilon", exploration
     out: list[str] = []

@@ -58,8 +58,12 @@ from service.settings import Settings, load_settings
 
 # /personalizer/v1.0/..., /personalizer/v1.1-preview.N/..., /personalizer/...?api-version=,
 # each optionally under /loops/{loop}: all served by the routes at /personalizer/...
-_PATH = re.compile(r"^(?:/loops/([^/]+))?/personalizer(?:/(v1\.0|v1\.1-preview\.[0-9]+))?(/.*)?$")
-_HOT = re.compile(r"^/personalizer/(?:(rank)|events/([^/]+)/(reward|activate))$")
+# Matched whole (fullmatch, DOTALL): `$` also matches before a trailing newline, and `.` would
+# stop at one, so "/personalizer/rank\n" was served as a rank.
+_PATH = re.compile(
+    r"(?:/loops/([^/]+))?/personalizer(?:/(v1\.0|v1\.1-preview\.[0-9]+))?(/.*)?", re.S
+)
+_HOT = re.compile(r"/personalizer/(?:(rank)|events/([^/]+)/(reward|activate))", re.S)
 _HOT_HANDLERS = {"rank": events.rank, "reward": events.reward, "activate": events.activate}
 
 
@@ -86,7 +90,7 @@ class PathStyles:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        m = _PATH.match(scope["path"])
+        m = _PATH.fullmatch(scope["path"])
         if m:
             scope = dict(scope)
             scope["path"] = "/personalizer" + (m.group(3) or "")
@@ -94,6 +98,15 @@ class PathStyles:
             scope["dloop.version"] = m.group(2)
         path, method = scope["path"], scope["method"]
         refused = None if is_public(path) else self._admit(scope)
+        if refused is None and path.endswith(("\n", "\r")):
+            # No route or id ends with one, but the router's `$` would match before it: not
+            # found (for a client key, an operation it may not call, as elsewhere).
+            admin = scope.get("dloop.role") == "admin"
+            refused = errors.error_response(
+                404 if admin else 403,
+                "ResourceNotFound" if admin else "InvalidApiAccess",
+                "no such path" if admin else "This key may not call this operation",
+            )
         # Only the exact model import route takes bodies beyond max_body (it caps them itself).
         cap = self.max_model if method == "PUT" and path == "/personalizer/model" else self.max_body
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
@@ -113,7 +126,7 @@ class PathStyles:
             await send(message)
 
         try:
-            if method == "POST" and (hot := _HOT.match(path)):
+            if method == "POST" and (hot := _HOT.fullmatch(path)):
                 await self._hot(hot, scope, receive, tracked)
             else:
                 await self.app(scope, receive, tracked)
@@ -135,6 +148,8 @@ class PathStyles:
             else:
                 message = "Access denied: invalid subscription key"
             return errors.error_response(401, "Unauthorized", message)
+        entry = d.keys.get(digest)
+        scope["dloop.role"] = entry[0] if entry is not None else None
         if self.limiter is None:
             self.limiter = RateLimiter(self.rate, self.burst, d.clock)
         wait = self.limiter.check(digest)

@@ -283,7 +283,12 @@ JOBS: dict[str, Callable[[sessionmaker[Session], str, str, Callable[[], float]],
 
 
 def run_isolated(
-    sessions: sessionmaker[Session], url: str, job: str, loop: str, job_id: str
+    sessions: sessionmaker[Session],
+    url: str,
+    job: str,
+    loop: str,
+    job_id: str,
+    started: Callable[[Any], None] = lambda process: None,
 ) -> None:
     """Run a job in a child process: it trains and scores VW policies on logged input, so a
     crash in VW ends the job (status Failed, saying so), never the server."""
@@ -292,6 +297,7 @@ def run_isolated(
         target=_in_child, args=(url, job, loop, job_id), daemon=True, name=f"dloop-{job}"
     )
     process.start()
+    started(process)
     process.join()
     if process.exitcode == 0:
         return
@@ -314,17 +320,30 @@ class Jobs:
         self.sessions = sessions
         self.url = url
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dloop-jobs")
+        self._running: Any = None  # the process of the job running now
 
     def submit(self, loop: str, evaluation_id: str) -> Any:
-        return self._pool.submit(
-            run_isolated, self.sessions, self.url, "evaluation", loop, evaluation_id
-        )
+        return self._pool.submit(self._run, "evaluation", loop, evaluation_id)
 
     def submit_importance(self, loop: str, job_id: str) -> Any:
-        return self._pool.submit(run_isolated, self.sessions, self.url, "importance", loop, job_id)
+        return self._pool.submit(self._run, "importance", loop, job_id)
+
+    def _run(self, job: str, loop: str, job_id: str) -> None:
+        try:
+            run_isolated(self.sessions, self.url, job, loop, job_id, self._started)
+        finally:
+            self._running = None
+
+    def _started(self, process: Any) -> None:
+        self._running = process
 
     def close(self) -> None:
+        """Stop: queued jobs are dropped and a running one is stopped (it stays Running in the
+        database, as a job whose server stopped does)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        process = self._running
+        if process is not None and process.is_alive():
+            process.kill()
 
 
 # ---- auto-optimisation -----------------------------------------------------------------------

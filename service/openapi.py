@@ -112,7 +112,17 @@ WINDOW = {"name": ID, "startTime": TIME, "endTime": TIME}
 LOOP = _obj(
     ("name", "kind", "createdTime"), name=STR, kind={"enum": ["cb", "ccb", "rl"]}, createdTime=TIME
 )
-KEY = {"id": {"type": "integer"}, "role": STR, "loop": {"type": ["string", "null"]}}
+NULLABLE_STR = {"type": ["string", "null"]}
+KEY = {
+    "id": {"type": "integer"},
+    "role": STR,
+    "label": NULLABLE_STR,
+    "source": NULLABLE_STR,
+    "createdTime": TIME,
+    "expiresTime": {"type": ["string", "null"], "format": "date-time"},
+}
+KEY_FIELDS = ("id", "role", "label", "source", "createdTime", "expiresTime")
+SECRET = {"type": "string", "description": "shown once: only its hash is stored"}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "ErrorResponse": _obj(("error",), error=_obj(("code", "message"), code=STR, message=STR)),
@@ -248,20 +258,33 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "LoopContract": _obj(kind={"enum": ["cb", "ccb", "rl"], "default": "cb"}),
     "Loop": LOOP,
     "LoopList": _list_of(LOOP),
-    "ClientKey": _obj(("id", "role", "loop", "createdTime"), **KEY, createdTime=TIME),
-    "NewClientKey": _obj(
-        ("id", "role", "loop", "createdTime", "key"),
-        **KEY,
-        createdTime=TIME,
-        key={"type": "string", "description": "shown once: only its hash is stored"},
+    "KeyContract": _obj(
+        label={"type": ["string", "null"], "maxLength": 256},
+        expiresAt={"type": ["string", "null"], "format": "date-time"},
+        expiresInDays={"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 36500},
     ),
+    "AdminKey": _obj(KEY_FIELDS, **KEY),
+    "NewAdminKey": _obj((*KEY_FIELDS, "key"), **KEY, key=SECRET),
+    "AdminKeyList": _list_of(_ref("AdminKey")),
+    "ClientKey": _obj((*KEY_FIELDS, "loop"), **KEY, loop=NULLABLE_STR),
+    "NewClientKey": _obj((*KEY_FIELDS, "loop", "key"), **KEY, loop=NULLABLE_STR, key=SECRET),
     "ClientKeyList": _list_of(_ref("ClientKey")),
     "Health": _obj(("status",), status=STR),
     "Readiness": _obj(
         ("status", "checks", "logBacklogBytes"),
-        status={"enum": ["ready", "not ready"]},
+        status={"enum": ["ready", "degraded", "not ready"]},
         checks={"type": "object", "additionalProperties": STR},
         logBacklogBytes={"type": "integer"},
+        failingLoops={
+            "type": "array",
+            "items": _obj(
+                ("loop", "since", "failures", "error"),
+                loop=STR,
+                since=TIME,
+                failures={"type": "integer"},
+                error=STR,
+            ),
+        },
     ),
 }
 
@@ -479,10 +502,25 @@ OPERATIONS: dict[str, Op] = {
         {400: ("InvalidRequest",), 404: ("ResourceNotFound",)},
         kind="admin",
     ),
+    "list_admin_keys": Op("List the admin keys", {200: "AdminKeyList"}, kind="admin"),
+    "create_admin_key": Op(
+        "Create an admin key (shown once)",
+        {201: "NewAdminKey"},
+        {400: ("InvalidRequest", *BAD_JSON)},
+        body="KeyContract",
+        kind="admin",
+    ),
+    "revoke_admin_key": Op(
+        "Revoke an admin key (not the last valid one)",
+        {204: None},
+        {400: BAD_JSON, 404: ("ResourceNotFound",), 409: ("Conflict",)},
+        kind="admin",
+    ),
     "create_client_key": Op(
-        "Create a client key (rank, reward, activate on this loop)",
+        "Create a client key (rank, reward, activate on this loop; shown once)",
         {201: "NewClientKey"},
-        {404: ("ResourceNotFound",)},
+        {400: ("InvalidRequest", *BAD_JSON), 404: ("ResourceNotFound",)},
+        body="KeyContract",
         kind="admin",
     ),
     "list_client_keys": Op(
@@ -491,7 +529,7 @@ OPERATIONS: dict[str, Op] = {
     "delete_client_key": Op(
         "Delete a client key",
         {204: None},
-        {400: BAD_JSON, 404: ("ResourceNotFound",)},
+        {400: BAD_JSON, 404: ("ResourceNotFound",), 409: ("Conflict",)},
         kind="admin",
     ),
     "healthz": Op("Liveness (no key)", {200: "Health"}, kind="public"),

@@ -215,6 +215,9 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
             if missing:
                 raise KeyError(", ".join(sorted(missing)))
             float(r["t"])
+            for key in ("id", "ep", "slot", "loop"):
+                if "\x00" in str(r.get(key) or ""):  # Postgres refuses NUL in text
+                    raise ValueError(f"NUL in {key}")
             if kind in ("d", "m"):
                 # Features VW must never see (learners.features): the log may hold records
                 # from an older version or another producer on the events topic.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import orjson
 from sqlalchemy import select
@@ -164,3 +165,31 @@ def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
     assert [(d.loop, d.ref) for d in letters] == [("default", 7)]
     assert "native crash" in letters[0].reason
     engine.dispose()
+
+
+def test_a_nul_in_an_id_is_refused_and_cannot_stop_ingestion(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Postgres refuses NUL in text: a reward for eventId "a\\0b" used to be accepted, then made
+    every worker pass fail, so no loop ingested anything any more."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.conftest import AUTH, Harness, make_settings
+
+    upgrade(postgres_url)
+    settings = make_settings(tmp_path / "data", db={"url": postgres_url})
+    with TestClient(create_app(settings, clock=FakeClock(), run_worker=False)) as client:
+        h = Harness(client, FakeClock())
+        r = client.post("/personalizer/v1.0/events/a%00b/reward", json={"value": 1}, headers=AUTH)
+        assert r.status_code == 400, r.text
+        body = {"eventId": "a\x00b", "actions": [{"id": "x", "features": [{"f": 1}]}]}
+        assert client.post("/personalizer/v1.0/rank", json=body, headers=AUTH).status_code == 400
+        assert client.get("/personalizer/v1.0/events/a%00b", headers=AUTH).status_code == 404
+        # and what reaches the log anyway (another version, another producer) is dead-lettered
+        h.dloop.log.append(orjson.dumps({"k": "r", "loop": "default", "id": "a\x00b", "t": 1.0}))
+        h.rank({"eventId": "fine", "actions": [{"id": "x", "features": [{"f": 1}]}]})
+        h.work()
+        with h.dloop.sessions() as session:
+            assert store.event(session, loop="default", event_id="fine") is not None
+            assert store.dead_letter_count(session) == 1

@@ -230,3 +230,35 @@ def test_deeply_nested_features_are_400(harness: Harness) -> None:
         r = harness.client.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
         assert r.status_code == 400, r.text
         assert "nested more than 16 deep" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/personalizer/rank%0A", 404),
+        ("GET", "/personalizer/evaluations/%0A", 404),
+        ("PUT", "/personalizer/featureImportances/x%0A", 404),
+        ("POST", "/personalizer/v1.0/events/a%0A/reward", 400),  # no control characters in ids
+    ],
+)
+def test_a_newline_in_the_path_is_part_of_the_path(
+    harness: Harness, method: str, path: str, status: int
+) -> None:
+    """`$` matched before a trailing newline: /rank\\n was served as a rank, /evaluations/\\n
+    listed the evaluations."""
+    body = {"value": 1} if "reward" in path else {"name": "n"}
+    r = harness.client.request(method, path, json=body, headers=AUTH)
+    assert r.status_code == status, r.text
+
+
+def test_a_newline_in_the_path_does_not_skip_the_key(harness: Harness) -> None:
+    r = harness.client.post("/loops/x/personalizer/events/%0A/activate")
+    assert r.status_code == 401, r.text
+
+
+def test_tiny_exploration_is_greedy_not_an_error(harness: Harness) -> None:
+    """explorationPercentage 1e-300 made SquareCB's gamma_scale 2e300, which VW refuses."""
+    cfg = harness.configure(explorationPercentage=1e-300)
+    assert cfg["explorationPercentage"] == 1e-300
+    r = harness.client.get("/personalizer/v1.0/model", headers=AUTH)
+    assert r.status_code == 200

@@ -189,8 +189,9 @@ def test_no_feature_a_client_can_send_crashes_vw() -> None:
     """Every reserved key with every value type, in every place a rank request holds features,
     through dloop's feature rules to VW's JSON parser (serving), its CCB parser (multi-slot) and
     its DSJSON parser while learning (the learner), in child processes: none may crash.
-    `make fuzz` (DLOOP_FUZZ_EXAMPLES) adds random nests of them."""
-    extra = int(os.environ.get("DLOOP_FUZZ_EXAMPLES", "0"))
+    `make fuzz` (DLOOP_FUZZ=long; DLOOP_FUZZ_EXAMPLES sets how many) adds random nests of them."""
+    long = os.environ.get("DLOOP_FUZZ") == "long"
+    extra = int(os.environ.get("DLOOP_FUZZ_EXAMPLES", 20_000 if long else 0))
     cases = examples(None, 0) + (examples(extra, random.randrange(1 << 30)) if extra else [])
     child = Child()
     host = TrainerHost(nice=0)

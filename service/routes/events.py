@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import uuid
 from typing import Any, TypeGuard
 
@@ -55,11 +56,22 @@ def check_feature_count(count: int, limits: FeatureLimits) -> None:
         )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_id(value: Any) -> TypeGuard[str]:
+    """An id dloop stores (eventId, episodeId, action, slot): 1 to 256 characters, none of them
+    a control character (Postgres refuses NUL in text, which used to stop ingestion for every
+    loop; a newline at the end of a path made routes match what they should not)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID and not _CONTROL.search(value)
+
+
+ID_RULE = f"a non-empty string of at most {MAX_ID} characters, without control characters"
+
+
 def _check_event_id(event_id: Any, code: str) -> str:
-    if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_ID:
-        raise bad_request(
-            code, f"eventId must be a non-empty string of at most {MAX_ID} characters"
-        )
+    if not is_id(event_id):
+        raise bad_request(code, f"eventId must be {ID_RULE}")
     return event_id
 
 
@@ -79,8 +91,8 @@ def _parse_rank(body: Any, max_actions: int, limits: FeatureLimits) -> dict[str,
             if not isinstance(action, dict):
                 raise _rank_error(f"actions[{i}] must be an object")
             aid = action.get("id")
-            if not isinstance(aid, str) or not aid or len(aid) > MAX_ID:
-                raise _rank_error(f"actions[{i}].id must be a non-empty string of at most {MAX_ID}")
+            if not is_id(aid):
+                raise _rank_error(f"actions[{i}].id must be {ID_RULE}")
             features, n = clean_features(
                 action.get("features"), f"actions[{i}].features", required=True, limits=limits
             )
@@ -210,10 +222,8 @@ async def rank(request: Request) -> Response:
     if episode is not None:
         if rt.kind != "rl":
             raise _rank_error("episodeId is only accepted by loops of kind rl")
-        if not isinstance(episode, str) or not episode or len(episode) > MAX_ID:
-            raise _rank_error(
-                f"episodeId must be a non-empty string of at most {MAX_ID} characters"
-            )
+        if not is_id(episode):
+            raise _rank_error(f"episodeId must be {ID_RULE}")
     now = d.clock()
     context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
     eligible: list[bool] = req["eligible"]
@@ -357,8 +367,8 @@ async def end_episode(request: Request) -> Response:
     d, rt = loop_for(request, admin=False)
     if rt.kind != "rl":
         raise bad_request("InvalidRequest", "episodes exist only in loops of kind rl")
-    if not episode_id or len(episode_id) > MAX_ID:
-        raise bad_request("InvalidRequest", f"episodeId must have 1 to {MAX_ID} characters")
+    if not is_id(episode_id):
+        raise bad_request("InvalidRequest", f"episodeId must be {ID_RULE}")
     body = await _json_body(request, "InvalidRequest", required=False)
     if body is None:
         body = {}
@@ -374,8 +384,10 @@ def get_event(request: Request) -> Response:
     with its observations and, once joined, its reward."""
     event_id = request.path_params["event_id"]
     d, rt = loop_for(request, admin=True)
-    with d.sessions() as session:
-        found = store.event(session, loop=rt.name, event_id=event_id)
+    found = None
+    if is_id(event_id):  # no other id can have been stored
+        with d.sessions() as session:
+            found = store.event(session, loop=rt.name, event_id=event_id)
     if found is None:
         raise ApiError(404, "EventNotFound", f"event '{event_id}' is not in the log (yet)")
     decision, joined, observations = found

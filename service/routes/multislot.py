@@ -21,7 +21,6 @@ from learners.sandbox import NO_MODEL, SandboxError
 from service.context import Dloop, loop_for
 from service.errors import bad_request
 from service.routes.events import (
-    MAX_ID,
     _check_event_id,
     _json_body,
     _observation,
@@ -30,6 +29,7 @@ from service.routes.events import (
     _retry,
     activate_event,
     check_feature_count,
+    is_id,
     is_reward,
     sandbox_error,
 )
@@ -65,7 +65,7 @@ def _parse_slots(
         if not isinstance(slot, dict):
             raise _rank_error(f"slots[{k}] must be an object")
         sid = slot.get("id")
-        if not isinstance(sid, str) or not sid or len(sid) > MAX_ID or sid in seen:
+        if not is_id(sid) or sid in seen:
             raise _rank_error(f"slots[{k}].id must be a unique non-empty string")
         seen.add(sid)
         baseline = slot.get("baselineAction")
@@ -181,7 +181,7 @@ async def reward_multi_slot(request: Request) -> Response:
     for i, item in enumerate(rewards):
         slot = item.get("slotId") if isinstance(item, dict) else None
         value = item.get("value") if isinstance(item, dict) else None
-        if not isinstance(slot, str) or not slot or len(slot) > MAX_ID:
+        if not is_id(slot):
             raise bad_request("InvalidRewardRequest", f"reward[{i}].slotId must be a slot id")
         if not is_reward(value):
             raise bad_request(
