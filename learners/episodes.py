@@ -21,9 +21,9 @@ import zlib
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from learners.sandbox import RemoteTrainer, TrainerHost
+from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost
 from service import store
 from service.models import Joined, Loop
 
@@ -112,6 +112,48 @@ def train_episodes(
     )
     store.notify_models(session, [loop.name])
     return learner, model
+
+
+@dataclass
+class Trained:
+    learner: EpisodeLearner | None  # None: the loop is gone, or the learning process died
+    model: bytes | None  # a new model, if anything was learned
+    crashed: bool = False  # the learning process died: every trainer in it is lost
+
+
+def train_in_turn(
+    sessions: sessionmaker[Session],
+    *,
+    loop: str,
+    learner: EpisodeLearner | None,
+    now: float,
+    host: TrainerHost,
+    careful: bool,
+) -> Trained:
+    """`train_episodes` for a worker, in a transaction of its own. `careful` (the learning
+    process died on this loop's episodes before): one episode, and if the process dies on it
+    too, that episode is dead-lettered (poison_episode)."""
+    try:
+        with sessions.begin() as session:
+            row = session.get(Loop, loop)
+            if row is None:
+                return Trained(None, None)
+            learner, model = train_episodes(
+                session,
+                row,
+                learner,
+                arguments=row.policy["arguments"],
+                now=now,
+                host=host,
+                limit=1 if careful else 1000,
+            )
+        return Trained(learner, model)
+    except NativeCrash as exc:
+        if careful:
+            with sessions.begin() as session:
+                reason = f"native crash while learning the episode: {exc}"
+                poison_episode(session, loop=loop, reason=reason, now=now)
+        return Trained(None, None, crashed=True)
 
 
 def poison_episode(session: Session, *, loop: str, reason: str, now: float) -> bool:

@@ -23,9 +23,9 @@ from typing import Any
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
-from learners.episodes import EpisodeLearner, poison_episode, train_episodes
+from learners.episodes import EpisodeLearner, train_in_turn
 from learners.join_worker import SeekToStored, offset_name, read_joined
-from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost
+from learners.sandbox import RemoteTrainer, TrainerHost, learn_in_turn
 from learners.vw import with_exploration
 from service import store
 from service.background import keep_running
@@ -126,27 +126,18 @@ class LearnWorker:
         """Learn a loop's lines of this poll (one per call where a crash happened before);
         False if the learning process died (every learner then restarts from its checkpoint)."""
         learner = self.learners[name]
-        careful_until = self.careful.get(name, 0)
-        chunks = [[item] for item in lines if item[0] <= careful_until]
-        rest = [item for item in lines if item[0] > careful_until]
-        if rest:
-            chunks.append(rest)
-        for chunk in chunks:
-            try:
-                refused = learner.trainer.learn_lines([line for _, line in chunk])
-            except NativeCrash as exc:
-                if len(chunk) == 1:
-                    pos, line = chunk[0]
-                    self._dead_letter(name, pos, line, f"native crash while learning: {exc}")
-                else:
-                    log.error("the learning process died on %s; retrying line by line", name)
-                    self.careful[name] = chunk[-1][0]
-                return False
-            for i, reason in refused:
-                pos, line = chunk[i]
-                self._dead_letter(name, pos, line, f"Vowpal Wabbit refused it: {reason}")
-        if careful_until and learner.pos >= careful_until:
-            self.careful.pop(name, None)
+        result = learn_in_turn(learner.trainer, lines, self.careful.get(name, 0))
+        for pos, line, why in result.refused:
+            self._dead_letter(name, pos, line, why)
+        if result.crashed:
+            if result.poison is not None:
+                self._dead_letter(name, *result.poison)
+            else:
+                log.error("the learning process died on %s; retrying line by line", name)
+                self.careful[name] = result.careful_until
+            return False
+        if name in self.careful and learner.pos >= self.careful[name]:
+            del self.careful[name]
         return True
 
     def _dead_letter(self, name: str, pos: int, line: str, reason: str) -> None:
@@ -265,32 +256,23 @@ class LearnWorker:
             names = [loop.name for loop in store.list_loops(session) if loop.kind == "rl"]
         for name in names:
             careful = name in self.rl_careful
-            try:
-                with self.sessions.begin() as session:
-                    loop = session.get(Loop, name)
-                    if loop is None:
-                        continue
-                    learner, model = train_episodes(
-                        session,
-                        loop,
-                        self.rl_learners.get(name),
-                        arguments=loop.policy["arguments"],
-                        now=self.clock(),
-                        host=self.host,
-                        limit=1 if careful else 1000,
-                    )
-            except NativeCrash as exc:
+            trained = train_in_turn(
+                self.sessions,
+                loop=name,
+                learner=self.rl_learners.get(name),
+                now=self.clock(),
+                host=self.host,
+                careful=careful,
+            )
+            if trained.crashed:
                 self.learners.clear()
                 self.rl_learners.clear()
-                if careful:
-                    with self.sessions.begin() as session:
-                        reason = f"native crash while learning the episode: {exc}"
-                        poison_episode(session, loop=name, reason=reason, now=self.clock())
-                else:
-                    self.rl_careful.add(name)
+                self.rl_careful.add(name)
                 continue
-            self.rl_learners[name] = learner
-            if model is not None:
+            if trained.learner is None:
+                continue
+            self.rl_learners[name] = trained.learner
+            if trained.model is not None:
                 log.info("published an RL model for %s", name)
             else:
                 self.rl_careful.discard(name)

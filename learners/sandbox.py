@@ -642,3 +642,39 @@ class RemoteTrainer:
     def close(self) -> None:
         if not self.lost:
             self.host.child.call("close", {"key": self.key})
+
+
+@dataclass
+class Learned:
+    """What `learn_in_turn` did with a batch of (position, line) items."""
+
+    refused: list[tuple[int, str, str]]  # (position, line, why) VW refused: dead-letter them
+    crashed: bool = False  # the learning process died: every trainer in it is lost
+    poison: tuple[int, str, str] | None = None  # the line it died on, when that was learned alone
+    careful_until: int = 0  # else: learn one line per call up to here, from the checkpoint
+
+
+def learn_in_turn(
+    trainer: RemoteTrainer, items: list[tuple[int, str]], careful_until: int = 0
+) -> Learned:
+    """Learn `items` (ascending positions): one call per line up to `careful_until` (after a
+    crash, to find the line that did it), the rest in one call. A crash on a lone line names
+    it; a crash on a batch says how far to go carefully next time. Either way the caller
+    rebuilds its trainers from their checkpoints: what they learned since is gone."""
+    chunks = [[item] for item in items if item[0] <= careful_until]
+    rest = [item for item in items if item[0] > careful_until]
+    if rest:
+        chunks.append(rest)
+    out = Learned([])
+    for chunk in chunks:
+        try:
+            refused = trainer.learn_lines([line for _, line in chunk])
+        except NativeCrash as exc:
+            out.crashed = True
+            if len(chunk) == 1:
+                out.poison = (*chunk[0], f"native crash while learning: {exc}")
+            else:
+                out.careful_until = chunk[-1][0]
+            return out
+        out.refused += [(*chunk[i], f"Vowpal Wabbit refused it: {why}") for i, why in refused]
+    return out

@@ -34,12 +34,11 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from learners.episodes import EpisodeLearner, poison_episode, train_episodes
-from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost
+from learners.episodes import EpisodeLearner, train_in_turn
+from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost, learn_in_turn
 from service import store
 from service.background import keep_running, lower_thread_priority
 from service.log import LocalLog, record_time
-from service.models import Joined, Loop
 from service.runtime import LoopRuntime, Registry
 
 log = logging.getLogger("dloop.worker")
@@ -243,7 +242,7 @@ class EmbeddedWorker:
         if rt.kind == "rl":
             due = final or now - self.rl_trained_at.get(name, 0.0) >= rt.settings.export_every
             if name in self.rl_due and due:
-                busy |= self._train_episodes(name, rt, now)
+                busy |= self._train_episodes(name, now)
             return busy
         if name in self.to_learn:
             busy |= self._learn(name, rt, now)
@@ -373,93 +372,74 @@ class EmbeddedWorker:
         if not rows:
             self.to_learn.discard(name)
             return False
-        careful_until = self.careful.get(name, 0)
-        batch: list[Joined] = []
-        for row in rows:
-            if not store.trainable(row) or row.seq in learner.skip:
-                continue
-            if row.seq <= careful_until:
-                if not self._learn_rows(name, learner, [row], now):
-                    return True
-            else:
-                batch.append(row)
-        if batch and not self._learn_rows(name, learner, batch, now):
+        items = [
+            (row.seq, row.line)
+            for row in rows
+            if store.trainable(row) and row.seq not in learner.skip
+        ]
+        if not self._learn_items(name, learner, items, now):
             return True
         learner.learned_seq = rows[-1].seq
-        if learner.learned_seq >= careful_until:
+        if learner.learned_seq >= self.careful.get(name, 0):
             self.careful.pop(name, None)
         more = len(rows) >= self.batch_size
         if not more:
             self.to_learn.discard(name)
         return more
 
-    def _learn_rows(self, name: str, learner: LoopLearner, rows: list[Joined], now: float) -> bool:
-        """Learn `rows` in one call; False if the learning process died doing it (the loop then
-        relearns from its checkpoint, carefully)."""
-        try:
-            refused = learner.trainer.learn_lines([row.line for row in rows])
-        except NativeCrash as exc:
-            self._lost_trainers()
-            if len(rows) == 1:
-                self._dead_letter(name, rows[0], f"native crash while learning: {exc}", now)
-                learner.skip.add(rows[0].seq)
-            else:
-                log.error("the learning process died on a batch of %s; retrying line by line", name)
-                self.careful[name] = rows[-1].seq
-            return False
-        for i, reason in refused:
-            self._dead_letter(name, rows[i], f"Vowpal Wabbit refused it: {reason}", now)
-        return True
+    def _learn_items(
+        self, name: str, learner: LoopLearner, items: list[tuple[int, str]], now: float
+    ) -> bool:
+        """Learn (seq, line) items; False if the learning process died doing it (the loop
+        then relearns from its checkpoint, carefully)."""
+        result = learn_in_turn(learner.trainer, items, self.careful.get(name, 0))
+        for seq, line, why in result.refused:
+            self._dead_letter(name, seq, line, why, now)
+        if not result.crashed:
+            return True
+        self._lost_trainers()
+        if result.poison is not None:
+            self._dead_letter(name, *result.poison, now)
+        else:
+            log.error("the learning process died on a batch of %s; retrying line by line", name)
+            self.careful[name] = result.careful_until
+        return False
 
-    def _dead_letter(self, name: str, row: Joined, reason: str, now: float) -> None:
+    def _dead_letter(self, name: str, seq: int, line: str, reason: str, now: float) -> None:
         with self.sessions.begin() as session:
             store.dead_letter(
-                session,
-                source=SOURCE,
-                loop=name,
-                ref=row.seq,
-                record=row.line,
-                reason=reason,
-                now=now,
+                session, source=SOURCE, loop=name, ref=seq, record=line, reason=reason, now=now
             )
         self.dead_lettered += 1
-        log.warning("loop %s: joined event %s moved to dead_letters (%s)", name, row.seq, reason)
+        log.warning("loop %s: joined event %s moved to dead_letters (%s)", name, seq, reason)
 
-    def _train_episodes(self, name: str, rt: LoopRuntime, now: float) -> bool:
+    def _train_episodes(self, name: str, now: float) -> bool:
         """RL loops: learn complete episodes and publish the model (learners.episodes)."""
         self.rl_trained_at[name] = now
         careful = name in self.rl_careful
-        try:
-            with self.sessions.begin() as session:
-                loop = session.get(Loop, name)
-                if loop is None:
-                    return False
-                learner, model = train_episodes(
-                    session,
-                    loop,
-                    self.rl_learners.get(name),
-                    arguments=rt.arguments,
-                    now=now,
-                    host=self.host,
-                    limit=1 if careful else 1000,
-                )
-        except NativeCrash as exc:
+        trained = train_in_turn(
+            self.sessions,
+            loop=name,
+            learner=self.rl_learners.get(name),
+            now=now,
+            host=self.host,
+            careful=careful,
+        )
+        if trained.crashed:
             self._lost_trainers()
             if careful:
-                with self.sessions.begin() as session:
-                    reason = f"native crash while learning the episode: {exc}"
-                    poison_episode(session, loop=name, reason=reason, now=now)
-                self.dead_lettered += 1
-            else:
-                self.rl_careful.add(name)
+                self.dead_lettered += 1  # the episode it died on twice
+            self.rl_careful.add(name)
             self.rl_trained_at[name] = 0.0
             return True
-        self.rl_learners[name] = learner
-        if model is None:
+        if trained.learner is None:
+            return False
+        self.rl_learners[name] = trained.learner
+        if trained.model is None:
             self.rl_due.discard(name)
             self.rl_careful.discard(name)
             return False
-        self.registry.publish(name, model, learner.model_id)
+        self.registry.publish(name, trained.model, trained.learner.model_id)
         self.rl_trained_at[name] = 0.0  # more may be waiting: look again at once
         return True
 
@@ -527,9 +507,12 @@ class EmbeddedWorker:
                     rows = store.joined_between(
                         session, loop=name, since=retrain_since, until_seq=seq
                     )
-                trainable = [r for r in rows if store.trainable(r) and r.seq not in learner.skip]
-                # A crash here fails the API call; the loop relearns carefully on its own.
-                self._learn_rows(name, learner, trainable, now)
+                items = [
+                    (r.seq, r.line)
+                    for r in rows
+                    if store.trainable(r) and r.seq not in learner.skip
+                ]
+                self._learn_items(name, learner, items, now)  # after a crash: carefully, later
                 if learner.trainer.examples and not learner.trainer.lost:
                     self._export(name, learner, now)
                     model_id = self.registry.loops[name].model_id

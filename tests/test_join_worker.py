@@ -9,6 +9,8 @@ from pathlib import Path
 
 import orjson
 from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.pipeline import records
 from learners.join_worker import JoinWorker
@@ -16,25 +18,32 @@ from service import kafka, store
 from service.db import make_engine, make_sessionmaker
 from service.migrate import upgrade
 from service.models import Joined, Loop
-from service.settings import load_settings
+from service.settings import Settings, load_settings
 from tests.conftest import Broker, FakeClock
 
 
-def test_a_lagging_joiner_reads_the_rewards_before_closing_their_windows(
-    postgres_url: str, kafka_broker: Broker
-) -> None:
+def pipeline(
+    postgres_url: str, kafka_broker: Broker, *, partitions: int
+) -> tuple[Settings, Engine, sessionmaker[Session]]:
+    """Settings for a migrated database and fresh topics on the broker, and sessions on it."""
     upgrade(postgres_url)
     settings = load_settings(
         db={"url": postgres_url},
         kafka={
             "bootstrap_servers": kafka_broker.address,
-            "topic_prefix": f"j{uuid.uuid4().hex[:8]}",
-            "partitions": 2,
+            "topic_prefix": f"t{uuid.uuid4().hex[:8]}",
+            "partitions": partitions,
         },
     )
     kafka.ensure_topics(settings)
     engine = make_engine(postgres_url)
-    sessions = make_sessionmaker(engine)
+    return settings, engine, make_sessionmaker(engine)
+
+
+def test_a_lagging_joiner_reads_the_rewards_before_closing_their_windows(
+    postgres_url: str, kafka_broker: Broker
+) -> None:
+    settings, engine, sessions = pipeline(postgres_url, kafka_broker, partitions=2)
     start = time.time()
     with sessions.begin() as session:
         loop = store.ensure_loop(session, name="default", kind="cb", now=start)
@@ -120,18 +129,7 @@ def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
     from service.models import DeadLetter, ModelCheckpoint
     from tests.test_hostile import dsjson
 
-    upgrade(postgres_url)
-    settings = load_settings(
-        db={"url": postgres_url},
-        kafka={
-            "bootstrap_servers": kafka_broker.address,
-            "topic_prefix": f"l{uuid.uuid4().hex[:8]}",
-            "partitions": 1,
-        },
-    )
-    kafka.ensure_topics(settings)
-    engine = make_engine(postgres_url)
-    sessions = make_sessionmaker(engine)
+    settings, engine, sessions = pipeline(postgres_url, kafka_broker, partitions=1)
     with sessions.begin() as session:
         store.ensure_loop(session, name="default", kind="cb", now=time.time())
     good = dsjson([{"time": "noon"}])
