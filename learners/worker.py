@@ -62,11 +62,14 @@ class LoopLearner:
 
 @dataclass
 class LoopHealth:
-    """A loop whose last pass failed: since when, how often in a row, and why."""
+    """A loop whose last pass failed: since when, how often in a row, why, and when it is tried
+    again (backing off: a loop that keeps failing, or keeps crashing the learning process and
+    with it every loop's unsaved learning, costs the others little)."""
 
     since: float
     failures: int
     error: str
+    retry_at: float
 
 
 class EmbeddedWorker:
@@ -176,6 +179,9 @@ class EmbeddedWorker:
                 # closes while its reward is still unread.
                 now = min(now, self.read_until)
             for name in self._active(now, final):
+                health = self.failing.get(name)
+                if health is not None and health.retry_at > self.clock() and not final:
+                    continue  # failing: tried again later
                 rt = self.registry.get(name)
                 if rt is None:  # deleted
                     self._forget(name)
@@ -256,12 +262,13 @@ class EmbeddedWorker:
             self._lost_trainers()
         health = self.failing.get(name)
         message = f"{type(exc).__name__}: {exc}"[:500]
+        now = self.clock()
         if health is None:
-            self.failing[name] = LoopHealth(self.clock(), 1, message)
+            health = self.failing[name] = LoopHealth(now, 0, message, now)
             log.exception("loop %s failed; other loops go on", name, exc_info=exc)
-        else:
-            health.failures += 1
-            health.error = message
+        health.failures += 1
+        health.error = message
+        health.retry_at = now + min(300.0, self.tick * 2**health.failures)
 
     def _forget(self, name: str) -> None:
         assert self.due is not None

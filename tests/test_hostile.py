@@ -290,6 +290,12 @@ def test_a_loop_that_cannot_learn_is_reported_and_the_others_learn(harness: Any)
     assert [f["loop"] for f in failing] == ["broken"] and "no_such_option" in failing[0]["error"]
     metrics = h.client.get("/metrics", headers=AUTH).text
     assert 'dloop_learner_failing{loop="broken"} 1' in metrics
+    # it backs off: passes right after skip it, a later one tries it again
+    h.work()
+    assert h.dloop.worker is not None and h.dloop.worker.failing["broken"].failures == 1
+    h.clock.advance(10)
+    h.work()
+    assert h.dloop.worker.failing["broken"].failures == 2
 
 
 def test_a_loop_deleted_during_a_pass_stops_nothing(
