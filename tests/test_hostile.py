@@ -91,13 +91,15 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """`dloop up` in a process of its own; a test may add settings (indirect parametrize)."""
     port = free_port()
     data_dir = tmp_path / "data"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("DLOOP_")},
         "DLOOP_API_KEY": KEY,
         "DLOOP_LEARNER__TICK_SECONDS": "0.05",
+        **getattr(request, "param", {}),
     }
     with open(tmp_path / "server.err", "wb") as err:
         process = subprocess.Popen(
@@ -346,3 +348,29 @@ def test_a_namespace_named_past_ascii_is_a_400_not_a_crash(server: Server, conte
         assert "namespace names must start with an ASCII character" in r.text
     assert server.rank(body("fine", [{"é": 1, "ns": {"x": "ü"}}])).status_code == 201
     assert server.alive()
+
+
+@pytest.mark.parametrize(
+    "server",
+    [{"DLOOP_LIMITS__MAX_CONNECTIONS": "4", "DLOOP_LIMITS__KEEP_ALIVE": "1"}],
+    indirect=True,
+)
+def test_connections_are_limited_and_idle_ones_closed(server: Server) -> None:
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+    try:
+        r = httpx.get(server.url + "/healthz", timeout=10)
+        assert r.status_code == 503, r.text  # the limit is reached: refused, not queued
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: httpx.get(server.url + "/healthz", timeout=10).status_code == 200)
+    # a keep-alive connection left idle is closed by the server after DLOOP_LIMITS__KEEP_ALIVE
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert s.recv(4096) == b""  # closed by the server
+        assert time.monotonic() - started < 5
