@@ -121,13 +121,19 @@ class Host:
             trainer.close()
 
     def op_parse(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
-        """Parse one example with `args` (the parser fuzzer)."""
+        """Parse examples (one per line) with `args`; (index, message) of those VW refused (the
+        parser fuzzer)."""
         ws = vw.workspace(header["args"])
+        refused: list[tuple[int, str]] = []
         try:
-            vw.parse_only(ws, blob.decode())
+            for i, text in enumerate(blob.decode().split("\n")):
+                try:
+                    vw.parse_only(ws, text)
+                except Exception as exc:
+                    refused.append((i, f"{type(exc).__name__}: {exc}"[:1000]))
         finally:
             ws.finish()
-        return None, b""
+        return refused, b""
 
     # ---- learning ----
 

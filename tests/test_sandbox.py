@@ -191,47 +191,64 @@ def test_no_feature_a_client_can_send_crashes_vw() -> None:
     its DSJSON parser while learning (the learner), in child processes: none may crash.
     `make fuzz` (DLOOP_FUZZ=long; DLOOP_FUZZ_EXAMPLES sets how many) adds random nests of them."""
     long = os.environ.get("DLOOP_FUZZ") == "long"
-    extra = int(os.environ.get("DLOOP_FUZZ_EXAMPLES", 20_000 if long else 0))
+    extra = int(os.environ.get("DLOOP_FUZZ_EXAMPLES", 200_000 if long else 0))
     cases = examples(None, 0) + (examples(extra, random.randrange(1 << 30)) if extra else [])
-    child = Child()
-    host = TrainerHost(nice=0)
-    trainer = host.open("fuzz", kind="cb", args=DEFAULT_POLICY)
-    checked = 0
-    try:
-        for where, ctx, act, slot in cases:
-            try:
-                context, _ = clean_features(ctx, "contextFeatures", required=False)
-                action, _ = clean_features(act, "actions[0].features", required=True)
-                slot_f, _ = clean_features(slot, "slots[0].features", required=False)
-            except FeatureError:
-                continue  # a 400 at the API: never reaches VW
-            actions = [("x", action), ("y", [{"ok": 2}])]
-            text = context_json(context, actions)
-            ccb = orjson.dumps(ccb_context(context, actions, [("s", slot_f, [0, 1])]))
-            line = cb_line(
+    named: list[str] = []
+    inputs: dict[str, list[str]] = {"--cb_explore_adf --json": [], "--ccb_explore_adf --json": []}
+    lines: list[str] = []
+    for where, ctx, act, slot in cases:
+        try:
+            context, _ = clean_features(ctx, "contextFeatures", required=False)
+            action, _ = clean_features(act, "actions[0].features", required=True)
+            slot_f, _ = clean_features(slot, "slots[0].features", required=False)
+        except FeatureError:
+            continue  # a 400 at the API: never reaches VW
+        actions = [("x", action), ("y", [{"ok": 2}])]
+        text = context_json(context, actions)
+        named.append(where)
+        inputs["--cb_explore_adf --json"].append(text.decode())
+        ccb = orjson.dumps(ccb_context(context, actions, [("s", slot_f, [0, 1])]))
+        inputs["--ccb_explore_adf --json"].append(ccb.decode())
+        lines.append(
+            cb_line(
                 event_id="e", timestamp="2026-01-01T00:00:00.000Z", context=text,
                 ranking=[0, 1], probabilities=[0.5, 0.5], model_id="m", cost=-1.0,
                 original_cost=-1.0,
-            ).decode()  # fmt: skip
-            for args, blob in (
-                ("--cb_explore_adf --json", text),
-                ("--ccb_explore_adf --json", ccb),
-            ):
-                try:
-                    child.call("parse", {"args": args}, blob, timeout=30)
-                except RemoteError:
-                    pass  # VW refused it: a 400, not a crash
-                except NativeCrash as exc:
-                    pytest.fail(f"VW crashed parsing {where}: {exc}")
+            ).decode()
+        )  # fmt: skip
+    assert len(named) > 3000
+
+    def first_crash(run: Any, items: list[str]) -> None:
+        """Run `items` in batches; on a crash, one by one in fresh children, to name it."""
+        for start in range(0, len(items), 500):
+            batch = items[start : start + 500]
             try:
-                trainer.learn_lines([line])
-            except NativeCrash as exc:
-                pytest.fail(f"VW crashed learning {where}: {exc}")
-            checked += 1
+                run(batch)
+            except NativeCrash:
+                for i, item in enumerate(batch):
+                    try:
+                        run([item])
+                    except NativeCrash as exc:
+                        pytest.fail(f"VW crashed on {named[start + i]}: {exc}")
+
+    for args, texts in inputs.items():
+        child = Child()
+
+        def parse(batch: list[str], child: Child = child, args: str = args) -> Any:
+            return child.call("parse", {"args": args}, "\n".join(batch).encode())
+
+        try:
+            first_crash(parse, texts)
+        finally:
+            child.close()
+    host = TrainerHost(nice=0)
+    try:
+        first_crash(
+            lambda batch: host.open("fuzz", kind="cb", args=DEFAULT_POLICY).learn_lines(batch),
+            lines,
+        )
     finally:
-        child.close()
         host.close()
-    assert checked > 3000
 
 
 def test_the_fuzzer_would_see_a_crash() -> None:
