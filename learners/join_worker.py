@@ -3,11 +3,12 @@ publish joined interactions to the joined topic.
 
 Exactly once: each poll's records are ingested together with the partition offsets they reach
 in one database transaction (decisions keyed by eventId, observations by uid, so a record seen
-twice is stored once); Kafka offsets are committed only after that, and on assignment the
-consumer seeks to the offsets in the database, so a crash between the two neither loses nor
-repeats a record. Joins take their rows with SKIP LOCKED, so joiners scale out. Joined rows
-leave through an outbox: one joiner at a time gives them gap-free per-loop positions, then they
-are published and marked; a row published twice keeps its position and learners skip it.
+twice is stored once); Kafka offsets are committed only after that, and on assignment or after
+a failed step the consumer seeks back to the offsets in the database (service.consumer), so
+neither a crash nor an outage loses or repeats a record. Joins take their rows with SKIP LOCKED,
+so joiners scale out. Joined rows leave through an outbox: one joiner at a time gives them
+gap-free per-loop positions, then they are published and marked; a row published twice keeps
+its position and learners skip it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import kafka, store
-from service.background import keep_running
+from service.background import is_transient, keep_running
+from service.consumer import StoredOffsets, offset_name
 from service.log import record_time
 
 log = logging.getLogger("dloop.join")
@@ -47,29 +48,6 @@ def read_joined(value: bytes) -> list[tuple[int, bool, str]]:
         pos, learn, line = item.split(b" ", 2)
         out.append((int(pos), learn == b"1", line.decode()))
     return out
-
-
-def offset_name(kind: str, tp: TopicPartition) -> str:
-    return f"{kind}:{tp.topic}:{tp.partition}"
-
-
-class SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
-    """On assignment, continue from the offsets stored with the data, not Kafka's commits."""
-
-    def __init__(self, consumer: Any, sessions: sessionmaker[Session], kind: str) -> None:
-        self.consumer = consumer
-        self.sessions = sessions
-        self.kind = kind
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        pass
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        with self.sessions() as session:
-            for tp in assigned:
-                stored = store.stored_offset(session, name=offset_name(self.kind, tp))
-                if stored is not None:
-                    self.consumer.seek(tp, stored)
 
 
 class JoinWorker:
@@ -96,18 +74,32 @@ class JoinWorker:
         # Event time of the last record read from each partition.
         self.read_until: dict[Any, float] = {}
         self._stop = threading.Event()
-        consumer.subscribe([events_topic], listener=SeekToStored(consumer, sessions, "join"))
+        # Nothing to drop on a rewind: a poll's records are ingested in one transaction with
+        # their offsets, and `read_until` moves only after it committed.
+        self.source = StoredOffsets(
+            consumer, sessions, kind="join", topic=events_topic, drop=lambda: None
+        )
 
     def run(self) -> None:
-        keep_running(self._stop, self.run_once, what="join pass", logger=log)
-        self.consumer.close()
+        """Until stopped; an outage rewinds and retries, a bug raises (service.background)."""
+        try:
+            keep_running(
+                self._stop,
+                self.run_once,
+                what="join pass",
+                logger=log,
+                recover=self.source.rewind,
+                transient=is_transient,
+            )
+        finally:
+            self.consumer.close()
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def run_once(self, poll_ms: int = 500) -> int:
         """Ingest one poll, join what is due, publish joined rows; returns records ingested."""
-        batch = self.consumer.poll(timeout_ms=poll_ms, max_records=self.batch_size)
+        batch = self.source.poll(timeout_ms=poll_ms, max_records=self.batch_size)
         count = sum(len(m) for m in batch.values())
         if batch:
             now = self.clock()
@@ -122,7 +114,8 @@ class JoinWorker:
                     store.set_offset(
                         session, name=offset_name("join", tp), offset=msgs[-1].offset + 1
                     )
-                    self.read_until[tp] = record_time(msgs[-1].value)
+            for tp, msgs in batch.items():
+                self.read_until[tp] = record_time(msgs[-1].value)
             self.consumer.commit(
                 {tp: OffsetAndMetadata(msgs[-1].offset + 1, None, -1) for tp, msgs in batch.items()}
             )

@@ -4,10 +4,12 @@ A loop's joined stream lives in one partition (keyed by loop), so a loop has one
 time and learners scale out on partitions. Every tick (the smallest modelExportFrequency of the
 loops, at least 1 s) the learner writes, in one database transaction, the model bytes of every
 loop that learned something, with the stream position they include, and the partition offsets
-it has consumed; then it commits the offsets to Kafka. On assignment it seeks to the stored
-offsets and rebuilds each loop from its checkpoint, skipping positions the model already
-includes, so a crash or rebalance neither loses nor double-learns an event. Serving replicas
-pick a new model up from the database within about a second.
+it has consumed; then it commits the offsets to Kafka. Whenever the assignment changes or a step
+fails on an outage, it drops every model it has not checkpointed, seeks to the stored offsets
+(service.consumer) and rebuilds each loop from its checkpoint, skipping positions the model
+already includes, so a crash, an outage or a rebalance neither loses nor double-learns an
+event (a rebalance costs at most a tick of learning again). Serving replicas pick a new model
+up from the database within about a second.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.episodes import EpisodeLearner, train_in_turn
-from learners.join_worker import SeekToStored, offset_name, read_joined
+from learners.join_worker import read_joined
 from learners.sandbox import RemoteTrainer, TrainerHost, learn_in_turn
 from learners.vw import with_exploration
 from service import store
-from service.background import keep_running
+from service.background import is_transient, keep_running
+from service.consumer import StoredOffsets, offset_name
 from service.models import Loop, ModelCheckpoint
 
 log = logging.getLogger("dloop.learn")
@@ -74,18 +77,26 @@ class LearnWorker:
         self._tick_read_at = 0.0
         self._tick_value = 0.0
         self._stop = threading.Event()
-        consumer.subscribe([joined_topic], listener=_Rebalance(self))
+        # False from a poll until the step that made it is done: only then do the learners'
+        # models and `offsets` agree, and only then may they be checkpointed.
+        self.consistent = True
+        self.source = StoredOffsets(
+            consumer, sessions, kind="learn", topic=joined_topic, drop=self._drop
+        )
 
     def run(self) -> None:
+        """Until stopped; an outage rewinds and retries, a bug raises (service.background)."""
         try:
             keep_running(
                 self._stop,
                 self.run_once,
                 what="learn pass",
                 logger=log,
-                on_error=self.learners.clear,  # rebuild from the last checkpoint
+                recover=self.source.rewind,  # every learner rebuilds from its checkpoint
+                transient=is_transient,
             )
-            self.checkpoint()
+            if self.consistent:
+                self.checkpoint()
         finally:
             self.consumer.close()
             self.host.close()
@@ -94,7 +105,8 @@ class LearnWorker:
         self._stop.set()
 
     def run_once(self, poll_ms: int = 200) -> int:
-        batch = self.consumer.poll(timeout_ms=poll_ms, max_records=self.batch_size)
+        batch = self.source.poll(timeout_ms=poll_ms, max_records=self.batch_size)
+        self.consistent = False
         count = 0
         by_key: dict[bytes, StreamLearner | None] = {}
         work: dict[str, list[tuple[int, str]]] = {}
@@ -116,8 +128,9 @@ class LearnWorker:
             self.offsets[tp] = messages[-1].offset + 1
         for name, lines in work.items():
             if not self._learn(name, lines):
-                self._rewind()
+                self.source.rewind()  # poll() has moved past what was not yet saved
                 return count
+        self.consistent = True
         if self.clock() - self.checkpointed_at >= self._tick():
             self.checkpoint()
         return count
@@ -153,20 +166,13 @@ class LearnWorker:
             )
         log.warning("loop %s: joined position %s moved to dead_letters (%s)", name, pos, reason)
 
-    def _rewind(self) -> None:
-        """The learning process died: drop every learner (they rebuild from their checkpoints)
-        and go back to the offsets stored with those checkpoints, since poll() has moved past
-        what this learner had not yet saved."""
+    def _drop(self) -> None:
+        """Forget everything not checkpointed: every learner rebuilds from its checkpoint, and
+        the consumer goes back to the offsets stored with them (StoredOffsets.rewind)."""
         self.learners.clear()
         self.rl_learners.clear()
         self.offsets.clear()
-        with self.sessions() as session:
-            for tp in self.consumer.assignment():
-                stored = store.stored_offset(session, name=offset_name("learn", tp))
-                if stored is not None:
-                    self.consumer.seek(tp, stored)
-                else:  # nothing checkpointed from this partition yet: from its start
-                    self.consumer.seek_to_beginning(tp)
+        self.consistent = True
 
     def _tick(self) -> float:
         if self.clock() - self._tick_read_at < 10 and self._tick_value:
@@ -206,10 +212,9 @@ class LearnWorker:
         self.learners[name] = learner
         return learner
 
-    def checkpoint(self, *, commit: bool = True) -> None:
-        """Save changed models and consumed offsets in one transaction, then commit offsets
-        to Kafka too (`commit`; not from a rebalance callback, which runs on kafka-python's IO
-        thread and may not block: the offsets in the database are the ones resumed from)."""
+    def checkpoint(self) -> None:
+        """Save changed models and consumed offsets in one transaction, then commit the offsets
+        to Kafka too (for monitoring: the offsets in the database are the ones resumed from)."""
         now = self.clock()
         self.checkpointed_at = now
         published: list[str] = []
@@ -240,7 +245,7 @@ class LearnWorker:
                 store.set_offset(session, name=offset_name("learn", tp), offset=offset)
             if published:
                 store.notify_models(session, published)
-        if commit and self.offsets:
+        if self.offsets:
             self.consumer.commit(
                 {tp: OffsetAndMetadata(offset, None, -1) for tp, offset in self.offsets.items()}
             )
@@ -298,17 +303,3 @@ class LearnWorker:
         for _, reason in learner.trainer.learn_lines(lines):
             log.warning("loop %s: a joined row VW refused on adopting a model: %s", name, reason)
         ckpt.learned_seq = learner.pos
-
-
-class _Rebalance(SeekToStored):
-    def __init__(self, worker: LearnWorker) -> None:
-        super().__init__(worker.consumer, worker.sessions, "learn")
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        # Another learner takes these loops over: hand them on at a consistent point.
-        try:
-            self.worker.checkpoint(commit=False)
-        finally:
-            self.worker.learners.clear()
-            self.worker.offsets.clear()

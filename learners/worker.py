@@ -31,13 +31,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.episodes import EpisodeLearner, train_in_turn
 from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost, learn_in_turn
 from service import store
-from service.background import keep_running, lower_thread_priority
+from service.background import is_transient, keep_running, lower_thread_priority
 from service.log import LocalLog, record_time
 from service.runtime import LoopRuntime, Registry
 
@@ -134,7 +133,8 @@ class EmbeddedWorker:
         sys.setswitchinterval(0.0005)
         self.started = self.running = True
         try:
-            # A failed pass (a locked or restarting database) commits nothing: retry it later.
+            # A pass that failed on an outage (a locked or restarting database) is abandoned and
+            # its learning forgotten (`_recover`); a bug stops the worker (/readyz then 503).
             keep_running(
                 self._stop,
                 self.run_once,
@@ -143,6 +143,8 @@ class EmbeddedWorker:
                 idle=self.tick,
                 backoff=self.tick,
                 max_backoff=5.0,
+                recover=self._recover,
+                transient=is_transient,
             )
             self.run_once(final=True)
         finally:
@@ -188,10 +190,10 @@ class EmbeddedWorker:
                     continue
                 try:
                     busy |= self._work(name, rt, now, final)
-                except SQLAlchemyError:
-                    raise  # the database is away: the whole pass retries
                 except Exception as exc:
-                    self._fail(name, exc)
+                    if is_transient(exc) and not isinstance(exc, NativeCrash):
+                        raise  # the database is away: the whole pass is retried
+                    self._fail(name, exc)  # this loop's problem (a crash included): backs off
                     continue
                 self.failing.pop(name, None)
             self._evict(now)
@@ -258,8 +260,17 @@ class EmbeddedWorker:
         return busy
 
     def _fail(self, name: str, exc: Exception) -> None:
+        """The loop's work failed (not an outage): report it, back off, and forget what its
+        trainer learned since its checkpoint (the failure may have come between learning rows
+        and recording that they were learned)."""
         if isinstance(exc, NativeCrash):
             self._lost_trainers()
+        learner = self.learners.pop(name, None)
+        if learner is not None:
+            self._close(learner)
+            self.to_learn.add(name)
+        if self.rl_learners.pop(name, None) is not None:
+            self.rl_due.add(name)
         health = self.failing.get(name)
         message = f"{type(exc).__name__}: {exc}"[:500]
         now = self.clock()
@@ -282,6 +293,18 @@ class EmbeddedWorker:
         learner = self.learners.pop(name, None)
         if learner is not None:
             self._close(learner)
+
+    def _recover(self) -> None:
+        """After a pass failed on an outage: forget what was built in memory since the last
+        durable point. Each trainer rebuilds from its checkpoint and learns again what followed
+        (the pass may have failed between learning rows and recording that they were learned),
+        and which loops have work is read again from the database."""
+        with self._lock:
+            for learner in self.learners.values():
+                self._close(learner)
+            self.learners.clear()
+            self.rl_learners.clear()
+            self.due = None
 
     def _lost_trainers(self) -> None:
         """The learning process died: every trainer in it is gone. Each loop rebuilds from its

@@ -1,0 +1,427 @@
+"""Nothing lost on a transient failure: a step that fails after kafka-python's poll() returned
+records (the poll moved the consumer past them) must not skip them, and a worker that drops its
+in-memory state must not learn anything twice. The failures are made deterministic: a real
+database behind sessions that raise once, as a restarting Postgres does, at the moment that
+matters."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import kafka.errors as KafkaErrors
+import orjson
+import pytest
+from kafka import TopicPartition
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from benchmarks.pipeline import records
+from learners.join_worker import JoinWorker, joined_message, offset_name
+from learners.learn_worker import LearnWorker
+from service import kafka, store
+from service.db import make_sessionmaker
+from service.models import Decision, Joined, LogOffset, ModelCheckpoint
+from service.settings import Settings, load_settings
+from tests.conftest import AUTH, Broker, FakeClock, Harness
+from tests.test_faults import Traffic, configure
+from tests.test_hostile import body, dsjson
+from tests.test_join_worker import pipeline
+from tests.test_production import Stack, count, stack
+
+__all__ = ["stack"]  # the fixture
+
+
+class FlakySessions:
+    """Real sessions on the real database, except that the first transaction begun once `when()`
+    holds raises the OperationalError a restarting Postgres gives."""
+
+    def __init__(self, sessions: Any, when: Callable[[], bool]) -> None:
+        self._sessions = sessions
+        self.when = when
+        self.failed = 0
+
+    def __call__(self) -> Session:
+        s: Session = self._sessions()
+        return s
+
+    def begin(self) -> Any:
+        if not self.failed and self.when():
+            self.failed += 1
+            raise OperationalError(
+                "COMMIT", {}, Exception("server closed the connection unexpectedly")
+            )
+        return self._sessions.begin()
+
+
+class TellingConsumer:
+    """A real kafka-python consumer that says when a poll has returned records."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+        self.polled_records = False
+
+    def poll(self, *args: Any, **kwargs: Any) -> Any:
+        batch = self._consumer.poll(*args, **kwargs)
+        self.polled_records |= bool(batch)
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+@contextmanager
+def running(worker: Any) -> Iterator[threading.Thread]:
+    """`worker.run()` (the real loop, with its recovery) in a thread, stopped on exit."""
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        worker.request_stop()
+        thread.join(60)
+        assert not thread.is_alive(), "the worker did not stop"
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def topic_ends(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    """Each partition's end offset, as a fetch's high watermark says it (Tansu answers a
+    ListOffsets request for the latest offset with 1, so end_offsets() cannot be used)."""
+    probe = kafka.consumer(settings, group=None)
+    tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
+    probe.assign(tps)
+    probe.seek_to_beginning()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            probe.poll(timeout_ms=200, max_records=100_000)
+            highs = {tp: probe.highwater(tp) for tp in tps}
+            if all(h is not None and probe.position(tp) >= h for tp, h in highs.items()):
+                return {tp: int(h or 0) for tp, h in highs.items()}
+            assert time.monotonic() < deadline, f"could not read {topic} to its end"
+    finally:
+        probe.close()
+
+
+def stored_at_end(
+    sessions: sessionmaker[Session], settings: Settings, kind: str, topic: str
+) -> Callable[[], bool]:
+    """True once the offsets stored in the database reach the end of every partition."""
+    ends = topic_ends(settings, topic)
+    assert sum(ends.values()), f"{topic} is empty"
+
+    def check() -> bool:
+        with sessions() as session:
+            return all(
+                (store.stored_offset(session, name=offset_name(kind, tp)) or 0) >= end
+                for tp, end in ends.items()
+            )
+
+    return check
+
+
+def test_a_joiner_whose_database_fails_after_a_poll_ingests_every_record_once(
+    postgres_url: str, kafka_broker: Broker
+) -> None:
+    settings, engine, real_sessions = pipeline(postgres_url, kafka_broker, partitions=2)
+    start = time.time()
+    with real_sessions.begin() as session:
+        store.ensure_loop(session, name="default", kind="cb", now=start)
+    producer = kafka.producer(settings)
+    kafka.send_all(producer, kafka.events_topic(settings), records(40, start), timeout=10)
+    producer.close()
+    consumer = TellingConsumer(
+        kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.joiner")
+    )
+    # The first ingest transaction after a poll that returned records fails.
+    sessions = FlakySessions(real_sessions, lambda: consumer.polled_records)
+    joiner = JoinWorker(
+        sessions=sessions,  # type: ignore[arg-type]
+        consumer=consumer,
+        producer=kafka.producer(settings),
+        events_topic=kafka.events_topic(settings),
+        joined_topic=kafka.joined_topic(settings),
+        clock=FakeClock(start + 3600),  # every reward window has closed
+        batch_size=7,
+    )
+    at_end = stored_at_end(real_sessions, settings, "join", kafka.events_topic(settings))
+
+    def all_ingested_joined() -> bool:
+        with real_sessions() as session:
+            decisions = session.scalar(select(func.count()).select_from(Decision))
+            joined = session.scalar(select(func.count()).select_from(Joined))
+        return bool(decisions) and decisions == joined
+
+    try:
+        with running(joiner):
+            wait_for(at_end, "the joiner's stored offsets to reach the end of the topic")
+            wait_for(all_ingested_joined, "every ingested decision to be joined")
+    finally:
+        joiner.producer.close()
+    assert sessions.failed == 1
+    with real_sessions() as session:
+        decisions = session.scalars(select(Decision.event_id)).all()
+        rows = session.execute(select(Joined.event_id, Joined.line)).all()
+    assert sorted(decisions) == sorted(f"b{i}" for i in range(40))
+    assert len(rows) == 40
+    for event_id, line in rows:
+        assert orjson.loads(line)["_label_cost"] == -float(int(event_id[1:]) % 2), event_id
+    engine.dispose()
+
+
+def test_a_learner_whose_database_fails_after_a_poll_learns_every_row_once(
+    postgres_url: str, kafka_broker: Broker
+) -> None:
+    settings, engine, real_sessions = pipeline(postgres_url, kafka_broker, partitions=1)
+    with real_sessions.begin() as session:
+        store.ensure_loop(session, name="default", kind="cb", now=time.time())
+    rows = [(pos, True, dsjson([{"time": f"t{pos % 5}"}], f"e{pos}")) for pos in range(1, 31)]
+    producer = kafka.producer(settings)
+    messages = [(b"default", joined_message(rows[i : i + 5])) for i in range(0, 30, 5)]
+    kafka.send_all(producer, kafka.joined_topic(settings), messages, timeout=10)
+    producer.close()
+    consumer = TellingConsumer(
+        kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner")
+    )
+    # The first checkpoint after learning the first poll's rows fails.
+    sessions = FlakySessions(real_sessions, lambda: consumer.polled_records)
+    learner = LearnWorker(
+        sessions=sessions,  # type: ignore[arg-type]
+        consumer=consumer,
+        joined_topic=kafka.joined_topic(settings),
+        batch_size=3,  # several polls
+    )
+    at_end = stored_at_end(real_sessions, settings, "learn", kafka.joined_topic(settings))
+    with running(learner):
+        wait_for(at_end, "the learner's stored offsets to reach the end of the topic")
+    assert sessions.failed == 1
+    with real_sessions() as session:
+        ckpt = session.get(ModelCheckpoint, "default")
+        assert ckpt is not None, "nothing was checkpointed"
+        assert (ckpt.learned_seq, ckpt.examples) == (30, 30)  # every row, once
+    engine.dispose()
+
+
+def test_the_embedded_worker_whose_database_fails_mid_learning_learns_every_row_once(
+    harness: Harness,
+) -> None:
+    """The embedded worker reads its log offset inside the ingest transaction, so it cannot
+    skip records; but a pass that fails after the trainer learned (here: writing the dead
+    letter of a line VW refused) must not leave those lines learned in memory to be learned
+    again."""
+    h = harness
+    h.configure(rewardWaitTime="PT1S", modelExportFrequency="PT1S")
+    worker = h.dloop.worker
+    assert worker is not None
+    with h.dloop.sessions.begin() as session:  # joined seq 1: a line VW refuses
+        session.add(
+            Joined(
+                loop="default",
+                event_id="p1",
+                created_at=h.clock(),
+                joined_at=h.clock(),
+                mode="Online",
+                learnable=True,
+                reward=1.0,
+                rewarded=True,
+                imitated=False,
+                line=dsjson([{"_multi": []}]),
+                published=False,
+            )
+        )
+    for i in range(3):
+        assert (
+            h.client.post(
+                "/personalizer/v1.0/rank", json=body(f"e{i}", [{"a": i}]), headers=AUTH
+            ).status_code
+            == 201
+        )
+        h.reward(f"e{i}", 1.0)
+    h.clock.advance(5)
+
+    def learned_something() -> bool:
+        learner = worker.learners.get("default")
+        return learner is not None and learner.trainer.examples > 0
+
+    worker.sessions = FlakySessions(worker.sessions, learned_something)  # type: ignore[assignment]
+
+    def exported() -> bool:
+        with h.dloop.sessions() as session:
+            ckpt = session.get(ModelCheckpoint, "default")
+            return ckpt is not None and ckpt.learned_seq == 4
+
+    with running(worker):
+        wait_for(exported, "the loop's model to be exported")
+    assert worker.sessions.failed == 1  # type: ignore[attr-defined]
+    with h.dloop.sessions() as session:
+        ckpt = session.get(ModelCheckpoint, "default")
+        assert ckpt is not None and ckpt.examples == 3  # the three good rows, once
+
+
+# ---- the error taxonomy and the rebalance callbacks -------------------------------------------
+
+
+def test_an_outage_is_waited_out_and_recovered_from_and_a_bug_stops_the_worker() -> None:
+    from service.background import is_transient, keep_running
+
+    log = logging.getLogger("test")
+    stop = threading.Event()
+    calls: list[str] = []
+    outages = [
+        OperationalError("SELECT 1", {}, Exception("connection refused")),
+        KafkaErrors.CommitFailedError(),
+        KafkaErrors.KafkaTimeoutError(),
+    ]
+
+    def step() -> bool:
+        calls.append("step")
+        if outages:
+            raise outages.pop(0)
+        if calls.count("step") == 4:
+            raise KeyError("a bug")
+        return True
+
+    def recover() -> None:
+        calls.append("recover")
+        if calls.count("recover") == 1:  # the database is still away: retried later
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    with pytest.raises(KeyError):
+        keep_running(
+            stop, step, what="t", logger=log, backoff=0.001, recover=recover, transient=is_transient
+        )
+    # every failed step is followed by a recovery before the next step; the bug is not retried
+    assert calls == [
+        "step",
+        "recover",  # failed: the database is still away
+        "recover",
+        "step",
+        "recover",
+        "step",
+        "recover",
+        "step",  # the bug
+    ]
+    assert not is_transient(IntegrityError("INSERT", {}, Exception("duplicate key")))
+    assert not is_transient(ValueError())
+
+
+def test_rebalance_callbacks_only_do_bookkeeping(postgres_url: str, kafka_broker: Broker) -> None:
+    """kafka-python calls them inside poll(): they touch neither the database nor the models.
+    The learner drops its unsaved models and rewinds in its own step after the poll."""
+    settings, engine, real_sessions = pipeline(postgres_url, kafka_broker, partitions=1)
+
+    def no_database() -> bool:
+        raise AssertionError("a rebalance callback used the database")
+
+    learner = LearnWorker(
+        sessions=FlakySessions(real_sessions, no_database),  # type: ignore[arg-type]
+        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
+        joined_topic=kafka.joined_topic(settings),
+    )
+    try:
+        learner.learners["default"] = "unsaved"  # type: ignore[assignment]
+        tp = TopicPartition(kafka.joined_topic(settings), 0)
+        learner.source.on_partitions_revoked([tp])
+        learner.source.on_partitions_assigned([tp])
+        assert learner.learners == {"default": "unsaved"} and learner.source.changed
+    finally:
+        learner.consumer.close()
+        learner.host.close()
+        engine.dispose()
+
+
+# ---- end to end: Postgres restarted under load ------------------------------------------------
+
+
+def test_a_postgres_restart_mid_stream_loses_and_repeats_nothing(stack: Stack) -> None:
+    """`dloop serve` + `join` + `learn` under steady rank and reward traffic; Postgres restarts
+    once both workers are mid-stream. Every decision is joined exactly once with its reward and
+    learned exactly once, judged when the stored offsets reach the ends of both topics."""
+    configure(stack)
+    settings = load_settings(
+        kafka={
+            "bootstrap_servers": stack.env["DLOOP_KAFKA__BOOTSTRAP_SERVERS"],
+            "topic_prefix": stack.env["DLOOP_KAFKA__TOPIC_PREFIX"],
+            "partitions": int(stack.env["DLOOP_KAFKA__PARTITIONS"]),
+        }
+    )
+    engine = create_engine(stack.db_url, pool_pre_ping=True)
+    sessions = make_sessionmaker(engine)
+    n = 800
+    traffic = Traffic(stack, 0, n, pace=0.01)
+    traffic.start()
+
+    def stored(kind: str) -> int:
+        with sessions() as session:
+            rows = session.scalars(select(LogOffset.offset).where(LogOffset.name.like(f"{kind}:%")))
+            return sum(rows)
+
+    def mid_stream() -> bool:
+        # Both workers have consumed (and stored) records since they started, and traffic goes on.
+        return stored("join") > 0 and stored("learn") > 0 and traffic.is_alive()
+
+    wait_for(mid_stream, "the joiner and the learner to be mid-stream")
+    at_restart = (stored("join"), stored("learn"))
+    subprocess.run(
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart",
+        shell=True,
+        check=True,
+    )
+    traffic.join()
+    assert traffic.is_alive() is False and not traffic.errors, traffic.errors[:5]
+    assert stored("join") > at_restart[0] and stored("learn") > at_restart[1]
+    # Published to the end: the events topic is complete once both replicas' logs are empty.
+    wait_for(
+        lambda: all(stack.api("GET", "/readyz").json()["logBacklogBytes"] == 0 for _ in range(10)),
+        "the replicas to publish their logs",
+    )
+    wait_for(
+        stored_at_end(sessions, settings, "join", kafka.events_topic(settings)),
+        "the joiner to consume the events topic to its end",
+    )
+    wait_for(
+        lambda: count(stack.db_url, select(func.count()).select_from(Joined)) >= n,
+        "every decision to be joined",
+        timeout=90,
+    )
+    wait_for(
+        lambda: count(stack.db_url, select(func.count()).where(Joined.published.is_(False))) == 0,
+        "the joined rows to be published",
+    )
+    wait_for(
+        stored_at_end(sessions, settings, "learn", kafka.joined_topic(settings)),
+        "the learner to consume the joined topic to its end",
+    )
+    with sessions() as session:
+        rows = session.execute(select(Joined.event_id, Joined.reward)).all()
+        ckpt = session.get(ModelCheckpoint, "default")
+        last_pos = session.scalar(select(func.max(Joined.pos)))
+    assert len(rows) == n and len({e for e, _ in rows}) == n
+    for event_id, reward in rows:
+        assert reward == (int(event_id[1:]) % 4) / 4, event_id
+    # The learner checkpoints what it consumed each tick: its last stored offsets come with the
+    # model that includes every joined row, each once.
+    wait_for(lambda: checkpoint(sessions).learned_seq == last_pos, "the last checkpoint")
+    ckpt = checkpoint(sessions)
+    assert ckpt.examples == n, f"{ckpt.examples} learned for {n} joined"
+    engine.dispose()
+
+
+def checkpoint(sessions: sessionmaker[Session]) -> ModelCheckpoint:
+    with sessions() as session:
+        ckpt = session.get(ModelCheckpoint, "default")
+        assert ckpt is not None
+        session.expunge(ckpt)
+        return ckpt
