@@ -31,6 +31,7 @@ fuzz: install
 lint: install
 	$(BIN)/ruff check service learners tests benchmarks migrations
 	$(BIN)/ruff format --check service learners tests benchmarks migrations
+	$(BIN)/deptry .
 
 typecheck: install
 	$(BIN)/mypy
