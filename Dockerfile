@@ -1,10 +1,11 @@
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY service ./service
 COPY learners ./learners
 COPY migrations ./migrations
-RUN pip install --no-cache-dir .
+# The lock pins every version the tests ran with (`make lock`); -c installs only the runtime part.
+RUN pip install --no-cache-dir -c requirements.lock .
 ENV DLOOP_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8000

@@ -4,16 +4,29 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Every version the tests ran with; the Docker image installs the runtime part of it.
+LOCK   := requirements.lock
+# Only `make lock` needs uv (it resolves for Python 3.11 on Linux whatever machine runs it).
+UV_VERSION := 0.13.9
 
-.PHONY: install up test fuzz lint typecheck bench clean
+.PHONY: install lock up test fuzz lint typecheck bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
+
+# Re-resolve the lock after editing pyproject.toml's dependencies, keeping every pin that still
+# fits; `make lock ARGS=--upgrade` moves everything to the newest releases (then run the tests).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu --custom-compile-command 'make lock' \
+		--quiet --output-file $(LOCK) $(ARGS)
 
 up: install
 	$(BIN)/dloop up $(ARGS)
@@ -31,6 +44,7 @@ fuzz: install
 lint: install
 	$(BIN)/ruff check service learners tests benchmarks migrations
 	$(BIN)/ruff format --check service learners tests benchmarks migrations
+	$(BIN)/deptry .
 
 typecheck: install
 	$(BIN)/mypy
