@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -288,3 +289,128 @@ def test_log_properties_of_a_loop_without_logs(live_server: LiveServer) -> None:
     assert props["dateRange"]["from"] <= props["dateRange"]["to"]
     admin.delete_logs()
     assert admin.get_log_properties() == {}
+
+
+def model_by_context(kind: str) -> bytes:
+    """A raw VW model for ACTIONS that prefers pasta when `who` is "a" and curry when it is
+    "b" (trained here, so the test waits for no learner). A ccb model has one slot, "hero"."""
+    from learners.cb import DEFAULT_POLICY, CBTrainer
+    from learners.ccb import DEFAULT_CCB_POLICY, ccb_context, ccb_line
+    from learners.features import cb_line, context_json
+    from learners.vw import with_exploration
+
+    policy = DEFAULT_CCB_POLICY if kind == "ccb" else DEFAULT_POLICY
+    trainer = CBTrainer(with_exploration(policy, 0.2))
+    actions = [(a["id"], a["features"]) for a in ACTIONS]
+    for i in range(300):
+        who, chosen = "ab"[i % 2], i % 3
+        cost = -1.0 if actions[chosen][0] == {"a": "pasta", "b": "curry"}[who] else 0.0
+        order = [chosen, *(j for j in range(3) if j != chosen)]
+        when = "2026-11-24T10:00:00.000000Z"
+        if kind == "ccb":
+            c = ccb_context([{"who": who}], actions, [("hero", [], [0, 1, 2])])
+            outcome = {"id": "hero", "a": order, "p": [1 / 3] * 3, "cost": cost, "original": cost}
+            line = ccb_line(
+                event_id=f"t{i}",
+                timestamp=when,
+                c=c,
+                outcomes=[outcome],
+                baselines=[0],
+                model_id="N/A",
+            )
+        else:
+            line = cb_line(
+                event_id=f"t{i}",
+                timestamp=when,
+                context=context_json([{"who": who}], actions),
+                ranking=order,
+                probabilities=[1 / 3] * 3,
+                model_id="N/A",
+                cost=cost,
+                original_cost=cost,
+            )
+        trainer.learn(line)
+    model = trainer.to_bytes()
+    trainer.close()
+    return model
+
+
+def metric(server: LiveServer, name: str) -> str:
+    text = httpx.get(f"{server.url}/metrics", headers={"Ocp-Apim-Subscription-Key": ADMIN_KEY}).text
+    return "\n".join(line for line in text.splitlines() if line.startswith(name))
+
+
+def logged_event(server: LiveServer, path: str) -> dict[str, Any]:
+    """GET .../events/{id} once the embedded worker has ingested the decision."""
+    headers = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+    deadline = time.time() + 15
+    while (r := httpx.get(f"{server.url}{path}", headers=headers)).status_code == 404:
+        assert time.time() < deadline, "the decision was not ingested"
+        time.sleep(0.05)
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def test_a_reused_event_id_with_another_context_is_ranked_afresh(live_server: LiveServer) -> None:
+    """Personalizer's own SDK tests rank one eventId ("123456789") with different contexts.
+    Only a repeat of the same request is a retry (answered from the cache); another request with
+    a used eventId is answered for its own content, counted, and not logged: the first decision
+    is the one rewards join."""
+    client, admin = clients(live_server)
+    admin.import_model(io.BytesIO(model_by_context("cb")))
+
+    def rank(event_id: str, who: str) -> dict[str, Any]:
+        ctx = [{"who": who}]
+        out: dict[str, Any] = client.rank(
+            {"eventId": event_id, "actions": ACTIONS, "contextFeatures": ctx}
+        )
+        return out
+
+    def probabilities(response: dict[str, Any]) -> dict[str, float]:
+        return {a["id"]: a["probability"] for a in response["ranking"]}
+
+    first = rank("123456789", "a")
+    assert rank("123456789", "a") == first  # a retry: the original answer
+    again = rank("123456789", "b")
+    assert again != first
+    assert probabilities(again) == probabilities(rank("fresh", "b"))  # ranked for its context
+    assert probabilities(again) != probabilities(first)
+    assert metric(live_server, "dloop_rank_retries_total") == (
+        'dloop_rank_retries_total{loop="default"} 1.0'
+    )
+    assert metric(live_server, "dloop_event_id_reused_total") == (
+        'dloop_event_id_reused_total{loop="default"} 1.0'
+    )
+    assert rank("123456789", "a") == first  # the first request's retries still get its answer
+    logged = logged_event(live_server, "/personalizer/v1.0/events/123456789")
+    assert logged["ranking"] == first["ranking"]
+
+    # Multi-slot shares the mechanism.
+    headers = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+    r = httpx.put(f"{live_server.url}/loops/page", json={"kind": "ccb"}, headers=headers)
+    assert r.status_code == 201
+    cred = AzureKeyCredential(ADMIN_KEY)
+    endpoint = f"{live_server.url}/loops/page"
+    ms_client = PersonalizerClient(endpoint, cred, retry_total=0)
+    ms_admin = PersonalizerAdministrationClient(endpoint, cred, retry_total=0)
+    ms_admin.import_model(io.BytesIO(model_by_context("ccb")))
+    slots = [{"id": "hero", "baselineAction": "pasta"}]
+
+    def rank_slots(who: str) -> dict[str, Any]:
+        ctx = [{"who": who}]
+        body = {"eventId": "123456789", "actions": ACTIONS, "slots": slots, "contextFeatures": ctx}
+        out: dict[str, Any] = ms_client.rank_multi_slot(body)
+        return out
+
+    first = rank_slots("a")
+    assert rank_slots("a") == first
+    again = rank_slots("b")
+    assert again["slots"] != first["slots"]
+    assert rank_slots("a") == first
+    assert 'dloop_event_id_reused_total{loop="page"} 1.0' in metric(
+        live_server, "dloop_event_id_reused_total"
+    )
+    logged = logged_event(live_server, "/loops/page/personalizer/v1.0/events/123456789")
+    chosen = [s["rewardActionId"] for s in first["slots"]]
+    assert [s["rewardActionId"] for s in logged["slots"]] == chosen
