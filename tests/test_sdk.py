@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,7 +13,7 @@ from azure.ai.personalizer import PersonalizerAdministrationClient, Personalizer
 from azure.core.credentials import AzureKeyCredential
 from azure.core.exceptions import HttpResponseError
 
-from tests.conftest import ADMIN_KEY, LiveServer
+from tests.conftest import ADMIN_KEY, LiveServer, make_settings, serving
 
 ACTIONS = [
     {"id": "pasta", "features": [{"cuisine": "italian", "spice": 1}]},
@@ -414,3 +415,52 @@ def test_a_reused_event_id_with_another_context_is_ranked_afresh(live_server: Li
     logged = logged_event(live_server, "/loops/page/personalizer/v1.0/events/123456789")
     chosen = [s["rewardActionId"] for s in first["slots"]]
     assert [s["rewardActionId"] for s in logged["slots"]] == chosen
+
+
+PERSONALIZER_CB = "--cb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"
+PERSONALIZER_CCB = "--ccb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"
+
+
+@pytest.mark.parametrize(
+    ("setting", "cb", "ccb"),
+    [
+        (
+            "dloop-default",
+            {"name": "dloop-default", "arguments": "--cb_explore_adf --squarecb -q ::"},
+            {"name": "dloop-ccb", "arguments": "--ccb_explore_adf --squarecb -q ::"},
+        ),
+        (
+            "personalizer-default",
+            {"name": "personalizer-default", "arguments": PERSONALIZER_CB},
+            {"name": "personalizer-ccb-default", "arguments": PERSONALIZER_CCB},
+        ),
+    ],
+)
+def test_the_default_policy_of_new_loops_and_resets_is_a_setting(
+    tmp_path: Path, setting: str, cb: dict[str, str], ccb: dict[str, str]
+) -> None:
+    """DLOOP_DEFAULT_POLICY: dloop's own default, or Personalizer's exact arguments (which code
+    written for Personalizer may expect after reset_policy) for a new loop and after a reset.
+    RL loops, which Personalizer did not have, keep dloop's either way."""
+    from learners.rl import DEFAULT_RL_POLICY
+
+    rl = {"name": "dloop-rl", "arguments": DEFAULT_RL_POLICY}
+    settings = make_settings(tmp_path / "live", default_policy=setting)
+    with serving(settings) as server:
+        headers = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+        cred = AzureKeyCredential(ADMIN_KEY)
+        for loop, kind, expected in (
+            ("", "cb", cb),
+            ("/loops/menu", "cb", cb),
+            ("/loops/page", "ccb", ccb),
+            ("/loops/tutor", "rl", rl),
+        ):
+            if loop:
+                r = httpx.put(f"{server.url}{loop}", json={"kind": kind}, headers=headers)
+                assert r.status_code == 201
+            admin = PersonalizerAdministrationClient(f"{server.url}{loop}", cred, retry_total=0)
+            assert admin.get_policy() == expected
+            other = expected["arguments"].replace("-q ::", "-q ::  --l2 1e-6")
+            assert admin.update_policy({"name": "other", "arguments": other})["name"] == "other"
+            assert admin.reset_policy() == expected
+            assert admin.get_policy() == expected
