@@ -287,7 +287,13 @@ def create_app(
         shutil.rmtree(model_dir, ignore_errors=True)  # files of the last run's models
         registry = Registry(model_dir)
         with sessions.begin() as session:
-            store.ensure_loop(session, name=store.DEFAULT_LOOP, kind="cb", now=clock())
+            store.ensure_loop(
+                session,
+                name=store.DEFAULT_LOOP,
+                kind="cb",
+                now=clock(),
+                policy=settings.default_policy,
+            )
             if settings.api_key is not None:
                 store.install_env_key(session, key=settings.api_key.get_secret_value(), now=clock())
         with sessions() as session:

@@ -68,7 +68,9 @@ def _prepare(settings: Settings) -> str | None:
         return None
     now = time.time()
     with _database(settings) as sessions, sessions.begin() as session:
-        store.ensure_loop(session, name=store.DEFAULT_LOOP, kind="cb", now=now)
+        store.ensure_loop(
+            session, name=store.DEFAULT_LOOP, kind="cb", now=now, policy=settings.default_policy
+        )
         if store.has_admin_key(session, now=now):
             return None
         _, key = store.create_key(

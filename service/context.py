@@ -38,6 +38,13 @@ class Metrics:
             ["loop"],
             registry=r,
         )
+        self.event_id_reused = Counter(
+            "dloop_event_id_reused",
+            "Rank calls with an eventId this process had answered for another request: ranked"
+            " for their own content and not logged (the first decision joins)",
+            ["loop"],
+            registry=r,
+        )
         self.rewards = Counter("dloop_reward", "Reward calls accepted", ["loop"], registry=r)
         self.activations = Counter(
             "dloop_activate", "Activate calls accepted", ["loop"], registry=r

@@ -248,9 +248,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         },
     ),
     "FeatureImportanceList": _list_of(_obj(JOB_REQUIRED, **JOB)),
-    "LogsProperties": _obj(
-        ("dateRange",), dateRange=_obj(("from", "to"), to=TIME, **{"from": TIME})
-    ),
+    # `{}` when the loop has no logged events (as Personalizer answered).
+    "LogsProperties": _obj(dateRange=_obj(("from", "to"), to=TIME, **{"from": TIME})),
     "ModelProperties": _obj(
         ("creationTime", "lastModifiedTime"), creationTime=TIME, lastModifiedTime=TIME
     ),
@@ -484,9 +483,7 @@ OPERATIONS: dict[str, Op] = {
     "get_model_properties": Op("Get the model's properties", {200: "ModelProperties"}),
     "delete_logs": Op("Delete the loop's logged events", {204: None}),
     "get_log_properties": Op(
-        "Get the logged events' date range",
-        {200: "LogsProperties"},
-        {404: ("LogsPropertiesNotFound",)},
+        "Get the logged events' date range (`{}` when there are none)", {200: "LogsProperties"}
     ),
     "list_loops": Op("List loops", {200: "LoopList"}, kind="admin"),
     "create_loop": Op(

@@ -45,41 +45,53 @@ class LoopRuntime:
         return with_exploration(self.policy["arguments"], self.settings.exploration)
 
 
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A rank answered for an eventId: digests of the whole request (normalised JSON) and of
+    the part a repeat may not change (its actions), and the response sent."""
+
+    request: bytes
+    actions: bytes
+    response: bytes
+
+
 class RetryCache:
     """Recent rank answers by (loop, eventId), so a client's retry gets the original answer
-    byte for byte: (request fingerprint, response). Bounded in bytes across every loop, oldest
-    out first, so unique eventIds cannot grow it past `max_bytes`."""
+    byte for byte, and a reuse of the eventId for another request can be told from a retry.
+    Bounded in bytes across every loop, oldest out first, so unique eventIds cannot grow it past
+    `max_bytes`. What it has forgotten it cannot tell: a repeat of an evicted eventId is ranked
+    like a new one (and the joiner keeps the first decision of an eventId)."""
 
-    OVERHEAD = 160  # bytes per entry beyond the response: key, fingerprint, dict slot
+    OVERHEAD = 192  # bytes per entry beyond the response: key, two 16-byte digests, dict slot
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[tuple[str, str], tuple[bytes, bytes]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], Answered] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, loop: str, event_id: str) -> tuple[bytes, bytes] | None:
+    def get(self, loop: str, event_id: str) -> Answered | None:
         return self._items.get((loop, event_id))
 
-    def put(self, loop: str, event_id: str, fingerprint: bytes, response: bytes) -> None:
+    def put(self, loop: str, event_id: str, answered: Answered) -> None:
         key = (loop, event_id)
         old = self._items.pop(key, None)
         if old is not None:
-            self.bytes -= self._size(key, old[1])
-        self._items[key] = (fingerprint, response)
-        self.bytes += self._size(key, response)
+            self.bytes -= self._size(key, old)
+        self._items[key] = answered
+        self.bytes += self._size(key, answered)
         while self.bytes > self.max_bytes and self._items:
-            gone, (_, answer) = self._items.popitem(last=False)
+            gone, answer = self._items.popitem(last=False)
             self.bytes -= self._size(gone, answer)
 
     def clear(self) -> None:
         self._items.clear()
         self.bytes = 0
 
-    def _size(self, key: tuple[str, str], response: bytes) -> int:
-        return len(response) + len(key[0]) + len(key[1]) + self.OVERHEAD
+    def _size(self, key: tuple[str, str], answered: Answered) -> int:
+        return len(answered.response) + len(key[0]) + len(key[1]) + self.OVERHEAD
 
 
 class Registry:

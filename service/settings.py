@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +84,9 @@ class Settings(BaseSettings):
     # Serve /docs (Swagger UI, from the swagger-ui-bundle-v2 package) and /openapi.json.
     docs: bool = True
     max_actions: int = 50
+    # The policy a new loop starts with and DELETE .../configurations/policy returns to:
+    # dloop's (SquareCB) or Personalizer's exact default arguments (service.schemas).
+    default_policy: Literal["dloop-default", "personalizer-default"] = "dloop-default"
     # Bytes of rank responses remembered (all loops together) to answer retries of an eventId.
     dedup_cache_bytes: int = 64 << 20
     # Worker processes (join, learn) log at this level to stderr; kafka-python's own chatter

@@ -53,10 +53,14 @@ def _insert(session: Session, table: Any) -> Any:
 # ---- loops and keys -------------------------------------------------------------------------
 
 
-def ensure_loop(session: Session, *, name: str, kind: str, now: float) -> Loop:
-    """The loop, created if missing. Several processes may do this at once (the replicas of
-    `dloop serve --workers N` all make sure the default loop exists as they start): the insert
-    yields to a concurrent one, and the loop is read back, whoever created it."""
+def ensure_loop(
+    session: Session, *, name: str, kind: str, now: float, policy: str = "dloop-default"
+) -> Loop:
+    """The loop, created if missing, with the default `policy` of the deployment (Settings.
+    default_policy; an existing loop keeps its own). Several processes may do this at once
+    (the replicas of `dloop serve --workers N` all make sure the default loop exists as they
+    start): the insert yields to a concurrent one, and the loop is read back, whoever created
+    it."""
     loop = session.get(Loop, name)
     if loop is None:
         row = {
@@ -64,7 +68,7 @@ def ensure_loop(session: Session, *, name: str, kind: str, now: float) -> Loop:
             "kind": kind,
             "created_at": now,
             "config": default_config(now),
-            "policy": default_policy(kind),
+            "policy": default_policy(kind, policy),
         }
         session.execute(_insert(session, Loop).values(**row).on_conflict_do_nothing())
         loop = session.get(Loop, name)

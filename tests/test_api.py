@@ -198,6 +198,59 @@ def test_same_event_id_same_model_same_choice_after_restart_of_cache(harness: Ha
     assert again["rewardActionId"] == out["rewardActionId"]
 
 
+@pytest.mark.parametrize("kind", ["cb", "rl", "ccb"])
+def test_a_reused_event_id_is_ranked_for_its_request_and_not_logged(
+    harness: Harness, kind: str
+) -> None:
+    """Only the same request again (its JSON normalised) is a retry; another request with a
+    used eventId is answered, counted, and not logged: the first decision is the one that
+    joins."""
+    assert harness.client.put("/loops/l", json={"kind": kind}, headers=AUTH).status_code == 201
+    path = "/loops/l/personalizer/v1.1-preview.1/" + ("multislot/rank" if kind == "ccb" else "rank")
+    body = rank_body("dup")
+    if kind == "ccb":
+        body["slots"] = [{"id": "hero", "baselineAction": "news"}]
+    start = harness.dloop.log.end()
+    first = harness.client.post(path, json=body, headers=AUTH)
+    assert first.status_code == 201
+    # The same request with its keys in another order and other whitespace: a retry.
+    same = orjson.dumps(dict(reversed(body.items())), option=orjson.OPT_INDENT_2)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    again = harness.client.post(path, content=same, headers=headers)
+    assert again.status_code == 201 and again.content == first.content
+    other = {**body, "contextFeatures": [{"time": "evening"}], "deferActivation": True}
+    assert harness.client.post(path, json=other, headers=AUTH).status_code == 201
+    records = [orjson.loads(r) for r in harness.dloop.log.read(start)[0]]
+    logged = [(r["k"], r["id"], r.get("deferred")) for r in records]
+    decision = ("m" if kind == "ccb" else "d", "dup", False)
+    assert logged == ([decision, ("e", "dup", None)] if kind == "rl" else [decision])
+    metrics = harness.client.get("/metrics", headers=AUTH).text
+    assert 'dloop_rank_retries_total{loop="l"} 1.0' in metrics
+    assert 'dloop_event_id_reused_total{loop="l"} 1.0' in metrics
+    assert 'dloop_rank_total{loop="l"} 2.0' in metrics
+
+
+def test_a_reused_event_id_the_cache_forgot_is_logged_and_the_first_decision_joins(
+    harness: Harness,
+) -> None:
+    """The cache is bounded: once it has evicted an eventId, a reuse of it cannot be told from
+    a new eventId. It is logged, and the joiner keeps the first decision of the eventId."""
+    from service.models import Decision
+
+    harness.rank(rank_body("gone"))
+    harness.dloop.retries.clear()  # as if evicted
+    harness.rank(rank_body("gone", contextFeatures=[{"time": "evening"}]))
+    metrics = harness.client.get("/metrics", headers=AUTH).text
+    assert "dloop_event_id_reused_total{" not in metrics
+    harness.reward("gone", 1.0)
+    harness.work()
+    with harness.dloop.sessions() as s:
+        decision = s.get(Decision, ("default", "gone"))
+        assert decision is not None and "morning" in decision.record
+    line = joined(harness, "gone")
+    assert line is not None and line["c"]["FromUrl"] == [{"time": "morning"}]
+
+
 def joined(h: Harness, event_id: str) -> dict[str, Any] | None:
     from service.models import Joined
 
@@ -414,14 +467,14 @@ def test_policy_update_validates_and_resets(harness: Harness) -> None:
 
 def test_logs_properties_and_delete(harness: Harness) -> None:
     r = harness.client.get("/personalizer/v1.0/logs/properties", headers=AUTH)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "LogsPropertiesNotFound"
+    assert r.status_code == 200 and r.json() == {}  # as Personalizer answered: no dateRange
     harness.rank(rank_body("l1"))
     harness.work()
     r = harness.client.get("/personalizer/v1.0/logs/properties", headers=AUTH)
     assert r.status_code == 200 and r.json()["dateRange"]["from"].endswith("Z")
     assert harness.client.delete("/personalizer/v1.0/logs", headers=AUTH).status_code == 204
     r = harness.client.get("/personalizer/v1.0/logs/properties", headers=AUTH)
-    assert r.status_code == 404
+    assert r.status_code == 200 and r.json() == {}
 
 
 def test_named_loops_are_independent(harness: Harness) -> None:
@@ -446,7 +499,7 @@ def test_named_loops_are_independent(harness: Harness) -> None:
     r = harness.client.get("/loops/shop/personalizer/v1.0/logs/properties", headers=AUTH)
     assert r.status_code == 200
     r = harness.client.get("/personalizer/v1.0/logs/properties", headers=AUTH)
-    assert r.status_code == 404
+    assert r.status_code == 200 and r.json() == {}
     assert harness.client.delete("/loops/shop", headers=AUTH).status_code == 204
     r = harness.client.post("/loops/shop/personalizer/v1.0/rank", json=rank_body(), headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "ResourceNotFound"

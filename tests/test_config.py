@@ -82,3 +82,19 @@ def test_accepted_policies() -> None:
     check_policy("--cb_explore_adf --squarecb -q ::")
     check_policy("--cb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::")
     check_policy("--cb_explore_adf --bag 3 -q ::")
+
+
+def test_the_default_policy_setting_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import load_settings
+
+    monkeypatch.delenv("DLOOP_DEFAULT_POLICY", raising=False)
+    assert load_settings().default_policy == "dloop-default"
+    monkeypatch.setenv("DLOOP_DEFAULT_POLICY", "personalizer-default")
+    assert load_settings().default_policy == "personalizer-default"
+    monkeypatch.setenv("DLOOP_DEFAULT_POLICY", "vw-default")
+    with pytest.raises(ValidationError, match="default_policy"):
+        load_settings()

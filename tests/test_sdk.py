@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -11,7 +13,7 @@ from azure.ai.personalizer import PersonalizerAdministrationClient, Personalizer
 from azure.core.credentials import AzureKeyCredential
 from azure.core.exceptions import HttpResponseError
 
-from tests.conftest import ADMIN_KEY, LiveServer
+from tests.conftest import ADMIN_KEY, LiveServer, make_settings, serving
 
 ACTIONS = [
     {"id": "pasta", "features": [{"cuisine": "italian", "spice": 1}]},
@@ -80,10 +82,7 @@ def test_new_sdk_every_operation(live_server: LiveServer) -> None:
     log_props = admin.get_log_properties()
     assert log_props["dateRange"]["from"] <= log_props["dateRange"]["to"]
     admin.delete_logs()
-    with pytest.raises(HttpResponseError) as err:
-        admin.get_log_properties()
-    assert err.value.status_code == 404
-    assert err.value.error is not None and err.value.error.code == "LogsPropertiesNotFound"
+    assert admin.get_log_properties() == {}  # as Personalizer answered: 200, no dateRange
 
     with pytest.raises(HttpResponseError) as err:
         client.reward("sdk-0", {"value": 7})
@@ -276,3 +275,192 @@ def test_multi_slot_through_the_sdk(live_server: LiveServer) -> None:
     view = out.json()
     assert [s["id"] for s in view["slots"]] == ["hero", "side"]
     assert {o["slotId"] for o in view["observations"]} == {"hero", "side"}
+
+
+def test_log_properties_of_a_loop_without_logs(live_server: LiveServer) -> None:
+    """Personalizer answered 200 `{}` for a loop with no logged events (the SDK raises on a
+    404): before the first event, and again after the logs are deleted."""
+    client, admin = clients(live_server)
+    assert admin.get_log_properties() == {}
+    client.rank({"actions": ACTIONS, "contextFeatures": [{"a": 1}], "eventId": "lp1"})
+    deadline = time.time() + 15
+    while not (props := admin.get_log_properties()):
+        assert time.time() < deadline, "the decision was not ingested"
+        time.sleep(0.05)
+    assert props["dateRange"]["from"] <= props["dateRange"]["to"]
+    admin.delete_logs()
+    assert admin.get_log_properties() == {}
+
+
+def model_by_context(kind: str) -> bytes:
+    """A raw VW model for ACTIONS that prefers pasta when `who` is "a" and curry when it is
+    "b" (trained here, so the test waits for no learner). A ccb model has one slot, "hero"."""
+    from learners.cb import DEFAULT_POLICY, CBTrainer
+    from learners.ccb import DEFAULT_CCB_POLICY, ccb_context, ccb_line
+    from learners.features import cb_line, context_json
+    from learners.vw import with_exploration
+
+    policy = DEFAULT_CCB_POLICY if kind == "ccb" else DEFAULT_POLICY
+    trainer = CBTrainer(with_exploration(policy, 0.2))
+    actions = [(a["id"], a["features"]) for a in ACTIONS]
+    for i in range(300):
+        who, chosen = "ab"[i % 2], i % 3
+        cost = -1.0 if actions[chosen][0] == {"a": "pasta", "b": "curry"}[who] else 0.0
+        order = [chosen, *(j for j in range(3) if j != chosen)]
+        when = "2026-11-24T10:00:00.000000Z"
+        if kind == "ccb":
+            c = ccb_context([{"who": who}], actions, [("hero", [], [0, 1, 2])])
+            outcome = {"id": "hero", "a": order, "p": [1 / 3] * 3, "cost": cost, "original": cost}
+            line = ccb_line(
+                event_id=f"t{i}",
+                timestamp=when,
+                c=c,
+                outcomes=[outcome],
+                baselines=[0],
+                model_id="N/A",
+            )
+        else:
+            line = cb_line(
+                event_id=f"t{i}",
+                timestamp=when,
+                context=context_json([{"who": who}], actions),
+                ranking=order,
+                probabilities=[1 / 3] * 3,
+                model_id="N/A",
+                cost=cost,
+                original_cost=cost,
+            )
+        trainer.learn(line)
+    model = trainer.to_bytes()
+    trainer.close()
+    return model
+
+
+def metric(server: LiveServer, name: str) -> str:
+    text = httpx.get(f"{server.url}/metrics", headers={"Ocp-Apim-Subscription-Key": ADMIN_KEY}).text
+    return "\n".join(line for line in text.splitlines() if line.startswith(name))
+
+
+def logged_event(server: LiveServer, path: str) -> dict[str, Any]:
+    """GET .../events/{id} once the embedded worker has ingested the decision."""
+    headers = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+    deadline = time.time() + 15
+    while (r := httpx.get(f"{server.url}{path}", headers=headers)).status_code == 404:
+        assert time.time() < deadline, "the decision was not ingested"
+        time.sleep(0.05)
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def test_a_reused_event_id_with_another_context_is_ranked_afresh(live_server: LiveServer) -> None:
+    """Personalizer's own SDK tests rank one eventId ("123456789") with different contexts.
+    Only a repeat of the same request is a retry (answered from the cache); another request with
+    a used eventId is answered for its own content, counted, and not logged: the first decision
+    is the one rewards join."""
+    client, admin = clients(live_server)
+    admin.import_model(io.BytesIO(model_by_context("cb")))
+
+    def rank(event_id: str, who: str) -> dict[str, Any]:
+        ctx = [{"who": who}]
+        out: dict[str, Any] = client.rank(
+            {"eventId": event_id, "actions": ACTIONS, "contextFeatures": ctx}
+        )
+        return out
+
+    def probabilities(response: dict[str, Any]) -> dict[str, float]:
+        return {a["id"]: a["probability"] for a in response["ranking"]}
+
+    first = rank("123456789", "a")
+    assert rank("123456789", "a") == first  # a retry: the original answer
+    again = rank("123456789", "b")
+    assert again != first
+    assert probabilities(again) == probabilities(rank("fresh", "b"))  # ranked for its context
+    assert probabilities(again) != probabilities(first)
+    assert metric(live_server, "dloop_rank_retries_total") == (
+        'dloop_rank_retries_total{loop="default"} 1.0'
+    )
+    assert metric(live_server, "dloop_event_id_reused_total") == (
+        'dloop_event_id_reused_total{loop="default"} 1.0'
+    )
+    assert rank("123456789", "a") == first  # the first request's retries still get its answer
+    logged = logged_event(live_server, "/personalizer/v1.0/events/123456789")
+    assert logged["ranking"] == first["ranking"]
+
+    # Multi-slot shares the mechanism.
+    headers = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+    r = httpx.put(f"{live_server.url}/loops/page", json={"kind": "ccb"}, headers=headers)
+    assert r.status_code == 201
+    cred = AzureKeyCredential(ADMIN_KEY)
+    endpoint = f"{live_server.url}/loops/page"
+    ms_client = PersonalizerClient(endpoint, cred, retry_total=0)
+    ms_admin = PersonalizerAdministrationClient(endpoint, cred, retry_total=0)
+    ms_admin.import_model(io.BytesIO(model_by_context("ccb")))
+    slots = [{"id": "hero", "baselineAction": "pasta"}]
+
+    def rank_slots(who: str) -> dict[str, Any]:
+        ctx = [{"who": who}]
+        body = {"eventId": "123456789", "actions": ACTIONS, "slots": slots, "contextFeatures": ctx}
+        out: dict[str, Any] = ms_client.rank_multi_slot(body)
+        return out
+
+    first = rank_slots("a")
+    assert rank_slots("a") == first
+    again = rank_slots("b")
+    assert again["slots"] != first["slots"]
+    assert rank_slots("a") == first
+    assert 'dloop_event_id_reused_total{loop="page"} 1.0' in metric(
+        live_server, "dloop_event_id_reused_total"
+    )
+    logged = logged_event(live_server, "/loops/page/personalizer/v1.0/events/123456789")
+    chosen = [s["rewardActionId"] for s in first["slots"]]
+    assert [s["rewardActionId"] for s in logged["slots"]] == chosen
+
+
+PERSONALIZER_CB = "--cb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"
+PERSONALIZER_CCB = "--ccb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"
+
+
+@pytest.mark.parametrize(
+    ("setting", "cb", "ccb"),
+    [
+        (
+            "dloop-default",
+            {"name": "dloop-default", "arguments": "--cb_explore_adf --squarecb -q ::"},
+            {"name": "dloop-ccb", "arguments": "--ccb_explore_adf --squarecb -q ::"},
+        ),
+        (
+            "personalizer-default",
+            {"name": "personalizer-default", "arguments": PERSONALIZER_CB},
+            {"name": "personalizer-ccb-default", "arguments": PERSONALIZER_CCB},
+        ),
+    ],
+)
+def test_the_default_policy_of_new_loops_and_resets_is_a_setting(
+    tmp_path: Path, setting: str, cb: dict[str, str], ccb: dict[str, str]
+) -> None:
+    """DLOOP_DEFAULT_POLICY: dloop's own default, or Personalizer's exact arguments (which code
+    written for Personalizer may expect after reset_policy) for a new loop and after a reset.
+    RL loops, which Personalizer did not have, keep dloop's either way."""
+    from learners.rl import DEFAULT_RL_POLICY
+
+    rl = {"name": "dloop-rl", "arguments": DEFAULT_RL_POLICY}
+    settings = make_settings(tmp_path / "live", default_policy=setting)
+    with serving(settings) as server:
+        headers = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+        cred = AzureKeyCredential(ADMIN_KEY)
+        for loop, kind, expected in (
+            ("", "cb", cb),
+            ("/loops/menu", "cb", cb),
+            ("/loops/page", "ccb", ccb),
+            ("/loops/tutor", "rl", rl),
+        ):
+            if loop:
+                r = httpx.put(f"{server.url}{loop}", json={"kind": kind}, headers=headers)
+                assert r.status_code == 201
+            admin = PersonalizerAdministrationClient(f"{server.url}{loop}", cred, retry_total=0)
+            assert admin.get_policy() == expected
+            other = expected["arguments"].replace("-q ::", "-q ::  --l2 1e-6")
+            assert admin.update_policy({"name": "other", "arguments": other})["name"] == "other"
+            assert admin.reset_policy() == expected
+            assert admin.get_policy() == expected

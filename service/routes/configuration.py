@@ -112,5 +112,5 @@ def update_policy(request: Request, payload: Payload = None) -> dict[str, str]:
 @router.delete("/personalizer/configurations/policy")
 def reset_policy(request: Request) -> dict[str, str]:
     d, rt = loop_for(request, admin=True)
-    _save(d, rt, config=rt.config, policy=default_policy(rt.kind))
+    _save(d, rt, config=rt.config, policy=default_policy(rt.kind, d.settings.default_policy))
     return rt.policy

@@ -12,6 +12,7 @@ import hashlib
 import math
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import orjson
@@ -26,7 +27,7 @@ from learners.sandbox import NO_MODEL, SandboxBusy, SandboxError, SandboxTimeout
 from service import store
 from service.context import Dloop, loop_for
 from service.errors import ApiError, bad_request
-from service.runtime import LoopRuntime
+from service.runtime import Answered, LoopRuntime
 
 router = APIRouter()
 
@@ -167,20 +168,55 @@ async def _policy_pmf(
     return restrict([next(it) if ok else 0.0 for ok in eligible], eligible), served.model_id
 
 
-def _retry(
-    d: Dloop, rt: LoopRuntime, event_id: str, asked: Any, what: str
-) -> tuple[bytes, Response | None]:
-    """A client's retry of a rank (same eventId, e.g. after a 5xx): the original response byte
-    for byte, or 400 if it now asks about other `what`. Returns the request's fingerprint (to
-    remember with the answer) and the cached response, if there is one."""
-    fingerprint = hashlib.blake2b(orjson.dumps(asked)).digest()
-    seen = d.retries.get(rt.name, event_id)
-    if seen is None:
-        return fingerprint, None
-    if seen[0] != fingerprint:
-        raise _rank_error(f"eventId {event_id} was already ranked with different {what}")
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What a rank asks, for telling a retry from a reuse of its eventId: digests of the whole
+    request (its JSON normalised: keys sorted, no whitespace) and of its `what` (the actions),
+    which a repeat of the eventId may not change."""
+
+    event_id: str
+    request: bytes
+    actions: bytes
+    what: str
+
+
+def _digest(value: Any) -> bytes:
+    return hashlib.blake2b(
+        orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=16
+    ).digest()
+
+
+def asked(body: Any, event_id: str, actions: Any, what: str) -> Asked:
+    return Asked(event_id, _digest(body), _digest(actions), what)
+
+
+def earlier(d: Dloop, rt: LoopRuntime, ask: Asked) -> Answered | None:
+    """This process's earlier answer to the eventId, if it still remembers one; a repeat that
+    asks about other actions is refused (400)."""
+    seen = d.retries.get(rt.name, ask.event_id)
+    if seen is not None and seen.actions != ask.actions:
+        raise _rank_error(f"eventId {ask.event_id} was already ranked with different {ask.what}")
+    return seen
+
+
+def retried(d: Dloop, rt: LoopRuntime, seen: Answered | None, ask: Asked) -> Response | None:
+    """The original response byte for byte if this request repeats the one answered (a
+    client's retry, e.g. after a 5xx); None for a new eventId or one reused for another
+    request, which is ranked for its own content."""
+    if seen is None or seen.request != ask.request:
+        return None
     d.metrics.rank_retries.labels(rt.name).inc()
-    return fingerprint, Response(seen[1], status_code=201, media_type="application/json")
+    return Response(seen.response, status_code=201, media_type="application/json")
+
+
+def remember(d: Dloop, rt: LoopRuntime, ask: Asked, response: bytes, *, reused: bool) -> None:
+    """Keep a logged decision's answer for retries; count a reused eventId's (not logged: the
+    first decision of an eventId is the one its rewards join)."""
+    if reused:
+        d.metrics.event_id_reused.labels(rt.name).inc()
+    else:
+        d.retries.put(rt.name, ask.event_id, Answered(ask.request, ask.actions, response))
+    d.metrics.ranks.labels(rt.name).inc()
 
 
 async def _explain(d: Dloop, rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
@@ -214,9 +250,10 @@ async def rank(request: Request) -> Response:
     req = _parse_rank(body, d.settings.max_actions, d.feature_limits)
     event_id: str = req["event_id"]
     ids: list[str] = req["ids"]
-    fingerprint, retried = _retry(d, rt, event_id, [ids, body.get("excludedActions")], "actions")
-    if retried is not None:
-        return retried
+    ask = asked(body, event_id, [ids, body.get("excludedActions")], "actions")
+    seen = earlier(d, rt, ask)
+    if (answer := retried(d, rt, seen, ask)) is not None:
+        return answer
 
     episode = body.get("episodeId")
     if episode is not None:
@@ -266,13 +303,15 @@ async def rank(request: Request) -> Response:
     if rt.settings.explain and mode != "LoggingOnly":
         explanation = await _explain(d, rt, req)
         record["x"] = explanation
-    # A concurrent retry of this eventId may have been answered while this one awaited VW.
-    _, retried = _retry(d, rt, event_id, [ids, body.get("excludedActions")], "actions")
-    if retried is not None:
-        return retried
-    d.log.append(orjson.dumps(record))
-    if rt.kind == "rl" and episode is None:
-        d.log.append(_episode_end(rt, event_id, now, terminated=True))
+    # A concurrent rank of this eventId may have been answered while this one awaited VW.
+    later = earlier(d, rt, ask)
+    if (answer := retried(d, rt, later, ask)) is not None:
+        return answer
+    reused = seen is not None or later is not None
+    if not reused:
+        d.log.append(orjson.dumps(record))
+        if rt.kind == "rl" and episode is None:
+            d.log.append(_episode_end(rt, event_id, now, terminated=True))
     if mode == "Apprentice":
         # The model's choice is logged (to learn imitation); the baseline is served.
         served = [baseline] + [i for i in range(len(ids)) if i != baseline]
@@ -287,8 +326,7 @@ async def rank(request: Request) -> Response:
     if explanation is not None:
         doc["inferenceExplanation"] = explanation
     response = orjson.dumps(doc)
-    d.retries.put(rt.name, event_id, fingerprint, response)
-    d.metrics.ranks.labels(rt.name).inc()
+    remember(d, rt, ask, response, reused=reused)
     return Response(response, status_code=201, media_type="application/json")
 
 

@@ -50,7 +50,9 @@ def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = N
         existing = session.get(Loop, name)
         if existing is not None and existing.kind != kind:
             raise ApiError(409, "Conflict", f"loop '{name}' exists with kind {existing.kind}")
-        loop = store.ensure_loop(session, name=name, kind=kind, now=d.clock())
+        loop = store.ensure_loop(
+            session, name=name, kind=kind, now=d.clock(), policy=d.settings.default_policy
+        )
         doc = _loop_doc(loop)
         store.notify_models(session, [name])  # other replicas reload at once
     with d.sessions() as session:

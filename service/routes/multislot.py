@@ -26,11 +26,14 @@ from service.routes.events import (
     _observation,
     _parse_rank,
     _rank_error,
-    _retry,
     activate_event,
+    asked,
     check_feature_count,
+    earlier,
     is_id,
     is_reward,
+    remember,
+    retried,
     sandbox_error,
 )
 from service.runtime import LoopRuntime
@@ -103,9 +106,10 @@ async def rank_multi_slot(request: Request) -> Response:
     slots, count = _parse_slots(body, ids, d.feature_limits)
     check_feature_count(req["features_count"] + count, d.feature_limits)
     event_id: str = req["event_id"]
-    fingerprint, retried = _retry(d, rt, event_id, [ids, body.get("slots")], "slots")
-    if retried is not None:
-        return retried
+    ask = asked(body, event_id, [ids, body.get("slots")], "actions or slots")
+    seen = earlier(d, rt, ask)
+    if (answer := retried(d, rt, seen, ask)) is not None:
+        return answer
 
     now = d.clock()
     c = ccb_context(
@@ -129,10 +133,11 @@ async def rank_multi_slot(request: Request) -> Response:
         raise sandbox_error(exc) from None
     if any(chosen < 0 for chosen, _, _ in decided):
         raise _rank_error("a slot has no action left (too many exclusions)")
-    # A concurrent retry of this eventId may have been answered while this one awaited VW.
-    _, retried = _retry(d, rt, event_id, [ids, body.get("slots")], "slots")
-    if retried is not None:
-        return retried
+    # A concurrent rank of this eventId may have been answered while this one awaited VW.
+    later = earlier(d, rt, ask)
+    if (answer := retried(d, rt, later, ask)) is not None:
+        return answer
+    reused = seen is not None or later is not None
     record = {
         "k": "m",
         "loop": rt.name,
@@ -148,7 +153,8 @@ async def rank_multi_slot(request: Request) -> Response:
         "m": model_id,
         "c": orjson.dumps(c).decode(),
     }
-    d.log.append(orjson.dumps(record))
+    if not reused:
+        d.log.append(orjson.dumps(record))
     served = (
         [(b, 1.0) for b in baselines]
         if mode == "Apprentice"
@@ -163,8 +169,7 @@ async def rank_multi_slot(request: Request) -> Response:
             ],
         }
     )
-    d.retries.put(rt.name, event_id, fingerprint, response)
-    d.metrics.ranks.labels(rt.name).inc()
+    remember(d, rt, ask, response, reused=reused)
     return Response(response, status_code=201, media_type="application/json")
 
 
