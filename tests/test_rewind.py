@@ -342,6 +342,72 @@ def test_rebalance_callbacks_only_do_bookkeeping(postgres_url: str, kafka_broker
         engine.dispose()
 
 
+def test_learners_rebalancing_mid_stream_learn_every_row_once(
+    postgres_url: str, kafka_broker: Broker
+) -> None:
+    """A second learner joins the group while the first is learning: both drop what they had
+    not checkpointed and rewind (the callbacks only took note), so each loop's model holds every
+    row once, whoever learned it."""
+    settings, engine, sessions = pipeline(postgres_url, kafka_broker, partitions=2)
+    loops = ("default", "other")  # keys on partitions 1 and 0
+    with sessions.begin() as session:
+        for name in loops:
+            store.ensure_loop(session, name=name, kind="cb", now=time.time())
+    topic = kafka.joined_topic(settings)
+    producer = kafka.producer(settings)
+
+    def publish(first: int, last: int) -> None:
+        messages = [
+            (
+                name.encode(),
+                joined_message(
+                    [(p, True, dsjson([{"t": f"t{p % 3}"}], f"{name}{p}")) for p in range(i, i + 5)]
+                ),
+            )
+            for name in loops
+            for i in range(first, last + 1, 5)
+        ]
+        kafka.send_all(producer, topic, messages, timeout=10)
+
+    def learned(seq: int) -> Callable[[], bool]:
+        def check() -> bool:
+            with sessions() as session:
+                ckpts = [session.get(ModelCheckpoint, name) for name in loops]
+            return all(c is not None and c.learned_seq >= seq for c in ckpts)
+
+        return check
+
+    def learner() -> LearnWorker:
+        return LearnWorker(
+            sessions=sessions,
+            consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
+            joined_topic=topic,
+            batch_size=4,
+        )
+
+    first, second = learner(), learner()
+    publish(1, 20)
+    try:
+        with running(first):
+            wait_for(learned(20), "the first learner to learn both loops")
+            publish(21, 40)
+            with running(second):
+                publish(41, 60)
+                wait_for(learned(60), "both loops learned to the end")
+                wait_for(
+                    lambda: all(w.consumer.assignment() for w in (first, second)),
+                    "the partitions to be shared",
+                )
+    finally:
+        producer.close()
+    assert second.source.rewinds >= 1 and first.source.rewinds >= 2  # start, then rebalance
+    with sessions() as session:
+        for name in loops:
+            ckpt = session.get(ModelCheckpoint, name)
+            assert ckpt is not None and (ckpt.learned_seq, ckpt.examples) == (60, 60), name
+    engine.dispose()
+
+
 # ---- end to end: Postgres restarted under load ------------------------------------------------
 
 
