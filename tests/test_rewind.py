@@ -186,7 +186,8 @@ def test_a_learner_whose_database_fails_after_a_poll_learns_every_row_once(
 ) -> None:
     settings, engine, real_sessions = pipeline(postgres_url, kafka_broker, partitions=1)
     with real_sessions.begin() as session:
-        store.ensure_loop(session, name="default", kind="cb", now=time.time())
+        loop = store.ensure_loop(session, name="default", kind="cb", now=time.time())
+        loop.config = {**loop.config, "modelExportFrequency": "PT1S"}
     rows = [(pos, True, dsjson([{"time": f"t{pos % 5}"}], f"e{pos}")) for pos in range(1, 31)]
     producer = kafka.producer(settings)
     messages = [(b"default", joined_message(rows[i : i + 5])) for i in range(0, 30, 5)]
@@ -352,7 +353,8 @@ def test_learners_rebalancing_mid_stream_learn_every_row_once(
     loops = ("default", "other")  # keys on partitions 1 and 0
     with sessions.begin() as session:
         for name in loops:
-            store.ensure_loop(session, name=name, kind="cb", now=time.time())
+            loop = store.ensure_loop(session, name=name, kind="cb", now=time.time())
+            loop.config = {**loop.config, "modelExportFrequency": "PT1S"}
     topic = kafka.joined_topic(settings)
     producer = kafka.producer(settings)
 
