@@ -353,6 +353,24 @@ AUTO_HISTORY = 24  # and kept 24 runs
 DEFAULT_AUTO_EVERY = 7 * 86400.0
 
 
+def auto_choice(results: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """Auto-optimisation's rule on an evaluation's results (EvaluationResult values): the
+    searched policy with the highest lower 95% bound, and whether to apply it, which needs both
+    its estimate and its lower bound above the online policy's estimate."""
+    online = next(r for r in results if r["policySource"] == "Online")["summary"]
+    candidates = [r for r in results if r["policySource"] == "OfflineExperimentation"]
+    best = max(candidates, key=lambda r: r["summary"]["confidenceInterval"][0] or -1e9)
+    low = best["summary"]["confidenceInterval"][0]
+    better = (
+        best["summary"]["expectedReward"] is not None
+        and online["expectedReward"] is not None
+        and best["summary"]["expectedReward"] > online["expectedReward"]
+        and low is not None
+        and low > online["expectedReward"]
+    )
+    return best, better
+
+
 def auto_optimize(d: Any, loop: str) -> str | None:
     """If the loop's auto-optimisation is due, evaluate the policy search on the last two
     weeks and apply the best policy only if its estimate is higher than the online policy's
@@ -396,18 +414,7 @@ def auto_optimize(d: Any, loop: str) -> str | None:
         ev = session.get(Evaluation, (loop, evaluation_id))
         if ev is None or ev.status != "Succeeded" or not ev.content:
             return evaluation_id
-        results = ev.content["value"]
-        online = next(r for r in results if r["policySource"] == "Online")["summary"]
-        candidates = [r for r in results if r["policySource"] == "OfflineExperimentation"]
-        best = max(candidates, key=lambda r: r["summary"]["confidenceInterval"][0] or -1e9)
-        low = best["summary"]["confidenceInterval"][0]
-        better = (
-            best["summary"]["expectedReward"] is not None
-            and online["expectedReward"] is not None
-            and best["summary"]["expectedReward"] > online["expectedReward"]
-            and low is not None
-            and low > online["expectedReward"]
-        )
+        best, better = auto_choice(ev.content["value"])
         ev.status = "OptimalPolicyApplied" if better else "OnlinePolicyRetained"
         ev.optimal_policy = best["name"]
         autos = [

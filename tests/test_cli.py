@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
+from sqlalchemy import Engine, Select, create_engine, func, select
 
+from service.models import Episode
 from tests.conftest import free_port
 
 
@@ -41,6 +43,11 @@ def start(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
             pass
         assert time.time() < deadline and proc.poll() is None, "dloop up did not become ready"
         time.sleep(0.1)
+
+
+def count(engine: Engine, stmt: Select[tuple[int]]) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(stmt) or 0)
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -152,7 +159,17 @@ def test_simulate_and_replay_as_a_user_runs_them(tmp_path: Path) -> None:
         rows = (out / "curve.csv").read_text().splitlines()
         assert rows[0] == "episode,return,moving_average,greedy_return" and len(rows) == 31
         assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
-        time.sleep(2)  # the last episodes join and train
+        # Replay reads the episodes from the database: wait until all 30 are joined and learned.
+        learned = select(func.count()).where(Episode.loop == "keys", Episode.learned.is_(True))
+        engine = create_engine(f"sqlite:///{(data / 'dloop.db').resolve()}")
+        try:
+            deadline = time.time() + 60
+            while (n := count(engine, learned)) < 30:
+                assert time.time() < deadline, f"{n} of 30 episodes learned"
+                time.sleep(0.2)
+            assert n == 30
+        finally:
+            engine.dispose()
     finally:
         stop(proc)
 

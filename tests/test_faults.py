@@ -9,11 +9,20 @@ import threading
 import time
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
 
 from service.models import Joined, ModelCheckpoint
 from tests.conftest import Broker
-from tests.test_production import ACTIONS, HEADERS, Stack, count, stack, wait_for
+from tests.test_production import (
+    ACTIONS,
+    HEADERS,
+    Stack,
+    caught_up,
+    count,
+    stack,
+    stored_offsets,
+    wait_for,
+)
 
 __all__ = ["stack"]  # the fixture
 
@@ -26,7 +35,8 @@ def configure(stack: Stack) -> None:
 
 
 class Traffic(threading.Thread):
-    """Ranks events e{start}..e{stop-1} and rewards each (value by index), as fast as allowed."""
+    """Ranks events e{start}..e{stop-1} and rewards each (value by index), as fast as allowed,
+    or until halted (then e{start}..e{start + sent - 1})."""
 
     def __init__(self, stack: Stack, start: int, stop: int, pace: float = 0.0) -> None:
         super().__init__(daemon=True)
@@ -34,10 +44,21 @@ class Traffic(threading.Thread):
         self.slowest = 0.0
         self.latencies: list[float] = []
         self.errors: list[str] = []
+        self._halt = threading.Event()
+
+    @property
+    def sent(self) -> int:
+        return len(self.latencies)
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join()
 
     def run(self) -> None:
         with httpx.Client(base_url=self.stack.url, headers=HEADERS, timeout=10) as client:
             for i in self.range:
+                if self._halt.is_set():
+                    break
                 t = time.perf_counter()
                 body = {
                     "contextFeatures": [{"u": f"u{i % 3}"}],
@@ -53,15 +74,17 @@ class Traffic(threading.Thread):
                 if r.status_code != 201 or w.status_code != 204:
                     self.errors.append(f"e{i}: {r.status_code} {w.status_code}")
                 if self.pace:
-                    time.sleep(self.pace)
+                    self._halt.wait(self.pace)
 
 
 def check_exactly_once(stack: Stack, n: int) -> None:
+    prefix = stack.env["DLOOP_KAFKA__TOPIC_PREFIX"]
     wait_for(
         lambda: count(stack.db_url, select(func.count()).select_from(Joined)) >= n, 90, "joins"
     )
-    from sqlalchemy import create_engine
-
+    # The joiner has stored with its data offsets at the end of the events topic: it has read
+    # every record there is, and no later join can come from one read again.
+    wait_for(lambda: caught_up(stack, "join", f"{prefix}.events"), 60, "the joiner")
     engine = create_engine(stack.db_url)
     with engine.connect() as conn:
         rows = conn.execute(select(Joined.event_id, Joined.reward)).all()
@@ -69,8 +92,11 @@ def check_exactly_once(stack: Stack, n: int) -> None:
     assert len(rows) == n and len({e for e, _ in rows}) == n
     for event_id, reward in rows:
         assert reward == (int(event_id[1:]) % 4) / 4, event_id
-    wait_for(lambda: count(stack.db_url, select(ModelCheckpoint.examples)) >= n, 60, "the learner")
-    time.sleep(3)
+    unpublished = select(func.count()).where(Joined.published.is_(False))
+    wait_for(lambda: count(stack.db_url, unpublished) == 0, 60, "joined rows published")
+    # Likewise the learner at the end of the joined topic: it has learned and checkpointed all
+    # there is to learn, so the count is final.
+    wait_for(lambda: caught_up(stack, "learn", f"{prefix}.joined"), 60, "the learner")
     assert count(stack.db_url, select(ModelCheckpoint.examples)) == n
 
 
@@ -102,22 +128,39 @@ def test_broker_outage_loses_and_duplicates_nothing(stack: Stack, kafka_broker: 
     wait_for(lambda: stack.api("GET", "/readyz").json()["logBacklogBytes"] == 0, 30, "backlog")
 
 
+def kill_after_progress(
+    stack: Stack, role: str, topic: str, since: dict[int, int]
+) -> dict[int, int]:
+    """Kill `dloop join` or `dloop learn` once it has stored offsets past `since`, and start it
+    again; returns the offsets it left. A kill then falls between checkpoints, with work done
+    that the next process must neither lose nor repeat (a worker killed while it still joins
+    its consumer group would test nothing)."""
+    wait_for(lambda: stored_offsets(stack.db_url, role, topic) != since, 60, f"{role} progress")
+    stack.stop(role, signal.SIGKILL)
+    left = stored_offsets(stack.db_url, role, topic)
+    stack.start(role, role)
+    return left
+
+
 def test_killed_workers_and_a_postgres_restart(stack: Stack) -> None:
     configure(stack)
-    traffic = Traffic(stack, 0, 1500, pace=0.004)
+    prefix = stack.env["DLOOP_KAFKA__TOPIC_PREFIX"]
+    events, joined = f"{prefix}.events", f"{prefix}.joined"
+    traffic = Traffic(stack, 0, 100_000, pace=0.02)  # until halted
     traffic.start()
+    learned = stored_offsets(stack.db_url, "learn", joined)
+    ingested = stored_offsets(stack.db_url, "join", events)
     for _ in range(3):
-        time.sleep(1.5)
-        stack.stop("learn", signal.SIGKILL)
-        stack.start("learn", "learn")
-        time.sleep(1.0)
-        stack.stop("join", signal.SIGKILL)
-        stack.start("join", "join")
+        learned = kill_after_progress(stack, "learn", joined, learned)
+        ingested = kill_after_progress(stack, "join", events, ingested)
     subprocess.run(
         "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart",
         shell=True,
         check=True,
     )
-    traffic.join()
+    # The workers get past the restart while traffic goes on.
+    learned = stored_offsets(stack.db_url, "learn", joined)
+    wait_for(lambda: stored_offsets(stack.db_url, "learn", joined) != learned, 60, "learning")
+    traffic.halt()
     assert not traffic.errors
-    check_exactly_once(stack, 1500)
+    check_exactly_once(stack, traffic.sent)

@@ -17,10 +17,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sqlalchemy import create_engine, func, select
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy import create_engine, func, select, text
 
 from service.migrate import upgrade
-from service.models import Joined, Loop, ModelCheckpoint, Observation
+from service.models import Joined, LogOffset, Loop, ModelCheckpoint, Observation
 from tests.conftest import Broker, free_port
 
 KEY = "prod-admin-key-0123456789abcdefghij"
@@ -131,6 +132,61 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.3)
 
 
+def send(stack: Stack, events: range) -> None:
+    """Rank e{i} for each i and reward it 1 at once (earliest: joined at the reward)."""
+    with httpx.Client(base_url=stack.url, headers=HEADERS, timeout=10) as client:
+        for i in events:
+            body = {"contextFeatures": [{"u": "u1"}], "actions": ACTIONS, "eventId": f"e{i}"}
+            assert client.post("/personalizer/v1.0/rank", json=body).status_code == 201
+            r = client.post(f"/personalizer/v1.0/events/e{i}/reward", json={"value": 1})
+            assert r.status_code == 204
+
+
+def stored_offsets(db_url: str, kind: str, topic: str) -> dict[int, int]:
+    """The next offsets a `dloop join` or `dloop learn` stored with its data in Postgres, by
+    partition (learners.join_worker.offset_name): what it resumes from after a restart."""
+    prefix = f"{kind}:{topic}:"
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(LogOffset.name, LogOffset.offset).where(LogOffset.name.startswith(prefix))
+            ).all()
+    finally:
+        engine.dispose()
+    return {int(name.removeprefix(prefix)): offset for name, offset in rows}
+
+
+def end_offsets(stack: Stack, topic: str) -> dict[int, int]:
+    """The topic's end offsets, for the partitions that hold any message. They are read from
+    the high watermarks of fetch responses: Tansu's ListOffsets (KafkaConsumer.end_offsets)
+    answers one past the first offset of a partition's last record batch, short of the end when
+    that batch holds several records."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=stack.env["DLOOP_KAFKA__BOOTSTRAP_SERVERS"], enable_auto_commit=False
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        for tp, listed in consumer.end_offsets(partitions).items():
+            consumer.seek(tp, listed)  # at or before the end: little to fetch
+        deadline = time.time() + 10
+        while any(consumer.highwater(tp) is None for tp in partitions):
+            assert time.time() < deadline, "no fetch response"
+            consumer.poll(timeout_ms=200)
+        ends = {tp.partition: consumer.highwater(tp) for tp in partitions}
+    finally:
+        consumer.close()
+    return {p: end for p, end in ends.items() if end}
+
+
+def caught_up(stack: Stack, kind: str, topic: str) -> bool:
+    """The worker has stored offsets at the end of every partition of the topic: it has read
+    and committed with its data everything published so far."""
+    ends = end_offsets(stack, topic)
+    return bool(ends) and stored_offsets(stack.db_url, kind, topic) == ends
+
+
 def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
     cfg = stack.api("GET", "/personalizer/v1.0/configurations/service").json()
     cfg.update(modelExportFrequency="PT1S", rewardWaitTime="PT4S", rewardAggregation="earliest")
@@ -186,10 +242,33 @@ def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
     assert (stack.data_dir / "replica-0" / "log").is_dir()
     assert (stack.data_dir / "replica-1" / "log").is_dir()
     # The learner may be restarted: it resumes from its checkpoint and learns nothing twice.
+    joined_topic = f"{stack.env['DLOOP_KAFKA__TOPIC_PREFIX']}.joined"
+    wait_for(lambda: caught_up(stack, "learn", joined_topic), 30, "the learner's offsets")
+    before_kill = stored_offsets(stack.db_url, "learn", joined_topic)
     stack.stop("learn", signal.SIGKILL)
     stack.start("learn", "learn")
-    time.sleep(8)
-    assert count(stack.db_url, select(ModelCheckpoint.examples)) == n
+    # More joined events, so the new learner has to consume: once its stored offsets reach the
+    # end of the joined topic it has read, learned and checkpointed everything there is.
+    k = 30
+    send(stack, range(n, n + k))
+    unpublished = select(func.count()).where(Joined.published.is_(False))
+    wait_for(
+        lambda: (
+            count(stack.db_url, select(func.count()).select_from(Joined)) == n + k
+            and count(stack.db_url, unpublished) == 0
+        ),
+        60,
+        "the new events joined and published",
+    )
+    ends = end_offsets(stack, joined_topic)
+    assert ends != before_kill and all(ends[p] >= o for p, o in before_kill.items())
+    wait_for(
+        lambda: stored_offsets(stack.db_url, "learn", joined_topic) == ends,
+        60,
+        "the restarted learner to consume the joined topic",
+    )
+    assert count(stack.db_url, select(ModelCheckpoint.examples)) == n + k
+    n += k
 
     # A new policy retrains on the joined history at once, and the learner carries on from it.
     policy = {"name": "eps", "arguments": "--cb_explore_adf --epsilon 0.1 -q ::"}
@@ -199,13 +278,7 @@ def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
     after = stack.api("GET", "/personalizer/v1.0/model/properties").json()
     assert after["creationTime"] != before["creationTime"]
     mark = time.time()
-    with httpx.Client(base_url=stack.url, headers=HEADERS, timeout=10) as client:
-        for i in range(n, n + 50):
-            r = client.post(
-                "/personalizer/v1.0/rank",
-                json={"contextFeatures": [{"u": "u1"}], "actions": ACTIONS, "eventId": f"e{i}"},
-            )
-            client.post(f"/personalizer/v1.0/events/e{i}/reward", json={"value": 1})
+    send(stack, range(n, n + 50))
     wait_for(
         lambda: count(stack.db_url, select(ModelCheckpoint.examples)) == n + 50, 30, "more learning"
     )
@@ -315,20 +388,41 @@ def test_replicas_starting_together_create_the_default_loop_once(postgres_url: s
     try:
         first = sessions()
         first.begin()
+        first_pid = first.scalar(text("SELECT pg_backend_pid()"))
         store.ensure_loop(first, name="default", kind="cb", now=1.0)  # not committed yet
-        found: list[Any] = []
+        found: list[tuple[str, float]] = []
+        errors: list[BaseException] = []
 
         def second() -> None:
-            with sessions.begin() as session:
-                found.append(store.ensure_loop(session, name="default", kind="cb", now=2.0).kind)
+            # Another kind and time: the row tells whose insert won.
+            try:
+                with sessions.begin() as session:
+                    loop = store.ensure_loop(session, name="default", kind="ccb", now=2.0)
+                    found.append((loop.kind, loop.created_at))
+            except BaseException as exc:
+                errors.append(exc)
 
         t = threading.Thread(target=second)
         t.start()
-        time.sleep(0.5)  # the second insert is now waiting on the first transaction
+
+        def blocked() -> bool:
+            # The second insert waits on a lock the first transaction holds.
+            with engine.connect() as conn:
+                waiting = conn.execute(
+                    text(
+                        "SELECT pg_blocking_pids(pid) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                ).scalars()
+                return any(first_pid in pids for pids in waiting)
+
+        wait_for(blocked, 10, "the second insert to wait on the first transaction")
         first.commit()
         first.close()
         t.join(10)
-        assert found == ["cb"]
-        assert count(postgres_url, select(func.count()).select_from(Loop)) == 1
+        assert not t.is_alive() and not errors, errors
+        assert found == [("cb", 1.0)]  # the first insert's loop, read back by the second
+        with engine.connect() as conn:
+            assert conn.execute(select(Loop.kind, Loop.created_at)).all() == [("cb", 1.0)]
     finally:
         engine.dispose()

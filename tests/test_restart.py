@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -13,6 +14,10 @@ from tests.conftest import FakeClock, Harness, make_settings
 from tests.test_api import rank_body
 
 
+def probabilities(ranked: dict[str, Any]) -> dict[str, float]:
+    return {a["id"]: a["probability"] for a in ranked["ranking"]}
+
+
 def test_restart_keeps_pending_events_and_the_model(tmp_path: Path) -> None:
     clock = FakeClock()
     settings = make_settings(tmp_path / "data")
@@ -21,12 +26,14 @@ def test_restart_keeps_pending_events_and_the_model(tmp_path: Path) -> None:
         h = Harness(client, clock)
         h.configure(modelExportFrequency="PT1S", rewardWaitTime="PT60S", rewardAggregation="sum")
         for i in range(40):
-            h.rank(rank_body(f"a{i}"))
-            h.reward(f"a{i}", 1.0)
+            chosen = h.rank(rank_body(f"a{i}"))["rewardActionId"]
+            h.reward(f"a{i}", 1.0 if chosen == "sports" else 0.0)
         clock.advance(61)
         h.work()  # joins and learns the first 40, exports a model
         model_id = h.dloop.registry.loops["default"].model_id
         assert model_id != "N/A"
+        learned = probabilities(h.rank(rank_body("probe-before")))
+        assert max(learned, key=learned.__getitem__) == "sports"
         for i in range(40, 70):  # pending at shutdown: logged, not yet ingested
             h.rank(rank_body(f"a{i}"))
         for i in range(40, 50):
@@ -35,8 +42,8 @@ def test_restart_keeps_pending_events_and_the_model(tmp_path: Path) -> None:
     with TestClient(create_app(settings, clock=clock, run_worker=False)) as client:
         h = Harness(client, clock)
         assert h.dloop.registry.loops["default"].model_id == model_id  # serves the saved model
-        out = h.rank(rank_body("probe"))
-        assert [a["probability"] for a in out["ranking"]] != [1 / 3] * 3
+        # The same model: the same probabilities, to the bit, for the same context.
+        assert probabilities(h.rank(rank_body("probe-after"))) == learned
         clock.advance(61)
         h.work()
         with h.dloop.sessions() as s:
@@ -46,4 +53,4 @@ def test_restart_keeps_pending_events_and_the_model(tmp_path: Path) -> None:
             assert ckpt is not None
             # every learnable joined event learned exactly once across the restart
             assert ckpt.examples == joined
-        assert joined == 71 and rewarded == 50
+        assert joined == 72 and rewarded == 50

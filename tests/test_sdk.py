@@ -90,19 +90,36 @@ def test_new_sdk_every_operation(live_server: LiveServer) -> None:
 
 
 def test_sdk_against_a_named_loop(live_server: LiveServer) -> None:
-    import httpx
-
-    r = httpx.put(
-        f"{live_server.url}/loops/menu",
-        json={"kind": "cb"},
-        headers={"Ocp-Apim-Subscription-Key": ADMIN_KEY},
-    )
+    headers = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
+    r = httpx.put(f"{live_server.url}/loops/menu", json={"kind": "cb"}, headers=headers)
     assert r.status_code == 201
     cred = AzureKeyCredential(ADMIN_KEY)
-    client = PersonalizerClient(f"{live_server.url}/loops/menu", cred, retry_total=0)
+    loop_url = f"{live_server.url}/loops/menu"
+    admin = PersonalizerAdministrationClient(loop_url, cred, retry_total=0)
+    config = admin.get_service_configuration()
+    config["rewardWaitTime"] = "PT1S"
+    admin.update_service_configuration(config)
+    client = PersonalizerClient(loop_url, cred, retry_total=0)
     out = client.rank({"actions": ACTIONS, "contextFeatures": [{"a": 1}], "eventId": "m1"})
     assert out["eventId"] == "m1"
     client.reward("m1", {"value": 0.5})
+    # The decision and its reward landed in that loop, joined there, and not in the default loop.
+    deadline = time.time() + 30
+    while True:
+        view = httpx.get(f"{loop_url}/personalizer/v1.0/events/m1", headers=headers)
+        if view.status_code == 200 and view.json()["joined"]:
+            break
+        assert time.time() < deadline, view.text
+        time.sleep(0.2)
+    assert view.json()["ranking"] == out["ranking"]
+    assert view.json()["reward"] == 0.5
+    default = httpx.get(f"{live_server.url}/personalizer/v1.0/events/m1", headers=headers)
+    assert default.status_code == 404, default.text
+    metrics = httpx.get(f"{live_server.url}/metrics", headers=headers).text
+    assert 'dloop_decisions_joined{loop="menu"} 1' in metrics
+    assert 'dloop_rank_total{loop="menu"} 1.0' in metrics
+    assert 'dloop_rank_total{loop="default"}' not in metrics
+    assert 'dloop_decisions_joined{loop="default"}' not in metrics
 
 
 def test_old_sdk_rank_reward_activate_on_v1(live_server: LiveServer) -> None:
