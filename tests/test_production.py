@@ -158,13 +158,15 @@ def stored_offsets(db_url: str, kind: str, topic: str) -> dict[int, int]:
 
 
 def end_offsets(stack: Stack, topic: str) -> dict[int, int]:
+    return topic_end_offsets(stack.env["DLOOP_KAFKA__BOOTSTRAP_SERVERS"], topic)
+
+
+def topic_end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
     """The topic's end offsets, for the partitions that hold any message. They are read from
     the high watermarks of fetch responses: Tansu's ListOffsets (KafkaConsumer.end_offsets)
     answers one past the first offset of a partition's last record batch, short of the end when
     that batch holds several records."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=stack.env["DLOOP_KAFKA__BOOTSTRAP_SERVERS"], enable_auto_commit=False
-    )
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(partitions)

@@ -33,7 +33,7 @@ from tests.conftest import AUTH, Broker, FakeClock, Harness
 from tests.test_faults import Traffic, configure
 from tests.test_hostile import body, dsjson
 from tests.test_join_worker import pipeline
-from tests.test_production import Stack, count, stack
+from tests.test_production import Stack, count, stack, topic_end_offsets
 
 __all__ = ["stack"]  # the fixture
 
@@ -96,37 +96,20 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> N
         time.sleep(0.1)
 
 
-def topic_ends(settings: Settings, topic: str) -> dict[TopicPartition, int]:
-    """Each partition's end offset, as a fetch's high watermark says it (Tansu answers a
-    ListOffsets request for the latest offset with 1, so end_offsets() cannot be used)."""
-    probe = kafka.consumer(settings, group=None)
-    tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
-    probe.assign(tps)
-    probe.seek_to_beginning()
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            probe.poll(timeout_ms=200, max_records=100_000)
-            highs = {tp: probe.highwater(tp) for tp in tps}
-            if all(h is not None and probe.position(tp) >= h for tp, h in highs.items()):
-                return {tp: int(h or 0) for tp, h in highs.items()}
-            assert time.monotonic() < deadline, f"could not read {topic} to its end"
-    finally:
-        probe.close()
-
-
 def stored_at_end(
     sessions: sessionmaker[Session], settings: Settings, kind: str, topic: str
 ) -> Callable[[], bool]:
-    """True once the offsets stored in the database reach the end of every partition."""
-    ends = topic_ends(settings, topic)
-    assert sum(ends.values()), f"{topic} is empty"
+    """True once the offsets stored in the database reach the end of every partition (as it
+    is when this is called)."""
+    assert settings.kafka.bootstrap_servers
+    ends = topic_end_offsets(settings.kafka.bootstrap_servers, topic)
+    assert ends, f"{topic} is empty"
+    names = {offset_name(kind, TopicPartition(topic, p)): end for p, end in ends.items()}
 
     def check() -> bool:
         with sessions() as session:
             return all(
-                (store.stored_offset(session, name=offset_name(kind, tp)) or 0) >= end
-                for tp, end in ends.items()
+                (store.stored_offset(session, name=name) or 0) >= end for name, end in names.items()
             )
 
     return check
