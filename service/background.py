@@ -28,7 +28,6 @@ from collections.abc import Callable
 
 import kafka.errors as KafkaErrors
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.exc import DBAPIError
 
 from learners.sandbox import NativeCrash
 
@@ -58,7 +57,7 @@ def is_transient(exc: BaseException) -> bool:
     for e in (exc, exc.__cause__):
         if isinstance(e, _TRANSIENT):
             return True
-        if isinstance(e, DBAPIError) and e.connection_invalidated:
+        if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
             return True
         if isinstance(e, KafkaErrors.KafkaError) and e.retriable:
             return True

@@ -183,10 +183,14 @@ def topic_end_offsets(bootstrap_servers: str, topic: str) -> dict[int, int]:
 
 
 def caught_up(stack: Stack, kind: str, topic: str) -> bool:
+    return caught_up_at(stack.db_url, stack.env["DLOOP_KAFKA__BOOTSTRAP_SERVERS"], kind, topic)
+
+
+def caught_up_at(db_url: str, bootstrap_servers: str, kind: str, topic: str) -> bool:
     """The worker has stored offsets at the end of every partition of the topic: it has read
     and committed with its data everything published so far."""
-    ends = end_offsets(stack, topic)
-    return bool(ends) and stored_offsets(stack.db_url, kind, topic) == ends
+    ends = topic_end_offsets(bootstrap_servers, topic)
+    return bool(ends) and stored_offsets(db_url, kind, topic) == ends
 
 
 def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:

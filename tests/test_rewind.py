@@ -23,53 +23,59 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.pipeline import records
-from learners.join_worker import JoinWorker, joined_message, offset_name
+from learners.join_worker import JoinWorker, joined_message
 from learners.learn_worker import LearnWorker
 from service import kafka, store
 from service.db import make_sessionmaker
-from service.models import Decision, Joined, LogOffset, ModelCheckpoint
-from service.settings import Settings, load_settings
+from service.models import Decision, Joined, ModelCheckpoint
+from service.settings import Settings
 from tests.conftest import AUTH, Broker, FakeClock, Harness
 from tests.test_faults import Traffic, configure
 from tests.test_hostile import body, dsjson
 from tests.test_join_worker import pipeline
-from tests.test_production import Stack, count, stack, topic_end_offsets
+from tests.test_production import Stack, caught_up, caught_up_at, count, stack, stored_offsets
 
 __all__ = ["stack"]  # the fixture
 
 
 class FlakySessions:
-    """Real sessions on the real database, except that the first transaction begun once `when()`
-    holds raises the OperationalError a restarting Postgres gives."""
+    """Real sessions on the real database, except that the first session or transaction opened
+    once `when()` holds raises the OperationalError a restarting Postgres gives."""
 
     def __init__(self, sessions: Any, when: Callable[[], bool]) -> None:
         self._sessions = sessions
         self.when = when
         self.failed = 0
 
+    def _maybe_fail(self) -> None:
+        if not self.failed and self.when():
+            self.failed += 1
+            raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+
     def __call__(self) -> Session:
+        self._maybe_fail()
         s: Session = self._sessions()
         return s
 
     def begin(self) -> Any:
-        if not self.failed and self.when():
-            self.failed += 1
-            raise OperationalError(
-                "COMMIT", {}, Exception("server closed the connection unexpectedly")
-            )
+        self._maybe_fail()
         return self._sessions.begin()
 
 
 class TellingConsumer:
-    """A real kafka-python consumer that says when a poll has returned records."""
+    """A real kafka-python consumer that says when a poll has returned records to its worker:
+    records of a poll in which the assignment changed are dropped by the worker (they are read
+    again), so only a poll with the same assignment before and after counts."""
 
     def __init__(self, consumer: Any) -> None:
         self._consumer = consumer
         self.polled_records = False
 
     def poll(self, *args: Any, **kwargs: Any) -> Any:
+        before = self._consumer.assignment()
         batch = self._consumer.poll(*args, **kwargs)
-        self.polled_records |= bool(batch)
+        stable = bool(before) and before == self._consumer.assignment()
+        self.polled_records |= bool(batch) and stable
         return batch
 
     def __getattr__(self, name: str) -> Any:
@@ -96,23 +102,12 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> N
         time.sleep(0.1)
 
 
-def stored_at_end(
-    sessions: sessionmaker[Session], settings: Settings, kind: str, topic: str
+def caught_up_with(
+    postgres_url: str, settings: Settings, kind: str, topic: str
 ) -> Callable[[], bool]:
-    """True once the offsets stored in the database reach the end of every partition (as it
-    is when this is called)."""
-    assert settings.kafka.bootstrap_servers
-    ends = topic_end_offsets(settings.kafka.bootstrap_servers, topic)
-    assert ends, f"{topic} is empty"
-    names = {offset_name(kind, TopicPartition(topic, p)): end for p, end in ends.items()}
-
-    def check() -> bool:
-        with sessions() as session:
-            return all(
-                (store.stored_offset(session, name=name) or 0) >= end for name, end in names.items()
-            )
-
-    return check
+    servers = settings.kafka.bootstrap_servers
+    assert servers
+    return lambda: caught_up_at(postgres_url, servers, kind, topic)
 
 
 def test_a_joiner_whose_database_fails_after_a_poll_ingests_every_record_once(
@@ -128,7 +123,7 @@ def test_a_joiner_whose_database_fails_after_a_poll_ingests_every_record_once(
     consumer = TellingConsumer(
         kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.joiner")
     )
-    # The first ingest transaction after a poll that returned records fails.
+    # The ingest transaction of the first poll that returned records fails.
     sessions = FlakySessions(real_sessions, lambda: consumer.polled_records)
     joiner = JoinWorker(
         sessions=sessions,  # type: ignore[arg-type]
@@ -139,7 +134,7 @@ def test_a_joiner_whose_database_fails_after_a_poll_ingests_every_record_once(
         clock=FakeClock(start + 3600),  # every reward window has closed
         batch_size=7,
     )
-    at_end = stored_at_end(real_sessions, settings, "join", kafka.events_topic(settings))
+    at_end = caught_up_with(postgres_url, settings, "join", kafka.events_topic(settings))
 
     def all_ingested_joined() -> bool:
         with real_sessions() as session:
@@ -179,7 +174,8 @@ def test_a_learner_whose_database_fails_after_a_poll_learns_every_row_once(
     consumer = TellingConsumer(
         kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner")
     )
-    # The first checkpoint after learning the first poll's rows fails.
+    # The first database read after a poll that returned records (the loop's checkpoint, to
+    # build its learner) fails.
     sessions = FlakySessions(real_sessions, lambda: consumer.polled_records)
     learner = LearnWorker(
         sessions=sessions,  # type: ignore[arg-type]
@@ -187,7 +183,7 @@ def test_a_learner_whose_database_fails_after_a_poll_learns_every_row_once(
         joined_topic=kafka.joined_topic(settings),
         batch_size=3,  # several polls
     )
-    at_end = stored_at_end(real_sessions, settings, "learn", kafka.joined_topic(settings))
+    at_end = caught_up_with(postgres_url, settings, "learn", kafka.joined_topic(settings))
     with running(learner):
         wait_for(at_end, "the learner's stored offsets to reach the end of the topic")
     assert sessions.failed == 1
@@ -401,30 +397,22 @@ def test_a_postgres_restart_mid_stream_loses_and_repeats_nothing(stack: Stack) -
     once both workers are mid-stream. Every decision is joined exactly once with its reward and
     learned exactly once, judged when the stored offsets reach the ends of both topics."""
     configure(stack)
-    settings = load_settings(
-        kafka={
-            "bootstrap_servers": stack.env["DLOOP_KAFKA__BOOTSTRAP_SERVERS"],
-            "topic_prefix": stack.env["DLOOP_KAFKA__TOPIC_PREFIX"],
-            "partitions": int(stack.env["DLOOP_KAFKA__PARTITIONS"]),
-        }
-    )
+    events, joined = (f"{stack.env['DLOOP_KAFKA__TOPIC_PREFIX']}.{t}" for t in ("events", "joined"))
     engine = create_engine(stack.db_url, pool_pre_ping=True)
     sessions = make_sessionmaker(engine)
     n = 800
     traffic = Traffic(stack, 0, n, pace=0.01)
     traffic.start()
 
-    def stored(kind: str) -> int:
-        with sessions() as session:
-            rows = session.scalars(select(LogOffset.offset).where(LogOffset.name.like(f"{kind}:%")))
-            return sum(rows)
+    def stored(kind: str, topic: str) -> int:
+        return sum(stored_offsets(stack.db_url, kind, topic).values())
 
     def mid_stream() -> bool:
         # Both workers have consumed (and stored) records since they started, and traffic goes on.
-        return stored("join") > 0 and stored("learn") > 0 and traffic.is_alive()
+        return stored("join", events) > 0 and stored("learn", joined) > 0 and traffic.is_alive()
 
     wait_for(mid_stream, "the joiner and the learner to be mid-stream")
-    at_restart = (stored("join"), stored("learn"))
+    at_restart = (stored("join", events), stored("learn", joined))
     subprocess.run(
         "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart",
         shell=True,
@@ -432,15 +420,14 @@ def test_a_postgres_restart_mid_stream_loses_and_repeats_nothing(stack: Stack) -
     )
     traffic.join()
     assert traffic.is_alive() is False and not traffic.errors, traffic.errors[:5]
-    assert stored("join") > at_restart[0] and stored("learn") > at_restart[1]
+    assert stored("join", events) > at_restart[0] and stored("learn", joined) > at_restart[1]
     # Published to the end: the events topic is complete once both replicas' logs are empty.
     wait_for(
         lambda: all(stack.api("GET", "/readyz").json()["logBacklogBytes"] == 0 for _ in range(10)),
         "the replicas to publish their logs",
     )
     wait_for(
-        stored_at_end(sessions, settings, "join", kafka.events_topic(settings)),
-        "the joiner to consume the events topic to its end",
+        lambda: caught_up(stack, "join", events), "the joiner to read the events topic to its end"
     )
     wait_for(
         lambda: count(stack.db_url, select(func.count()).select_from(Joined)) >= n,
@@ -452,8 +439,7 @@ def test_a_postgres_restart_mid_stream_loses_and_repeats_nothing(stack: Stack) -
         "the joined rows to be published",
     )
     wait_for(
-        stored_at_end(sessions, settings, "learn", kafka.joined_topic(settings)),
-        "the learner to consume the joined topic to its end",
+        lambda: caught_up(stack, "learn", joined), "the learner to read the joined topic to its end"
     )
     with sessions() as session:
         rows = session.execute(select(Joined.event_id, Joined.reward)).all()
