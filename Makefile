@@ -45,6 +45,7 @@ lint: install
 	$(BIN)/ruff check service learners tests benchmarks migrations
 	$(BIN)/ruff format --check service learners tests benchmarks migrations
 	$(BIN)/deptry .
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy

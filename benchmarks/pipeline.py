@@ -20,14 +20,14 @@ from sqlalchemy import create_engine, delete, func, select
 from benchmarks.infra import free_port, postgres_database, start_tansu
 from learners.cb import DEFAULT_POLICY, CBTrainer
 from learners.features import context_json
-from learners.join_worker import JoinWorker
-from learners.learn_worker import LearnWorker
 from learners.vw import with_exploration
-from service import kafka, store
-from service.db import make_engine, make_sessionmaker
-from service.migrate import upgrade
-from service.models import Joined, LogOffset, ModelCheckpoint
-from service.settings import load_settings
+from service.core.settings import load_settings
+from service.pipeline.join_worker import JoinWorker
+from service.pipeline.learn_worker import LearnWorker
+from service.storage import kafka, store
+from service.storage.db import make_engine, make_sessionmaker
+from service.storage.migrate import upgrade
+from service.storage.models import Joined, LogOffset, ModelCheckpoint
 
 ACTIONS = [(f"a{i}", [{"kind": f"k{i % 3}", "rank": i}]) for i in range(10)]
 KEY = "bench-admin-key-0123456789abcdefghij"

@@ -309,7 +309,7 @@ def train(url: str, headers: dict[str, str], *, explain: bool) -> None:
 
 def learning(n: int, seeds: int) -> list[tuple[str, str]]:
     from learners.cb import NAMED_POLICIES
-    from learners.reference import run_reference
+    from learners.sim.reference import run_reference
     from learners.vw import with_exploration
 
     rows = []

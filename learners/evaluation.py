@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 
 from learners import estimators, vw
-from learners.joiner import parse_time
+from learners.dsjson import parse_time
 from learners.rl import epsilon_greedy, relabel
 from learners.sampling import restrict
 

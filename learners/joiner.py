@@ -14,11 +14,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
 
 from learners.ccb import ccb_line
+from learners.dsjson import timestamp
 from learners.features import cb_line
 
 BACKWARD_WINDOW = 120.0
@@ -103,21 +103,6 @@ def is_complete(decision: DecisionView, observations: Sequence[Obs], rules: Join
     else:
         rewarded = any(o.kind == "reward" for o in counted)
     return rewarded and (activated or not decision.deferred)
-
-
-def timestamp(t: float) -> str:
-    """ISO-8601 in UTC with microseconds and a four-digit year (strftime's %Y writes year 1 as
-    "1"); ValueError for an instant outside years 1 to 9999."""
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
-
-
-def parse_time(value: str) -> float:
-    """Seconds since the epoch of an ISO-8601 date-time ("Z" or an offset), as `timestamp`
-    writes them and as API callers send them; ValueError unless `timestamp` can print it back
-    (an offset, or float rounding, can push an instant out of years 1 to 9999)."""
-    t = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    timestamp(t)
-    return t
 
 
 def join(decision: DecisionView, observations: Sequence[Obs], rules: JoinRules) -> JoinResult:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from service import models  # noqa: F401  (registers the tables)
-from service.db import Base, make_engine
-from service.settings import load_settings
+from service.core.settings import load_settings
+from service.storage import models  # noqa: F401  registers the tables
+from service.storage.db import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata

@@ -22,14 +22,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from learners.sandbox import InlineRankers, RankerPool
-from learners.worker import EmbeddedWorker
-from service import errors, kafka, openapi, store
-from service.background import configure_logging
-from service.context import Dloop
-from service.db import make_engine, make_sessionmaker
-from service.evaluations import AutoOptimizer
-from service.files import private_dir
-from service.guard import (
+from service.api import errors, openapi
+from service.api.context import Dloop
+from service.api.guard import (
     BodyTimeout,
     BodyTooLarge,
     RateLimiter,
@@ -38,10 +33,8 @@ from service.guard import (
     limited_receive,
     scope_key,
 )
-from service.headers import NoSniff
-from service.log import LocalLog
-from service.publisher import LogPublisher
-from service.routes import (
+from service.api.headers import NoSniff
+from service.api.routes import (
     configuration,
     docs,
     evaluations,
@@ -53,8 +46,16 @@ from service.routes import (
     model,
     multislot,
 )
-from service.runtime import Registry
-from service.settings import Settings, load_settings
+from service.core.files import private_dir
+from service.core.settings import Settings, load_settings
+from service.pipeline.background import configure_logging
+from service.pipeline.embedded import EmbeddedWorker
+from service.pipeline.evaluations import AutoOptimizer
+from service.pipeline.publisher import LogPublisher
+from service.pipeline.runtime import Registry
+from service.storage import kafka, store
+from service.storage.db import make_engine, make_sessionmaker
+from service.storage.log import LocalLog
 
 # /personalizer/v1.0/..., /personalizer/v1.1-preview.N/..., /personalizer/...?api-version=,
 # each optionally under /loops/{loop}: all served by the routes at /personalizer/...
@@ -344,7 +345,7 @@ def create_app(
         elif run_worker and worker is not None:
             stoppables += [worker, Watcher(d, every=1.0, keys_only=True)]
         if run_worker:
-            stoppables.append(AutoOptimizer(d))
+            stoppables.append(AutoOptimizer(d.control))
         # Everything built so far (framework, SQLAlchemy, VW bindings) lives as long as the
         # process: keep it out of the cyclic collector, whose full passes over it paused serving
         # for 15-45 ms under load.

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from vowpalwabbit.pyvw import CCBLabelType
 
 from learners.ccb import CCBRanker, ccb_context
-from service.models import Joined
+from service.storage.models import Joined
 from tests.conftest import AUTH, Harness
 
 ACTIONS = [{"id": f"a{i}", "features": [{"kind": {"k": f"k{i}"}}]} for i in range(4)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine, Select, create_engine, func, select
 
-from service.models import Episode
+from service.storage.models import Episode
 from tests.conftest import free_port
 
 
@@ -119,8 +119,8 @@ def test_keys_create_replaces_a_lost_admin_key(tmp_path: Path) -> None:
 def test_simulate_and_replay_as_a_user_runs_them(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from learners import simulate
     from service.cli import app
+    from service.pipeline import simulate
 
     data = tmp_path / "d"
     port = free_port()
@@ -229,10 +229,10 @@ def test_a_weak_environment_key_stops_every_command(tmp_path: Path) -> None:
 
 
 def test_up_makes_a_new_admin_key_when_every_one_has_expired(tmp_path: Path) -> None:
-    from service import store
     from service.cli import _prepare
-    from service.db import make_engine, make_sessionmaker
-    from service.settings import load_settings
+    from service.core.settings import load_settings
+    from service.storage import store
+    from service.storage.db import make_engine, make_sessionmaker
 
     settings = load_settings(data_dir=tmp_path / "d")
     assert _prepare(settings) is not None  # first start: a key

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from service.cli import app
-from service.settings import Settings
+from service.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from learners.vw import PolicyError, check_policy, with_exploration
-from service.schemas import default_config, parse_config
+from service.core.schemas import default_config, parse_config
 
 
 def config(**changes: Any) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def test_the_default_policy_setting_is_read_from_the_environment(
 ) -> None:
     from pydantic import ValidationError
 
-    from service.settings import load_settings
+    from service.core.settings import load_settings
 
     monkeypatch.delenv("DLOOP_DEFAULT_POLICY", raising=False)
     assert load_settings().default_policy == "dloop-default"

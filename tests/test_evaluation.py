@@ -14,7 +14,7 @@ import pytest
 from learners import estimators, vw
 from learners.evaluation import PolicySpec, content, evaluate, read
 from learners.features import cb_line, context_json
-from learners.worlds import CBWorld
+from learners.sim.worlds import CBWorld
 from tests.conftest import AUTH, Harness
 
 N_ACTIONS = 5

@@ -68,7 +68,7 @@ def test_a_model_replayed_from_exported_logs_ranks_like_the_live_one(
 ) -> None:
     from learners.cb import CBRanker
     from learners.features import context_json
-    from learners.worlds import CBWorld
+    from learners.sim.worlds import CBWorld
 
     world = CBWorld(n_actions=4, seed=2)
     harness.configure(rewardWaitTime="PT5S", modelExportFrequency="PT1S")

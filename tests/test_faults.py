@@ -11,7 +11,7 @@ import time
 import httpx
 from sqlalchemy import create_engine, func, select
 
-from service.models import Joined, ModelCheckpoint
+from service.storage.models import Joined, ModelCheckpoint
 from tests.conftest import Broker
 from tests.test_production import (
     ACTIONS,

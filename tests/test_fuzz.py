@@ -26,9 +26,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from benchmarks.infra import postgres_database
-from service import openapi
+from service.api import openapi
 from service.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.conftest import AUTH, FakeClock, Harness, make_settings
 
 LONG = os.environ.get("DLOOP_FUZZ") == "long"

@@ -21,7 +21,7 @@ import orjson
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from service.models import DeadLetter
+from service.storage.models import DeadLetter
 from tests.conftest import free_port
 
 KEY = "hostile-test-admin-key-0123456789abcdef"
@@ -258,7 +258,7 @@ def test_a_joined_row_that_breaks_vw_is_dead_lettered_and_learning_goes_on(
 
 
 def test_a_loop_that_cannot_learn_is_reported_and_the_others_learn(harness: Any) -> None:
-    from service.models import Loop as LoopRow
+    from service.storage.models import Loop as LoopRow
     from tests.conftest import AUTH
 
     h = harness
@@ -303,7 +303,7 @@ def test_a_loop_that_cannot_learn_is_reported_and_the_others_learn(harness: Any)
 def test_a_loop_deleted_during_a_pass_stops_nothing(
     harness: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service import store
+    from service.storage import store
     from tests.conftest import AUTH
 
     h = harness

@@ -13,12 +13,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.pipeline import records
-from learners.join_worker import JoinWorker
-from service import kafka, store
-from service.db import make_engine, make_sessionmaker
-from service.migrate import upgrade
-from service.models import Joined, Loop
-from service.settings import Settings, load_settings
+from service.core.settings import Settings, load_settings
+from service.pipeline.join_worker import JoinWorker
+from service.storage import kafka, store
+from service.storage.db import make_engine, make_sessionmaker
+from service.storage.migrate import upgrade
+from service.storage.models import Joined, Loop
 from tests.conftest import Broker, FakeClock
 
 
@@ -88,7 +88,7 @@ def test_dangling_observations_are_bounded_on_postgres(postgres_url: str) -> Non
     """Rewards for eventIds that never got a decision: the newest are kept, the rest counted."""
     from sqlalchemy import func
 
-    from service.models import Observation
+    from service.storage.models import Observation
 
     upgrade(postgres_url)
     engine = make_engine(postgres_url)
@@ -124,9 +124,9 @@ def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
     """`dloop learn`: a joined line that segfaults VW (as an older writer could have published
     it) kills only the learning process; the learner finds it by relearning the batch line by
     line from its checkpoint, dead-letters it, and learns every other line exactly once."""
-    from learners.join_worker import joined_message
-    from learners.learn_worker import SOURCE, LearnWorker
-    from service.models import DeadLetter, ModelCheckpoint
+    from service.pipeline.join_worker import joined_message
+    from service.pipeline.learn_worker import SOURCE, LearnWorker
+    from service.storage.models import DeadLetter, ModelCheckpoint
     from tests.test_hostile import dsjson
 
     settings, engine, sessions = pipeline(postgres_url, kafka_broker, partitions=1)

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from learners.joiner import timestamp
+from learners.dsjson import timestamp
 from service.app import create_app
-from service.settings import load_settings
+from service.core.settings import load_settings
 from tests.conftest import AUTH, FakeClock, Harness, LiveServer, make_settings
 
 RANK = {
@@ -169,10 +169,10 @@ def test_replicas_installing_the_environment_key_together_leave_one(postgres_url
     each other and end with that one env key (the previous one gone), none failing."""
     from sqlalchemy import select, text
 
-    from service import store
-    from service.db import make_engine, make_sessionmaker
-    from service.migrate import upgrade
-    from service.models import ApiKey
+    from service.storage import store
+    from service.storage.db import make_engine, make_sessionmaker
+    from service.storage.migrate import upgrade
+    from service.storage.models import ApiKey
 
     upgrade(postgres_url)
     engine = make_engine(postgres_url)

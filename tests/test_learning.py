@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from learners.cb import DEFAULT_POLICY
-from learners.reference import run_reference, run_served
+from learners.sim.reference import run_reference, run_served
 from learners.vw import with_exploration
 from tests.conftest import AUTH, Harness
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.log import LocalLog
+from service.storage.log import LocalLog
 
 
 def test_append_and_read_from_offsets(tmp_path: Path) -> None:

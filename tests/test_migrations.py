@@ -8,8 +8,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from service.db import Base
-from service.migrate import downgrade, upgrade
+from service.storage.db import Base
+from service.storage.migrate import downgrade, upgrade
 
 
 def check_round_trip(url: str) -> None:

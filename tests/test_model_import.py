@@ -354,9 +354,9 @@ def test_replicas_racing_for_the_signing_key_agree_on_one(postgres_url: str) -> 
 
     from sqlalchemy import text
 
-    from service import store
-    from service.db import make_engine, make_sessionmaker
-    from service.migrate import upgrade
+    from service.storage import store
+    from service.storage.db import make_engine, make_sessionmaker
+    from service.storage.migrate import upgrade
 
     upgrade(postgres_url)
     engine = make_engine(postgres_url)

@@ -9,7 +9,7 @@ import pytest
 
 from learners import cb, ccb, rl
 from learners.vw import PolicyError, algorithm, check_policy, policy_options, with_exploration
-from service.evaluations import SEARCH
+from service.pipeline.evaluations import SEARCH
 from tests.conftest import AUTH, Harness
 
 README = Path(__file__).resolve().parents[1] / "README.md"

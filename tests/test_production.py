@@ -20,8 +20,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy import create_engine, func, select, text
 
-from service.migrate import upgrade
-from service.models import Joined, LogOffset, Loop, ModelCheckpoint, Observation
+from service.storage.migrate import upgrade
+from service.storage.models import Joined, LogOffset, Loop, ModelCheckpoint, Observation
 from tests.conftest import Broker, free_port
 
 KEY = "prod-admin-key-0123456789abcdefghij"
@@ -109,7 +109,7 @@ def count(db_url: str, stmt: Any) -> int:
 
 
 def explain(db_url: str, event_ids: list[str]) -> str:
-    from service.models import Decision
+    from service.storage.models import Decision
 
     engine = create_engine(db_url)
     with engine.connect() as conn:
@@ -296,8 +296,8 @@ def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
     assert "--epsilon" in arguments and "--squarecb" not in arguments
 
     # Offline tools read the joined topic too (dloop replay/evaluate --source kafka).
-    from learners import sources
-    from service.settings import load_settings
+    from service.core.settings import load_settings
+    from service.pipeline import sources
 
     settings = load_settings(
         kafka={
@@ -314,10 +314,10 @@ def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
 
 
 def test_rl_loop_learns_episodes_on_the_production_path(stack: Stack) -> None:
-    from learners import simulate
     from learners.rl import TABULAR_RL_POLICY
     from service.client import Client
-    from service.models import Episode
+    from service.pipeline import simulate
+    from service.storage.models import Episode
 
     with Client(stack.url, key=KEY, loop="keys") as client:
         client.create_loop("rl")
@@ -341,7 +341,7 @@ def test_rl_loop_learns_episodes_on_the_production_path(stack: Stack) -> None:
 
 
 def test_multi_slot_loop_learns_on_the_production_path(stack: Stack) -> None:
-    from service.models import Joined as J
+    from service.storage.models import Joined as J
 
     assert stack.api("PUT", "/loops/page", json={"kind": "ccb"}).status_code == 201
     cfg = stack.api("GET", "/loops/page/personalizer/v1.0/configurations/service").json()
@@ -385,8 +385,8 @@ def test_replicas_starting_together_create_the_default_loop_once(postgres_url: s
     insert failed and uvicorn stopped every worker)."""
     import threading
 
-    from service import store
-    from service.db import make_engine, make_sessionmaker
+    from service.storage import store
+    from service.storage.db import make_engine, make_sessionmaker
 
     upgrade(postgres_url)
     engine = make_engine(postgres_url)

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from service.app import create_app
-from service.models import Joined, ModelCheckpoint
+from service.storage.models import Joined, ModelCheckpoint
 from tests.conftest import FakeClock, Harness, make_settings
 from tests.test_api import rank_body
 

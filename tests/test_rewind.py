@@ -23,12 +23,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.pipeline import records
-from learners.join_worker import JoinWorker, joined_message
-from learners.learn_worker import LearnWorker
-from service import kafka, store
-from service.db import make_sessionmaker
-from service.models import Decision, Joined, ModelCheckpoint
-from service.settings import Settings
+from service.core.settings import Settings
+from service.pipeline.join_worker import JoinWorker, joined_message
+from service.pipeline.learn_worker import LearnWorker
+from service.storage import kafka, store
+from service.storage.db import make_sessionmaker
+from service.storage.models import Decision, Joined, ModelCheckpoint
 from tests.conftest import AUTH, Broker, FakeClock, Harness
 from tests.test_faults import Traffic, configure
 from tests.test_hostile import body, dsjson
@@ -254,7 +254,7 @@ def test_the_embedded_worker_whose_database_fails_mid_learning_learns_every_row_
 
 
 def test_an_outage_is_waited_out_and_recovered_from_and_a_bug_stops_the_worker() -> None:
-    from service.background import is_transient, keep_running
+    from service.pipeline.background import is_transient, keep_running
 
     log = logging.getLogger("test")
     stop = threading.Event()

@@ -8,10 +8,10 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from learners import simulate
 from learners.rl import TABULAR_RL_POLICY, RLTrainer, Step, relabel
 from service.client import Client, DloopError
-from service.models import Episode, Joined
+from service.pipeline import simulate
+from service.storage.models import Episode, Joined
 from tests.conftest import ADMIN_KEY, AUTH, Harness
 
 ACTIONS = [{"id": a, "features": [{"action": {"a": a}}]} for a in ("left", "right")]
@@ -146,7 +146,7 @@ def test_cliffwalking_reaches_the_optimal_return_through_http(harness: Harness) 
     assert curve.greedy[20] < -13.0  # it did have to learn
 
     # Offline: a model replayed from the logged episodes alone plays as well.
-    from learners.replay import replay_model
+    from service.pipeline.replay import replay_model
 
     with harness.dloop.sessions() as session:
         model = replay_model(session, loop="cliff", passes=3, progress=False)
@@ -184,9 +184,9 @@ def test_simulate_drives_a_cb_loop_on_a_synthetic_world(harness: Harness) -> Non
     import gymnasium as gym
     import numpy as np
 
-    from learners import envs
     from learners.cb import CBRanker
     from learners.features import context_json
+    from learners.sim import envs
 
     cb = make_loop(harness, "bandit", "cb")
     curve = simulate.run(

@@ -148,7 +148,7 @@ def test_offline_evaluation_through_the_admin_sdk(live_server: LiveServer) -> No
     """Log a simulated world's traffic, evaluate policies on it, apply the best one."""
     from datetime import UTC, datetime, timedelta
 
-    from learners.worlds import CBWorld
+    from learners.sim.worlds import CBWorld
 
     client, admin = clients(live_server)
     config = admin.get_service_configuration()

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.migrate import upgrade
-from service.settings import load_settings
+from service.core.settings import load_settings
+from service.storage.migrate import upgrade
 from tests.conftest import ADMIN_KEY, AUTH, FakeClock, Harness, make_settings
 
 RANK = {"contextFeatures": [{"a": "b"}], "actions": [{"id": "x", "features": [{"f": "1"}]}]}
@@ -102,7 +102,7 @@ def test_instants_that_cannot_be_printed_are_400(harness: Harness, start: str, e
 
 
 def test_timestamps_are_iso_8601_across_the_whole_range() -> None:
-    from learners.joiner import parse_time, timestamp
+    from learners.dsjson import parse_time, timestamp
 
     for text in ("0001-01-01T00:00:00.000000Z", "0999-12-31T23:59:59.500000Z"):
         assert timestamp(parse_time(text)) == text

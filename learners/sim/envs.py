@@ -1,0 +1,117 @@
+"""Gymnasium environments dloop ships for `dloop simulate` and its tests.
+
+- `dloop/DelayedKey-v0`: the reward comes only at the end of a long episode. At the first step
+  the agent takes a key (no reward now) or a coin (0.1 now); then `length - 1` steps where nothing
+  it does matters; at the end a door opens, paying 1, only for an agent holding the key. A
+  contextual bandit maximises the next reward, so it takes the coin (return 0.1); a learner of
+  discounted return takes the key (return 1). The observation is (step, holding the key).
+- `dloop/ContextualBandit-v0`: one-step episodes over `learners.worlds.CBWorld` (categorical user
+  traits, Bernoulli clicks), so `dloop simulate` can drive cb loops too.
+
+`observation_features` turns any discrete or box observation into Personalizer context features,
+and `action_list` a discrete action space into actions, in the layout the tabular RL policy
+(`learners.rl.TABULAR_RL_POLICY`) crosses: the state in namespace `state`, the action in `action`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from learners.sim.worlds import CBWorld
+
+
+class DelayedKey(gym.Env[Any, Any]):
+    metadata: dict[str, Any] = {"render_modes": []}
+    COIN, KEY = 0, 1  # a blank model (ties: first action) takes the coin
+
+    def __init__(self, length: int = 10) -> None:
+        self.length = length
+        # state = 2 * step + holding the key
+        self.observation_space = spaces.Discrete(2 * length)
+        self.action_space = spaces.Discrete(2)
+        self.step_index = 0
+        self.key = False
+
+    def _obs(self) -> int:
+        return 2 * self.step_index + int(self.key)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.step_index, self.key = 0, False
+        return self._obs(), {}
+
+    def step(self, action: int) -> tuple[int, float, bool, bool, dict[str, Any]]:
+        reward = 0.0
+        if self.step_index == 0:
+            if action == self.KEY:
+                self.key = True
+            else:
+                reward = 0.1
+        self.step_index += 1
+        terminated = self.step_index >= self.length
+        if terminated and self.key:
+            reward += 1.0
+        return self._obs() if not terminated else 0, reward, terminated, False, {}
+
+
+class ContextualBandit(gym.Env[Any, Any]):
+    """One decision per episode: observe a user, pick an action, get a click or not."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, n_actions: int = 5, seed: int = 0) -> None:
+        self.world = CBWorld(n_actions=n_actions, traits=(("country", 4), ("device", 3)), seed=seed)
+        self.observation_space = spaces.MultiDiscrete([4, 3])
+        self.action_space = spaces.Discrete(n_actions)
+        self._values: dict[str, int] = {}
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self._values, _ = self.world.draw_context()
+        return np.array([self._values["country"], self._values["device"]]), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        p = float(self.world.expected(self._values)[action])
+        reward = float(self.np_random.random() < p)
+        return np.array([0, 0]), reward, True, False, {"expected": p}
+
+
+def register() -> None:
+    for env_id, entry in (
+        ("dloop/DelayedKey-v0", "learners.sim.envs:DelayedKey"),
+        ("dloop/ContextualBandit-v0", "learners.sim.envs:ContextualBandit"),
+    ):
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point=entry)
+
+
+register()
+
+
+def observation_features(observation: Any) -> list[dict[str, Any]]:
+    """Context features for an observation: a discrete state is one categorical feature, a
+    vector of integers one categorical feature per position, a float vector a numeric array."""
+    arr = np.asarray(observation)
+    if arr.ndim == 0:
+        return [{"state": {"s": str(int(arr))}}]
+    if np.issubdtype(arr.dtype, np.integer):
+        return [{"state": {f"s{i}": str(int(v)) for i, v in enumerate(arr.ravel())}}]
+    return [{"state": {"x": [float(v) for v in arr.ravel()]}}]
+
+
+def action_list(space: spaces.Space[Any]) -> list[dict[str, Any]]:
+    if not isinstance(space, spaces.Discrete):
+        raise ValueError("dloop simulate needs a discrete action space")
+    start = int(space.start)
+    return [
+        {"id": str(a), "features": [{"action": {"a": str(a)}}]}
+        for a in range(start, start + int(space.n))
+    ]

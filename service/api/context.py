@@ -1,0 +1,159 @@
+"""The per-process objects routes need, built by the lifespan in service.app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import Request
+
+from learners.dsjson import timestamp
+from learners.features import FeatureLimits
+from learners.sandbox import RankerPool
+from service.api.auth import KeyTable, authorize
+from service.api.errors import ApiError
+from service.core.settings import Settings
+from service.pipeline.control import LoopControl
+from service.pipeline.embedded import EmbeddedWorker
+from service.pipeline.evaluations import Jobs
+from service.pipeline.publisher import LogPublisher
+from service.pipeline.runtime import LoopRuntime, Registry, RetryCache
+from service.storage import store
+from service.storage.log import LocalLog
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.ranks = Counter("dloop_rank", "Rank calls answered", ["loop"], registry=r)
+        self.rank_retries = Counter(
+            "dloop_rank_retries",
+            "Rank calls answered from the idempotency cache",
+            ["loop"],
+            registry=r,
+        )
+        self.event_id_reused = Counter(
+            "dloop_event_id_reused",
+            "Rank calls with an eventId this process had answered for another request: ranked"
+            " for their own content and not logged (the first decision joins)",
+            ["loop"],
+            registry=r,
+        )
+        self.rewards = Counter("dloop_reward", "Reward calls accepted", ["loop"], registry=r)
+        self.activations = Counter(
+            "dloop_activate", "Activate calls accepted", ["loop"], registry=r
+        )
+        self.errors = Counter("dloop_http_errors", "4xx/5xx answers", ["code"], registry=r)
+
+
+@dataclass
+class Dloop:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    log: LocalLog
+    registry: Registry
+    worker: EmbeddedWorker | None
+    rankers: RankerPool
+    clock: Callable[[], float] = time.time
+    publisher: LogPublisher | None = None
+    keys: KeyTable = field(default_factory=KeyTable)
+    metrics: Metrics = field(default_factory=Metrics)
+    jobs: Jobs = field(init=False)
+    control: LoopControl = field(init=False)
+    feature_limits: FeatureLimits = field(init=False)
+    retries: RetryCache = field(init=False)
+    _refreshed: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.jobs = Jobs(self.sessions, self.database_url)
+        self.retries = RetryCache(self.settings.dedup_cache_bytes)
+        self.control = LoopControl(
+            self.sessions, self.registry, self.worker, self.clock, self.database_url
+        )
+        limits = self.settings.limits
+        self.feature_limits = FeatureLimits(
+            max_features=limits.max_features,
+            max_namespace_features=limits.max_namespace_features,
+            max_depth=limits.max_feature_depth,
+        )
+
+    @property
+    def database_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=False)
+
+    def backlog(self) -> int:
+        """Bytes of the local log not yet ingested (embedded) or published to Kafka (serve)."""
+        consumed = (
+            self.worker.offset if self.worker else self.publisher.offset if self.publisher else 0
+        )
+        return self.log.end() - consumed
+
+    def learner_health(self) -> tuple[str, list[dict[str, object]]]:
+        """The embedded learner's state for /readyz: "ok", or why it is not (it stopped, or
+        made no pass for two minutes), and the loops whose last pass failed. The Kafka path's
+        learners are processes of their own: /metrics shows their backlog per loop."""
+        worker = self.worker
+        if worker is None:
+            return "ok", []
+        if worker.started and not worker.running and not worker.stopping:
+            return "the learner thread stopped", []
+        stalled = time.monotonic() - worker.passed_at
+        if worker.running and stalled > 120:
+            return f"no learner pass for {stalled:.0f} s", []
+        failing: list[dict[str, object]] = [
+            {"loop": name, "since": timestamp(h.since), "failures": h.failures, "error": h.error}
+            for name, h in sorted(worker.failing.items())
+        ]
+        return "ok", failing
+
+    def refresh(self, loop: str | None = None) -> bool:
+        """Serve mode: reload the keys, and `loop` if given, now (another replica may have
+        changed them moments ago, before the watcher's next pass); at most every 0.2 s. False
+        in embedded mode."""
+        if self.publisher is None or time.monotonic() - self._refreshed < 0.2:
+            return False
+        self._refreshed = time.monotonic()
+        if loop is not None:
+            with self.sessions() as session:
+                self.registry.load(session, [loop])
+        self.reload_keys()
+        return True
+
+    def reload_keys(self) -> None:
+        with self.sessions() as session:
+            self.keys = KeyTable(store.key_table(session), self.clock)
+
+
+def dloop(request: Request) -> Dloop:
+    d: Dloop = request.app.state.dloop
+    return d
+
+
+def loop_name(request: Request) -> str:
+    return str(request.scope.get("dloop.loop", store.DEFAULT_LOOP))
+
+
+def loop_for(request: Request, *, admin: bool) -> tuple[Dloop, LoopRuntime]:
+    """Authorize the caller for the request's loop and return it (404 if it does not exist)."""
+    d = dloop(request)
+    name = loop_name(request)
+    try:
+        authorize(d.keys, request, loop=name, admin=admin)
+    except ApiError:
+        if not d.refresh():  # a key created through another replica?
+            raise
+        authorize(d.keys, request, loop=name, admin=admin)
+    rt = d.registry.get(name)
+    if rt is None and d.refresh(name):  # a loop created through another replica?
+        rt = d.registry.get(name)
+    if rt is None:
+        raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
+    return d, rt

@@ -1,0 +1,121 @@
+"""What every request passes before any handler runs: a valid key (before a byte of its body is
+read), its key's rate limit, and a body counted as it arrives (size cap and deadline).
+
+These run in the outermost dloop middleware (service.app.PathStyles), so the framework's own
+body parsing (FastAPI reads `Body()` parameters before the handler could check a key) and the
+hot path are covered alike. Roles and loops are still checked by each route (service.auth).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope
+
+from service.api.auth import KeyTable
+from service.storage.store import hash_key
+
+# Paths anyone may call: liveness, readiness, and the API's description.
+PUBLIC = ("/healthz", "/readyz", "/openapi.json")
+PUBLIC_PREFIXES = ("/docs",)
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, cap: int) -> None:
+        super().__init__(413, f"request body exceeds {cap} bytes")
+
+
+class BodyTimeout(HTTPException):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s")
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC or path.startswith(PUBLIC_PREFIXES)
+
+
+def scope_key(scope: Scope) -> str | None:
+    """The key a request presents (`Ocp-Apim-Subscription-Key` or `Authorization: Bearer`)."""
+    bearer = None
+    for name, value in scope["headers"]:
+        if name == b"ocp-apim-subscription-key" and value:
+            return str(value.decode("latin-1"))
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            bearer = value[7:].strip().decode("latin-1")
+    return bearer or None
+
+
+def key_hash(keys: KeyTable, scope: Scope) -> str | None:
+    """The hash of a valid presented key, or None."""
+    key = scope_key(scope)
+    if not key:
+        return None
+    digest = hash_key(key)
+    return digest if keys.get(digest) is not None else None
+
+
+def limited_receive(receive: Receive, *, cap: int, timeout: float) -> Receive:
+    """`receive` for a request whose body may hold at most `cap` bytes and must have arrived
+    `timeout` seconds after the first read: BodyTooLarge / BodyTimeout as soon as either is
+    broken, so nothing past the cap is ever buffered."""
+    import asyncio
+
+    state = {"read": 0, "deadline": 0.0, "done": False}
+
+    async def guarded() -> Message:
+        if state["done"]:
+            return await receive()
+        if not state["deadline"]:
+            state["deadline"] = time.monotonic() + timeout
+        remaining = state["deadline"] - time.monotonic()
+        if remaining <= 0:
+            raise BodyTimeout(timeout)
+        try:
+            async with asyncio.timeout(remaining):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(timeout) from None
+        if message["type"] == "http.request":
+            state["read"] += len(message.get("body", b""))
+            if state["read"] > cap:
+                raise BodyTooLarge(cap)
+            if not message.get("more_body", False):
+                state["done"] = True
+        return message
+
+    return guarded
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` requests a second on average, `burst` at once. `check`
+    returns 0 if the request may go on, else the seconds until it may (Retry-After)."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.time) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def check(self, key: str) -> int:
+        if self.rate <= 0:
+            return 0
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(float(self.burst), now)
+        bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.at) * self.rate)
+        bucket.at = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0
+        return max(1, math.ceil((1.0 - bucket.tokens) / self.rate))

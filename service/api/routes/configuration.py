@@ -1,0 +1,95 @@
+"""Service configuration and learning policy (Personalizer's /configurations)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from pydantic import ValidationError
+
+from learners.sandbox import check_policy
+from learners.vw import PolicyError, algorithm
+from service.api.context import Dloop, loop_for
+from service.api.errors import ApiError, bad_request
+from service.core.schemas import PolicyContract, default_policy, parse_config, validation_message
+from service.pipeline.runtime import LoopRuntime
+from service.storage import store
+
+router = APIRouter()
+Payload = Annotated[Any, Body()]
+
+
+def _with_metrics(d: Dloop, rt: LoopRuntime) -> dict[str, Any]:
+    doc = dict(rt.config)
+    with d.sessions() as session:
+        metrics = store.apprentice_metrics(session, loop=rt.name)
+    if metrics is not None:
+        doc["latestApprenticeModeMetrics"] = metrics
+    return doc
+
+
+@router.get("/personalizer/configurations/service")
+def get_service_configuration(request: Request) -> dict[str, Any]:
+    d, rt = loop_for(request, admin=True)
+    return _with_metrics(d, rt)
+
+
+@router.put("/personalizer/configurations/service")
+def update_service_configuration(request: Request, payload: Payload = None) -> dict[str, Any]:
+    d, rt = loop_for(request, admin=True)
+    if not isinstance(payload, dict):
+        raise bad_request("InvalidServiceConfiguration", "body must be a ServiceConfiguration")
+    try:
+        new = parse_config(payload)
+    except ValueError as exc:
+        raise bad_request("InvalidServiceConfiguration", str(exc)) from None
+    if rt.kind == "ccb" and new.is_auto_optimization_enabled:
+        raise ApiError(
+            403,
+            "ProblemTypeIncompatibleWithAutoOptimization",
+            "auto-optimization is not available for multi-slot loops",
+        )
+    old = parse_config(rt.config)
+    if new.learning_mode != old.learning_mode and (
+        new.default_reward != old.default_reward
+        or new.reward_wait_time != old.reward_wait_time
+        or new.reward_aggregation != old.reward_aggregation
+    ):
+        raise bad_request(
+            "InvalidLearningModeServiceConfiguration",
+            "change learningMode in its own update, without changing defaultReward, "
+            "rewardWaitTime or rewardAggregation",
+        )
+    new.last_configuration_edit_date = datetime.fromtimestamp(d.clock(), UTC)
+    d.control.save(rt, config=new.stored(), policy=rt.policy)
+    return _with_metrics(d, rt)
+
+
+@router.get("/personalizer/configurations/policy")
+def get_policy(request: Request) -> dict[str, str]:
+    _, rt = loop_for(request, admin=True)
+    return rt.policy
+
+
+@router.put("/personalizer/configurations/policy")
+def update_policy(request: Request, payload: Payload = None) -> dict[str, str]:
+    d, rt = loop_for(request, admin=True)
+    try:
+        policy = PolicyContract.model_validate(payload)
+    except ValidationError as exc:
+        raise bad_request("InvalidPolicyContract", validation_message(exc)) from None
+    try:
+        check_policy(policy.arguments, algorithm=algorithm(rt.kind))
+    except PolicyError as exc:
+        raise bad_request("InvalidPolicyConfiguration", str(exc)) from None
+    doc = policy.model_dump(by_alias=True)
+    d.control.save(rt, config=rt.config, policy=doc)
+    return doc
+
+
+@router.delete("/personalizer/configurations/policy")
+def reset_policy(request: Request) -> dict[str, str]:
+    d, rt = loop_for(request, admin=True)
+    d.control.save(rt, config=rt.config, policy=default_policy(rt.kind, d.settings.default_policy))
+    return rt.policy

@@ -1,0 +1,317 @@
+"""Offline evaluations (Personalizer's /evaluations), applyFromEvaluation, feature importance.
+
+PUT creates a job (v1.0: POST /evaluations); it runs in the background (service.evaluations)
+and GET shows its status, progress (dloop: `progress` from 0 to 1) and, once Succeeded, the
+result: per policy (Online, Baseline, Random, Custom, OfflineExperimentation) the doubly robust
+estimate of its average reward with a 95% confidence interval, and a time series.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, TypeGuard, TypeVar
+
+from fastapi import APIRouter, Body, Request
+from starlette.responses import JSONResponse, Response
+
+from learners.dsjson import parse_time, timestamp
+from learners.sandbox import check_policy
+from learners.vw import PolicyError, algorithm
+from service.api.context import Dloop, loop_for
+from service.api.errors import ApiError, bad_request
+from service.storage import store
+from service.storage.models import Evaluation, FeatureImportance, OfflineJob
+
+router = APIRouter()
+Payload = Annotated[Any, Body()]
+
+MAX_POLICIES = 10
+INTERVALS = {5, 60, 360, 720, 1440}
+
+
+def _instant(value: Any, field: str, code: str) -> float:
+    try:
+        t = parse_time(value)
+        timestamp(t)  # every job document answers it back, so it must be a representable year
+    except (AttributeError, TypeError, ValueError, OverflowError):  # not a string or date-time
+        raise bad_request(code, f"{field} must be an ISO-8601 date-time") from None
+    return t
+
+
+def _is_id(value: Any) -> TypeGuard[str]:
+    """A job id or name: 1 to 256 characters, none of them NUL (Postgres text cannot hold it)."""
+    return isinstance(value, str) and 0 < len(value) <= 256 and "\x00" not in value
+
+
+def _window(payload: Any, *, code: str, order_code: str, body: str) -> tuple[str, float, float]:
+    """The `name`, `startTime` and `endTime` every job contract has (400 `code` if wrong)."""
+    if not isinstance(payload, dict):
+        raise bad_request(code, f"body must be {body}")
+    name = payload.get("name")
+    if not _is_id(name):
+        raise bad_request(code, "name must have 1 to 256 characters, none of them NUL")
+    start, end = (_instant(payload.get(f), f, code) for f in ("startTime", "endTime"))
+    if start > end:
+        raise bad_request(order_code, "startTime is after endTime")
+    return name, start, end
+
+
+Job = TypeVar("Job", bound=OfflineJob)
+
+
+def _new_job(d: Dloop, table: type[Job], job: Job, *, exists: str) -> Job:
+    """Store a new job (400 `exists` if the id is taken), NotSubmitted; the caller submits it."""
+    job.created_at = d.clock()
+    job.status = "NotSubmitted"
+    job.progress = 0.0
+    with d.sessions.begin() as session:
+        if session.get(table, (job.loop, job.id)) is not None:
+            raise bad_request(exists, f"'{job.id}' exists")
+        session.add(job)
+    return job
+
+
+def _find(request: Request, table: type[Job], job_id: str, *, missing: str) -> tuple[Dloop, Job]:
+    d, rt = loop_for(request, admin=True)
+    job = None
+    if _is_id(job_id):  # no other id can have been stored
+        with d.sessions() as session:
+            job = session.get(table, (rt.name, job_id))
+    if job is None:
+        raise ApiError(404, missing, f"'{job_id}' not found")
+    return d, job
+
+
+def _delete(d: Dloop, job: OfflineJob) -> Response:
+    with d.sessions.begin() as session:
+        row = session.get(type(job), (job.loop, job.id))
+        if row is not None:
+            session.delete(row)
+    return Response(status_code=204)
+
+
+def _job_doc(job: OfflineJob, *, details: bool, **extra: Any) -> dict[str, Any]:
+    """The fields every job document has; the list view (`details`) stops at the status."""
+    doc: dict[str, Any] = {
+        "id": job.id,
+        "name": job.name,
+        "startTime": timestamp(job.start_time),
+        "endTime": timestamp(job.end_time),
+        "creationTime": timestamp(job.created_at),
+        "status": job.status,
+        **extra,
+    }
+    if not details:
+        doc["progress"] = job.progress
+        if job.description:
+            doc["description"] = job.description
+    return doc
+
+
+def _doc(ev: Evaluation, *, details: bool = False, series: str = "5/Expanding") -> dict[str, Any]:
+    doc = _job_doc(ev, details=details, evaluationType=ev.evaluation_type)
+    if details:
+        return doc
+    if ev.optimal_policy:
+        doc["optimalPolicy"] = ev.optimal_policy
+    if ev.content is not None:
+        content = dict(ev.content)
+        content["intervalInMinutes"] = int(series.split("/")[0])
+        values = []
+        for v in content.get("value", []):
+            v = dict(v)
+            every = v.pop("dloopTimeseries", None)
+            if every is not None:
+                v["timeseries"] = {"data": every.get(series, [])}
+            values.append(v)
+        content["value"] = values
+        doc["content"] = content
+    return doc
+
+
+def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, Evaluation]:
+    d, rt = loop_for(request, admin=True)
+
+    if not _is_id(evaluation_id):
+        raise bad_request("InvalidRequest", "evaluation ids have 1 to 256 characters, not NUL")
+    name, start, end = _window(
+        payload,
+        code="InvalidEvaluationContract",
+        order_code="InvalidDateTimesInEvaluationContract",
+        body="an EvaluationContract",
+    )
+    policies = payload.get("policies") or []
+    if not isinstance(policies, list):
+        raise bad_request("InvalidEvaluationContract", "policies must be a list")
+    if len(policies) > MAX_POLICIES:
+        raise bad_request(
+            "MaximumEvaluationCustomPoliciesExceeded", f"at most {MAX_POLICIES} custom policies"
+        )
+    custom = []
+    for p in policies:
+        if not isinstance(p, dict) or not _is_id(p.get("name")):
+            raise bad_request("InvalidEvaluationContract", "each policy needs a name (an id)")
+        if not isinstance(p.get("arguments"), str):
+            raise bad_request("InvalidEvaluationContract", "each policy needs arguments")
+        try:
+            check_policy(p["arguments"], algorithm=algorithm(rt.kind))
+        except PolicyError as exc:
+            raise bad_request("InvalidPolicyConfiguration", f"{p['name']}: {exc}") from None
+        custom.append({"name": p["name"], "arguments": p["arguments"]})
+    if rt.kind == "rl" and (custom or payload.get("enablePolicyOptimization")):
+        raise bad_request(
+            "InvalidEvaluationContract",
+            "RL loops evaluate the online policy, its current model, baseline and random",
+        )
+    if len({p["name"] for p in custom}) != len(custom):
+        raise bad_request("DuplicateCustomPolicyNames", "custom policy names must be unique")
+    optimize = payload.get(
+        "enablePolicyOptimization", payload.get("enableOfflineExperimentation", False)
+    )
+    if not isinstance(optimize, bool):
+        raise bad_request("InvalidEvaluationContract", "enablePolicyOptimization is a boolean")
+    ev = _new_job(
+        d,
+        Evaluation,
+        Evaluation(
+            loop=rt.name,
+            id=evaluation_id,
+            name=name,
+            start_time=start,
+            end_time=end,
+            evaluation_type="Manual",
+            policies=custom,
+            optimize=optimize,
+        ),
+        exists="EvaluationAlreadyExists",
+    )
+    d.jobs.submit(rt.name, evaluation_id)
+    return d, ev
+
+
+@router.put("/personalizer/evaluations/{evaluation_id}")
+def create_evaluation(request: Request, evaluation_id: str, payload: Payload = None) -> Any:
+    _, ev = _create(request, evaluation_id, payload)
+    return _doc(ev)
+
+
+@router.post("/personalizer/evaluations")
+def create_evaluation_v1(request: Request, payload: Payload = None) -> Response:
+    """v1.0: POST with a generated id, 201 and the evaluation (with Location)."""
+    _, ev = _create(request, uuid.uuid4().hex, payload)
+    return JSONResponse(_doc(ev), status_code=201, headers={"Location": f"evaluations/{ev.id}"})
+
+
+def _get(request: Request, evaluation_id: str) -> tuple[Dloop, Evaluation]:
+    return _find(request, Evaluation, evaluation_id, missing="EvaluationNotFound")
+
+
+@router.get("/personalizer/evaluations/{evaluation_id}")
+def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
+    loop_for(request, admin=True)  # the key first: no answer about the query without it
+    q = request.query_params
+    interval = q.get("intervalInMinutes")
+    window = q.get("window")
+    if interval is not None and (
+        not (interval.isascii() and interval.isdigit()) or int(interval) not in INTERVALS
+    ):
+        raise bad_request("InvalidRequest", f"intervalInMinutes must be one of {sorted(INTERVALS)}")
+    if window is not None and window not in ("Expanding", "Rolling"):
+        raise bad_request("InvalidRequest", "window must be Expanding or Rolling")
+    if (window == "Expanding" and interval not in (None, "5")) or (
+        window == "Rolling" and interval in (None, "5")
+    ):
+        raise bad_request(
+            "IncompatibleIntervalAndWindow", "Expanding goes with 5 minutes, Rolling with longer"
+        )
+    _, ev = _get(request, evaluation_id)
+    minutes = int(interval) if interval is not None else 5
+    return _doc(ev, series=f"{minutes}/{'Expanding' if minutes == 5 else 'Rolling'}")
+
+
+@router.get("/personalizer/evaluations")
+def list_evaluations(request: Request) -> Any:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        rows = store.list_evaluations(session, loop=rt.name)
+    docs = [_doc(ev, details=True) for ev in rows]
+    if request.scope.get("dloop.version") == "v1.0":
+        return docs  # v1.0 answered a bare array
+    return {"value": docs}
+
+
+@router.delete("/personalizer/evaluations/{evaluation_id}", status_code=204)
+def delete_evaluation(request: Request, evaluation_id: str) -> Response:
+    return _delete(*_get(request, evaluation_id))
+
+
+@router.post("/personalizer/configurations/applyFromEvaluation", status_code=204)
+def apply_from_evaluation(request: Request, payload: Payload = None) -> Response:
+    """Make an evaluated policy the loop's policy (the model retrains on the loop's history)."""
+    d, rt = loop_for(request, admin=True)
+    if not isinstance(payload, dict) or not all(
+        isinstance(payload.get(k), str) for k in ("evaluationId", "policyName")
+    ):
+        raise bad_request("InvalidRequest", "body must be {evaluationId, policyName}")
+    _, ev = _get(request, payload["evaluationId"])
+    results = (ev.content or {}).get("value", [])
+    match = next((r for r in results if r["name"] == payload["policyName"]), None)
+    if match is None or match["policySource"] in ("Baseline", "Random"):
+        raise ApiError(
+            404, "LearningSettingsNotFound", f"no policy '{payload['policyName']}' to apply"
+        )
+    d.control.save_policy(rt, {"name": match["name"], "arguments": match["arguments"]})
+    return Response(status_code=204)
+
+
+# ---- feature importance ----------------------------------------------------------------------
+
+
+def _importance_doc(job: FeatureImportance, *, details: bool = False) -> dict[str, Any]:
+    doc = _job_doc(job, details=details)
+    if not details and job.scores is not None:
+        doc["featureScores"] = job.scores
+    return doc
+
+
+@router.put("/personalizer/featureImportances/{job_id}")
+def create_feature_importance(request: Request, job_id: str, payload: Payload = None) -> Any:
+    d, rt = loop_for(request, admin=True)
+    if not _is_id(job_id):
+        raise bad_request("InvalidRequest", "feature importance ids have 1 to 256 characters")
+    name, start, end = _window(
+        payload,
+        code="InvalidRequest",
+        order_code="InvalidRequest",
+        body="{name, startTime, endTime}",
+    )
+    job = _new_job(
+        d,
+        FeatureImportance,
+        FeatureImportance(loop=rt.name, id=job_id, name=name, start_time=start, end_time=end),
+        exists="FeatureImportanceAlreadyExists",
+    )
+    d.jobs.submit_importance(rt.name, job_id)
+    return _importance_doc(job)
+
+
+def _importance(request: Request, job_id: str) -> tuple[Dloop, FeatureImportance]:
+    return _find(request, FeatureImportance, job_id, missing="FeatureImportanceNotFound")
+
+
+@router.get("/personalizer/featureImportances/{job_id}")
+def get_feature_importance(request: Request, job_id: str) -> dict[str, Any]:
+    return _importance_doc(_importance(request, job_id)[1])
+
+
+@router.get("/personalizer/featureImportances")
+def list_feature_importances(request: Request) -> dict[str, Any]:
+    d, rt = loop_for(request, admin=True)
+    with d.sessions() as session:
+        rows = store.list_feature_importances(session, loop=rt.name)
+    return {"value": [_importance_doc(job, details=True) for job in rows]}
+
+
+@router.delete("/personalizer/featureImportances/{job_id}", status_code=204)
+def delete_feature_importance(request: Request, job_id: str) -> Response:
+    return _delete(*_importance(request, job_id))

@@ -1,0 +1,155 @@
+"""API keys. Admin keys under `/keys`, a loop's client keys (rank, reward and activate on that
+loop) under `/loops/{loop}/keys`: list, create (the key is returned once; only its hash is
+stored; an optional label and expiry) and revoke. The last valid admin key cannot be revoked,
+so nobody locks themselves out.
+
+`DLOOP_API_KEY` is stored as the admin key of source "env" at every start, replacing the
+previous one; keys created here (source "api") or with `dloop keys` ("cli") stay until revoked
+or expired.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Request
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from starlette.responses import JSONResponse, Response
+
+from learners.dsjson import timestamp
+from service.api.auth import authorize
+from service.api.context import Dloop, dloop
+from service.api.errors import ApiError, bad_request
+from service.core.schemas import KeyRequest, validation_message
+from service.storage import store
+from service.storage.models import ApiKey
+
+router = APIRouter()
+
+# Key ids are 32-bit database integers (INTEGER in Postgres): another one is a bad request, not
+# a database error.
+KeyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+
+def key_doc(row: ApiKey) -> dict[str, Any]:
+    """A key as listed: never the key or its hash."""
+    return {
+        "id": row.id,
+        "role": row.role,
+        "label": row.label,
+        "source": row.source,
+        "createdTime": timestamp(row.created_at),
+        "expiresTime": None if row.expires_at is None else timestamp(row.expires_at),
+    }
+
+
+def key_options(payload: Any, now: float) -> tuple[str | None, float | None]:
+    """(label, expiry) from a key creation body (None: no body); 400 if it is malformed."""
+    try:
+        request = KeyRequest.model_validate({} if payload is None else payload)
+        return request.label, request.expiry(now)
+    except ValidationError as exc:
+        raise bad_request("InvalidRequest", validation_message(exc)) from None
+    except ValueError as exc:
+        raise bad_request("InvalidRequest", str(exc)) from None
+
+
+def created(doc: dict[str, Any]) -> Response:
+    # The body holds the only copy of a secret: no cache along the way may keep it.
+    return JSONResponse(doc, status_code=201, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/keys")
+def list_admin_keys(request: Request) -> dict[str, Any]:
+    d = dloop(request)
+    authorize(d.keys, request, loop="", admin=True)
+    with d.sessions() as session:
+        return {"value": [key_doc(row) for row in store.list_keys(session, loop=None)]}
+
+
+@router.post("/keys")
+def create_admin_key(request: Request, payload: Annotated[Any, Body()] = None) -> Response:
+    d = dloop(request)
+    authorize(d.keys, request, loop="", admin=True)
+    return _create(d, payload, role="admin", loop=None)
+
+
+def _create(d: Dloop, payload: Any, *, role: str, loop: str | None) -> Response:
+    """A new key (201, shown once) with the label and expiry the body asks for."""
+    now = d.clock()
+    label, expires_at = key_options(payload, now)
+    with d.sessions.begin() as session:
+        row, key = store.create_key(
+            session,
+            role=role,
+            loop=loop,
+            now=now,
+            source="api",
+            label=label,
+            expires_at=expires_at,
+        )
+        doc = {**(key_doc(row) if loop is None else _client_key_doc(row)), "key": key}
+    d.reload_keys()
+    return created(doc)
+
+
+@router.delete("/keys/{key_id}", status_code=204)
+def revoke_admin_key(request: Request, key_id: KeyId) -> Response:
+    d = dloop(request)
+    authorize(d.keys, request, loop="", admin=True)
+    with d.sessions.begin() as session:
+        row = store.get_key(session, key_id=key_id)
+        if row is None or row.role != "admin":
+            raise ApiError(404, "ResourceNotFound", f"there is no admin key {key_id}")
+        _revoke(session, row, d.clock())
+    d.reload_keys()
+    return Response(status_code=204)
+
+
+def _revoke(session: Session, row: ApiKey, now: float) -> None:
+    try:
+        store.revoke_key(session, row=row, now=now)
+    except store.LastAdminKeyError as exc:
+        raise ApiError(409, "Conflict", str(exc)) from None
+
+
+def _existing(d: Dloop, name: str) -> None:
+    if d.registry.get(name) is None:
+        raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
+
+
+def _client_key_doc(row: ApiKey) -> dict[str, Any]:
+    return {**key_doc(row), "loop": row.loop}
+
+
+@router.post("/loops/{name}/keys")
+def create_client_key(
+    request: Request, name: str, payload: Annotated[Any, Body()] = None
+) -> Response:
+    d = dloop(request)
+    authorize(d.keys, request, loop=name, admin=True)
+    _existing(d, name)
+    return _create(d, payload, role="client", loop=name)
+
+
+@router.get("/loops/{name}/keys")
+def list_client_keys(request: Request, name: str) -> dict[str, Any]:
+    d = dloop(request)
+    authorize(d.keys, request, loop=name, admin=True)
+    _existing(d, name)
+    with d.sessions() as session:
+        return {"value": [_client_key_doc(row) for row in store.list_keys(session, loop=name)]}
+
+
+@router.delete("/loops/{name}/keys/{key_id}", status_code=204)
+def delete_client_key(request: Request, name: str, key_id: KeyId) -> Response:
+    d = dloop(request)
+    authorize(d.keys, request, loop=name, admin=True)
+    with d.sessions.begin() as session:
+        row = store.get_key(session, key_id=key_id)
+        if row is None or row.loop != name:
+            raise ApiError(404, "ResourceNotFound", f"loop '{name}' has no key {key_id}")
+        _revoke(session, row, d.clock())
+    d.reload_keys()
+    return Response(status_code=204)

@@ -1,0 +1,213 @@
+"""Multi-slot rank, reward and activate (Personalizer's /multislot), for loops of kind `ccb`.
+
+Slots are filled in request order, each from the actions still free for it (learners.ccb). The
+response carries, beyond Personalizer's `{id, rewardActionId}` per slot, the probability each
+slot's action was drawn with (clients asked for it; SDKs ignore unknown fields). Apprentice mode
+serves every slot's baseline and logs the model's own choices; LoggingOnly serves and logs the
+baselines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from learners.ccb import ccb_context
+from learners.features import FeatureError, FeatureLimits, clean_features
+from learners.sandbox import NO_MODEL, SandboxError
+from service.api.context import Dloop, loop_for
+from service.api.errors import bad_request
+from service.api.routes.events import (
+    _check_event_id,
+    _json_body,
+    _observation,
+    _parse_rank,
+    _rank_error,
+    activate_event,
+    asked,
+    check_feature_count,
+    earlier,
+    is_id,
+    is_reward,
+    remember,
+    retried,
+    sandbox_error,
+)
+from service.pipeline.runtime import LoopRuntime
+
+router = APIRouter()
+
+
+def _multislot_loop(request: Request) -> tuple[Dloop, LoopRuntime]:
+    d, rt = loop_for(request, admin=False)
+    if rt.kind != "ccb":
+        raise bad_request(
+            "InvalidMultiSlotApiAccess",
+            f"loop '{rt.name}' is single-slot; multi-slot needs a loop of kind ccb",
+        )
+    return d, rt
+
+
+def _parse_slots(
+    body: dict[str, Any], ids: list[str], limits: FeatureLimits
+) -> tuple[list[dict[str, Any]], int]:
+    """The slots, and how many features they add to the request."""
+    slots = body.get("slots")
+    limit = min(50, len(ids))
+    if not isinstance(slots, list) or not 1 <= len(slots) <= limit:
+        raise _rank_error(f"slots must be a list of 1 to {limit} slots (at most one per action)")
+    index = {aid: i for i, aid in enumerate(ids)}
+    out: list[dict[str, Any]] = []
+    count = 0
+    seen: set[str] = set()
+    baselines: set[int] = set()
+    for k, slot in enumerate(slots):
+        if not isinstance(slot, dict):
+            raise _rank_error(f"slots[{k}] must be an object")
+        sid = slot.get("id")
+        if not is_id(sid) or sid in seen:
+            raise _rank_error(f"slots[{k}].id must be a unique non-empty string")
+        seen.add(sid)
+        baseline = slot.get("baselineAction")
+        if not isinstance(baseline, str) or baseline not in index:
+            raise _rank_error(f"slots[{k}].baselineAction must be one of the action ids")
+        if index[baseline] in baselines:
+            raise _rank_error(f"slots[{k}].baselineAction is already another slot's baseline")
+        baselines.add(index[baseline])
+        excluded = slot.get("excludedActions") or []
+        if not isinstance(excluded, list) or not all(
+            isinstance(x, str) and x in index for x in excluded
+        ):
+            raise _rank_error(f"slots[{k}].excludedActions must list existing action ids")
+        if baseline in excluded:
+            raise _rank_error(f"slots[{k}].baselineAction must not be excluded")
+        try:
+            features, n = clean_features(
+                slot.get("features"), f"slots[{k}].features", required=False, limits=limits
+            )
+        except FeatureError as exc:
+            raise _rank_error(str(exc)) from None
+        count += n
+        allowed = [i for i, aid in enumerate(ids) if aid not in excluded]
+        out.append(
+            {"id": sid, "features": features, "allowed": allowed, "baseline": index[baseline]}
+        )
+    return out, count
+
+
+async def rank_multi_slot(request: Request) -> Response:
+    d, rt = _multislot_loop(request)
+    body = await _json_body(request, "InvalidRankRequest")
+    req = _parse_rank(body, d.settings.max_actions, d.feature_limits)
+    ids: list[str] = req["ids"]
+    slots, count = _parse_slots(body, ids, d.feature_limits)
+    check_feature_count(req["features_count"] + count, d.feature_limits)
+    event_id: str = req["event_id"]
+    ask = asked(body, event_id, [ids, body.get("slots")], "actions or slots")
+    seen = earlier(d, rt, ask)
+    if (answer := retried(d, rt, seen, ask)) is not None:
+        return answer
+
+    now = d.clock()
+    c = ccb_context(
+        req["context"],
+        list(zip(ids, req["features"], strict=True)),
+        [(s["id"], s["features"], s["allowed"]) for s in slots],
+    )
+    mode = rt.settings.mode
+    baselines = [s["baseline"] for s in slots]
+    model = rt.served
+    model_id = model.model_id
+    try:
+        if mode == "LoggingOnly":
+            await d.rankers.predict(rt.name, "ccb", NO_MODEL, orjson.dumps(c))  # parse only
+            decided = [(b, [b], [1.0]) for b in baselines]
+        else:
+            decided = await d.rankers.rank_slots(
+                rt.name, model, c, [s["allowed"] for s in slots], f"{rt.name}/{event_id}"
+            )
+    except SandboxError as exc:
+        raise sandbox_error(exc) from None
+    if any(chosen < 0 for chosen, _, _ in decided):
+        raise _rank_error("a slot has no action left (too many exclusions)")
+    # A concurrent rank of this eventId may have been answered while this one awaited VW.
+    later = earlier(d, rt, ask)
+    if (answer := retried(d, rt, later, ask)) is not None:
+        return answer
+    reused = seen is not None or later is not None
+    record = {
+        "k": "m",
+        "loop": rt.name,
+        "id": event_id,
+        "t": now,
+        "deferred": req["defer"],
+        "mode": mode,
+        "s": [
+            {"id": s["id"], "a": order, "p": probs}
+            for s, (_, order, probs) in zip(slots, decided, strict=True)
+        ],
+        "b": baselines,
+        "m": model_id,
+        "c": orjson.dumps(c).decode(),
+    }
+    if not reused:
+        d.log.append(orjson.dumps(record))
+    served = (
+        [(b, 1.0) for b in baselines]
+        if mode == "Apprentice"
+        else [(chosen, probs[0]) for chosen, _, probs in decided]
+    )
+    response = orjson.dumps(
+        {
+            "eventId": event_id,
+            "slots": [
+                {"id": s["id"], "rewardActionId": ids[a], "probability": p}
+                for s, (a, p) in zip(slots, served, strict=True)
+            ],
+        }
+    )
+    remember(d, rt, ask, response, reused=reused)
+    return Response(response, status_code=201, media_type="application/json")
+
+
+async def reward_multi_slot(request: Request) -> Response:
+    """`{"reward": [{"slotId", "value"}]}`; a slot's rewards may come in several calls."""
+    event_id = request.path_params["event_id"]
+    d, rt = _multislot_loop(request)
+    _check_event_id(event_id, "InvalidRewardRequest")
+    body = await _json_body(request, "InvalidRewardRequest")
+    rewards = body.get("reward") if isinstance(body, dict) else None
+    if not isinstance(rewards, list) or not rewards:
+        raise bad_request("InvalidRewardRequest", 'body must be {"reward": [{slotId, value}]}')
+    checked = []
+    for i, item in enumerate(rewards):
+        slot = item.get("slotId") if isinstance(item, dict) else None
+        value = item.get("value") if isinstance(item, dict) else None
+        if not is_id(slot):
+            raise bad_request("InvalidRewardRequest", f"reward[{i}].slotId must be a slot id")
+        if not is_reward(value):
+            raise bad_request(
+                "InvalidRewardRequest", f"reward[{i}].value must be a finite number in [-1, 1]"
+            )
+        checked.append((slot, float(value)))
+    for slot, value in checked:
+        _observation(d, rt, "r", event_id, value, slot=slot)
+        d.metrics.rewards.labels(rt.name).inc()
+    return Response(status_code=204)
+
+
+async def activate_multi_slot(request: Request) -> Response:
+    d, rt = _multislot_loop(request)
+    return await activate_event(request, d, rt)
+
+
+router.add_route("/personalizer/multislot/rank", rank_multi_slot, methods=["POST"])
+router.add_route(
+    "/personalizer/multislot/events/{event_id}/reward", reward_multi_slot, methods=["POST"]
+)
+router.add_route(
+    "/personalizer/multislot/events/{event_id}/activate", activate_multi_slot, methods=["POST"]
+)

@@ -1,0 +1,158 @@
+"""In-memory state of each loop that serving needs: settings, the served model, recent answers.
+
+The serving model is swapped whole (`publish`), never mutated, so a request that already holds
+a ranker finishes on it while the next request sees the new one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from learners.sandbox import NO_MODEL, ModelRef, write_model
+from learners.vw import with_exploration
+from service.core.schemas import LoopSettings
+from service.storage import store
+
+
+@dataclass
+class LoopRuntime:
+    name: str
+    kind: str
+    config: dict[str, Any]
+    policy: dict[str, str]
+    settings: LoopSettings
+    # The served model, swapped whole so a request never pairs a model with another's id. The
+    # ranking children (learners.sandbox.RankerPool) load it from its file.
+    served: ModelRef = NO_MODEL
+
+    @property
+    def model_id(self) -> str:
+        return self.served.model_id
+
+    @property
+    def arguments(self) -> str:
+        """The VW arguments trained and served: the policy with this loop's exploration (an RL
+        loop explores outside VW, see learners.rl)."""
+        if self.kind == "rl":
+            return self.policy["arguments"]
+        return with_exploration(self.policy["arguments"], self.settings.exploration)
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A rank answered for an eventId: digests of the whole request (normalised JSON) and of
+    the part a repeat may not change (its actions), and the response sent."""
+
+    request: bytes
+    actions: bytes
+    response: bytes
+
+
+class RetryCache:
+    """Recent rank answers by (loop, eventId), so a client's retry gets the original answer
+    byte for byte, and a reuse of the eventId for another request can be told from a retry.
+    Bounded in bytes across every loop, oldest out first, so unique eventIds cannot grow it past
+    `max_bytes`. What it has forgotten it cannot tell: a repeat of an evicted eventId is ranked
+    like a new one (and the joiner keeps the first decision of an eventId)."""
+
+    OVERHEAD = 192  # bytes per entry beyond the response: key, two 16-byte digests, dict slot
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[str, str], Answered] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, loop: str, event_id: str) -> Answered | None:
+        return self._items.get((loop, event_id))
+
+    def put(self, loop: str, event_id: str, answered: Answered) -> None:
+        key = (loop, event_id)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= self._size(key, old)
+        self._items[key] = answered
+        self.bytes += self._size(key, answered)
+        while self.bytes > self.max_bytes and self._items:
+            gone, answer = self._items.popitem(last=False)
+            self.bytes -= self._size(gone, answer)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def _size(self, key: tuple[str, str], answered: Answered) -> int:
+        return len(answered.response) + len(key[0]) + len(key[1]) + self.OVERHEAD
+
+
+class Registry:
+    """The loops this process serves, by name; published models are written to `model_dir`
+    for the ranking children to load."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.loops: dict[str, LoopRuntime] = {}
+        self.lock = threading.Lock()
+        self.model_dir = model_dir
+
+    def get(self, name: str) -> LoopRuntime | None:
+        return self.loops.get(name)
+
+    def load(self, session: Session, names: Iterable[str] | None = None) -> None:
+        """(Re)read loops' configuration and current model from the database: the loops in
+        `names`, or every loop (forgetting those that are gone). A loop's configuration is
+        parsed again only if it changed, and model bytes are read only for a model this process
+        does not serve yet, so a pass over thousands of idle loops stays cheap."""
+        if names is None:
+            rows = list(store.list_loops(session))
+            gone = set(self.loops) - {row.name for row in rows}
+        else:
+            wanted = set(names)
+            rows = list(store.list_loops(session, names=wanted))
+            gone = wanted - {row.name for row in rows}
+        for name in gone:
+            self.loops.pop(name, None)
+        models = store.model_ids(session, names=None if names is None else [r.name for r in rows])
+        for row in rows:
+            rt = self.loops.get(row.name)
+            if rt is None:
+                settings = LoopSettings.from_doc(row.config)
+                rt = LoopRuntime(row.name, row.kind, row.config, row.policy, settings)
+                self.loops[row.name] = rt
+            elif rt.config != row.config or rt.policy != row.policy:
+                self._configure(rt, row.config, row.policy, LoopSettings.from_doc(row.config))
+            model_id = models.get(row.name)
+            if model_id is None:
+                if rt.served.path is not None:
+                    self.publish(row.name, None, "N/A")
+            elif model_id != rt.model_id:
+                current = store.current_model(session, loop=row.name)
+                if current is not None:
+                    self.publish(row.name, current[1], current[0] if current[1] else "N/A")
+
+    def publish(self, name: str, model: bytes | None, model_id: str) -> None:
+        rt = self.loops.get(name)
+        if rt is None:
+            return
+        if model is None:
+            rt.served = NO_MODEL  # blank: uniform ranking until the first model
+            return
+        rt.served = ModelRef(model_id, write_model(self.model_dir, name, model_id, model))
+
+    def update(self, name: str, *, config: dict[str, Any], policy: dict[str, str]) -> None:
+        rt = self.loops[name]
+        self._configure(rt, config, policy, LoopSettings.from_doc(config))
+
+    @staticmethod
+    def _configure(
+        rt: LoopRuntime, config: dict[str, Any], policy: dict[str, str], settings: LoopSettings
+    ) -> None:
+        rt.config, rt.policy, rt.settings = config, policy, settings

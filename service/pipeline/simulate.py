@@ -1,0 +1,223 @@
+"""`dloop simulate`: drive a gymnasium environment through dloop's HTTP API and plot how it learns.
+
+Each episode is one dloop episode: every step ranks the environment's actions with the
+observation as context (`learners.envs.observation_features`), takes the chosen action, and
+rewards that event with the step's reward divided by `reward_scale` (dloop accepts rewards in
+[-1, 1]); the episode is ended as terminated or truncated. Returns are reported in the
+environment's own units.
+
+Every `eval_every` episodes (and at the end) the loop's current model is downloaded through the
+API and played greedily on fixed seeds, locally, so the greedy return is measured without adding
+evaluation episodes to the loop's logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from learners.cb import CBRanker
+from learners.features import context_json
+from learners.rl import RLRanker
+from learners.sim import envs
+from service.client import Client
+
+# Largest |reward| of environments whose rewards leave [-1, 1].
+REWARD_SCALES = {"CliffWalking": 100.0, "Taxi": 20.0}
+
+
+def reward_scale_for(env_id: str) -> float:
+    return next((v for k, v in REWARD_SCALES.items() if k in env_id), 1.0)
+
+
+@dataclass
+class Curve:
+    env_id: str
+    returns: list[float] = field(default_factory=list)
+    greedy: dict[int, float] = field(default_factory=dict)  # episodes done -> mean greedy return
+    optimal: float | None = None  # the optimal policy's greedy return, where it is known
+
+    def moving_average(self, window: int = 20) -> list[float]:
+        out, total = [], 0.0
+        for i, r in enumerate(self.returns):
+            total += r
+            if i >= window:
+                total -= self.returns[i - window]
+            out.append(total / min(i + 1, window))
+        return out
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["episode", "return", "moving_average", "greedy_return"])
+            for i, (r, m) in enumerate(zip(self.returns, self.moving_average(), strict=True)):
+                g = self.greedy.get(i + 1)
+                w.writerow([i + 1, r, f"{m:.4f}", "" if g is None else f"{g:.4f}"])
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        x = np.arange(1, len(self.returns) + 1)
+        ax.plot(x, self.returns, color="#bbbbbb", linewidth=0.8, label="return (exploring)")
+        ax.plot(x, self.moving_average(), color="#1f77b4", label="moving average (20)")
+        if self.greedy:
+            gx = sorted(self.greedy)
+            ax.plot(gx, [self.greedy[i] for i in gx], "o-", color="#d62728", label="greedy return")
+        if self.optimal is not None:
+            ax.axhline(self.optimal, color="#2ca02c", linestyle="--", label="optimal")
+        # The first, exploring episodes can be orders of magnitude worse than the rest: keep the
+        # scale on what the learner reaches (the clipped start is still drawn to the edge).
+        low = float(np.percentile(self.returns, 5))
+        high = max([*self.returns, *self.greedy.values(), self.optimal or low])
+        ax.set_ylim(low - 0.05 * (high - low + 1), high + 0.05 * (high - low + 1))
+        ax.set_xlabel("episode")
+        ax.set_ylabel("return")
+        ax.set_title(f"dloop simulate: {self.env_id}")
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def make_env(env_id: str, max_steps: int) -> gym.Env[Any, Any]:
+    envs.register()
+    return gym.make(env_id, max_episode_steps=max_steps)
+
+
+def run(
+    client: Client,
+    env_id: str,
+    episodes: int,
+    *,
+    seed: int = 0,
+    max_steps: int = 200,
+    reward_scale: float | None = None,
+    eval_every: int = 0,
+    eval_episodes: int = 10,
+    kind: str = "rl",
+    after_episode: Callable[[int], None] | None = None,
+    progress: bool = True,
+    run_id: str | None = None,
+) -> Curve:
+    """Play `episodes` episodes through `client`; returns the learning curve.
+
+    Event ids are `<run_id>-<episode>-<step>`, and dloop seeds each draw from its event id, so
+    a run with a fixed `run_id` and seed is repeatable (tests); by default `run_id` is random,
+    so another run on the same loop does not collide with this one's events."""
+    from tqdm import tqdm
+
+    env = make_env(env_id, max_steps)
+    scale = reward_scale or reward_scale_for(env_id)
+    actions = envs.action_list(env.action_space)
+    curve = Curve(env_id, optimal=optimal_return(env_id, max_steps, eval_episodes))
+    run_id = run_id or uuid.uuid4().hex[:8]
+    bar = tqdm(range(episodes), desc=env_id, unit="ep", disable=not progress)
+    for ep in bar:
+        obs, _ = env.reset(seed=seed + ep)
+        episode_id = f"{run_id}-{ep}"
+        total, terminated = 0.0, False
+        for step in itertools.count():
+            ranked = client.rank(
+                envs.observation_features(obs),
+                actions,
+                event_id=f"{episode_id}-{step}",
+                episode_id=episode_id if kind == "rl" else None,
+            )
+            action = int(ranked["rewardActionId"])
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            client.reward(ranked["eventId"], float(np.clip(float(reward) / scale, -1, 1)))
+            if terminated or truncated:
+                break
+        if kind == "rl":
+            client.end_episode(episode_id, terminated=terminated)
+        curve.returns.append(total)
+        if after_episode is not None:
+            after_episode(ep)
+        done = ep + 1
+        if (eval_every and done % eval_every == 0) or done == episodes:
+            curve.greedy[done] = greedy_return(
+                client.model(), kind, env_id, max_steps, eval_episodes
+            )
+            bar.set_postfix(greedy=f"{curve.greedy[done]:.2f}")
+    return curve
+
+
+def optimal_return(
+    env_id: str, max_steps: int, episodes: int, seed: int = 10_000, gamma: float = 0.99
+) -> float | None:
+    """The optimal policy's mean return on the greedy evaluation's seeds, for environments
+    with a known transition table (gymnasium's toy-text `P`: CliffWalking, Taxi, FrozenLake),
+    by value iteration on discounted return; None for others."""
+    env = make_env(env_id, max_steps)
+    table = getattr(env.unwrapped, "P", None)
+    if not isinstance(table, dict):
+        return None
+    n_states, n_actions = len(table), int(env.action_space.n)  # type: ignore[attr-defined]
+    values = np.zeros(n_states)
+
+    def q(state: int) -> np.ndarray:
+        return np.array(
+            [
+                sum(p * (r + gamma * values[s2] * (not done)) for p, s2, r, done in table[state][a])
+                for a in range(n_actions)
+            ]
+        )
+
+    for _ in range(2000):
+        new = np.array([q(s).max() for s in range(n_states)])
+        if np.max(np.abs(new - values)) < 1e-9:
+            break
+        values = new
+    return _play(env, lambda obs: int(np.argmax(q(int(obs)))), episodes, seed)
+
+
+def _play(env: gym.Env[Any, Any], act: Callable[[Any], int], episodes: int, seed: int) -> float:
+    """Mean return of the policy `act` (observation -> action) over `episodes` fixed seeds."""
+    totals = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total = 0.0
+        while True:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total += float(reward)
+            if terminated or truncated:
+                break
+        totals.append(total)
+    return float(np.mean(totals))
+
+
+def greedy_return(
+    model: bytes, kind: str, env_id: str, max_steps: int, episodes: int, seed: int = 10_000
+) -> float:
+    """Mean return of the model's greedy policy over `episodes` fixed seeds (played locally)."""
+    if not model:
+        return float("nan")
+    env = make_env(env_id, max_steps)
+    actions = envs.action_list(env.action_space)
+    pairs = [(a["id"], a["features"]) for a in actions]
+    score: Callable[[bytes], list[float]]
+    if kind == "rl":
+        ranker = RLRanker(model, 0.0)
+        score = ranker.values
+    else:
+        score = CBRanker(model).predict
+
+    def act(obs: Any) -> int:
+        values = score(context_json(envs.observation_features(obs), pairs))
+        return int(actions[int(np.argmax(values))]["id"])
+
+    return _play(env, act, episodes, seed)

@@ -1,0 +1,125 @@
+"""The decision log: every decision, reward and activation, in arrival order.
+
+Embedded mode writes newline-delimited JSON records to append-only segment files
+(`events-<first offset>.log`); offsets are global byte positions across segments. The joiner
+reads from an offset that it commits in the same database transaction as what it read, so each
+record is ingested exactly once across restarts, and segments wholly before that offset are
+deleted (their records live on in the database). The Kafka log of the production path has the
+same shape: append on the hot path, consume from a committed offset.
+
+Records (`k` is the kind):
+    {"k":"d","loop","id","t","deferred","mode","c","a","p","b","m"}   a decision
+    {"k":"r","loop","id","t","v"}                                      a reward
+    {"k":"a","loop","id","t"}                                          an activation
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+from service.core.files import private_dir, private_opener
+
+
+def record_time(record: bytes) -> float:
+    """A record's event time `t` (0 for a record that cannot be read: it goes to dead letters)."""
+    try:
+        return float(orjson.loads(record)["t"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 0.0
+
+
+_SEGMENT = re.compile(r"^events-(\d{20})\.log$")
+
+
+class LocalLog:
+    """Append-only record log in a directory. `append` is thread-safe and survives a process
+    crash once it returns (the bytes are in the OS); `close` fsyncs."""
+
+    def __init__(self, directory: Path, *, segment_bytes: int = 64 << 20) -> None:
+        self.directory = private_dir(directory)
+        self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        bases = self._bases()
+        self._base = bases[-1] if bases else 0
+        self._repair(self._path(self._base))
+        self._file = self._open(self._base)
+        self._size = self._file.seek(0, os.SEEK_END)
+
+    def _path(self, base: int) -> Path:
+        return self.directory / f"events-{base:020d}.log"
+
+    def _open(self, base: int) -> BinaryIO:
+        return open(self._path(base), "ab", buffering=0, opener=private_opener)
+
+    def _bases(self) -> list[int]:
+        return sorted(
+            int(m.group(1)) for p in self.directory.iterdir() if (m := _SEGMENT.match(p.name))
+        )
+
+    @staticmethod
+    def _repair(path: Path) -> None:
+        """Drop a torn last record left by a crash in the middle of a write."""
+        if not path.exists():
+            return
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+            if tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n")
+            f.truncate(size - len(tail) + cut + 1 if cut >= 0 else 0)
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def append(self, record: bytes) -> None:
+        with self._lock:
+            self._file.write(record + b"\n")
+            self._size += len(record) + 1
+            if self._size >= self.segment_bytes:
+                self._file.close()
+                self._base += self._size
+                self._size = 0
+                self._file = self._open(self._base)
+
+    def end(self) -> int:
+        """The offset after the last record."""
+        with self._lock:
+            return self._base + self._size
+
+    def read(self, offset: int, max_bytes: int = 4 << 20) -> tuple[list[bytes], int]:
+        """Complete records from `offset`, and the offset after the last one returned."""
+        bases = self._bases()
+        base = max((b for b in bases if b <= offset), default=None)
+        if base is None:
+            return [], offset
+        with open(self._path(base), "rb") as f:
+            f.seek(offset - base)
+            chunk = f.read(max_bytes)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return [], offset
+        return chunk[:end].split(b"\n"), offset + end + 1
+
+    def release(self, offset: int) -> None:
+        """Delete finished segments that lie wholly before `offset` (already ingested)."""
+        bases = self._bases()
+        for base, following in itertools.pairwise(bases):
+            if following <= offset and base != self._base:
+                self._path(base).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            os.fsync(self._file.fileno())
+            self._file.close()
