@@ -14,13 +14,13 @@ from typing import Any
 
 import httpx
 import numpy as np
-import orjson
 from sqlalchemy import create_engine, delete, func, select
 
 from benchmarks.infra import free_port, postgres_database, start_tansu
 from learners.cb import DEFAULT_POLICY, CBTrainer
 from learners.features import context_json
 from learners.vw import with_exploration
+from service.core import record
 from service.core.settings import load_settings
 from service.pipeline.join_worker import JoinWorker
 from service.pipeline.learn_worker import LearnWorker
@@ -39,29 +39,23 @@ def records(n: int, start: float, prefix: str = "b") -> list[tuple[bytes, bytes]
     for i in range(n):
         context = context_json([{"user": f"u{i % 50}", "time": i % 24}], ACTIONS).decode()
         event = f"{prefix}{i}"
-        decision = {
-            "k": "d",
-            "loop": "default",
-            "id": event,
-            "t": start + i * 1e-3,
-            "deferred": False,
-            "mode": "Online",
-            "a": list(range(10)),
-            "p": [0.1] * 10,
-            "b": 0,
-            "m": "N/A",
-            "c": context,
-        }
-        reward = {
-            "k": "r",
-            "loop": "default",
-            "id": event,
-            "t": start + i * 1e-3 + 0.5,
-            "v": float(i % 2),
-            "u": uuid.uuid4().hex,
-        }
-        key = f"default/{event}".encode()
-        out += [(key, orjson.dumps(decision)), (key, orjson.dumps(reward))]
+        decision = record.Decision(
+            loop="default",
+            id=event,
+            t=start + i * 1e-3,
+            deferred=False,
+            mode="Online",
+            c=context,
+            a=list(range(10)),
+            p=[0.1] * 10,
+            b=0,
+            m="N/A",
+        )
+        reward = record.Observation(
+            record.REWARD, "default", event, start + i * 1e-3 + 0.5, uuid.uuid4().hex, float(i % 2)
+        )
+        key = record.partition_key(record.encode(decision))
+        out += [(key, record.encode(decision)), (key, record.encode(reward))]
     return out
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.pipeline import records
 from service.core.settings import Settings, load_settings
+from service.pipeline.join import join_due
 from service.pipeline.join_worker import JoinWorker
 from service.storage import kafka, store
 from service.storage.db import make_engine, make_sessionmaker
@@ -103,9 +104,7 @@ def test_dangling_observations_are_bounded_on_postgres(postgres_url: str) -> Non
             ]
             store.ingest(session, records=orphans, source="test", now=10.0)
         with sessions.begin() as session:
-            store.join_due(
-                session, loop="default", rules=rules, now=1000.0, limit=10, max_dangling=4
-            )
+            join_due(session, loop="default", rules=rules, now=1000.0, limit=10, max_dangling=4)
         with sessions.begin() as session:
             assert store.drop_dangling(session, loop="default", keep=4) == 0
             assert store.drop_dangling(session, loop="default", keep=3) == 1
@@ -124,7 +123,7 @@ def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
     """`dloop learn`: a joined line that segfaults VW (as an older writer could have published
     it) kills only the learning process; the learner finds it by relearning the batch line by
     line from its checkpoint, dead-letters it, and learns every other line exactly once."""
-    from service.pipeline.join_worker import joined_message
+    from service.core.joined import joined_message
     from service.pipeline.learn_worker import SOURCE, LearnWorker
     from service.storage.models import DeadLetter, ModelCheckpoint
     from tests.test_hostile import dsjson

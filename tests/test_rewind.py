@@ -23,8 +23,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.pipeline import records
+from service.core.joined import joined_message
 from service.core.settings import Settings
-from service.pipeline.join_worker import JoinWorker, joined_message
+from service.pipeline.join_worker import JoinWorker
 from service.pipeline.learn_worker import LearnWorker
 from service.storage import kafka, store
 from service.storage.db import make_sessionmaker

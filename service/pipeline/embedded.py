@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost, learn_in_turn
+from service.core import record
 from service.pipeline.background import is_transient, keep_running, lower_thread_priority
 from service.pipeline.episodes import EpisodeLearner, train_in_turn
+from service.pipeline.join import join_due
 from service.pipeline.runtime import LoopRuntime, Registry
 from service.storage import store
-from service.storage.log import LocalLog, record_time
+from service.storage.log import LocalLog
 
 log = logging.getLogger("dloop.worker")
 
@@ -228,7 +230,7 @@ class EmbeddedWorker:
         busy = False
         if self.due.get(name, math.inf) <= now:
             with self.sessions.begin() as session:
-                joined = store.join_due(
+                joined = join_due(
                     session,
                     loop=name,
                     rules=rt.settings.rules,
@@ -363,7 +365,7 @@ class EmbeddedWorker:
                 self.rl_due.add(name)
         self.offset = new_offset
         self.log.release(new_offset)
-        self.read_until = record_time(records[-1])
+        self.read_until = record.time_of(records[-1])
         return new_offset < self.log.end()
 
     # ---- learning ----------------------------------------------------------------------------

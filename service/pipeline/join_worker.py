@@ -22,32 +22,14 @@ from typing import Any
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core import record
+from service.core.joined import PACK_BYTES, PACK_ROWS, joined_message
 from service.pipeline.background import is_transient, keep_running
 from service.pipeline.consumer import StoredOffsets, offset_name
+from service.pipeline.join import join_due
 from service.storage import kafka, store
-from service.storage.log import record_time
 
 log = logging.getLogger("dloop.join")
-
-
-# Joined rows per joined-topic message: kafka-python decodes record batches in Python, about
-# 25 us a record, as much as VW's own learning; packing amortises that.
-PACK_ROWS = 64
-PACK_BYTES = 512 << 10  # under the broker's default 1 MB message limit
-
-
-def joined_message(rows: list[tuple[int, bool, str]]) -> bytes:
-    """A joined-topic message: lines of "<pos> <1|0> <DSJSON line>", consecutive positions of
-    one loop (the key). Learners read it without decoding any JSON; VW parses the lines."""
-    return b"\n".join(b"%d %d " % (pos, learn) + line.encode() for pos, learn, line in rows)
-
-
-def read_joined(value: bytes) -> list[tuple[int, bool, str]]:
-    out = []
-    for item in value.split(b"\n"):
-        pos, learn, line = item.split(b" ", 2)
-        out.append((int(pos), learn == b"1", line.decode()))
-    return out
 
 
 class JoinWorker:
@@ -115,7 +97,7 @@ class JoinWorker:
                         session, name=offset_name("join", tp), offset=msgs[-1].offset + 1
                     )
             for tp, msgs in batch.items():
-                self.read_until[tp] = record_time(msgs[-1].value)
+                self.read_until[tp] = record.time_of(msgs[-1].value)
             self.consumer.commit(
                 {tp: OffsetAndMetadata(msgs[-1].offset + 1, None, -1) for tp, msgs in batch.items()}
             )
@@ -143,7 +125,7 @@ class JoinWorker:
         for name, settings in loops:
             while True:
                 with self.sessions.begin() as session:
-                    n = store.join_due(
+                    n = join_due(
                         session,
                         loop=name,
                         rules=settings.rules,

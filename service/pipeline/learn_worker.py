@@ -27,10 +27,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from learners.sandbox import RemoteTrainer, TrainerHost, learn_in_turn
 from learners.vw import with_exploration
+from service.core.joined import read_joined
 from service.pipeline.background import is_transient, keep_running
 from service.pipeline.consumer import StoredOffsets, offset_name
 from service.pipeline.episodes import EpisodeLearner, train_in_turn
-from service.pipeline.join_worker import read_joined
 from service.storage import store
 from service.storage.models import Loop, ModelCheckpoint
 

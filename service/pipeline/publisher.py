@@ -19,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from service.core import record
 from service.core.files import private_opener
 from service.pipeline.background import keep_running
 from service.storage.kafka import send_all
@@ -85,10 +84,7 @@ class LogPublisher:
         records, new_offset = self.log.read(self.offset, max_bytes=self.batch_bytes)
         if not records:
             return False
-        keyed = []
-        for raw in records:
-            r = orjson.loads(raw)
-            keyed.append((f"{r['loop']}/{r['id']}".encode(), raw))
+        keyed = [(record.partition_key(raw), raw) for raw in records]
         send_all(self._producer, self.topic, keyed, timeout=self.flush_timeout)
         self.connected = True
         self._save(new_offset)

@@ -42,7 +42,7 @@ def kafka_lines(
     """The loop's lines from the joined topic (its messages are keyed by loop)."""
     from kafka import TopicPartition
 
-    from service.pipeline.join_worker import read_joined
+    from service.core.joined import read_joined
     from service.storage import kafka as k
 
     topic = k.joined_topic(settings)

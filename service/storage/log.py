@@ -1,4 +1,4 @@
-"""The decision log: every decision, reward and activation, in arrival order.
+"""The local decision log: every decision, reward, activation and episode end, in arrival order.
 
 Embedded mode writes newline-delimited JSON records to append-only segment files
 (`events-<first offset>.log`); offsets are global byte positions across segments. The joiner
@@ -7,10 +7,8 @@ record is ingested exactly once across restarts, and segments wholly before that
 deleted (their records live on in the database). The Kafka log of the production path has the
 same shape: append on the hot path, consume from a committed offset.
 
-Records (`k` is the kind):
-    {"k":"d","loop","id","t","deferred","mode","c","a","p","b","m"}   a decision
-    {"k":"r","loop","id","t","v"}                                      a reward
-    {"k":"a","loop","id","t"}                                          an activation
+The log holds bytes; what a record is, and the only code that builds or reads one, is
+service.core.record.
 """
 
 from __future__ import annotations
@@ -22,18 +20,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
-import orjson
-
 from service.core.files import private_dir, private_opener
-
-
-def record_time(record: bytes) -> float:
-    """A record's event time `t` (0 for a record that cannot be read: it goes to dead letters)."""
-    try:
-        return float(orjson.loads(record)["t"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return 0.0
-
 
 _SEGMENT = re.compile(r"^events-(\d{20})\.log$")
 

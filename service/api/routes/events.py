@@ -26,6 +26,7 @@ from learners.sampling import restrict, sample
 from learners.sandbox import NO_MODEL, SandboxBusy, SandboxError, SandboxTimeout
 from service.api.context import Dloop, loop_for
 from service.api.errors import ApiError, bad_request
+from service.core import record
 from service.pipeline.runtime import Answered, LoopRuntime
 from service.storage import store
 
@@ -254,83 +255,96 @@ async def rank(request: Request) -> Response:
     seen = earlier(d, rt, ask)
     if (answer := retried(d, rt, seen, ask)) is not None:
         return answer
-
-    episode = body.get("episodeId")
-    if episode is not None:
-        if rt.kind != "rl":
-            raise _rank_error("episodeId is only accepted by loops of kind rl")
-        if not is_id(episode):
-            raise _rank_error(f"episodeId must be {ID_RULE}")
+    episode = _episode_of(body, rt)
     now = d.clock()
-    context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
-    eligible: list[bool] = req["eligible"]
-    baseline = eligible.index(True)
     mode = rt.settings.mode
-    if mode == "LoggingOnly":
-        # Serve and log the input order: the baseline is the chosen action.
-        order = [i for i, ok in enumerate(eligible) if ok] + [
-            i for i, ok in enumerate(eligible) if not ok
-        ]
-        pmf = [1.0 if i == baseline else 0.0 for i in range(len(ids))]
-        model_id = rt.model_id
-        try:
-            await d.rankers.predict(rt.name, rt.kind, NO_MODEL, context)  # only parses
-        except SandboxError as exc:
-            raise sandbox_error(exc) from None
-    else:
-        pmf, model_id = await _policy_pmf(d, rt, req, context)
-        chosen = sample(pmf, f"{rt.name}/{event_id}")
-        rest = sorted((i for i in range(len(ids)) if i != chosen), key=lambda i: -pmf[i])
-        order = [chosen, *rest]
-    logged_p = [pmf[i] for i in order]
-    record = {
-        "k": "d",
-        "loop": rt.name,
-        "id": event_id,
-        "t": now,
-        "deferred": req["defer"],
-        "mode": mode,
-        "a": order,
-        "p": logged_p,
-        "b": baseline,
-        "m": model_id,
-        "c": context.decode(),
-    }
-    if rt.kind == "rl":
-        # A step of an episode; a rank without episodeId is an episode of one step.
-        record["ep"] = episode or event_id
+    context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
+    order, pmf, model_id = await _decide(d, rt, req, context, mode)
     explanation = None
     if rt.settings.explain and mode != "LoggingOnly":
         explanation = await _explain(d, rt, req)
-        record["x"] = explanation
+    decision = record.Decision(
+        loop=rt.name,
+        id=event_id,
+        t=now,
+        deferred=req["defer"],
+        mode=mode,
+        c=context.decode(),
+        a=order,
+        p=[pmf[i] for i in order],
+        b=req["eligible"].index(True),
+        m=model_id,
+        # A step of an episode; a rank without episodeId is an episode of one step.
+        ep=(episode or event_id) if rt.kind == "rl" else None,
+        x=explanation,
+    )
     # A concurrent rank of this eventId may have been answered while this one awaited VW.
     later = earlier(d, rt, ask)
     if (answer := retried(d, rt, later, ask)) is not None:
         return answer
     reused = seen is not None or later is not None
     if not reused:
-        d.log.append(orjson.dumps(record))
+        d.log.append(record.encode(decision))
         if rt.kind == "rl" and episode is None:
-            d.log.append(_episode_end(rt, event_id, now, terminated=True))
-    if mode == "Apprentice":
-        # The model's choice is logged (to learn imitation); the baseline is served.
-        served = [baseline] + [i for i in range(len(ids)) if i != baseline]
-        ranking = [{"id": ids[i], "probability": 1.0 if i == baseline else 0.0} for i in served]
-    else:
-        ranking = [{"id": ids[i], "probability": pmf[i]} for i in order]
-    doc: dict[str, Any] = {
-        "ranking": ranking,
-        "eventId": event_id,
-        "rewardActionId": ranking[0]["id"],
-    }
-    if explanation is not None:
-        doc["inferenceExplanation"] = explanation
-    response = orjson.dumps(doc)
+            d.log.append(record.encode(record.EpisodeEnd(rt.name, event_id, now, term=True)))
+    response = orjson.dumps(_rank_document(decision, ids, pmf))
     remember(d, rt, ask, response, reused=reused)
     return Response(response, status_code=201, media_type="application/json")
 
 
-def _observation(
+def _episode_of(body: dict[str, Any], rt: LoopRuntime) -> str | None:
+    episode = body.get("episodeId")
+    if episode is not None:
+        if rt.kind != "rl":
+            raise _rank_error("episodeId is only accepted by loops of kind rl")
+        if not is_id(episode):
+            raise _rank_error(f"episodeId must be {ID_RULE}")
+    return episode
+
+
+async def _decide(
+    d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes, mode: str
+) -> tuple[list[int], list[float], str]:
+    """The served order of the actions, each one's probability and the deciding model's id."""
+    eligible: list[bool] = req["eligible"]
+    n = len(eligible)
+    if mode == "LoggingOnly":
+        # Serve and log the input order: the baseline is the chosen action.
+        baseline = eligible.index(True)
+        order = [i for i, ok in enumerate(eligible) if ok] + [
+            i for i, ok in enumerate(eligible) if not ok
+        ]
+        model_id = rt.model_id
+        try:
+            await d.rankers.predict(rt.name, rt.kind, NO_MODEL, context)  # only parses
+        except SandboxError as exc:
+            raise sandbox_error(exc) from None
+        return order, [1.0 if i == baseline else 0.0 for i in range(n)], model_id
+    pmf, model_id = await _policy_pmf(d, rt, req, context)
+    chosen = sample(pmf, f"{rt.name}/{req['event_id']}")
+    rest = sorted((i for i in range(n) if i != chosen), key=lambda i: -pmf[i])
+    return [chosen, *rest], pmf, model_id
+
+
+def _rank_document(decision: record.Decision, ids: list[str], pmf: list[float]) -> dict[str, Any]:
+    if decision.mode == "Apprentice":
+        # The model's choice is logged (to learn imitation); the baseline is served.
+        baseline = decision.b
+        served = [baseline] + [i for i in range(len(ids)) if i != baseline]
+        ranking = [{"id": ids[i], "probability": 1.0 if i == baseline else 0.0} for i in served]
+    else:
+        ranking = [{"id": ids[i], "probability": pmf[i]} for i in decision.a]
+    doc: dict[str, Any] = {
+        "ranking": ranking,
+        "eventId": decision.id,
+        "rewardActionId": ranking[0]["id"],
+    }
+    if decision.x is not None:
+        doc["inferenceExplanation"] = decision.x
+    return doc
+
+
+def log_observation(
     d: Dloop,
     rt: LoopRuntime,
     kind: str,
@@ -339,18 +353,8 @@ def _observation(
     *,
     slot: str | None = None,
 ) -> None:
-    record: dict[str, Any] = {
-        "k": kind,
-        "loop": rt.name,
-        "id": event_id,
-        "t": d.clock(),
-        "u": uuid.uuid4().hex,
-    }
-    if value is not None:
-        record["v"] = value
-    if slot is not None:
-        record["slot"] = slot
-    d.log.append(orjson.dumps(record))
+    obs = record.Observation(kind, rt.name, event_id, d.clock(), uuid.uuid4().hex, value, slot)
+    d.log.append(record.encode(obs))
 
 
 async def reward(request: Request) -> Response:
@@ -363,7 +367,7 @@ async def reward(request: Request) -> Response:
     value = body.get("value") if isinstance(body, dict) else None
     if not is_reward(value):
         raise bad_request("InvalidRewardRequest", "value must be a finite number between -1 and 1")
-    _observation(d, rt, "r", event_id, float(value))
+    log_observation(d, rt, record.REWARD, event_id, float(value))
     d.metrics.rewards.labels(rt.name).inc()
     return Response(status_code=204)
 
@@ -388,13 +392,9 @@ async def activate_event(request: Request, d: Dloop, rt: LoopRuntime) -> Respons
     event_id = request.path_params["event_id"]
     _check_event_id(event_id, "InvalidEventIdToActivate")
     await _json_body(request, "InvalidEventIdToActivate", required=False)
-    _observation(d, rt, "a", event_id, None)
+    log_observation(d, rt, record.ACTIVATION, event_id, None)
     d.metrics.activations.labels(rt.name).inc()
     return Response(status_code=204)
-
-
-def _episode_end(rt: LoopRuntime, episode_id: str, now: float, *, terminated: bool) -> bytes:
-    return orjson.dumps({"k": "e", "loop": rt.name, "id": episode_id, "t": now, "term": terminated})
 
 
 async def end_episode(request: Request) -> Response:
@@ -413,7 +413,7 @@ async def end_episode(request: Request) -> Response:
     terminated = body.get("terminated", True) if isinstance(body, dict) else None
     if not isinstance(terminated, bool):
         raise bad_request("InvalidRequest", 'body must be {"terminated": true|false}')
-    d.log.append(_episode_end(rt, episode_id, d.clock(), terminated=terminated))
+    d.log.append(record.encode(record.EpisodeEnd(rt.name, episode_id, d.clock(), terminated)))
     return Response(status_code=204)
 
 
@@ -429,58 +429,62 @@ def get_event(request: Request) -> Response:
     if found is None:
         raise ApiError(404, "EventNotFound", f"event '{event_id}' is not in the log (yet)")
     decision, joined, observations = found
-    record = orjson.loads(decision.record)
-    ids = [a["_tag"] for a in orjson.loads(record["c"])["_multi"]]
+    r = record.decode(decision.record)
+    assert isinstance(r, record.Decision | record.SlotsDecision)
     doc: dict[str, Any] = {
         "eventId": event_id,
         "timestamp": timestamp(decision.created_at),
         "mode": decision.mode,
         "deferActivation": decision.deferred,
-        "modelId": record["m"],
-    }
-    if record["k"] == "m":  # multi-slot: a ranking per slot
-        doc["slots"] = [
+        "modelId": r.m,
+        **_logged_rankings(r),
+        "joined": joined is not None,
+        "observations": [
             {
-                "id": slot["id"],
-                "rewardActionId": ids[slot["a"][0]],
-                "baselineActionId": ids[b],
-                "ranking": [
-                    {"id": ids[i], "probability": p}
-                    for i, p in zip(slot["a"], slot["p"], strict=True)
-                ],
+                "kind": o.kind,
+                "value": o.value,
+                "receivedTime": timestamp(o.received_at),
+                "status": o.status,
+                **({"slotId": o.slot} if o.slot is not None else {}),
             }
-            for slot, b in zip(record["s"], record["b"], strict=True)
-        ]
-    else:
-        doc["ranking"] = [
-            {"id": ids[i], "probability": p} for i, p in zip(record["a"], record["p"], strict=True)
-        ]
-        doc["rewardActionId"] = ids[record["a"][0]]
-        doc["baselineActionId"] = ids[record["b"]]
-    doc.update(
-        {
-            "joined": joined is not None,
-            "observations": [
-                {
-                    "kind": o.kind,
-                    "value": o.value,
-                    "receivedTime": timestamp(o.received_at),
-                    "status": o.status,
-                    **({"slotId": o.slot} if o.slot is not None else {}),
-                }
-                for o in observations
-            ],
-        }
-    )
+            for o in observations
+        ],
+    }
     if decision.episode is not None:
         doc["episodeId"] = decision.episode
     if joined is not None:
         doc["reward"] = joined.reward
         doc["rewarded"] = joined.rewarded
         doc["learnable"] = joined.learnable
-    if "x" in record:
-        doc["inferenceExplanation"] = record["x"]
+    if isinstance(r, record.Decision) and r.x is not None:
+        doc["inferenceExplanation"] = r.x
     return Response(orjson.dumps(doc), media_type="application/json")
+
+
+def _logged_rankings(r: record.Decision | record.SlotsDecision) -> dict[str, Any]:
+    """The ranking a decision served, its reward and baseline actions (per slot if multi-slot)."""
+    ids = [a["_tag"] for a in orjson.loads(r.c)["_multi"]]
+
+    def ranking(order: list[int], probabilities: list[float]) -> list[dict[str, Any]]:
+        return [{"id": ids[i], "probability": p} for i, p in zip(order, probabilities, strict=True)]
+
+    if isinstance(r, record.SlotsDecision):
+        return {
+            "slots": [
+                {
+                    "id": slot.id,
+                    "rewardActionId": ids[slot.a[0]],
+                    "baselineActionId": ids[b],
+                    "ranking": ranking(slot.a, slot.p),
+                }
+                for slot, b in zip(r.s, r.b, strict=True)
+            ]
+        }
+    return {
+        "ranking": ranking(r.a, r.p),
+        "rewardActionId": ids[r.a[0]],
+        "baselineActionId": ids[r.b],
+    }
 
 
 router.add_route("/personalizer/rank", rank, methods=["POST"])

@@ -23,7 +23,6 @@ from service.api.errors import bad_request
 from service.api.routes.events import (
     _check_event_id,
     _json_body,
-    _observation,
     _parse_rank,
     _rank_error,
     activate_event,
@@ -32,10 +31,12 @@ from service.api.routes.events import (
     earlier,
     is_id,
     is_reward,
+    log_observation,
     remember,
     retried,
     sandbox_error,
 )
+from service.core import record
 from service.pipeline.runtime import LoopRuntime
 
 router = APIRouter()
@@ -138,23 +139,22 @@ async def rank_multi_slot(request: Request) -> Response:
     if (answer := retried(d, rt, later, ask)) is not None:
         return answer
     reused = seen is not None or later is not None
-    record = {
-        "k": "m",
-        "loop": rt.name,
-        "id": event_id,
-        "t": now,
-        "deferred": req["defer"],
-        "mode": mode,
-        "s": [
-            {"id": s["id"], "a": order, "p": probs}
+    decision = record.SlotsDecision(
+        loop=rt.name,
+        id=event_id,
+        t=now,
+        deferred=req["defer"],
+        mode=mode,
+        c=orjson.dumps(c).decode(),
+        s=[
+            record.SlotChoice(s["id"], order, probs)
             for s, (_, order, probs) in zip(slots, decided, strict=True)
         ],
-        "b": baselines,
-        "m": model_id,
-        "c": orjson.dumps(c).decode(),
-    }
+        b=baselines,
+        m=model_id,
+    )
     if not reused:
-        d.log.append(orjson.dumps(record))
+        d.log.append(record.encode(decision))
     served = (
         [(b, 1.0) for b in baselines]
         if mode == "Apprentice"
@@ -194,7 +194,7 @@ async def reward_multi_slot(request: Request) -> Response:
             )
         checked.append((slot, float(value)))
     for slot, value in checked:
-        _observation(d, rt, "r", event_id, value, slot=slot)
+        log_observation(d, rt, record.REWARD, event_id, value, slot=slot)
         d.metrics.rewards.labels(rt.name).inc()
     return Response(status_code=204)
 

@@ -1,0 +1,138 @@
+"""Ingestion: decision-log records into decisions, observations and episode ends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+from sqlalchemy import exists, update
+from sqlalchemy.orm import Session
+
+from learners.features import clean_context
+from service.core import record
+from service.core.record import RecordError
+from service.storage.models import (
+    DeadLetter,
+    Decision,
+    Episode,
+    Observation,
+)
+from service.storage.store.common import insert
+
+
+@dataclass
+class Ingested:
+    dead: int  # records that went to the dead letters
+    loops: set[str]  # loops that got decisions, observations or episode ends
+
+
+@dataclass
+class _Rows:
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    observations: list[dict[str, Any]] = field(default_factory=list)
+    ends: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[dict[str, Any]] = field(default_factory=list)
+
+
+def ingest(session: Session, *, records: Iterable[bytes], source: str, now: float) -> Ingested:
+    """Store decision and observation records. The first decision for an eventId wins.
+
+    An observation for an event that is already joined is stored as late. A record that cannot
+    be read goes to the dead-letter table.
+    """
+    rows = _Rows()
+    for raw in records:
+        try:
+            r, raw = _read(raw)
+        except (RecordError, TypeError, ValueError, RecursionError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:512]
+            rows.dead.append(
+                {
+                    "source": source,
+                    "record": raw.decode(errors="replace"),
+                    "reason": reason,
+                    "created_at": now,
+                }
+            )
+            continue
+        _add(rows, r, raw)
+    _insert_rows(session, rows)
+    loops = {str(r["loop"]) for r in (*rows.decisions, *rows.observations, *rows.ends)}
+    return Ingested(len(rows.dead), loops)
+
+
+def _read(raw: bytes) -> tuple[record.Record, bytes]:
+    """The record and the bytes to store for it: a decision's features cleaned of what VW must
+    never see (learners.features), since the log may hold records from an older version or
+    another producer on the events topic."""
+    r = record.decode(raw)
+    if isinstance(r, record.Decision | record.SlotsDecision):
+        c = orjson.loads(r.c)
+        cleaned = clean_context(c)
+        if cleaned != c:
+            r = replace(r, c=orjson.dumps(cleaned).decode())
+            raw = record.encode(r)
+    return r, raw
+
+
+def _add(rows: _Rows, r: record.Record, raw: bytes) -> None:
+    if isinstance(r, record.Decision | record.SlotsDecision):
+        rows.decisions.append(
+            {
+                "loop": r.loop,
+                "event_id": r.id,
+                "created_at": r.t,
+                "deferred": r.deferred,
+                "mode": r.mode,
+                "record": raw.decode(),
+                "joined": False,
+                "episode": r.ep if isinstance(r, record.Decision) else None,
+            }
+        )
+    elif isinstance(r, record.EpisodeEnd):
+        rows.ends.append(
+            {
+                "loop": r.loop,
+                "episode_id": r.id,
+                "ended_at": r.t,
+                "terminated": r.term,
+                "learned": False,
+            }
+        )
+    else:
+        rows.observations.append(
+            {
+                "loop": r.loop,
+                "event_id": r.id,
+                "kind": r.kind,
+                "value": r.v,
+                "received_at": r.t,
+                "status": "pending",
+                "uid": r.u,
+                "slot": r.slot,
+            }
+        )
+
+
+def _insert_rows(session: Session, rows: _Rows) -> None:
+    # Core inserts (the table, not the mapped class): the ORM bulk path costs more per row.
+    conn = session.connection()
+    if rows.dead:
+        conn.execute(insert(session, DeadLetter.__table__), rows.dead)
+    if rows.decisions:
+        conn.execute(insert(session, Decision.__table__).on_conflict_do_nothing(), rows.decisions)
+    if rows.ends:
+        conn.execute(insert(session, Episode.__table__).on_conflict_do_nothing(), rows.ends)
+    if rows.observations:
+        stmt = insert(session, Observation.__table__).on_conflict_do_nothing()
+        conn.execute(stmt, rows.observations)
+        late = exists().where(
+            Decision.loop == Observation.loop,
+            Decision.event_id == Observation.event_id,
+            Decision.joined.is_(True),
+        )
+        session.execute(
+            update(Observation).where(Observation.status == "pending", late).values(status="late")
+        )
