@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from learners.sandbox import NO_MODEL, ModelRef, write_model
 from learners.vw import with_exploration
+from service.core.kinds import LoopKind, loop_kind
 from service.core.schemas import LoopSettings
 from service.storage import store
 
@@ -33,6 +34,10 @@ class LoopRuntime:
     served: ModelRef = NO_MODEL
 
     @property
+    def loop_kind(self) -> LoopKind:
+        return loop_kind(self.kind)
+
+    @property
     def model_id(self) -> str:
         return self.served.model_id
 
@@ -40,7 +45,7 @@ class LoopRuntime:
     def arguments(self) -> str:
         """The VW arguments trained and served: the policy with this loop's exploration (an RL
         loop explores outside VW, see learners.rl)."""
-        if self.kind == "rl":
+        if not self.loop_kind.explores_in_vw:
             return self.policy["arguments"]
         return with_exploration(self.policy["arguments"], self.settings.exploration)
 

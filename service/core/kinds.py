@@ -1,0 +1,33 @@
+"""The loop kinds and what each one does differently: the one table code asks instead of
+comparing kind names.
+
+- `cb`: a contextual bandit, Personalizer's single-slot loop (rank -> one reward per event);
+- `ccb`: a multi-slot page (rank a slot at a time, a reward per slot);
+- `rl`: reinforcement learning over episodes of rank steps (the learner trains whole episodes,
+  which it reads from the database, and the server explores around VW's Q values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LoopKind:
+    name: str
+    multi_slot: bool = False  # ranked through /multislot/rank, rewarded per slot
+    episodic: bool = False  # decisions are steps of episodes, learned a whole episode at a time
+    auto_optimize: bool = False  # the policy search of auto-optimisation applies to it
+    explores_in_vw: bool = True  # False: VW scores, the server explores (learners.rl)
+
+
+CB = LoopKind("cb", auto_optimize=True)
+CCB = LoopKind("ccb", multi_slot=True)
+RL = LoopKind("rl", episodic=True, explores_in_vw=False)
+
+KINDS: dict[str, LoopKind] = {k.name: k for k in (CB, CCB, RL)}
+
+
+def loop_kind(name: str) -> LoopKind:
+    """The kind called `name` (KeyError for a name that is not a kind)."""
+    return KINDS[name]
