@@ -1,0 +1,371 @@
+"""Serving: a pool of long-lived ranking children the event loop talks to (RankerPool), or the
+same operations in process (InlineRankers), and the model files they load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from learners.sandbox.process import ChildProcess, answer
+from learners.sandbox.protocol import (
+    HEAD,
+    NativeCrash,
+    RemoteError,
+    SandboxBusy,
+    SandboxError,
+    SandboxTimeout,
+    frame_size,
+    pack,
+    unpack,
+)
+
+log = logging.getLogger("dloop.sandbox")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A served model: its id and the file the serving process wrote it to (None: no model
+    yet, rank uniformly; the request is still parsed, so nothing unparseable is logged)."""
+
+    model_id: str
+    path: str | None
+
+
+NO_MODEL = ModelRef("N/A", None)
+
+
+class _Slot(asyncio.Protocol):
+    """One ranking child seen from the event loop: frames written to it, its answer parsed as
+    it arrives (a protocol rather than asyncio streams: fewer wake-ups per call)."""
+
+    def __init__(self, proc: ChildProcess) -> None:
+        self.proc = proc
+        self.transport: Any = None  # asyncio's or uvloop's (not an asyncio.Transport subclass)
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[tuple[dict[str, Any], bytes]] | None = None
+        self.started = 0.0  # the loop time the call in flight began (0: idle)
+        self.overran = False  # the watchdog stopped it for overrunning its deadline
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) < HEAD.size:
+            return
+        head = bytes(self._buf[: HEAD.size])
+        end = HEAD.size + frame_size(head)
+        if len(self._buf) < end:
+            return
+        frame = unpack(head, bytes(self._buf[HEAD.size : end]))
+        del self._buf[:end]
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(EOFError("the ranking process is gone"))
+
+    async def call(self, frame: bytes) -> tuple[dict[str, Any], bytes]:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        self.started = loop.time()
+        try:
+            self.transport.write(frame)
+            return await self._waiter
+        finally:
+            self.started = 0.0
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass
+class PoolStats:
+    crashes: int = 0
+    timeouts: int = 0
+    busy: int = 0
+    refused: int = 0  # inputs refused because they had crashed or overrun a child before
+    restarts: int = 0
+
+
+class RankerPool:
+    """Serving's children. `call` takes a free child (waiting up to `wait` seconds: else
+    SandboxBusy), sends the call, and gives the child `timeout` seconds to answer."""
+
+    def __init__(
+        self,
+        size: int = 2,
+        *,
+        timeout: float = 5.0,
+        wait: float = 5.0,
+        cache_models: int = 64,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.size = size
+        self.timeout = timeout
+        self.wait = wait
+        self.options = {"cache_models": cache_models}
+        self.stats = PoolStats()
+        self.on_event = on_event
+        # Free children, and requests waiting for one in arrival order: a freed child goes to
+        # the oldest waiter (a plain queue let a busy caller take it again and again while
+        # another waited seconds).
+        self._free: list[_Slot] = []
+        self._waiters: deque[asyncio.Future[_Slot]] = deque()
+        self._slots: set[_Slot] = set()
+        self._quarantine: OrderedDict[bytes, str] = OrderedDict()
+        self._recent_deaths: list[float] = []
+        self._restarting: set[asyncio.Task[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._spawn() for _ in range(self.size)))
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Stop a child that overran its deadline (one timer for the pool, not one per call):
+        its call then fails as SandboxTimeout."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(min(0.1, self.timeout / 4))
+            now = loop.time()
+            for slot in list(self._slots):
+                if slot.started and now - slot.started > self.timeout and not slot.overran:
+                    slot.overran = True
+                    slot.proc.process.kill()
+
+    async def _spawn(self) -> None:
+        proc = await asyncio.to_thread(ChildProcess.start, self.options)
+        proc.sock.setblocking(False)
+        slot = _Slot(proc)
+        await asyncio.get_running_loop().create_unix_connection(lambda: slot, sock=proc.sock)
+        if self._closed:
+            await asyncio.to_thread(proc.stop)
+            return
+        self._slots.add(slot)
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._free.append(slot)
+
+    async def _acquire(self) -> _Slot:
+        if self._free and not self._waiters:
+            return self._free.pop()
+        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.wait):
+                return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())  # handed over just as this caller gave up
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def _replace(self, slot: _Slot) -> str:
+        """Kill a dead or stuck child and start another, later if children keep dying."""
+        self._slots.discard(slot)
+        slot.close()
+        how = slot.proc.stop()
+        now = time.monotonic()
+        self._recent_deaths = [t for t in self._recent_deaths if now - t < 60] + [now]
+        delay = min(10.0, 0.05 * 2 ** max(0, len(self._recent_deaths) - 2))
+        self.stats.restarts += 1
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            while not self._closed:
+                try:
+                    await self._spawn()
+                    return
+                except Exception:
+                    log.exception("could not start a ranking process; retrying")
+                    await asyncio.sleep(1.0)
+
+        if not self._closed:
+            task = asyncio.get_running_loop().create_task(later())
+            self._restarting.add(task)
+            task.add_done_callback(self._restarting.discard)
+        return how
+
+    def _event(self, name: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name)
+
+    async def call(self, op: str, header: dict[str, Any], blob: bytes = b"") -> Any:
+        frame = pack({"op": op, **header}, blob)
+        if self._quarantine:  # hashing every request costs; only once something crashed
+            seen = self._quarantine.get(_fingerprint(frame))
+            if seen is not None:
+                self.stats.refused += 1
+                raise NativeCrash(seen)
+        try:
+            slot = await self._acquire()
+        except TimeoutError:
+            self.stats.busy += 1
+            self._event("busy")
+            raise SandboxBusy(f"no ranking process was free within {self.wait} s") from None
+        try:
+            reply, _ = await slot.call(frame)
+        except (EOFError, OSError, SandboxError):
+            how = self._replace(slot)
+            if slot.overran:
+                self.stats.timeouts += 1
+                self._event("timeout")
+                message = f"took longer than {self.timeout} s (the process was stopped)"
+                self._remember(_fingerprint(frame), message)
+                raise SandboxTimeout(message) from None
+            self.stats.crashes += 1
+            self._event("crash")
+            message = f"Vowpal Wabbit crashed on it ({how})"
+            self._remember(_fingerprint(frame), message)
+            log.error("a ranking process died on a request: %s", how)
+            raise NativeCrash(message) from None
+        except BaseException:
+            # Cancelled mid-exchange (the client went away): the child may still answer, so
+            # the stream is out of step; replace it rather than reuse it.
+            self._replace(slot)
+            raise
+        self._release(slot)
+        return answer(reply)
+
+    def _remember(self, fingerprint: bytes, message: str) -> None:
+        self._quarantine[fingerprint] = message
+        while len(self._quarantine) > 4096:
+            self._quarantine.popitem(last=False)
+
+    @property
+    def alive(self) -> int:
+        return len(self._slots)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for task in list(self._restarting):
+            task.cancel()
+        for waiter in self._waiters:
+            waiter.cancel()
+        slots, self._slots = list(self._slots), set()
+        for slot in slots:
+            slot.close()
+        await asyncio.gather(*(asyncio.to_thread(s.proc.stop) for s in slots))
+
+    # ---- the operations serving needs ----
+
+    async def predict(self, loop: str, kind: str, model: ModelRef, text: bytes) -> list[float]:
+        """The model's scores for one example (`--cb_explore_adf`: probabilities; `--cb_adf`:
+        costs) by action; [] without a model, after parsing `text` all the same."""
+        scores: list[float] = await self.call("predict", _model(loop, kind, model), text)
+        return scores
+
+    async def rank_slots(
+        self, loop: str, model: ModelRef, c: dict[str, Any], allowed: list[list[int]], seed: str
+    ) -> list[tuple[int, list[int], list[float]]]:
+        """learners.ccb.CCBRanker.rank in a child (uniform per slot without a model)."""
+        header = {**_model(loop, "ccb", model), "allowed": allowed, "seed": seed}
+        decided = await self.call("rank_slots", header, orjson.dumps(c))
+        return [(int(a), list(order), list(probs)) for a, order, probs in decided]
+
+    async def explain(
+        self,
+        loop: str,
+        kind: str,
+        model: ModelRef,
+        *,
+        context: list[dict[str, Any]],
+        actions: list[tuple[str, list[dict[str, Any]]]],
+        eligible: list[bool],
+        ids: list[str],
+        epsilon: float,
+    ) -> list[dict[str, Any]]:
+        header = {
+            **_model(loop, kind, model),
+            "eligible": eligible,
+            "ids": ids,
+            "epsilon": epsilon,
+        }
+        payload = orjson.dumps({"context": context, "actions": actions})
+        out: list[dict[str, Any]] = await self.call("explain", header, payload)
+        return out
+
+
+class InlineRankers(RankerPool):
+    """RankerPool's operations in the serving process itself: no isolation (a VW crash takes
+    the server down) and prediction on the event loop. `DLOOP_SANDBOX__RANKERS=0`; the
+    benchmark compares it with the pool to show what the isolation costs."""
+
+    def __init__(self, cache_models: int = 64) -> None:
+        super().__init__(0, cache_models=cache_models)
+        from learners.sandbox.host import Host
+
+        self._host = Host(cache_models=cache_models)
+
+    async def start(self) -> None:
+        pass
+
+    async def call(self, op: str, header: dict[str, Any], blob: bytes = b"") -> Any:
+        try:
+            value, _ = self._host.handle({"op": op, **header}, blob)
+        except Exception as exc:
+            raise RemoteError(type(exc).__name__, str(exc)) from None
+        return value
+
+    @property
+    def alive(self) -> int:
+        return 1
+
+    async def close(self) -> None:
+        pass
+
+
+def _fingerprint(frame: bytes) -> bytes:
+    return hashlib.blake2b(frame[HEAD.size :], digest_size=16).digest()
+
+
+def _model(loop: str, kind: str, model: ModelRef) -> dict[str, Any]:
+    return {"loop": loop, "kind": kind, "model": [model.model_id, model.path]}
+
+
+def write_model(directory: Path, loop: str, model_id: str, model: bytes, keep: int = 2) -> str:
+    """Write a published model where ranking children load it from, atomically, and delete the
+    loop's older files but the last `keep` (a request in flight may still name one)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / f"{loop}-{model_id}.vw"
+    tmp = directory / f".{loop}-{model_id}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(model)
+    tmp.replace(path)
+    older = sorted(
+        (p for p in directory.glob(f"{loop}-*.vw") if p != path and p.stem[len(loop) + 1 :]),
+        key=lambda p: p.stat().st_mtime,
+    )
+    for stale in older[: max(0, len(older) - (keep - 1))]:
+        stale.unlink(missing_ok=True)
+    return str(path)
