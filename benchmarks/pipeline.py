@@ -16,11 +16,8 @@ import httpx
 import numpy as np
 from sqlalchemy import create_engine, delete, func, select
 
-from benchmarks.infra import free_port, postgres_database, start_tansu
 from learners.cb import DEFAULT_POLICY, CBTrainer
-from learners.features import context_json
 from learners.vw import with_exploration
-from service.core import record
 from service.core.settings import load_settings
 from service.pipeline.join_worker import JoinWorker
 from service.pipeline.learn_worker import LearnWorker
@@ -28,35 +25,10 @@ from service.storage import kafka, store
 from service.storage.db import make_engine, make_sessionmaker
 from service.storage.migrate import upgrade
 from service.storage.models import Joined, LogOffset, ModelCheckpoint
+from tests.support.records import ACTIONS, records
+from tests.support.services import free_port, postgres_database, start_tansu
 
-ACTIONS = [(f"a{i}", [{"kind": f"k{i % 3}", "rank": i}]) for i in range(10)]
 KEY = "bench-admin-key-0123456789abcdefghij"
-
-
-def records(n: int, start: float, prefix: str = "b") -> list[tuple[bytes, bytes]]:
-    """n decisions and their rewards in the decision-log record format, keyed as the API does."""
-    out = []
-    for i in range(n):
-        context = context_json([{"user": f"u{i % 50}", "time": i % 24}], ACTIONS).decode()
-        event = f"{prefix}{i}"
-        decision = record.Decision(
-            loop="default",
-            id=event,
-            t=start + i * 1e-3,
-            deferred=False,
-            mode="Online",
-            c=context,
-            a=list(range(10)),
-            p=[0.1] * 10,
-            b=0,
-            m="N/A",
-        )
-        reward = record.Observation(
-            record.REWARD, "default", event, start + i * 1e-3 + 0.5, uuid.uuid4().hex, float(i % 2)
-        )
-        key = record.partition_key(record.encode(decision))
-        out += [(key, record.encode(decision)), (key, record.encode(reward))]
-    return out
 
 
 def throughput(n: int, rounds: int = 3) -> list[tuple[str, str]]:

@@ -15,11 +15,11 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from benchmarks.infra import free_port, postgres_database, start_tansu
 from service.api.context import Dloop
 from service.app import create_app
 from service.core.settings import Settings, load_settings
 from service.storage.migrate import upgrade
+from tests.support.services import free_port, postgres_database, start_tansu
 
 # DLOOP_API_KEY must be at least 32 characters (service.settings).
 ADMIN_KEY = "test-admin-key-0123456789abcdefghij"

@@ -25,11 +25,11 @@ from fastapi.testclient import TestClient
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from benchmarks.infra import postgres_database
 from service.api import openapi
 from service.app import create_app
 from service.core.settings import Settings
 from tests.conftest import AUTH, FakeClock, Harness, make_settings
+from tests.support.services import postgres_database
 
 LONG = os.environ.get("DLOOP_FUZZ") == "long"
 EXAMPLES = int(os.environ.get("DLOOP_FUZZ_EXAMPLES", 2000 if LONG else 6))

@@ -12,7 +12,6 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.pipeline import records
 from service.core.settings import Settings, load_settings
 from service.pipeline.join import join_due
 from service.pipeline.join_worker import JoinWorker
@@ -21,6 +20,7 @@ from service.storage.db import make_engine, make_sessionmaker
 from service.storage.migrate import upgrade
 from service.storage.models import Joined, Loop
 from tests.conftest import Broker, FakeClock
+from tests.support.records import records
 
 
 def pipeline(

@@ -22,7 +22,6 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from benchmarks.pipeline import records
 from service.core.joined import joined_message
 from service.core.settings import Settings
 from service.pipeline.join_worker import JoinWorker
@@ -31,6 +30,7 @@ from service.storage import kafka, store
 from service.storage.db import make_sessionmaker
 from service.storage.models import Decision, Joined, ModelCheckpoint
 from tests.conftest import AUTH, Broker, FakeClock, Harness
+from tests.support.records import records
 from tests.test_faults import Traffic, configure
 from tests.test_hostile import body, dsjson
 from tests.test_join_worker import pipeline
