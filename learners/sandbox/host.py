@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from learners import vw
+from learners.base import EpisodeTrainer, LineTrainer
 from learners.cb import CBTrainer
 from learners.ccb import CCBRanker
 from learners.features import context_json
@@ -30,7 +31,7 @@ class Host:
         self.cache_models = cache_models
         self.rankers: OrderedDict[str, tuple[str, Workspace]] = OrderedDict()
         self.parsers: dict[str, Workspace] = {}
-        self.trainers: dict[str, CBTrainer | RLTrainer] = {}
+        self.trainers: dict[str, LineTrainer | EpisodeTrainer] = {}
 
     def handle(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         op = header["op"]
