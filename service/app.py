@@ -50,7 +50,7 @@ from service.core.files import private_dir
 from service.core.settings import Settings, load_settings
 from service.pipeline.background import configure_logging
 from service.pipeline.embedded import EmbeddedWorker
-from service.pipeline.evaluations import AutoOptimizer
+from service.pipeline.optimize import AutoOptimizer
 from service.pipeline.publisher import LogPublisher
 from service.pipeline.runtime import Registry
 from service.storage import kafka, store

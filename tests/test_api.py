@@ -650,7 +650,7 @@ def test_auto_optimization_applies_a_policy_only_when_it_is_clearly_better(
     harness: Harness,
 ) -> None:
     from learners.sim.worlds import CBWorld
-    from service.pipeline.evaluations import auto_choice, auto_optimize
+    from service.pipeline.optimize import auto_choice, auto_optimize
 
     world = CBWorld(n_actions=4, seed=9)
     # A poor online policy: explores uniformly for ever.
@@ -698,7 +698,7 @@ def test_auto_optimization_applies_a_policy_only_when_it_is_clearly_better(
 def test_auto_optimization_keeps_the_online_policy_on_a_lucky_estimate(harness: Harness) -> None:
     """On 30 events a searched policy's estimate beats the online one, but not its lower bound:
     the online policy stays."""
-    from service.pipeline.evaluations import auto_optimize
+    from service.pipeline.optimize import auto_optimize
 
     harness.configure(rewardWaitTime="PT5S")
     for i in range(30):
@@ -760,7 +760,7 @@ def test_auto_optimization_rule(
     best: str,
     apply: bool,
 ) -> None:
-    from service.pipeline.evaluations import auto_choice
+    from service.pipeline.optimize import auto_choice
 
     results = [
         summary("Online", "online", online, None if online is None else online - 0.01),
