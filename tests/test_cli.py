@@ -229,7 +229,7 @@ def test_a_weak_environment_key_stops_every_command(tmp_path: Path) -> None:
 
 
 def test_up_makes_a_new_admin_key_when_every_one_has_expired(tmp_path: Path) -> None:
-    from service.cli import _prepare
+    from service.cli.process import _prepare
     from service.core.settings import load_settings
     from service.storage import store
     from service.storage.db import make_engine, make_sessionmaker
