@@ -30,7 +30,7 @@ import orjson
 
 from learners import estimators, vw
 from learners.dsjson import parse_time
-from learners.rl import epsilon_greedy, relabel
+from learners.rl import relabel
 from learners.sampling import restrict
 
 REWARD_MODEL = "--cb_adf --cb_type mtr -q :: --power_t 0 -l 0.1"
@@ -263,7 +263,7 @@ def evaluate(
     return results
 
 
-def _iso(t: float) -> str:
+def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -294,9 +294,9 @@ def timeseries(res: Result, *, start: float, minutes: int, window: str) -> list[
             half = float("inf")
         points.append(
             {
-                "timeStamp": _iso(start + (int(k) + 1) * step),
-                "expectedReward": _num(mean),
-                "confidenceInterval": [_num(mean - half), _num(mean + half)],
+                "timeStamp": iso_time(start + (int(k) + 1) * step),
+                "expectedReward": json_number(mean),
+                "confidenceInterval": [json_number(mean - half), json_number(mean + half)],
             }
         )
     return points
@@ -320,15 +320,17 @@ def content(results: list[Result], *, start: float, end: float, slot: str = "") 
                 "slotId": slot,
                 "policySource": res.spec.source,
                 "summary": {
-                    "expectedReward": _num(est["dr"].value),
-                    "confidenceInterval": [_num(est["dr"].low), _num(est["dr"].high)],
+                    "expectedReward": json_number(est["dr"].value),
+                    "confidenceInterval": [json_number(est["dr"].low), json_number(est["dr"].high)],
                     "estimator": "DR",
                     "events": len(res.rewards),
-                    "effectiveSampleSize": _num(estimators.effective_sample_size(res.weights)),
+                    "effectiveSampleSize": json_number(
+                        estimators.effective_sample_size(res.weights)
+                    ),
                     "estimates": {
                         name: {
-                            "expectedReward": _num(e.value),
-                            "confidenceInterval": [_num(e.low), _num(e.high)],
+                            "expectedReward": json_number(e.value),
+                            "confidenceInterval": [json_number(e.low), json_number(e.high)],
                         }
                         for name, e in est.items()
                     },
@@ -338,115 +340,12 @@ def content(results: list[Result], *, start: float, end: float, slot: str = "") 
             }
         )
     return {
-        "startTime": _iso(start),
-        "endTime": _iso(end),
+        "startTime": iso_time(start),
+        "endTime": iso_time(end),
         "intervalInMinutes": 5,
         "value": value,
     }
 
 
-def _num(x: float) -> float | None:
+def json_number(x: float) -> float | None:
     return None if math.isnan(x) or math.isinf(x) else round(float(x), 6)
-
-
-# ---- multi-step RL ---------------------------------------------------------------------------
-
-
-@dataclass
-class LoggedEpisode:
-    steps: list[Logged]
-
-
-def read_episodes(episodes: Iterable[list[str]]) -> list[LoggedEpisode]:
-    """Episodes as lists of their joined lines in step order (learners.episodes)."""
-    out = []
-    for lines in episodes:
-        steps = read(lines)
-        if steps:
-            out.append(LoggedEpisode(steps))
-    return out
-
-
-@dataclass
-class EpisodeResult:
-    spec: PolicySpec
-    returns: np.ndarray  # per episode: sum_t gamma^t rho_{0:t} r_t
-    final_weights: np.ndarray  # per episode: rho over the whole episode
-    estimate: estimators.Estimate
-    effective_sample_size: float
-    usable: bool
-
-
-def evaluate_episodes(
-    episodes: list[LoggedEpisode],
-    policies: list[PolicySpec],
-    *,
-    gamma: float,
-    greedy_values: Callable[[Logged], list[float]] | None = None,
-    epsilon: float = 0.0,
-) -> list[EpisodeResult]:
-    """Per-decision importance sampling of the discounted return of each policy:
-
-        V = mean over episodes of sum_t gamma^t * prod_{k <= t} pi(a_k|s_k) / mu(a_k|s_k) * r_t
-
-    Online is the logging policy (weights 1: the observed discounted return); Baseline and
-    Random as for bandits; "Greedy" is epsilon-greedy on `greedy_values` (the loop's current Q
-    model). Products of ratios grow fast with episode length, so an estimate whose effective
-    sample size (of the whole-episode weights) is under 10% of the episodes, or under 10
-    episodes, is marked unusable rather than reported as if it were informative.
-    """
-
-    def greedy(d: Logged) -> list[float]:
-        assert greedy_values is not None
-        values = greedy_values(d)
-        costs = [-v if ok else float("inf") for v, ok in zip(values, d.eligible, strict=True)]
-        return restrict(epsilon_greedy(costs, epsilon), d.eligible)
-
-    results = []
-    for spec in policies:
-        score = FIXED.get(spec.source) or greedy
-        per_episode, finals = [], []
-        for ep in episodes:
-            rho, total = 1.0, 0.0
-            for t, d in enumerate(ep.steps):
-                rho *= score(d)[d.chosen] / d.p
-                total += gamma**t * rho * d.reward
-            per_episode.append(total)
-            finals.append(rho)
-        returns = np.array(per_episode)
-        est = estimators.mean(returns)
-        ess = estimators.effective_sample_size(np.array(finals))
-        usable = ess >= max(10.0, 0.1 * len(episodes))
-        results.append(EpisodeResult(spec, returns, np.array(finals), est, ess, usable))
-    return results
-
-
-def episode_content(results: list[EpisodeResult], *, start: float, end: float) -> dict[str, Any]:
-    """The EvaluationResult shape for RL loops: expected discounted return per episode."""
-    value = []
-    for r in results:
-        summary: dict[str, Any] = {
-            "expectedReward": _num(r.estimate.value),
-            "confidenceInterval": [_num(r.estimate.low), _num(r.estimate.high)],
-            "estimator": "PerDecisionIS",
-            "episodes": len(r.returns),
-            "effectiveSampleSize": _num(r.effective_sample_size),
-            "usable": r.usable,
-        }
-        if not r.usable:
-            summary["warning"] = (
-                "importance weights over whole episodes are too uneven for this estimate to "
-                "mean anything (effective sample size "
-                f"{r.effective_sample_size:.1f} of {len(r.returns)} episodes)"
-            )
-        value.append(
-            {
-                "name": r.spec.name,
-                "arguments": r.spec.arguments,
-                "slotId": "",
-                "policySource": r.spec.source,
-                "summary": summary,
-                "timeseries": {"data": []},
-            }
-        )
-    return {"startTime": _iso(start), "endTime": _iso(end), "intervalInMinutes": 5, "value": value}

@@ -297,7 +297,7 @@ def _evaluate_rl(
 ) -> None:
     import orjson
 
-    from learners import evaluation
+    from learners import episode_evaluation
     from service.pipeline.evaluations import evaluate_rl
 
     start, end = _time(since) or 0.0, _time(until) or time.time() + 1
@@ -317,7 +317,7 @@ def _evaluate_rl(
             f"  {'yes' if r.usable else 'no: weights too uneven'}"
         )
     if out is not None:
-        doc = evaluation.episode_content(results, start=start, end=end)
+        doc = episode_evaluation.episode_content(results, start=start, end=end)
         out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
-from learners import evaluation
+from learners import episode_evaluation, evaluation
 from learners.evaluation import PolicySpec
 from learners.importance import feature_importance
 from learners.sandbox import process_context
@@ -180,7 +180,7 @@ def run(
 
 def evaluate_rl(
     sessions: sessionmaker[Session], loop: str, start: float, end: float
-) -> list[evaluation.EpisodeResult]:
+) -> list[episode_evaluation.EpisodeResult]:
     """RL loops: per-decision importance sampling of the online policy, baseline, random and
     the current model (epsilon-greedy) over the episodes that ended in [start, end)."""
     from learners.rl import RLRanker
@@ -195,7 +195,9 @@ def evaluate_rl(
         steps = store.episode_steps(session, loop=loop, episodes=[e.episode_id for e in ended])
         ckpt = store.get_checkpoint(session, loop=loop)
         model = ckpt.model if ckpt is not None else None
-    episodes = evaluation.read_episodes([[r.line for r in steps[e.episode_id]] for e in ended])
+    episodes = episode_evaluation.read_episodes(
+        [[r.line for r in steps[e.episode_id]] for e in ended]
+    )
     specs = [
         PolicySpec("Online", "Online"),
         PolicySpec("Baseline", "Baseline"),
@@ -209,7 +211,7 @@ def evaluate_rl(
             return ranker.values(orjson.dumps(orjson.loads(d.line)["c"]))
 
         specs.append(PolicySpec("current-model", "Custom", row.policy["arguments"]))
-    return evaluation.evaluate_episodes(
+    return episode_evaluation.evaluate_episodes(
         episodes,
         specs,
         gamma=settings.discount,
@@ -222,7 +224,7 @@ def _run_rl(
     sessions: sessionmaker[Session], loop: str, key: tuple[str, str], start: float, end: float
 ) -> None:
     results = evaluate_rl(sessions, loop, start, end)
-    doc = evaluation.episode_content(results, start=start, end=end)
+    doc = episode_evaluation.episode_content(results, start=start, end=end)
     usable = [r for r in results if r.usable and r.spec.source in ("Online", "Custom")]
     best = max(usable, key=lambda r: r.estimate.low, default=None)
     _finish(
