@@ -8,8 +8,8 @@ import numpy as np
 
 from learners.cb import CBTrainer
 from learners.ccb import NAMED_CCB_POLICIES, CCBRanker, ccb_context, ccb_line
+from learners.policy import with_exploration
 from learners.sim.worlds import PageWorld
-from learners.vw import with_exploration
 
 ACTIONS = [(f"a{i}", [{"kind": {"k": f"k{i}"}}]) for i in range(4)]
 SLOTS = [(s, [{"slot": {"pos": s}}]) for s in ("hero", "side", "foot")]

@@ -17,7 +17,7 @@ import numpy as np
 from sqlalchemy import create_engine, delete, func, select
 
 from learners.cb import DEFAULT_POLICY, CBTrainer
-from learners.vw import with_exploration
+from learners.policy import with_exploration
 from service.core.settings import load_settings
 from service.pipeline.join_worker import JoinWorker
 from service.pipeline.learn_worker import LearnWorker

@@ -73,7 +73,8 @@ def wrk(url: str, *, conns: int, seconds: int, script: Path | None = None) -> di
 def vw_predict_us(n: int = 20000) -> float:
     from learners.cb import DEFAULT_POLICY
     from learners.features import context_json
-    from learners.vw import predict_scores, with_exploration, workspace
+    from learners.policy import with_exploration
+    from learners.vw import predict_scores, workspace
 
     ws = workspace(with_exploration(DEFAULT_POLICY, 0.2) + " --json")
     text = context_json(CONTEXT, [(a["id"], a["features"]) for a in ACTIONS]).decode()
@@ -309,8 +310,8 @@ def train(url: str, headers: dict[str, str], *, explain: bool) -> None:
 
 def learning(n: int, seeds: int) -> list[tuple[str, str]]:
     from learners.cb import NAMED_POLICIES
+    from learners.policy import with_exploration
     from learners.sim.reference import run_reference
-    from learners.vw import with_exploration
 
     rows = []
     for name, args in NAMED_POLICIES.items():

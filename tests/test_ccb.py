@@ -395,14 +395,14 @@ def test_a_skipped_multi_slot_line_is_not_handed_to_vw() -> None:
 
 
 def test_model_import_checks_the_models_kind() -> None:
-    from learners import vw
-    from learners.vw import PolicyError
+    from learners import policy, vw
+    from learners.policy import PolicyError
 
     models = {
-        kind: vw.model_bytes(vw.workspace(vw.algorithm(kind))) for kind in ("cb", "ccb", "rl")
+        kind: vw.model_bytes(vw.workspace(policy.algorithm(kind))) for kind in ("cb", "ccb", "rl")
     }
     for kind, model in models.items():
         vw.check_model(model, kind=kind)
         for other in set(models) - {kind}:
-            with pytest.raises(PolicyError, match=vw.algorithm(other)):
+            with pytest.raises(PolicyError, match=policy.algorithm(other)):
                 vw.check_model(model, kind=other)

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from learners.vw import PolicyError, check_policy, with_exploration
+from learners.policy import PolicyError, with_exploration
+from learners.vw import check_policy
 from service.core.schemas import default_config, parse_config
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from learners.cb import DEFAULT_POLICY
+from learners.policy import with_exploration
 from learners.sim.reference import run_reference, run_served
-from learners.vw import with_exploration
 from tests.conftest import AUTH, Harness
 
 N = 4000

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from learners import vw
+from learners import policy, vw
 from learners.cb import CBTrainer
 from service.app import create_app
 from tests.conftest import AUTH, FakeClock, Harness, make_settings
@@ -281,10 +281,10 @@ def test_check_model_refuses_truncated_or_padded_models(
     vw.check_model(model, kind=kind)
     vw.check_model(CBTrainer(args).to_bytes(), kind=kind)
     for cut in (1, 3, 7):
-        with pytest.raises(vw.PolicyError):
+        with pytest.raises(policy.PolicyError):
             vw.check_model(model[:-cut], kind=kind)
     for pad in (b"\0", b"\0" * 5, b"junk" * 4):
-        with pytest.raises(vw.PolicyError):
+        with pytest.raises(policy.PolicyError):
             vw.check_model(model + pad, kind=kind)
 
 
@@ -326,7 +326,7 @@ def test_model_header_options_cannot_make_vw_write_files(tmp_path: Path) -> None
         rebuild(model, options=f'{options} --quadratic ":: --readable_model {target}"'),
     ]
     for bad in crafted:
-        with pytest.raises(vw.PolicyError):
+        with pytest.raises(policy.PolicyError):
             vw.check_model(bad, kind="cb")
     assert not target.exists()
 
@@ -341,7 +341,7 @@ def test_model_header_options_cannot_make_vw_write_files(tmp_path: Path) -> None
     ],
 )
 def test_policies_cannot_name_files_in_any_spelling(args: str) -> None:
-    with pytest.raises(vw.PolicyError):
+    with pytest.raises(policy.PolicyError):
         vw.check_policy(args)
     assert not Path("/tmp/dloop-policy-test").exists()
 

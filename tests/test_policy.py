@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from learners import cb, ccb, rl
-from learners.vw import PolicyError, algorithm, check_policy, policy_options, with_exploration
+from learners.policy import PolicyError, algorithm, policy_options, with_exploration
+from learners.vw import check_policy
 from service.pipeline.evaluations import SEARCH
 from tests.conftest import AUTH, Harness
 

@@ -315,7 +315,7 @@ def model_by_context(kind: str) -> bytes:
     from learners.cb import DEFAULT_POLICY, CBTrainer
     from learners.ccb import DEFAULT_CCB_POLICY, ccb_context, ccb_line
     from learners.features import cb_line, context_json
-    from learners.vw import with_exploration
+    from learners.policy import with_exploration
 
     policy = DEFAULT_CCB_POLICY if kind == "ccb" else DEFAULT_POLICY
     trainer = CBTrainer(with_exploration(policy, 0.2))

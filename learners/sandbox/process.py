@@ -157,7 +157,7 @@ def run_once(
 
 def check_model(model: bytes, *, kind: str) -> None:
     """learners.vw.check_model in a sandbox: PolicyError unless `model` is a model for `kind`."""
-    from learners.vw import PolicyError
+    from learners.policy import PolicyError
 
     try:
         run_once("check_model", {"kind": kind}, model)
@@ -175,7 +175,7 @@ def blank_model(args: str) -> bytes:
 
 def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
     """learners.vw.check_policy in a sandbox."""
-    from learners.vw import PolicyError
+    from learners.policy import PolicyError
 
     try:
         run_once("check_policy", {"args": args, "algorithm": algorithm})

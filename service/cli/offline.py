@@ -130,7 +130,7 @@ def replay(
     ] = False,
 ) -> None:
     """Train a model from scratch on logged interactions (RL loops: on their episodes)."""
-    from learners.vw import with_exploration
+    from learners.policy import with_exploration
     from service.pipeline.replay import replay_lines, replay_model
     from service.storage import store
 
@@ -230,7 +230,8 @@ def evaluate(
 
 def _custom_policies(row: Any, policy: list[str]) -> list[dict[str, str]]:
     """The --policy NAME=VW_ARGUMENTS items, each checked against the loop's algorithm."""
-    from learners.vw import PolicyError, algorithm, check_policy
+    from learners.policy import PolicyError, algorithm
+    from learners.vw import check_policy
 
     # A file with no loop behind it may hold single- or multi-slot lines.
     algorithms = [algorithm(row.kind)] if row is not None else [algorithm(k) for k in ("cb", "ccb")]

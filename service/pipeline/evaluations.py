@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from learners import episode_evaluation, evaluation
 from learners.evaluation import PolicySpec
 from learners.importance import feature_importance
+from learners.policy import with_exploration
 from learners.sandbox import process_context
-from learners.vw import with_exploration
 from service.storage import store
 from service.storage.models import Evaluation, FeatureImportance, Loop, OfflineJob
 

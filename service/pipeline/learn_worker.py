@@ -25,8 +25,8 @@ from typing import Any
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
+from learners.policy import with_exploration
 from learners.sandbox import RemoteTrainer, TrainerHost, learn_in_turn
-from learners.vw import with_exploration
 from service.core.joined import read_joined
 from service.pipeline.background import is_transient, keep_running
 from service.pipeline.consumer import StoredOffsets, offset_name

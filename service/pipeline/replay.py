@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from sqlalchemy.orm import Session
 
 from learners.cb import CBTrainer
+from learners.policy import with_exploration
 from learners.rl import RLTrainer, Step
-from learners.vw import with_exploration
 from service.storage import store
 from service.storage.models import Loop
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from learners.policy import with_exploration
 from learners.sandbox import NO_MODEL, ModelRef, write_model
-from learners.vw import with_exploration
 from service.core.kinds import LoopKind, loop_kind
 from service.core.schemas import LoopSettings
 from service.storage import store

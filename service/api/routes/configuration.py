@@ -8,8 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from pydantic import ValidationError
 
+from learners.policy import PolicyError, algorithm
 from learners.sandbox import check_policy
-from learners.vw import PolicyError, algorithm
 from service.api.context import Dloop, loop_for
 from service.api.errors import ApiError, bad_request
 from service.core.schemas import PolicyContract, default_policy, parse_config, validation_message

@@ -15,8 +15,8 @@ from fastapi import APIRouter, Body, Request
 from starlette.responses import JSONResponse, Response
 
 from learners.dsjson import parse_time, timestamp
+from learners.policy import PolicyError, algorithm
 from learners.sandbox import check_policy
-from learners.vw import PolicyError, algorithm
 from service.api.context import Dloop, loop_for
 from service.api.errors import ApiError, bad_request
 from service.storage import store

@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from learners.dsjson import timestamp
+from learners.policy import PolicyError
 from learners.sandbox import blank_model, check_model
-from learners.vw import PolicyError
 from service.api.context import Dloop, loop_for
 from service.api.errors import ApiError, bad_request
 from service.pipeline.runtime import LoopRuntime
