@@ -1,0 +1,145 @@
+"""service.storage.store on a real (SQLite) database: ingestion, the join's queries, dangling
+observations, the outbox's positions and the last admin key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from learners.features import context_json
+from service.core import record
+from service.storage import store
+from service.storage.db import make_engine, make_sessionmaker
+from service.storage.models import DeadLetter, Decision, Joined, Observation
+from tests.conftest import make_settings
+
+CONTEXT = context_json([{"user": "u"}], [("a", [{"k": 1}]), ("b", [{"k": 2}])]).decode()
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(make_settings(tmp_path / "data").database_url)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def decision(event_id: str, t: float, *, loop: str = "default", c: str = CONTEXT) -> bytes:
+    return record.encode(
+        record.Decision(loop, event_id, t, False, "Online", c, [0, 1], [0.5, 0.5], 0, "N/A")
+    )
+
+
+def reward(event_id: str, t: float, value: float = 1.0, *, uid: str | None = None) -> bytes:
+    r = record.Observation(record.REWARD, "default", event_id, t, uid or f"u-{event_id}-{t}", value)
+    return record.encode(r)
+
+
+def test_ingest_keeps_the_first_decision_and_dead_letters_what_it_cannot_read(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        got = store.ingest(
+            session,
+            records=[decision("e1", 1.0), decision("e1", 2.0), b'{"k":"d"', reward("e1", 3.0)],
+            source="test",
+            now=10.0,
+        )
+    assert (got.dead, got.loops) == (1, {"default"})
+    with sessions() as session:
+        (d,) = session.query(Decision).all()
+        assert d.created_at == 1.0
+        (dead,) = session.query(DeadLetter).all()
+        assert dead.reason.startswith("RecordError: JSONDecodeError")
+        assert [o.status for o in session.query(Observation)] == ["pending"]
+
+
+def test_ingest_cleans_features_vw_must_never_see(sessions: sessionmaker[Session]) -> None:
+    c = orjson.loads(CONTEXT)
+    c["_multi"][0]["__aid"] = 5  # VW's JSON parser crashes on this key
+    with sessions.begin() as session:
+        store.ingest(session, records=[decision("e", 1.0, c=orjson.dumps(c).decode())],
+                     source="test", now=2.0)  # fmt: skip
+    with sessions() as session:
+        stored = record.decode(session.query(Decision).one().record)
+    assert isinstance(stored, record.Decision)
+    assert "__aid" not in stored.c
+
+
+def test_an_observation_for_a_joined_event_is_late(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        store.ingest(session, records=[decision("e", 1.0)], source="test", now=1.0)
+        session.query(Decision).one().joined = True
+    with sessions.begin() as session:
+        store.ingest(session, records=[reward("e", 2.0)], source="test", now=2.0)
+    with sessions() as session:
+        assert session.query(Observation).one().status == "late"
+
+
+def test_decisions_to_join_are_those_whose_window_closed_or_earliest_rewarded(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        records = [decision("old", 0.0), decision("open", 50.0), decision("rewarded", 60.0)]
+        store.ingest(session, records=[*records, reward("rewarded", 61.0)], source="t", now=62.0)
+    with sessions.begin() as session:
+        closed = store.decisions_to_join(
+            session, loop="default", wait=30.0, now=70.0, limit=10, earliest=False
+        )
+        assert [d.event_id for d in closed] == ["old"]
+        early = store.decisions_to_join(
+            session, loop="default", wait=30.0, now=70.0, limit=10, earliest=True
+        )
+        assert [d.event_id for d in early] == ["old", "rewarded"]
+        found = store.observations_of(session, loop="default", event_ids=["old", "rewarded"])
+        assert {k: len(v) for k, v in found.items()} == {"old": 0, "rewarded": 1}
+
+
+def test_orphans_turn_dangling_and_only_the_newest_are_kept(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions.begin() as session:
+        orphans = [reward(f"x{i}", float(i)) for i in range(6)]
+        store.ingest(session, records=orphans, source="t", now=6.0)
+    with sessions.begin() as session:
+        store.mark_dangling(session, loop="default", now=1000.0, keep=4)
+    with sessions() as session:
+        kept = sorted(o.event_id for o in session.query(Observation))
+        assert kept == ["x2", "x3", "x4", "x5"]
+        assert store.loop_counts(session)["default"]["observations_dropped"] == 2
+
+
+def test_the_outbox_gives_gap_free_positions_per_loop(sessions: sessionmaker[Session]) -> None:
+    row = {"created_at": 1.0, "joined_at": 2.0, "mode": "Online", "learnable": True,
+           "reward": 1.0, "rewarded": True, "imitated": False, "line": "{}", "published": False,
+           "episode": None}  # fmt: skip
+    with sessions.begin() as session:
+        store.add_joined(
+            session,
+            [{**row, "loop": loop, "event_id": f"e{i}"} for i, loop in enumerate("abab")],
+        )
+    with sessions.begin() as session:
+        assert store.assign_positions(session, limit=10) == 4
+    with sessions.begin() as session:
+        assert store.max_pos(session, loop="a") == store.max_pos(session, loop="b") == 2
+        rows = store.unpublished(session, limit=10)
+        assert [(r.loop, r.pos) for r in rows] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+        store.mark_published(session, seqs=[r.seq for r in rows])
+    with sessions() as session:
+        assert store.unpublished(session, limit=10) == []
+        assert session.query(Joined).filter(Joined.published.is_(False)).count() == 0
+
+
+def test_the_last_valid_admin_key_cannot_be_revoked(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        first, _ = store.create_key(session, role="admin", loop=None, now=1.0, source="api")
+        second, _ = store.create_key(session, role="admin", loop=None, now=1.0, source="api")
+    with sessions.begin() as session:
+        store.revoke_key(session, row=session.merge(first), now=2.0)
+    with sessions.begin() as session, pytest.raises(store.LastAdminKeyError):
+        store.revoke_key(session, row=session.merge(second), now=2.0)
