@@ -1,0 +1,272 @@
+"""The OpenAPI document's shared parts: its description and the component schemas (request and
+response bodies, Personalizer's documents)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from learners.joiner import AGGREGATIONS
+from service.core.schemas import PolicyContract, ServiceConfiguration
+
+DESCRIPTION = """\
+Wire-compatible with Azure AI Personalizer. Every `/personalizer/...` path is also served as
+`/personalizer/v1.0/...`, `/personalizer/v1.1-preview.N/...` and `/personalizer/...?api-version=...`
+(v1.0's `GET /evaluations` answers a bare array), and for a named loop under
+`/loops/{loop}/personalizer/...` (listed below; `/personalizer/...` is the loop `default`).
+Keys go in `Ocp-Apim-Subscription-Key` or `Authorization: Bearer`. Every error is
+`{"error": {"code", "message"}}` with the code also in the `x-ms-error-code` header; each error
+response below lists the codes it can carry.
+"""
+
+JSON = "application/json"
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: tuple[str, ...] = (), **properties: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        doc["required"] = list(required)
+    return doc
+
+
+def _list_of(item: dict[str, Any]) -> dict[str, Any]:
+    return _obj(("value",), value={"type": "array", "items": item})
+
+
+def _service_configuration() -> dict[str, Any]:
+    doc = ServiceConfiguration.model_json_schema(by_alias=True)
+    # A validator, not the type, limits it (case-insensitively; answered in lower case).
+    doc["properties"]["rewardAggregation"]["enum"] = list(AGGREGATIONS)
+    return doc
+
+
+STR = {"type": "string"}
+ID = {"type": "string", "minLength": 1, "maxLength": 256}
+NUM = {"type": "number"}
+TIME = {"type": "string", "format": "date-time"}
+REWARD = {"type": "number", "minimum": -1, "maximum": 1}
+FEATURES = {
+    "type": "array",
+    "description": "Feature objects: an object value is a namespace (holding features the same "
+    "way); keys starting with `_` are ignored.",
+    "items": {
+        "type": "object",
+        "propertyNames": {"minLength": 1},
+        "additionalProperties": {
+            "anyOf": [
+                {"type": ["string", "number", "boolean", "null"]},
+                {"type": "array", "items": NUM},
+                {"type": "object", "propertyNames": {"minLength": 1}},
+            ]
+        },
+    },
+}
+ACTIONS = {
+    "type": "array",
+    "minItems": 1,
+    "items": _obj(("id", "features"), id=ID, features=FEATURES),
+}
+RANKED = _obj(("id", "probability"), id=STR, probability={**NUM, "minimum": 0, "maximum": 1})
+EXPLANATION = {
+    "type": "array",
+    "items": _obj(
+        ("id", "features"),
+        id=STR,
+        features={"type": "array", "items": _obj(("name", "score"), name=STR, score=NUM)},
+    ),
+}
+JOB = {
+    "id": STR,
+    "name": STR,
+    "startTime": TIME,
+    "endTime": TIME,
+    "creationTime": TIME,
+    "status": STR,
+    "progress": {**NUM, "minimum": 0, "maximum": 1},
+    "description": STR,
+}
+JOB_REQUIRED = ("id", "name", "startTime", "endTime", "creationTime", "status")
+WINDOW = {"name": ID, "startTime": TIME, "endTime": TIME}
+LOOP = _obj(
+    ("name", "kind", "createdTime"), name=STR, kind={"enum": ["cb", "ccb", "rl"]}, createdTime=TIME
+)
+NULLABLE_STR = {"type": ["string", "null"]}
+KEY = {
+    "id": {"type": "integer"},
+    "role": STR,
+    "label": NULLABLE_STR,
+    "source": NULLABLE_STR,
+    "createdTime": TIME,
+    "expiresTime": {"type": ["string", "null"], "format": "date-time"},
+}
+KEY_FIELDS = ("id", "role", "label", "source", "createdTime", "expiresTime")
+SECRET = {"type": "string", "description": "shown once: only its hash is stored"}
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "ErrorResponse": _obj(("error",), error=_obj(("code", "message"), code=STR, message=STR)),
+    "RankRequest": _obj(
+        ("actions",),
+        contextFeatures=FEATURES,
+        actions=ACTIONS,
+        excludedActions={"type": "array", "items": STR},
+        eventId=ID,
+        deferActivation={"type": "boolean"},
+        episodeId={**ID, "description": "dloop, loops of kind rl: the episode this step is in"},
+    ),
+    "RankResponse": _obj(
+        ("ranking", "eventId", "rewardActionId"),
+        ranking={"type": "array", "items": RANKED},
+        eventId=STR,
+        rewardActionId=STR,
+        inferenceExplanation=EXPLANATION,
+    ),
+    "RewardRequest": _obj(("value",), value=REWARD),
+    "EpisodeEnd": _obj(terminated={"type": "boolean", "default": True}),
+    "MultiSlotRankRequest": _obj(
+        ("actions", "slots"),
+        contextFeatures=FEATURES,
+        actions=ACTIONS,
+        slots={
+            "type": "array",
+            "minItems": 1,
+            "items": _obj(
+                ("id", "baselineAction"),
+                id=ID,
+                baselineAction=STR,
+                features=FEATURES,
+                excludedActions={"type": "array", "items": STR},
+            ),
+        },
+        eventId=ID,
+        deferActivation={"type": "boolean"},
+    ),
+    "MultiSlotRankResponse": _obj(
+        ("eventId", "slots"),
+        eventId=STR,
+        slots={
+            "type": "array",
+            "items": _obj(("id", "rewardActionId"), id=STR, rewardActionId=STR, probability=NUM),
+        },
+    ),
+    "MultiSlotRewardRequest": _obj(
+        ("reward",),
+        reward={
+            "type": "array",
+            "minItems": 1,
+            "items": _obj(("slotId", "value"), slotId=ID, value=REWARD),
+        },
+    ),
+    "Event": _obj(
+        ("eventId", "timestamp", "mode", "deferActivation", "modelId", "joined", "observations"),
+        eventId=STR,
+        timestamp=TIME,
+        mode=STR,
+        deferActivation={"type": "boolean"},
+        modelId=STR,
+        episodeId=STR,
+        ranking={"type": "array", "items": RANKED},
+        rewardActionId=STR,
+        baselineActionId=STR,
+        slots={
+            "type": "array",
+            "items": _obj(
+                ("id", "rewardActionId", "baselineActionId", "ranking"),
+                id=STR,
+                rewardActionId=STR,
+                baselineActionId=STR,
+                ranking={"type": "array", "items": RANKED},
+            ),
+        },
+        joined={"type": "boolean"},
+        observations={
+            "type": "array",
+            "items": _obj(
+                ("kind", "value", "receivedTime", "status"),
+                kind=STR,
+                value={"type": ["number", "null"]},
+                receivedTime=TIME,
+                status=STR,
+                slotId=STR,
+            ),
+        },
+        reward=NUM,
+        rewarded={"type": "boolean"},
+        learnable={"type": "boolean"},
+        inferenceExplanation=EXPLANATION,
+    ),
+    "ServiceConfiguration": _service_configuration(),
+    "PolicyContract": PolicyContract.model_json_schema(by_alias=True),
+    "PolicyReferenceContract": _obj(("evaluationId", "policyName"), evaluationId=ID, policyName=ID),
+    "EvaluationContract": _obj(
+        ("name", "startTime", "endTime"),
+        **WINDOW,
+        policies={"type": "array", "maxItems": 10, "items": ref("PolicyContract")},
+        enablePolicyOptimization={"type": "boolean"},
+    ),
+    "Evaluation": _obj(
+        (*JOB_REQUIRED, "evaluationType"),
+        **JOB,
+        evaluationType={"enum": ["Manual", "Auto"]},
+        optimalPolicy=STR,
+        content=_obj(
+            value={"type": "array", "items": _obj(("name", "policySource"), name=STR)},
+            intervalInMinutes={"type": "integer"},
+        ),
+    ),
+    "EvaluationList": _list_of(_obj((*JOB_REQUIRED, "evaluationType"), **JOB)),
+    "FeatureImportanceContract": _obj(("name", "startTime", "endTime"), **WINDOW),
+    "FeatureImportance": _obj(
+        JOB_REQUIRED,
+        **JOB,
+        featureScores={
+            "type": "array",
+            "items": _obj(
+                ("namespace", "featureName", "score"), namespace=STR, featureName=STR, score=NUM
+            ),
+        },
+    ),
+    "FeatureImportanceList": _list_of(_obj(JOB_REQUIRED, **JOB)),
+    # `{}` when the loop has no logged events (as Personalizer answered).
+    "LogsProperties": _obj(dateRange=_obj(("from", "to"), to=TIME, **{"from": TIME})),
+    "ModelProperties": _obj(
+        ("creationTime", "lastModifiedTime"), creationTime=TIME, lastModifiedTime=TIME
+    ),
+    "Model": {"type": "string", "format": "binary"},
+    "LoopContract": _obj(kind={"enum": ["cb", "ccb", "rl"], "default": "cb"}),
+    "Loop": LOOP,
+    "LoopList": _list_of(LOOP),
+    "KeyContract": _obj(
+        label={"type": ["string", "null"], "maxLength": 256},
+        expiresAt={"type": ["string", "null"], "format": "date-time"},
+        expiresInDays={"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 36500},
+    ),
+    "AdminKey": _obj(KEY_FIELDS, **KEY),
+    "NewAdminKey": _obj((*KEY_FIELDS, "key"), **KEY, key=SECRET),
+    "AdminKeyList": _list_of(ref("AdminKey")),
+    "ClientKey": _obj((*KEY_FIELDS, "loop"), **KEY, loop=NULLABLE_STR),
+    "NewClientKey": _obj((*KEY_FIELDS, "loop", "key"), **KEY, loop=NULLABLE_STR, key=SECRET),
+    "ClientKeyList": _list_of(ref("ClientKey")),
+    "Health": _obj(("status",), status=STR),
+    "Readiness": _obj(
+        ("status", "checks", "logBacklogBytes"),
+        status={"enum": ["ready", "degraded", "not ready"]},
+        checks={"type": "object", "additionalProperties": STR},
+        logBacklogBytes={"type": "integer"},
+        failingLoops={
+            "type": "array",
+            "items": _obj(
+                ("loop", "since", "failures", "error"),
+                loop=STR,
+                since=TIME,
+                failures={"type": "integer"},
+                error=STR,
+            ),
+        },
+    ),
+}
+
+# Every request may be refused for its size (413: a declared Content-Length over the limit) or
+# for sending its body too slowly (408), whatever the operation.
