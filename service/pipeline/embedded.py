@@ -53,8 +53,8 @@ SOURCE = "learn"  # the embedded learner's dead letters (ref: the joined seq)
 class LoopLearner:
     trainer: RemoteTrainer
     arguments: str
-    learned_seq: int  # the last joined seq the trainer has seen
-    saved_seq: int  # ... and the one its checkpoint says
+    position: int  # the last joined seq the trainer has seen
+    saved_position: int  # ... and the one its checkpoint says
     exported_examples: int
     exported_at: float
     used_at: float
@@ -219,7 +219,7 @@ class EmbeddedWorker:
             export_every = rt.settings.export_every if rt is not None else 0.0
             changed = (
                 learner.trainer.examples != learner.exported_examples
-                or learner.learned_seq != learner.saved_seq
+                or learner.position != learner.saved_position
             )
             if changed and (final or now - learner.exported_at >= export_every):
                 names.add(name)
@@ -322,7 +322,7 @@ class EmbeddedWorker:
             idle = (
                 name not in self.to_learn
                 and learner.trainer.examples == learner.exported_examples
-                and learner.learned_seq == learner.saved_seq
+                and learner.position == learner.saved_position
                 and now - learner.used_at >= self.idle_evict
             )
             if idle:
@@ -379,7 +379,7 @@ class EmbeddedWorker:
             self._close(learner)
         with self.sessions() as session:
             ckpt = store.get_checkpoint(session, loop=name)
-            seq = ckpt.learned_seq if ckpt is not None else 0
+            seq = ckpt.position if ckpt is not None else 0
             skip = store.poisoned(session, source=SOURCE, loop=name, after=seq)
         examples = 0
         if ckpt is not None and ckpt.model is not None and ckpt.arguments == rt.arguments:
@@ -399,7 +399,7 @@ class EmbeddedWorker:
         learner = self._learner(name, rt)
         with self.sessions() as session:
             rows = store.joined_after(
-                session, loop=name, seq=learner.learned_seq, limit=self.batch_size
+                session, loop=name, seq=learner.position, limit=self.batch_size
             )
         if not rows:
             self.to_learn.discard(name)
@@ -411,8 +411,8 @@ class EmbeddedWorker:
         ]
         if not self._learn_items(name, learner, items, now):
             return True
-        learner.learned_seq = rows[-1].seq
-        if learner.learned_seq >= self.careful.get(name, 0):
+        learner.position = rows[-1].seq
+        if learner.position >= self.careful.get(name, 0):
             self.careful.pop(name, None)
         more = len(rows) >= self.batch_size
         if not more:
@@ -478,12 +478,12 @@ class EmbeddedWorker:
     def _export(self, name: str, learner: LoopLearner, now: float) -> None:
         learner.exported_at = now
         if learner.trainer.examples == learner.exported_examples:
-            if learner.learned_seq != learner.saved_seq:
+            if learner.position != learner.saved_position:
                 with self.sessions.begin() as session:
                     ckpt = store.get_checkpoint(session, loop=name)
                     if ckpt is not None:
-                        ckpt.learned_seq = learner.learned_seq
-                learner.saved_seq = learner.learned_seq
+                        ckpt.position = learner.position
+                learner.saved_position = learner.position
             return
         model = learner.trainer.to_bytes()
         model_id = uuid.uuid4().hex[:16]
@@ -494,12 +494,12 @@ class EmbeddedWorker:
                 model_id=model_id,
                 model=model,
                 arguments=learner.arguments,
-                learned_seq=learner.learned_seq,
+                position=learner.position,
                 examples=learner.trainer.examples,
                 now=now,
             )
         learner.exported_examples = learner.trainer.examples
-        learner.saved_seq = learner.learned_seq
+        learner.saved_position = learner.position
         self.registry.publish(name, model, model_id)
 
     # ---- commands from the API ---------------------------------------------------------------

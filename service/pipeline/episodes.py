@@ -106,7 +106,7 @@ def train_episodes(
         model_id=learner.model_id,
         model=model,
         arguments=arguments,
-        learned_seq=ckpt.learned_seq if ckpt is not None else 0,
+        position=ckpt.position if ckpt is not None else 0,
         examples=learner.trainer.examples,
         now=now,
     )

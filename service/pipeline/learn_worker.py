@@ -202,7 +202,7 @@ class LearnWorker:
             settings = store.loop_settings(loop)
             arguments = with_exploration(loop.policy["arguments"], settings.exploration)
             ckpt = store.get_checkpoint(session, loop=name)
-            pos = ckpt.learned_seq if ckpt is not None else 0
+            pos = ckpt.position if ckpt is not None else 0
             skip = store.poisoned(session, source=SOURCE, loop=name, after=pos)
         model = ckpt.model if ckpt is not None else None
         examples = ckpt.examples if ckpt is not None and model is not None else 0
@@ -225,7 +225,7 @@ class LearnWorker:
                     # Reset, retrained or imported through the API: continue from that model.
                     self._adopt(session, name, learner, ckpt)
                 if learner.trainer.examples == learner.exported_examples and ckpt is not None:
-                    ckpt.learned_seq = learner.pos
+                    ckpt.position = learner.pos
                     continue
                 model_id = uuid.uuid4().hex[:16]
                 store.save_checkpoint(
@@ -234,7 +234,7 @@ class LearnWorker:
                     model_id=model_id,
                     model=learner.trainer.to_bytes(),
                     arguments=learner.arguments,
-                    learned_seq=learner.pos,
+                    position=learner.pos,
                     examples=learner.trainer.examples,
                     now=now,
                 )
@@ -285,7 +285,7 @@ class LearnWorker:
     def _adopt(
         self, session: Session, name: str, learner: StreamLearner, ckpt: ModelCheckpoint
     ) -> None:
-        """Switch to a model the API wrote, which covers the stream up to its learned_seq:
+        """Switch to a model the API wrote, which covers the stream up to its position:
         learn the rows this learner had already consumed past that from the database, or
         skip ahead to it."""
         learner.arguments = ckpt.arguments
@@ -295,11 +295,11 @@ class LearnWorker:
         )
         learner.model_id = ckpt.model_id
         learner.exported_examples = learner.trainer.examples
-        if learner.pos <= ckpt.learned_seq:
-            learner.pos = ckpt.learned_seq
+        if learner.pos <= ckpt.position:
+            learner.pos = ckpt.position
             return
-        rows = store.joined_by_pos(session, loop=name, after=ckpt.learned_seq, until=learner.pos)
+        rows = store.joined_by_pos(session, loop=name, after=ckpt.position, until=learner.pos)
         lines = [r.line for r in rows if store.trainable(r) and (r.pos or 0) not in learner.skip]
         for _, reason in learner.trainer.learn_lines(lines):
             log.warning("loop %s: a joined row VW refused on adopting a model: %s", name, reason)
-        ckpt.learned_seq = learner.pos
+        ckpt.position = learner.pos

@@ -23,7 +23,7 @@ def save_checkpoint(
     model_id: str,
     model: bytes | None,
     arguments: str,
-    learned_seq: int,
+    position: int,
     examples: int,
     now: float,
     reset: bool = False,
@@ -37,7 +37,7 @@ def save_checkpoint(
     row.model_id = model_id
     row.model = model
     row.arguments = arguments
-    row.learned_seq = learned_seq
+    row.position = position
     row.examples = examples
     row.modified_at = now
 
@@ -62,14 +62,14 @@ def reset_checkpoint(
     if position is not None:
         seq = position
     else:
-        seq = max(max_seq(session, loop=loop), ckpt.learned_seq if ckpt else 0)
+        seq = max(max_seq(session, loop=loop), ckpt.position if ckpt else 0)
     save_checkpoint(
         session,
         loop=loop,
         model_id=model_id,
         model=model,
         arguments=arguments,
-        learned_seq=seq,
+        position=seq,
         examples=examples,
         now=now,
         reset=True,
