@@ -9,10 +9,12 @@ include. A `Learner` is that checkpoint brought back into a trainer of a learnin
   arguments the loop's policy trains now; else it starts blank from the checkpoint's position
   (VW would go on with the arguments stored in the model, and the checkpoint would claim the
   new ones); the blank model replaces the stored one at the next save;
-- the trainer learns lines (`Learners.learn`) or episodes (`train_episodes`);
+- the trainer learns lines (`Learners.learn`; `retrain`, after a reset) or episodes
+  (`train_episodes`);
 - `save` (or `checkpoint`: the model if it learned anything, else the position) writes it back
   with its position in the caller's transaction, so a crash leaves both as they were; the
   caller publishes the bytes it returns.
+`dloop replay` (service.pipeline.replay) starts one without a checkpoint and keeps the bytes.
 
 `Learners` holds a worker thread's learners, one per loop, and what a crash of their learning
 process asks of them.

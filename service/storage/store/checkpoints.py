@@ -6,9 +6,7 @@ import uuid
 
 from sqlalchemy.orm import Session
 
-from service.storage.models import (
-    ModelCheckpoint,
-)
+from service.storage.models import ModelCheckpoint
 from service.storage.store.joined import max_seq
 
 
@@ -50,12 +48,12 @@ def reset_checkpoint(
     arguments: str,
     now: float,
     position: int | None = None,
-    examples: int = 0,
 ) -> tuple[str, int]:
-    """Replace a loop's model from the next event on; returns (model id, position it covers).
+    """Replace a loop's model (None: blank) from the next event on; returns (model id, position
+    it covers).
 
-    Learners notice the new model id and rebuild from it. The embedded learner's position is a
-    joined seq (moved to the newest); the Kafka path passes a stream `position` instead."""
+    Learners notice the new model id and rebuild from it. Embedded, the position is the loop's
+    newest joined seq; the Kafka path passes its newest stream `position` instead."""
     # A fresh id even for a blank model, so every learner notices the reset.
     model_id = uuid.uuid4().hex[:16]
     ckpt = get_checkpoint(session, loop=loop)
@@ -70,7 +68,7 @@ def reset_checkpoint(
         model=model,
         arguments=arguments,
         position=seq,
-        examples=examples,
+        examples=0,
         now=now,
         reset=True,
     )
