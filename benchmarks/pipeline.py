@@ -190,7 +190,7 @@ def freshness(samples: int) -> list[tuple[str, str]]:
                 while not stop.is_set():
                     with engine.connect() as conn:
                         for model_id, learned in conn.execute(
-                            select(ModelCheckpoint.model_id, ModelCheckpoint.learned_seq)
+                            select(ModelCheckpoint.model_id, ModelCheckpoint.position)
                         ):
                             includes.setdefault(model_id, learned)
                     text = httpx.get(f"{base}/metrics", headers=headers).text

@@ -149,7 +149,7 @@ def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
             learner.checkpoint()
             with sessions() as session:
                 ckpt = session.get(ModelCheckpoint, "default")
-                if ckpt is not None and ckpt.learned_seq == 12:
+                if ckpt is not None and ckpt.position == 12:
                     break
             assert time.time() < deadline, "the learner did not get past the poison"
     finally:

@@ -191,7 +191,7 @@ def test_a_learner_whose_database_fails_after_a_poll_learns_every_row_once(
     with real_sessions() as session:
         ckpt = session.get(ModelCheckpoint, "default")
         assert ckpt is not None, "nothing was checkpointed"
-        assert (ckpt.learned_seq, ckpt.examples) == (30, 30)  # every row, once
+        assert (ckpt.position, ckpt.examples) == (30, 30)  # every row, once
     engine.dispose()
 
 
@@ -241,7 +241,7 @@ def test_the_embedded_worker_whose_database_fails_mid_learning_learns_every_row_
     def exported() -> bool:
         with h.dloop.sessions() as session:
             ckpt = session.get(ModelCheckpoint, "default")
-            return ckpt is not None and ckpt.learned_seq == 4
+            return ckpt is not None and ckpt.position == 4
 
     with running(worker):
         wait_for(exported, "the loop's model to be exported")
@@ -355,7 +355,7 @@ def test_learners_rebalancing_mid_stream_learn_every_row_once(
         def check() -> bool:
             with sessions() as session:
                 ckpts = [session.get(ModelCheckpoint, name) for name in loops]
-            return all(c is not None and c.learned_seq >= seq for c in ckpts)
+            return all(c is not None and c.position >= seq for c in ckpts)
 
         return check
 
@@ -386,7 +386,7 @@ def test_learners_rebalancing_mid_stream_learn_every_row_once(
     with sessions() as session:
         for name in loops:
             ckpt = session.get(ModelCheckpoint, name)
-            assert ckpt is not None and (ckpt.learned_seq, ckpt.examples) == (60, 60), name
+            assert ckpt is not None and (ckpt.position, ckpt.examples) == (60, 60), name
     engine.dispose()
 
 
@@ -451,7 +451,7 @@ def test_a_postgres_restart_mid_stream_loses_and_repeats_nothing(stack: Stack) -
         assert reward == (int(event_id[1:]) % 4) / 4, event_id
     # The learner checkpoints what it consumed each tick: its last stored offsets come with the
     # model that includes every joined row, each once.
-    wait_for(lambda: checkpoint(sessions).learned_seq == last_pos, "the last checkpoint")
+    wait_for(lambda: checkpoint(sessions).position == last_pos, "the last checkpoint")
     ckpt = checkpoint(sessions)
     assert ckpt.examples == n, f"{ckpt.examples} learned for {n} joined"
     engine.dispose()

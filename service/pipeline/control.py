@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from learners.sandbox import TrainerHost
+from service.pipeline import learning
 from service.pipeline.embedded import EmbeddedWorker
 from service.pipeline.runtime import LoopRuntime, Registry
 from service.storage import store
@@ -61,39 +61,29 @@ class LoopControl:
         # Kafka path: the model covers the loop's joined stream up to its newest position (the
         # learner learns what follows from there); a retrain trains it on those rows here.
         rt = self.registry.loops[name]
+        now = self.clock()
         with self.sessions.begin() as session:
             position = store.max_pos(session, loop=name)
-            examples = 0
-            if rt.kind == "rl":
-                # RL loops learn episodes from the database: the learner retrains them.
-                if retrain_since is not None and model is None:
-                    store.unlearn_episodes(session, loop=name, since=retrain_since)
-            elif retrain_since is not None and model is None:
-                rows = store.joined_by_pos(
-                    session, loop=name, after=0, until=position, since=retrain_since
-                )
-                model, examples = retrain(
-                    rt.arguments, [r.line for r in rows if store.trainable(r)]
-                )
             model_id, _ = store.reset_checkpoint(
-                session,
-                loop=name,
-                model=model,
-                arguments=rt.arguments,
-                now=self.clock(),
-                position=position,
-                examples=examples,
+                session, loop=name, model=model, arguments=rt.arguments, now=now, position=position
             )
+            if retrain_since is not None and model is None:
+                if rt.loop_kind.episodic:
+                    # RL loops learn episodes from the database: the learner retrains them.
+                    store.unlearn_episodes(session, loop=name, since=retrain_since)
+                else:
+                    rows = store.joined_by_pos(
+                        session, loop=name, after=0, until=position, since=retrain_since
+                    )
+                    lines = [r.line for r in rows if store.trainable(r)]
+                    retrained = learning.retrain(
+                        session,
+                        loop=name,
+                        kind=rt.loop_kind,
+                        arguments=rt.arguments,
+                        lines=lines,
+                        now=now,
+                    )
+                    if retrained is not None:
+                        model, model_id = retrained
         self.registry.publish(name, model, model_id)
-
-
-def retrain(arguments: str, lines: list[str]) -> tuple[bytes | None, int]:
-    """A model trained from scratch on `lines` in a sandbox (None if nothing was learned); lines
-    VW refuses are left out, and a crash fails the call without touching the server."""
-    host = TrainerHost()
-    try:
-        trainer = host.open("retrain", kind="cb", args=arguments)
-        trainer.learn_lines(lines)
-        return (trainer.to_bytes(), trainer.examples) if trainer.examples else (None, 0)
-    finally:
-        host.close()

@@ -2,8 +2,9 @@
 each loop's model and publishes it for ranking every modelExportFrequency.
 
 Crash safety: the log offset is committed with the rows it produced; a model checkpoint stores
-the trainer's bytes with the last joined seq they include, so a restart re-learns exactly the
-joined events after the checkpoint (nothing lost, nothing learned twice).
+the trainer's bytes with the last joined seq they include (its position, service.pipeline.
+learning), so a restart re-learns exactly the joined events after the checkpoint (nothing lost,
+nothing learned twice).
 
 Many loops: a pass visits only the loops with something to do (records just ingested, a reward
 window closing, joined rows to learn, a model to export), so idle loops cost nothing; a loop's
@@ -11,33 +12,30 @@ trainer lives in the learning process while the loop is busy and is dropped afte
 `idle_evict` seconds without work (its model is in its checkpoint).
 
 Poison: the trainers live in a sandbox child (learners.sandbox), so VW crashing on a record
-kills that child, not the server. A line VW refuses goes to the dead letters at once. A crash
-cannot say which line did it: the loop's learner is rebuilt from its checkpoint and the lines up
-to the end of the failed batch are learned one per call; the one that crashes again is
-dead-lettered (with the loop and seq, so it is never tried again) and learning moves on. A loop
-that fails for any other reason is reported (`failing`, shown on /readyz and /metrics) and
-skipped for that pass: one loop's failure never stops another's learning.
+kills that child, not the server; what a crash asks of the learners is service.pipeline.
+learning.Learners'. A loop that fails for any other reason is reported (`failing`, shown on
+/readyz and /metrics) and skipped for that pass: one loop's failure never stops another's
+learning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost, learn_in_turn
+from learners.sandbox import NativeCrash, TrainerHost
 from service.core import record
+from service.pipeline import learning
 from service.pipeline.background import is_transient, keep_running, lower_thread_priority
-from service.pipeline.episodes import EpisodeLearner, train_in_turn
 from service.pipeline.join import join_due
+from service.pipeline.learning import Learner, Learners
 from service.pipeline.runtime import LoopRuntime, Registry
 from service.storage import store
 from service.storage.log import LocalLog
@@ -47,18 +45,6 @@ log = logging.getLogger("dloop.worker")
 LOG_OFFSET = "local-log"
 RETENTION_EVERY = 600.0
 SOURCE = "learn"  # the embedded learner's dead letters (ref: the joined seq)
-
-
-@dataclass
-class LoopLearner:
-    trainer: RemoteTrainer
-    arguments: str
-    learned_seq: int  # the last joined seq the trainer has seen
-    saved_seq: int  # ... and the one its checkpoint says
-    exported_examples: int
-    exported_at: float
-    used_at: float
-    skip: set[int] = field(default_factory=set)  # dead-lettered seqs ahead
 
 
 @dataclass
@@ -97,10 +83,8 @@ class EmbeddedWorker:
         self.tick = tick
         self.batch_size = batch_size
         self.idle_evict = idle_evict
-        self.host = trainers or TrainerHost()
         self.max_dangling = max_dangling
-        self.learners: dict[str, LoopLearner] = {}
-        self.rl_learners: dict[str, EpisodeLearner] = {}
+        self.learning = Learners(sessions, source=SOURCE, trainers=trainers)
         self.rl_trained_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._lock = threading.RLock()
@@ -114,16 +98,25 @@ class EmbeddedWorker:
         self.due: dict[str, float] | None = None
         self.to_learn: set[str] = set()
         self.rl_due: set[str] = set()
-        # After a crash: learn one line per call up to this seq (one episode per call: RL).
-        self.careful: dict[str, int] = {}
-        self.rl_careful: set[str] = set()
         # Health, for /readyz and /metrics.
         self.failing: dict[str, LoopHealth] = {}
         self.passed_at = time.monotonic()  # the end of the last pass that completed
         self.started = False
         self.running = False
-        self.crashes = 0  # times the learning process died
-        self.dead_lettered = 0
+
+    @property
+    def learners(self) -> dict[str, Learner]:
+        """The bandit loops' learners, by loop."""
+        return self.learning.lines
+
+    @property
+    def crashes(self) -> int:
+        """Times the learning process died."""
+        return self.learning.crashes
+
+    @property
+    def dead_lettered(self) -> int:
+        return self.learning.dead_lettered
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -151,7 +144,7 @@ class EmbeddedWorker:
             self.run_once(final=True)
         finally:
             self.running = False
-            self.host.close()
+            self.learning.close()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -165,7 +158,7 @@ class EmbeddedWorker:
         `run_once`, or one whose thread did not stop in time)."""
         if self._lock.acquire(timeout=5):
             try:
-                self.host.close()
+                self.learning.close()
             finally:
                 self._lock.release()
 
@@ -208,58 +201,57 @@ class EmbeddedWorker:
         with self.sessions() as session:
             self.due = {name: -math.inf for name in store.loops_with_pending(session)}
             self.to_learn = store.loops_to_learn(session)
-        self.rl_due = {name for name, rt in self.registry.loops.items() if rt.kind == "rl"}
+        self.rl_due = {name for name, rt in self.registry.loops.items() if rt.loop_kind.episodic}
 
     def _active(self, now: float, final: bool) -> set[str]:
         assert self.due is not None
         names = {name for name, at in self.due.items() if at <= now}
         names |= self.to_learn | self.rl_due
-        for name, learner in self.learners.items():
+        for name, learner in self.learning.lines.items():
             rt = self.registry.get(name)
             export_every = rt.settings.export_every if rt is not None else 0.0
-            changed = (
-                learner.trainer.examples != learner.exported_examples
-                or learner.learned_seq != learner.saved_seq
-            )
-            if changed and (final or now - learner.exported_at >= export_every):
+            if learner.unsaved and (final or now - learner.exported_at >= export_every):
                 names.add(name)
         return names
 
     def _work(self, name: str, rt: LoopRuntime, now: float, final: bool) -> bool:
         assert self.due is not None
-        busy = False
-        if self.due.get(name, math.inf) <= now:
-            with self.sessions.begin() as session:
-                joined = join_due(
-                    session,
-                    loop=name,
-                    rules=rt.settings.rules,
-                    now=now,
-                    limit=self.batch_size,
-                    max_dangling=self.max_dangling,
-                )
-            if joined:
-                (self.rl_due if rt.kind == "rl" else self.to_learn).add(name)
-            if joined >= self.batch_size:
-                busy = True
-            else:
-                with self.sessions() as session:
-                    at = store.next_join_at(session, loop=name, wait=rt.settings.rules.wait)
-                if at is None:
-                    self.due.pop(name, None)
-                else:
-                    self.due[name] = at
-        if rt.kind == "rl":
+        busy = self._join(name, rt, now) if self.due.get(name, math.inf) <= now else False
+        if rt.loop_kind.episodic:
             due = final or now - self.rl_trained_at.get(name, 0.0) >= rt.settings.export_every
             if name in self.rl_due and due:
                 busy |= self._train_episodes(name, now)
             return busy
         if name in self.to_learn:
             busy |= self._learn(name, rt, now)
-        learner = self.learners.get(name)
+        learner = self.learning.lines.get(name)
         if learner is not None and (final or now - learner.exported_at >= rt.settings.export_every):
             self._export(name, learner, now)
         return busy
+
+    def _join(self, name: str, rt: LoopRuntime, now: float) -> bool:
+        """Join the loop's due decisions; True if more may be due right now."""
+        assert self.due is not None
+        with self.sessions.begin() as session:
+            joined = join_due(
+                session,
+                loop=name,
+                rules=rt.settings.rules,
+                now=now,
+                limit=self.batch_size,
+                max_dangling=self.max_dangling,
+            )
+        if joined:
+            (self.rl_due if rt.loop_kind.episodic else self.to_learn).add(name)
+        if joined >= self.batch_size:
+            return True
+        with self.sessions() as session:
+            at = store.next_join_at(session, loop=name, wait=rt.settings.rules.wait)
+        if at is None:
+            self.due.pop(name, None)
+        else:
+            self.due[name] = at
+        return False
 
     def _fail(self, name: str, exc: Exception) -> None:
         """The loop's work failed (not an outage): report it, back off, and forget what its
@@ -267,12 +259,11 @@ class EmbeddedWorker:
         and recording that they were learned)."""
         if isinstance(exc, NativeCrash):
             self._lost_trainers()
-        learner = self.learners.pop(name, None)
-        if learner is not None:
-            self._close(learner)
+        if name in self.learning.lines:
             self.to_learn.add(name)
-        if self.rl_learners.pop(name, None) is not None:
+        if name in self.learning.episodes:
             self.rl_due.add(name)
+        self.learning.drop(name)
         health = self.failing.get(name)
         message = f"{type(exc).__name__}: {exc}"[:500]
         now = self.clock()
@@ -288,13 +279,8 @@ class EmbeddedWorker:
         self.due.pop(name, None)
         self.to_learn.discard(name)
         self.rl_due.discard(name)
-        self.careful.pop(name, None)
-        self.rl_careful.discard(name)
         self.failing.pop(name, None)
-        self.rl_learners.pop(name, None)
-        learner = self.learners.pop(name, None)
-        if learner is not None:
-            self._close(learner)
+        self.learning.forget(name)
 
     def _recover(self) -> None:
         """After a pass failed on an outage: forget what was built in memory since the last
@@ -302,37 +288,25 @@ class EmbeddedWorker:
         (the pass may have failed between learning rows and recording that they were learned),
         and which loops have work is read again from the database."""
         with self._lock:
-            for learner in self.learners.values():
-                self._close(learner)
-            self.learners.clear()
-            self.rl_learners.clear()
+            self.learning.drop_all()
             self.due = None
 
     def _lost_trainers(self) -> None:
         """The learning process died: every trainer in it is gone. Each loop rebuilds from its
         checkpoint and learns again what followed."""
-        self.crashes += 1
-        self.to_learn |= set(self.learners)
-        self.rl_due |= set(self.rl_learners)
-        self.learners.clear()
-        self.rl_learners.clear()
+        self.to_learn |= set(self.learning.lines)
+        self.rl_due |= set(self.learning.episodes)
+        self.learning.lose_all()
 
     def _evict(self, now: float) -> None:
-        for name, learner in list(self.learners.items()):
+        for name, learner in list(self.learning.lines.items()):
             idle = (
                 name not in self.to_learn
-                and learner.trainer.examples == learner.exported_examples
-                and learner.learned_seq == learner.saved_seq
+                and not learner.unsaved
                 and now - learner.used_at >= self.idle_evict
             )
             if idle:
-                del self.learners[name]
-                self._close(learner)
-
-    @staticmethod
-    def _close(learner: LoopLearner) -> None:
-        with contextlib.suppress(NativeCrash):  # gone already
-            learner.trainer.close()
+                self.learning.drop(name)
 
     def _retention(self, now: float) -> None:
         """Drop logged events older than each loop's logRetentionDays (-1 keeps them)."""
@@ -361,7 +335,7 @@ class EmbeddedWorker:
         for name in result.loops:
             self.due[name] = -math.inf  # look at once (an early join, an orphan's decision)
             rt = self.registry.get(name)
-            if rt is not None and rt.kind == "rl":
+            if rt is not None and rt.loop_kind.episodic:
                 self.rl_due.add(name)
         self.offset = new_offset
         self.log.release(new_offset)
@@ -370,36 +344,22 @@ class EmbeddedWorker:
 
     # ---- learning ----------------------------------------------------------------------------
 
-    def _learner(self, name: str, rt: LoopRuntime) -> LoopLearner:
-        learner = self.learners.get(name)
+    def _learner(self, name: str, rt: LoopRuntime) -> Learner:
+        learner = self.learning.lines.get(name)
         if learner is not None and learner.arguments == rt.arguments and not learner.trainer.lost:
             learner.used_at = self.clock()
             return learner
-        if learner is not None:
-            self._close(learner)
         with self.sessions() as session:
-            ckpt = store.get_checkpoint(session, loop=name)
-            seq = ckpt.learned_seq if ckpt is not None else 0
-            skip = store.poisoned(session, source=SOURCE, loop=name, after=seq)
-        examples = 0
-        if ckpt is not None and ckpt.model is not None and ckpt.arguments == rt.arguments:
-            examples = ckpt.examples
-            trainer = self.host.open(
-                name, kind="cb", args=rt.arguments, model=ckpt.model, examples=examples
+            return self.learning.open(
+                session, name, kind=rt.loop_kind, arguments=rt.arguments, now=self.clock()
             )
-        else:
-            trainer = self.host.open(name, kind="cb", args=rt.arguments)
-        now = self.clock()
-        learner = LoopLearner(trainer, rt.arguments, seq, seq, examples, 0.0, now, skip)
-        self.learners[name] = learner
-        return learner
 
     def _learn(self, name: str, rt: LoopRuntime, now: float) -> bool:
         """Learn the loop's next joined rows; True if more may be waiting."""
         learner = self._learner(name, rt)
         with self.sessions() as session:
             rows = store.joined_after(
-                session, loop=name, seq=learner.learned_seq, limit=self.batch_size
+                session, loop=name, seq=learner.position, limit=self.batch_size
             )
         if not rows:
             self.to_learn.discard(name)
@@ -409,98 +369,48 @@ class EmbeddedWorker:
             for row in rows
             if store.trainable(row) and row.seq not in learner.skip
         ]
-        if not self._learn_items(name, learner, items, now):
+        if not self._learn_items(name, learner, items, until=rows[-1].seq, now=now):
             return True
-        learner.learned_seq = rows[-1].seq
-        if learner.learned_seq >= self.careful.get(name, 0):
-            self.careful.pop(name, None)
         more = len(rows) >= self.batch_size
         if not more:
             self.to_learn.discard(name)
         return more
 
     def _learn_items(
-        self, name: str, learner: LoopLearner, items: list[tuple[int, str]], now: float
+        self, name: str, learner: Learner, items: list[tuple[int, str]], *, until: int, now: float
     ) -> bool:
         """Learn (seq, line) items; False if the learning process died doing it (the loop
         then relearns from its checkpoint, carefully)."""
-        result = learn_in_turn(learner.trainer, items, self.careful.get(name, 0))
-        for seq, line, why in result.refused:
-            self._dead_letter(name, seq, line, why, now)
-        if not result.crashed:
+        if self.learning.learn(name, learner, items, until=until, now=now):
             return True
         self._lost_trainers()
-        if result.poison is not None:
-            self._dead_letter(name, *result.poison, now)
-        else:
-            log.error("the learning process died on a batch of %s; retrying line by line", name)
-            self.careful[name] = result.careful_until
         return False
 
-    def _dead_letter(self, name: str, seq: int, line: str, reason: str, now: float) -> None:
-        with self.sessions.begin() as session:
-            store.dead_letter(
-                session, source=SOURCE, loop=name, ref=seq, record=line, reason=reason, now=now
-            )
-        self.dead_lettered += 1
-        log.warning("loop %s: joined event %s moved to dead_letters (%s)", name, seq, reason)
-
     def _train_episodes(self, name: str, now: float) -> bool:
-        """RL loops: learn complete episodes and publish the model (learners.episodes)."""
+        """RL loops: learn complete episodes and publish the model (service.pipeline.episodes)."""
         self.rl_trained_at[name] = now
-        careful = name in self.rl_careful
-        trained = train_in_turn(
-            self.sessions,
-            loop=name,
-            learner=self.rl_learners.get(name),
-            now=now,
-            host=self.host,
-            careful=careful,
-        )
+        trained = self.learning.train_episodes(name, now=now)
         if trained.crashed:
             self._lost_trainers()
-            if careful:
-                self.dead_lettered += 1  # the episode it died on twice
-            self.rl_careful.add(name)
             self.rl_trained_at[name] = 0.0
             return True
         if trained.learner is None:
             return False
-        self.rl_learners[name] = trained.learner
         if trained.model is None:
             self.rl_due.discard(name)
-            self.rl_careful.discard(name)
             return False
         self.registry.publish(name, trained.model, trained.learner.model_id)
         self.rl_trained_at[name] = 0.0  # more may be waiting: look again at once
         return True
 
-    def _export(self, name: str, learner: LoopLearner, now: float) -> None:
+    def _export(self, name: str, learner: Learner, now: float) -> None:
         learner.exported_at = now
-        if learner.trainer.examples == learner.exported_examples:
-            if learner.learned_seq != learner.saved_seq:
-                with self.sessions.begin() as session:
-                    ckpt = store.get_checkpoint(session, loop=name)
-                    if ckpt is not None:
-                        ckpt.learned_seq = learner.learned_seq
-                learner.saved_seq = learner.learned_seq
+        if not learner.unsaved:
             return
-        model = learner.trainer.to_bytes()
-        model_id = uuid.uuid4().hex[:16]
         with self.sessions.begin() as session:
-            store.save_checkpoint(
-                session,
-                loop=name,
-                model_id=model_id,
-                model=model,
-                arguments=learner.arguments,
-                learned_seq=learner.learned_seq,
-                examples=learner.trainer.examples,
-                now=now,
-            )
-        learner.exported_examples = learner.trainer.examples
-        learner.saved_seq = learner.learned_seq
-        self.registry.publish(name, model, model_id)
+            model = learning.checkpoint(session, learner, loop=name, now=now)
+        if model is not None:
+            self.registry.publish(name, model, learner.model_id)
 
     # ---- commands from the API ---------------------------------------------------------------
 
@@ -517,35 +427,37 @@ class EmbeddedWorker:
         with self._lock:
             now = self.clock()
             rt = self.registry.loops[name]
+            retrain = retrain_since is not None and model is None
             with self.sessions.begin() as session:
                 model_id, seq = store.reset_checkpoint(
                     session, loop=name, model=model, arguments=rt.arguments, now=now
                 )
-                if rt.kind == "rl" and retrain_since is not None and model is None:
+                if rt.loop_kind.episodic and retrain:
                     store.unlearn_episodes(session, loop=name, since=retrain_since)
-            old = self.learners.pop(name, None)
-            if old is not None:
-                self._close(old)
-            self.careful.pop(name, None)
+            self.learning.drop(name)
+            self.learning.careful.pop(name, None)
             self.registry.publish(name, model, model_id)
-            if rt.kind == "rl":
-                self.rl_learners.pop(name, None)
+            if rt.loop_kind.episodic:
                 self.rl_trained_at.pop(name, None)  # retrain (if asked) on the next pass
                 self.rl_due.add(name)
                 return model_id
             if retrain_since is not None and model is None:
-                learner = self._learner(name, rt)
-                with self.sessions() as session:
-                    rows = store.joined_between(
-                        session, loop=name, since=retrain_since, until_seq=seq
-                    )
-                items = [
-                    (r.seq, r.line)
-                    for r in rows
-                    if store.trainable(r) and r.seq not in learner.skip
-                ]
-                self._learn_items(name, learner, items, now)  # after a crash: carefully, later
-                if learner.trainer.examples and not learner.trainer.lost:
-                    self._export(name, learner, now)
-                    model_id = self.registry.loops[name].model_id
+                retrained = self._retrain(name, rt, since=retrain_since, until=seq, now=now)
+                model_id = retrained or model_id
             return model_id
+
+    def _retrain(
+        self, name: str, rt: LoopRuntime, *, since: float, until: int, now: float
+    ) -> str | None:
+        """Train the blank model just reset on the joined events created since `since` (up to
+        seq `until`) and publish it; returns its id (None: nothing was learned)."""
+        learner = self._learner(name, rt)
+        with self.sessions() as session:
+            rows = store.joined_between(session, loop=name, since=since, until_seq=until)
+        items = [(r.seq, r.line) for r in rows if store.trainable(r) and r.seq not in learner.skip]
+        # After a crash: carefully, later.
+        self._learn_items(name, learner, items, until=learner.position, now=now)
+        if not learner.trainer.examples or learner.trainer.lost:
+            return None
+        self._export(name, learner, now)
+        return self.registry.loops[name].model_id

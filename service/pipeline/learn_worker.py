@@ -6,10 +6,12 @@ loops, at least 1 s) the learner writes, in one database transaction, the model 
 loop that learned something, with the stream position they include, and the partition offsets
 it has consumed; then it commits the offsets to Kafka. Whenever the assignment changes or a step
 fails on an outage, it drops every model it has not checkpointed, seeks to the stored offsets
-(service.consumer) and rebuilds each loop from its checkpoint, skipping positions the model
-already includes, so a crash, an outage or a rebalance neither loses nor double-learns an
-event (a rebalance costs at most a tick of learning again). Serving replicas pick a new model
-up from the database within about a second.
+(service.pipeline.consumer) and rebuilds each loop from its checkpoint (service.pipeline.
+learning: the embedded worker's learner, which continues a model only if it was trained with
+the loop's policy), skipping positions the model already includes, so a crash, an outage or a
+rebalance neither loses nor double-learns an event (a rebalance costs at most a tick of
+learning again). Serving replicas pick a new model up from the database within about a second.
+RL loops learn whole episodes from the database every tick instead (service.pipeline.episodes).
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.policy import with_exploration
-from learners.sandbox import RemoteTrainer, TrainerHost, learn_in_turn
+from learners.sandbox import TrainerHost
 from service.core.joined import read_joined
+from service.core.kinds import loop_kind
+from service.pipeline import learning
 from service.pipeline.background import is_transient, keep_running
 from service.pipeline.consumer import StoredOffsets, offset_name
-from service.pipeline.episodes import EpisodeLearner, train_in_turn
+from service.pipeline.learning import Learner, Learners
 from service.storage import store
 from service.storage.models import Loop, ModelCheckpoint
 
@@ -40,17 +42,11 @@ log = logging.getLogger("dloop.learn")
 SOURCE = "learn-stream"  # the stream learner's dead letters (ref: the joined-stream position)
 
 
-@dataclass
-class StreamLearner:
-    trainer: RemoteTrainer
-    arguments: str
-    pos: int
-    model_id: str
-    exported_examples: int
-    skip: set[int] = field(default_factory=set)  # dead-lettered positions ahead
-
-
 class LearnWorker:
+    """Learn the joined topic's bandit loops and the database's RL episodes. `run_once` does one
+    poll (and, every tick, `checkpoint` and `train_episodes`); `run` loops until
+    `request_stop`."""
+
     def __init__(
         self,
         *,
@@ -65,13 +61,7 @@ class LearnWorker:
         self.consumer = consumer
         self.clock = clock
         self.batch_size = batch_size
-        self.host = trainers or TrainerHost()
-        self.learners: dict[str, StreamLearner] = {}
-        self.rl_learners: dict[str, EpisodeLearner] = {}
-        self.rl_careful: set[str] = set()
-        # After the learning process died on a batch: learn one line per call up to this
-        # position, so the line that kills it again is found and dead-lettered.
-        self.careful: dict[str, int] = {}
+        self.learning = Learners(sessions, source=SOURCE, trainers=trainers)
         self.offsets: dict[Any, int] = {}
         self.checkpointed_at = 0.0
         self._tick_read_at = 0.0
@@ -83,6 +73,15 @@ class LearnWorker:
         self.source = StoredOffsets(
             consumer, sessions, kind="learn", topic=joined_topic, drop=self._drop
         )
+
+    @property
+    def learners(self) -> dict[str, Learner]:
+        """The bandit loops' learners, by loop."""
+        return self.learning.lines
+
+    @property
+    def host(self) -> TrainerHost:
+        return self.learning.host
 
     def run(self) -> None:
         """Until stopped; an outage rewinds and retries, a bug raises (service.background)."""
@@ -97,18 +96,37 @@ class LearnWorker:
             )
             if self.consistent:
                 self.checkpoint()
+                self.train_episodes()
         finally:
             self.consumer.close()
-            self.host.close()
+            self.learning.close()
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def run_once(self, poll_ms: int = 200) -> int:
+        """One poll learned; returns how many joined rows it held past the learners' positions."""
         batch = self.source.poll(timeout_ms=poll_ms, max_records=self.batch_size)
         self.consistent = False
+        work, count = self._read(batch)
+        now = self.clock()
+        for name, lines in work.items():
+            learner = self.learning.lines[name]
+            if not self.learning.learn(name, learner, lines, until=learner.position, now=now):
+                self.learning.lose_all()
+                self.source.rewind()  # poll() has moved past what was not yet saved
+                return count
+        self.consistent = True
+        if self.clock() - self.checkpointed_at >= self._tick():
+            self.checkpoint()
+            self.train_episodes()
+        return count
+
+    def _read(self, batch: dict[Any, list[Any]]) -> tuple[dict[str, list[tuple[int, str]]], int]:
+        """A poll's (position, line) items to learn by loop, past each learner's position
+        (which moves to the last row read), and how many rows it held past them."""
         count = 0
-        by_key: dict[bytes, StreamLearner | None] = {}
+        by_key: dict[bytes, Learner | None] = {}
         work: dict[str, list[tuple[int, str]]] = {}
         for tp, messages in batch.items():
             for message in messages:
@@ -120,57 +138,18 @@ class LearnWorker:
                     continue
                 lines = work.setdefault(key.decode(), [])
                 for pos, learn, line in read_joined(message.value):
-                    if pos > learner.pos:
+                    if pos > learner.position:
                         if learn and pos not in learner.skip:
                             lines.append((pos, line))
-                        learner.pos = pos
+                        learner.position = pos
                         count += 1
             self.offsets[tp] = messages[-1].offset + 1
-        for name, lines in work.items():
-            if not self._learn(name, lines):
-                self.source.rewind()  # poll() has moved past what was not yet saved
-                return count
-        self.consistent = True
-        if self.clock() - self.checkpointed_at >= self._tick():
-            self.checkpoint()
-        return count
-
-    def _learn(self, name: str, lines: list[tuple[int, str]]) -> bool:
-        """Learn a loop's lines of this poll (one per call where a crash happened before);
-        False if the learning process died (every learner then restarts from its checkpoint)."""
-        learner = self.learners[name]
-        result = learn_in_turn(learner.trainer, lines, self.careful.get(name, 0))
-        for pos, line, why in result.refused:
-            self._dead_letter(name, pos, line, why)
-        if result.crashed:
-            if result.poison is not None:
-                self._dead_letter(name, *result.poison)
-            else:
-                log.error("the learning process died on %s; retrying line by line", name)
-                self.careful[name] = result.careful_until
-            return False
-        if name in self.careful and learner.pos >= self.careful[name]:
-            del self.careful[name]
-        return True
-
-    def _dead_letter(self, name: str, pos: int, line: str, reason: str) -> None:
-        with self.sessions.begin() as session:
-            store.dead_letter(
-                session,
-                source=SOURCE,
-                loop=name,
-                ref=pos,
-                record=line,
-                reason=reason,
-                now=self.clock(),
-            )
-        log.warning("loop %s: joined position %s moved to dead_letters (%s)", name, pos, reason)
+        return work, count
 
     def _drop(self) -> None:
         """Forget everything not checkpointed: every learner rebuilds from its checkpoint, and
         the consumer goes back to the offsets stored with them (StoredOffsets.rewind)."""
-        self.learners.clear()
-        self.rl_learners.clear()
+        self.learning.drop_all()
         self.offsets.clear()
         self.consistent = True
 
@@ -189,58 +168,34 @@ class LearnWorker:
                 min((store.loop_settings(loop).export_every for loop in loops), default=1.0),
             )
 
-    def _learner(self, name: str) -> StreamLearner | None:
-        learner = self.learners.get(name)
+    def _learner(self, name: str) -> Learner | None:
+        learner = self.learning.lines.get(name)
         if learner is not None and not learner.trainer.lost:
             return learner
         with self.sessions() as session:
             loop = session.get(Loop, name)
             if loop is None:
                 return None  # deleted: its events are dropped
-            if loop.kind == "rl":
-                return None  # RL loops learn whole episodes from the database (train_rl)
+            kind = loop_kind(loop.kind)
+            if kind.episodic:
+                return None  # RL loops learn whole episodes from the database (train_episodes)
             settings = store.loop_settings(loop)
             arguments = with_exploration(loop.policy["arguments"], settings.exploration)
-            ckpt = store.get_checkpoint(session, loop=name)
-            pos = ckpt.learned_seq if ckpt is not None else 0
-            skip = store.poisoned(session, source=SOURCE, loop=name, after=pos)
-        model = ckpt.model if ckpt is not None else None
-        examples = ckpt.examples if ckpt is not None and model is not None else 0
-        trainer = self.host.open(name, kind="cb", args=arguments, model=model, examples=examples)
-        model_id = ckpt.model_id if ckpt is not None else "N/A"
-        learner = StreamLearner(trainer, arguments, pos, model_id, trainer.examples, skip)
-        self.learners[name] = learner
-        return learner
+            return self.learning.open(
+                session, name, kind=kind, arguments=arguments, now=self.clock()
+            )
 
     def checkpoint(self) -> None:
-        """Save changed models and consumed offsets in one transaction, then commit the offsets
-        to Kafka too (for monitoring: the offsets in the database are the ones resumed from)."""
+        """Save the models that learned something, every learner's position and the consumed
+        offsets in one transaction, then commit the offsets to Kafka too (for monitoring: the
+        offsets in the database are the ones resumed from)."""
         now = self.clock()
         self.checkpointed_at = now
         published: list[str] = []
         with self.sessions.begin() as session:
-            for name, learner in list(self.learners.items()):
-                ckpt = store.get_checkpoint(session, loop=name)
-                if ckpt is not None and ckpt.model_id != learner.model_id:
-                    # Reset, retrained or imported through the API: continue from that model.
-                    self._adopt(session, name, learner, ckpt)
-                if learner.trainer.examples == learner.exported_examples and ckpt is not None:
-                    ckpt.learned_seq = learner.pos
-                    continue
-                model_id = uuid.uuid4().hex[:16]
-                store.save_checkpoint(
-                    session,
-                    loop=name,
-                    model_id=model_id,
-                    model=learner.trainer.to_bytes(),
-                    arguments=learner.arguments,
-                    learned_seq=learner.pos,
-                    examples=learner.trainer.examples,
-                    now=now,
-                )
-                learner.model_id = model_id
-                learner.exported_examples = learner.trainer.examples
-                published.append(name)
+            for name, learner in list(self.learning.lines.items()):
+                if self._save(session, name, learner, now):
+                    published.append(name)
             for tp, offset in self.offsets.items():
                 store.set_offset(session, name=offset_name("learn", tp), offset=offset)
             if published:
@@ -251,55 +206,51 @@ class LearnWorker:
             )
         if published:
             log.info("published models for %s", ", ".join(published))
-        self.train_rl()
 
-    def train_rl(self) -> None:
-        """RL loops learn complete episodes from the database (learners.episodes); after the
-        learning process died on a loop's episodes, one episode at a time, and the one that
-        kills it again is dead-lettered."""
-        with self.sessions() as session:
-            names = [loop.name for loop in store.list_loops(session) if loop.kind == "rl"]
-        for name in names:
-            careful = name in self.rl_careful
-            trained = train_in_turn(
-                self.sessions,
-                loop=name,
-                learner=self.rl_learners.get(name),
-                now=self.clock(),
-                host=self.host,
-                careful=careful,
-            )
-            if trained.crashed:
-                self.learners.clear()
-                self.rl_learners.clear()
-                self.rl_careful.add(name)
-                continue
-            if trained.learner is None:
-                continue
-            self.rl_learners[name] = trained.learner
-            if trained.model is not None:
-                log.info("published an RL model for %s", name)
-            else:
-                self.rl_careful.discard(name)
+    def _save(self, session: Session, name: str, learner: Learner, now: float) -> bool:
+        """Checkpoint a loop's learner in the caller's transaction; True if a new model was
+        saved."""
+        ckpt = store.get_checkpoint(session, loop=name)
+        if ckpt is None:
+            # The position is stored with the offsets: a loop without a checkpoint gets one.
+            learning.save(session, learner, loop=name, now=now)
+            return True
+        if ckpt.model_id != learner.model_id:
+            # Reset, retrained or imported through the API: continue from that model.
+            learner = self._adopt(session, name, learner, ckpt)
+        return learning.checkpoint(session, learner, loop=name, now=now) is not None
 
     def _adopt(
-        self, session: Session, name: str, learner: StreamLearner, ckpt: ModelCheckpoint
-    ) -> None:
-        """Switch to a model the API wrote, which covers the stream up to its learned_seq:
-        learn the rows this learner had already consumed past that from the database, or
-        skip ahead to it."""
-        learner.arguments = ckpt.arguments
-        examples = ckpt.examples if ckpt.model is not None else 0
-        learner.trainer = self.host.open(
-            name, kind="cb", args=ckpt.arguments, model=ckpt.model, examples=examples
+        self, session: Session, name: str, learner: Learner, ckpt: ModelCheckpoint
+    ) -> Learner:
+        """Switch to a model the API wrote, which covers the stream up to its position: learn
+        the rows this learner had already consumed past that from the database, or skip ahead
+        to it."""
+        consumed = learner.position
+        # The arguments are the checkpoint's: the API trained the model with them.
+        adopted = self.learning.open(
+            session, name, kind=learner.kind, arguments=ckpt.arguments, now=self.clock()
         )
-        learner.model_id = ckpt.model_id
-        learner.exported_examples = learner.trainer.examples
-        if learner.pos <= ckpt.learned_seq:
-            learner.pos = ckpt.learned_seq
-            return
-        rows = store.joined_by_pos(session, loop=name, after=ckpt.learned_seq, until=learner.pos)
-        lines = [r.line for r in rows if store.trainable(r) and (r.pos or 0) not in learner.skip]
-        for _, reason in learner.trainer.learn_lines(lines):
+        if consumed <= adopted.position:
+            return adopted
+        rows = store.joined_by_pos(session, loop=name, after=adopted.position, until=consumed)
+        lines = [r.line for r in rows if store.trainable(r) and (r.pos or 0) not in adopted.skip]
+        for _, reason in adopted.trainer.learn_lines(lines):
             log.warning("loop %s: a joined row VW refused on adopting a model: %s", name, reason)
-        ckpt.learned_seq = learner.pos
+        adopted.position = consumed
+        return adopted
+
+    def train_episodes(self) -> None:
+        """RL loops learn complete episodes from the database (service.pipeline.episodes); after
+        the learning process died on a loop's episodes, one episode at a time, and the one that
+        kills it again is dead-lettered."""
+        with self.sessions() as session:
+            names = [
+                loop.name for loop in store.list_loops(session) if loop_kind(loop.kind).episodic
+            ]
+        for name in names:
+            trained = self.learning.train_episodes(name, now=self.clock())
+            if trained.crashed:
+                self.learning.lose_all()
+            elif trained.model is not None:
+                log.info("published an RL model for %s", name)

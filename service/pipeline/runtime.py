@@ -1,12 +1,15 @@
 """In-memory state of each loop that serving needs: settings, the served model, recent answers.
 
-The serving model is swapped whole (`publish`), never mutated, so a request that already holds
-a ranker finishes on it while the next request sees the new one.
+A loop's `LoopRuntime` is updated in place: `publish` points `served` at a new model and a
+configuration change replaces `config`, `policy` and `settings`. The served model itself is
+never changed: a `ModelRef` (an id and the file the model was written to) is immutable and
+replaced whole, and the previous model's file is kept (learners.sandbox.write_model). So a
+request reads `rt.served` once and ranks with that model and reports its id to the end, while
+the next request sees the new one.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -105,7 +108,6 @@ class Registry:
 
     def __init__(self, model_dir: Path) -> None:
         self.loops: dict[str, LoopRuntime] = {}
-        self.lock = threading.Lock()
         self.model_dir = model_dir
 
     def get(self, name: str) -> LoopRuntime | None:

@@ -131,7 +131,10 @@ class Joined(Base):
 
 
 class ModelCheckpoint(Base):
-    """A loop's current model: trainer bytes plus the joined seq they include."""
+    """A loop's current model: the trainer's bytes, the VW arguments they were trained with, and
+    `position`, how far into the loop's joined stream they have learned (the joined rows' `seq`
+    in embedded mode, their `pos` in the joined topic on the Kafka path; either counts the
+    loop's joined rows in the order they are learned)."""
 
     __tablename__ = "models"
     loop: Mapped[str] = mapped_column(
@@ -140,7 +143,9 @@ class ModelCheckpoint(Base):
     model_id: Mapped[str] = mapped_column(String(64))
     model: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     arguments: Mapped[str] = mapped_column(String(1024))
-    learned_seq: Mapped[int] = mapped_column(BigInteger)
+    # The column keeps its first name (no migration for a rename); it holds a position in both
+    # modes.
+    position: Mapped[int] = mapped_column("learned_seq", BigInteger)
     examples: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
     modified_at: Mapped[float] = mapped_column(Float)

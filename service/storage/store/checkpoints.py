@@ -6,9 +6,7 @@ import uuid
 
 from sqlalchemy.orm import Session
 
-from service.storage.models import (
-    ModelCheckpoint,
-)
+from service.storage.models import ModelCheckpoint
 from service.storage.store.joined import max_seq
 
 
@@ -23,7 +21,7 @@ def save_checkpoint(
     model_id: str,
     model: bytes | None,
     arguments: str,
-    learned_seq: int,
+    position: int,
     examples: int,
     now: float,
     reset: bool = False,
@@ -37,7 +35,7 @@ def save_checkpoint(
     row.model_id = model_id
     row.model = model
     row.arguments = arguments
-    row.learned_seq = learned_seq
+    row.position = position
     row.examples = examples
     row.modified_at = now
 
@@ -50,27 +48,27 @@ def reset_checkpoint(
     arguments: str,
     now: float,
     position: int | None = None,
-    examples: int = 0,
 ) -> tuple[str, int]:
-    """Replace a loop's model from the next event on; returns (model id, position it covers).
+    """Replace a loop's model (None: blank) from the next event on; returns (model id, position
+    it covers).
 
-    Learners notice the new model id and rebuild from it. The embedded learner's position is a
-    joined seq (moved to the newest); the Kafka path passes a stream `position` instead."""
+    Learners notice the new model id and rebuild from it. Embedded, the position is the loop's
+    newest joined seq; the Kafka path passes its newest stream `position` instead."""
     # A fresh id even for a blank model, so every learner notices the reset.
     model_id = uuid.uuid4().hex[:16]
     ckpt = get_checkpoint(session, loop=loop)
     if position is not None:
         seq = position
     else:
-        seq = max(max_seq(session, loop=loop), ckpt.learned_seq if ckpt else 0)
+        seq = max(max_seq(session, loop=loop), ckpt.position if ckpt else 0)
     save_checkpoint(
         session,
         loop=loop,
         model_id=model_id,
         model=model,
         arguments=arguments,
-        learned_seq=seq,
-        examples=examples,
+        position=seq,
+        examples=0,
         now=now,
         reset=True,
     )

@@ -158,5 +158,5 @@ def loops_with_pending(session: Session) -> set[str]:
 def loops_to_learn(session: Session) -> set[str]:
     """Loops with joined rows their model does not include yet (the worker's start-up view)."""
     newest = select(Joined.loop, func.max(Joined.seq)).group_by(Joined.loop)
-    learned = dict(session.execute(select(ModelCheckpoint.loop, ModelCheckpoint.learned_seq)).all())
+    learned = dict(session.execute(select(ModelCheckpoint.loop, ModelCheckpoint.position)).all())
     return {loop for loop, seq in session.execute(newest).all() if seq > learned.get(loop, 0)}

@@ -144,7 +144,7 @@ def loop_counts(session: Session) -> dict[str, dict[str, int]]:
     ):
         put(name[len(prefix) :], "observations_dropped", n)
     position = func.coalesce(Joined.pos, Joined.seq)
-    learned = func.coalesce(ModelCheckpoint.learned_seq, 0)
+    learned = func.coalesce(ModelCheckpoint.position, 0)
     for loop, n in session.execute(
         select(Joined.loop, func.count())
         .outerjoin(ModelCheckpoint, ModelCheckpoint.loop == Joined.loop)
