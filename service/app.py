@@ -23,7 +23,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from learners.sandbox import InlineRankers, RankerPool
 from service.api import errors, openapi
-from service.api.context import Dloop
 from service.api.guard import (
     BodyTimeout,
     BodyTooLarge,
@@ -46,6 +45,7 @@ from service.api.routes import (
     model,
     multislot,
 )
+from service.api.state import Dloop
 from service.core.files import private_dir
 from service.core.settings import Settings, load_settings
 from service.pipeline.background import configure_logging

@@ -24,8 +24,9 @@ from learners.features import FeatureError, FeatureLimits, clean_features, conte
 from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
 from learners.sandbox import NO_MODEL, SandboxBusy, SandboxError, SandboxTimeout
-from service.api.context import Dloop, loop_for
+from service.api.deps import loop_for
 from service.api.errors import ApiError, bad_request
+from service.api.state import Dloop
 from service.core import record
 from service.pipeline.runtime import Answered, LoopRuntime
 from service.storage import store

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from learners.ccb import ccb_context
 from learners.features import FeatureError, FeatureLimits, clean_features
 from learners.sandbox import NO_MODEL, SandboxError
-from service.api.context import Dloop, loop_for
+from service.api.deps import loop_for
 from service.api.errors import bad_request
 from service.api.routes.events import (
     _check_event_id,
@@ -36,6 +36,7 @@ from service.api.routes.events import (
     retried,
     sandbox_error,
 )
+from service.api.state import Dloop
 from service.core import record
 from service.pipeline.runtime import LoopRuntime
 
