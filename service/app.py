@@ -47,6 +47,7 @@ from service.api.routes import (
 )
 from service.api.state import Dloop
 from service.core.files import private_dir
+from service.core.kinds import CB
 from service.core.settings import Settings, load_settings
 from service.pipeline.background import configure_logging
 from service.pipeline.embedded import EmbeddedWorker
@@ -291,7 +292,7 @@ def create_app(
             store.ensure_loop(
                 session,
                 name=store.DEFAULT_LOOP,
-                kind="cb",
+                kind=CB.name,
                 now=clock(),
                 policy=settings.default_policy,
             )

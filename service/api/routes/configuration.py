@@ -45,7 +45,7 @@ def update_service_configuration(
         new = parse_config(payload)
     except ValueError as exc:
         raise bad_request("InvalidServiceConfiguration", str(exc)) from None
-    if rt.kind == "ccb" and new.is_auto_optimization_enabled:
+    if rt.loop_kind.multi_slot and new.is_auto_optimization_enabled:
         raise ApiError(
             403,
             "ProblemTypeIncompatibleWithAutoOptimization",

@@ -158,7 +158,7 @@ def _create(d: Dloop, rt: LoopRuntime, evaluation_id: str, payload: Any) -> Eval
         except PolicyError as exc:
             raise bad_request("InvalidPolicyConfiguration", f"{p['name']}: {exc}") from None
         custom.append({"name": p["name"], "arguments": p["arguments"]})
-    if rt.kind == "rl" and (custom or payload.get("enablePolicyOptimization")):
+    if rt.loop_kind.episodic and (custom or payload.get("enablePolicyOptimization")):
         raise bad_request(
             "InvalidEvaluationContract",
             "RL loops evaluate the online policy, its current model, baseline and random",

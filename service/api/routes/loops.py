@@ -15,13 +15,13 @@ from starlette.responses import JSONResponse, Response
 from learners.dsjson import timestamp
 from service.api.deps import AdminState
 from service.api.errors import ApiError, bad_request
+from service.core.kinds import CB, KINDS
 from service.storage import store
 from service.storage.models import Loop
 
 router = APIRouter()
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-KINDS = {"cb", "ccb", "rl"}
 
 
 def _loop_doc(loop: Loop) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def list_loops(d: AdminState) -> dict[str, Any]:
 def create_loop(d: AdminState, name: str, payload: Annotated[Any, Body()] = None) -> Response:
     if not NAME.match(name):
         raise bad_request("InvalidRequest", "loop names are 1-64 letters, digits, '_', '.', '-'")
-    kind = payload.get("kind", "cb") if isinstance(payload, dict) else None
+    kind = payload.get("kind", CB.name) if isinstance(payload, dict) else None
     if not isinstance(kind, str) or kind not in KINDS:
         raise bad_request("InvalidRequest", f"kind must be one of {sorted(KINDS)}")
     with d.sessions.begin() as session:

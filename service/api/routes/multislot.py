@@ -45,7 +45,7 @@ router = APIRouter()
 
 def _multislot_loop(request: Request) -> tuple[Dloop, LoopRuntime]:
     d, rt = loop_for(request, admin=False)
-    if rt.kind != "ccb":
+    if not rt.loop_kind.multi_slot:
         raise bad_request(
             "InvalidMultiSlotApiAccess",
             f"loop '{rt.name}' is single-slot; multi-slot needs a loop of kind ccb",
@@ -125,7 +125,7 @@ async def rank_multi_slot(request: Request) -> Response:
     model_id = model.model_id
     try:
         if mode == "LoggingOnly":
-            await d.rankers.predict(rt.name, "ccb", NO_MODEL, orjson.dumps(c))  # parse only
+            await d.rankers.predict(rt.name, rt.kind, NO_MODEL, orjson.dumps(c))  # parse only
             decided = [(b, [b], [1.0]) for b in baselines]
         else:
             decided = await d.rankers.rank_slots(
