@@ -32,7 +32,7 @@ from service.api.guard import (
     limited_receive,
     scope_key,
 )
-from service.api.headers import NoSniff
+from service.api.middleware import CountErrors, NoSniff
 from service.api.routes import (
     configuration,
     docs,
@@ -389,5 +389,7 @@ def create_app(
     if settings.docs:
         docs.install(app)
     app.add_middleware(PathStyles, settings=settings)
-    app.add_middleware(NoSniff)  # added last: outermost, so it wraps PathStyles' answers too
+    # Added last: outermost, so they see PathStyles' answers too.
+    app.add_middleware(CountErrors)
+    app.add_middleware(NoSniff)
     return app
