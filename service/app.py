@@ -71,7 +71,7 @@ _HOT_HANDLERS = {"rank": events.rank, "reward": events.reward, "activate": event
 
 class PathStyles:
     """Rewrite every supported path style to one route table, remembering the loop; guard every
-    request (service.guard: a valid key before any body is read, the key's rate limit, a body
+    request (service.api.guard: a valid key before any body is read, the key's rate limit, a body
     counted as it arrives); answer rank, reward and activate directly.
 
     The hot path skips the framework's middleware and routing layers (about 40 us of a rank's

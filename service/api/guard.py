@@ -3,7 +3,7 @@ read), its key's rate limit, and a body counted as it arrives (size cap and dead
 
 These run in the outermost dloop middleware (service.app.PathStyles), so the framework's own
 body parsing (FastAPI reads `Body()` parameters before the handler could check a key) and the
-hot path are covered alike. Roles and loops are still checked by each route (service.auth).
+hot path are covered alike. Roles and loops are still checked by each route (service.api.deps).
 """
 
 from __future__ import annotations

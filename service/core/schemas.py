@@ -1,7 +1,7 @@
 """Wire models for the configuration endpoints, and the loop settings derived from them.
 
-Rank, reward and activate bodies are validated by hand in routes/events.py: they are on the hot
-path and each failure needs its own Personalizer error code.
+Rank, reward and activate bodies are validated by hand in service.api.routes.events: they are on
+the hot path and each failure needs its own Personalizer error code.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Rank, reward and activate: the hot path. No database access and no waiting on the log.
+"""Rank, reward and activate: the hot path, with no database access and no waiting on the log.
+Also the end of an RL episode, and an event as logged (read from the database).
 
 Bodies are parsed and validated by hand (orjson) so each failure gets Personalizer's error code
-and the common case costs as little as possible. For the same reason these three are plain
-Starlette routes: FastAPI's dependency solving would add about a fifth to each call (measured
-in-process, 118 -> 92 us per rank). The README documents them; /docs lists the admin API.
+and the common case costs as little as possible. For the same reason these are plain Starlette
+routes: FastAPI's dependency solving would add about a fifth to each call (measured in-process,
+118 -> 92 us per rank). They call service.api.deps.loop_for, the function the FastAPI routes'
+AdminLoop is built on; service.api.openapi documents them in /openapi.json and /docs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _rank_error(message: str) -> ApiError:
 
 
 async def _json_body(request: Request, code: str, *, required: bool = True) -> Any:
-    body = await request.body()  # at most max_body_bytes: service.guard counts them
+    body = await request.body()  # at most max_body_bytes: service.api.guard counts them
     if not body.strip():
         if required:
             raise bad_request(code, "request body is required")
