@@ -30,7 +30,7 @@ def dloop(request: Request) -> Dloop:
 
 
 def loop_name(request: Request) -> str:
-    """The loop a Personalizer path names (service.app.PathStyles put it in the scope)."""
+    """The loop a Personalizer path names (service.api.paths.PathStyles put it in the scope)."""
     return str(request.scope.get("dloop.loop", store.DEFAULT_LOOP))
 
 

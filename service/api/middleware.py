@@ -1,7 +1,7 @@
 """What every answer gets, whichever layer gave it: the nosniff header, and a count of errors.
 
 Both are pure ASGI and outside every other middleware, so the hot path that PathStyles answers
-itself (service.app) is covered too. The framework's own 500 handler answers outside them all:
+itself (service.api.paths) is covered too. The framework's own 500 handler answers outside them all:
 error bodies carry nosniff themselves (service.api.errors), and CountErrors counts the
 exception that reaches it unanswered as the 500 it becomes.
 """
