@@ -1,1 +1,2 @@
-"""Learning side of dloop: Vowpal Wabbit learners and the workers that feed them."""
+"""Learning side of dloop: pure learning on Vowpal Wabbit, with no database, broker or HTTP
+(service.pipeline feeds it). Nothing here imports service/."""

@@ -23,7 +23,8 @@ class LoggedEpisode:
 
 
 def read_episodes(episodes: Iterable[list[str]]) -> list[LoggedEpisode]:
-    """Episodes as lists of their joined lines in step order (learners.episodes)."""
+    """Episodes as lists of their joined lines in step order (as service.pipeline.episodes
+    reads them from the database)."""
     out = []
     for lines in episodes:
         steps = read(lines)

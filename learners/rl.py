@@ -45,7 +45,8 @@ from learners import vw
 
 DEFAULT_RL_POLICY = "--cb_adf --cb_type mtr -q :: --power_t 0 -l 0.5"
 # One-hot states in a `state` namespace, actions' features in an `action` namespace (the layout
-# of dloop.client.discrete_state / learners.envs): only their cross, plain SGD, a true table.
+# of learners.sim.envs.observation_features and action_list): only their cross, plain SGD, a
+# true table.
 TABULAR_RL_POLICY = (
     "--cb_adf --cb_type mtr -q sa --ignore_linear s --ignore_linear a --ignore_linear i"
     " --noconstant --power_t 0 --sgd -l 0.5"

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from service.api.context import Dloop
+from service.api.state import Dloop
 from service.app import create_app
 from service.core.settings import Settings, load_settings
 from service.storage.migrate import upgrade

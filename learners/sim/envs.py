@@ -5,8 +5,8 @@
   it does matters; at the end a door opens, paying 1, only for an agent holding the key. A
   contextual bandit maximises the next reward, so it takes the coin (return 0.1); a learner of
   discounted return takes the key (return 1). The observation is (step, holding the key).
-- `dloop/ContextualBandit-v0`: one-step episodes over `learners.worlds.CBWorld` (categorical user
-  traits, Bernoulli clicks), so `dloop simulate` can drive cb loops too.
+- `dloop/ContextualBandit-v0`: one-step episodes over `learners.sim.worlds.CBWorld`
+  (categorical user traits, Bernoulli clicks), so `dloop simulate` can drive cb loops too.
 
 `observation_features` turns any discrete or box observation into Personalizer context features,
 and `action_list` a discrete action space into actions, in the layout the tabular RL policy

@@ -57,7 +57,7 @@ _HTTP_CODES = {
 
 
 def http_error_response(exc: HTTPException) -> Response:
-    """The Personalizer body for the framework's (and service.guard's) HTTP errors."""
+    """The Personalizer body for the framework's (and service.api.guard's) HTTP errors."""
     code = _HTTP_CODES.get(exc.status_code, "BadRequest")
     return error_response(exc.status_code, code, str(exc.detail))
 

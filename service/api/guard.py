@@ -1,9 +1,10 @@
 """What every request passes before any handler runs: a valid key (before a byte of its body is
 read), its key's rate limit, and a body counted as it arrives (size cap and deadline).
 
-These run in the outermost dloop middleware (service.app.PathStyles), so the framework's own
-body parsing (FastAPI reads `Body()` parameters before the handler could check a key) and the
-hot path are covered alike. Roles and loops are still checked by each route (service.auth).
+These run in the path-style middleware (service.api.paths.PathStyles), before the framework's
+routing, so its body parsing (FastAPI reads `Body()` parameters before the handler could check a
+key) and the hot path are covered alike. Roles and loops are still checked by each route
+(service.api.deps).
 """
 
 from __future__ import annotations

@@ -11,19 +11,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from learners.cb import DEFAULT_POLICY, PERSONALIZER_POLICY
+from learners.ccb import DEFAULT_CCB_POLICY, PERSONALIZER_CCB_POLICY
+from learners.rl import DEFAULT_RL_POLICY
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    arguments: str
+
+    def doc(self) -> dict[str, str]:
+        """The policy as stored and answered (Personalizer's PolicyContract)."""
+        return {"name": self.name, "arguments": self.arguments}
+
 
 @dataclass(frozen=True, slots=True)
 class LoopKind:
     name: str
+    policy: Policy  # dloop's default: a new loop's policy and what a reset returns to
+    personalizer_policy: Policy | None = None  # Personalizer's exact default (it had no RL)
     multi_slot: bool = False  # ranked through /multislot/rank, rewarded per slot
     episodic: bool = False  # decisions are steps of episodes, learned a whole episode at a time
     auto_optimize: bool = False  # the policy search of auto-optimisation applies to it
     explores_in_vw: bool = True  # False: VW scores, the server explores (learners.rl)
 
 
-CB = LoopKind("cb", auto_optimize=True)
-CCB = LoopKind("ccb", multi_slot=True)
-RL = LoopKind("rl", episodic=True, explores_in_vw=False)
+CB = LoopKind(
+    "cb",
+    Policy("dloop-default", DEFAULT_POLICY),
+    Policy("personalizer-default", PERSONALIZER_POLICY),
+    auto_optimize=True,
+)
+CCB = LoopKind(
+    "ccb",
+    Policy("dloop-ccb", DEFAULT_CCB_POLICY),
+    Policy("personalizer-ccb-default", PERSONALIZER_CCB_POLICY),
+    multi_slot=True,
+)
+RL = LoopKind("rl", Policy("dloop-rl", DEFAULT_RL_POLICY), episodic=True, explores_in_vw=False)
 
 KINDS: dict[str, LoopKind] = {k.name: k for k in (CB, CCB, RL)}
 

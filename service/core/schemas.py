@@ -1,7 +1,7 @@
 """Wire models for the configuration endpoints, and the loop settings derived from them.
 
-Rank, reward and activate bodies are validated by hand in routes/events.py: they are on the hot
-path and each failure needs its own Personalizer error code.
+Rank, reward and activate bodies are validated by hand in service.api.routes.events: they are on
+the hot path and each failure needs its own Personalizer error code.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from learners.cb import DEFAULT_POLICY, PERSONALIZER_POLICY
-from learners.ccb import DEFAULT_CCB_POLICY, PERSONALIZER_CCB_POLICY
 from learners.joiner import AGGREGATIONS, JoinRules
-from learners.rl import DEFAULT_RL_POLICY
+from service.core.kinds import loop_kind
 
 MIN_WAIT = timedelta(seconds=1)
 MAX_WAIT = timedelta(days=30)
@@ -174,21 +172,14 @@ def default_config(now: float) -> dict[str, Any]:
     ).stored()
 
 
-def default_policy(kind: str = "cb", style: str = "dloop-default") -> dict[str, str]:
+def default_policy(kind: str, style: str = "dloop-default") -> dict[str, str]:
     """The policy a new loop of `kind` starts with and a reset returns to. `style` is the
     deployment's choice (Settings.default_policy): dloop's defaults, or Personalizer's exact
-    arguments for single- and multi-slot loops (Personalizer had no RL loops: those keep
+    arguments for the kinds Personalizer had (single- and multi-slot loops; RL loops keep
     dloop's)."""
-    personalizer = style == "personalizer-default"
-    if kind == "rl":
-        return {"name": "dloop-rl", "arguments": DEFAULT_RL_POLICY}
-    if kind == "ccb":
-        if personalizer:
-            return {"name": "personalizer-ccb-default", "arguments": PERSONALIZER_CCB_POLICY}
-        return {"name": "dloop-ccb", "arguments": DEFAULT_CCB_POLICY}
-    if personalizer:
-        return {"name": "personalizer-default", "arguments": PERSONALIZER_POLICY}
-    return {"name": "dloop-default", "arguments": DEFAULT_POLICY}
+    k = loop_kind(kind)
+    personalizer = k.personalizer_policy if style == "personalizer-default" else None
+    return (personalizer or k.policy).doc()
 
 
 def parse_config(doc: dict[str, Any]) -> ServiceConfiguration:

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     docs: bool = True
     max_actions: int = 50
     # The policy a new loop starts with and DELETE .../configurations/policy returns to:
-    # dloop's (SquareCB) or Personalizer's exact default arguments (service.schemas).
+    # dloop's (SquareCB) or Personalizer's exact default arguments (service.core.kinds).
     default_policy: Literal["dloop-default", "personalizer-default"] = "dloop-default"
     # Bytes of rank responses remembered (all loops together) to answer retries of an eventId.
     dedup_cache_bytes: int = 64 << 20

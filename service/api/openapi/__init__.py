@@ -96,7 +96,7 @@ def _path_param(name: str) -> dict[str, Any]:
 
 def _complete(op: dict[str, Any], spec: Op | None) -> None:
     responses: dict[str, Any] = op.setdefault("responses", {})
-    responses.pop("422", None)  # validation errors are 400 here (service.errors)
+    responses.pop("422", None)  # validation errors are 400 here (service.api.errors)
     if spec is None:
         errors = DEFAULT_ERRORS
         if not any(status.startswith("2") for status in responses):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from learners.joiner import AGGREGATIONS
+from service.core.kinds import CB, KINDS
 from service.core.schemas import PolicyContract, ServiceConfiguration
 
 DESCRIPTION = """\
@@ -90,9 +91,7 @@ JOB = {
 }
 JOB_REQUIRED = ("id", "name", "startTime", "endTime", "creationTime", "status")
 WINDOW = {"name": ID, "startTime": TIME, "endTime": TIME}
-LOOP = _obj(
-    ("name", "kind", "createdTime"), name=STR, kind={"enum": ["cb", "ccb", "rl"]}, createdTime=TIME
-)
+LOOP = _obj(("name", "kind", "createdTime"), name=STR, kind={"enum": list(KINDS)}, createdTime=TIME)
 NULLABLE_STR = {"type": ["string", "null"]}
 KEY = {
     "id": {"type": "integer"},
@@ -235,7 +234,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         ("creationTime", "lastModifiedTime"), creationTime=TIME, lastModifiedTime=TIME
     ),
     "Model": {"type": "string", "format": "binary"},
-    "LoopContract": _obj(kind={"enum": ["cb", "ccb", "rl"], "default": "cb"}),
+    "LoopContract": _obj(kind={"enum": list(KINDS), "default": CB.name}),
     "Loop": LOOP,
     "LoopList": _list_of(LOOP),
     "KeyContract": _obj(

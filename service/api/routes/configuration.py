@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body
 from pydantic import ValidationError
 
 from learners.policy import PolicyError, algorithm
 from learners.sandbox import check_policy
-from service.api.context import Dloop, loop_for
+from service.api.deps import AdminLoop, State
 from service.api.errors import ApiError, bad_request
+from service.api.state import Dloop
 from service.core.schemas import PolicyContract, default_policy, parse_config, validation_message
 from service.pipeline.runtime import LoopRuntime
 from service.storage import store
@@ -30,21 +31,21 @@ def _with_metrics(d: Dloop, rt: LoopRuntime) -> dict[str, Any]:
 
 
 @router.get("/personalizer/configurations/service")
-def get_service_configuration(request: Request) -> dict[str, Any]:
-    d, rt = loop_for(request, admin=True)
+def get_service_configuration(d: State, rt: AdminLoop) -> dict[str, Any]:
     return _with_metrics(d, rt)
 
 
 @router.put("/personalizer/configurations/service")
-def update_service_configuration(request: Request, payload: Payload = None) -> dict[str, Any]:
-    d, rt = loop_for(request, admin=True)
+def update_service_configuration(
+    d: State, rt: AdminLoop, payload: Payload = None
+) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise bad_request("InvalidServiceConfiguration", "body must be a ServiceConfiguration")
     try:
         new = parse_config(payload)
     except ValueError as exc:
         raise bad_request("InvalidServiceConfiguration", str(exc)) from None
-    if rt.kind == "ccb" and new.is_auto_optimization_enabled:
+    if rt.loop_kind.multi_slot and new.is_auto_optimization_enabled:
         raise ApiError(
             403,
             "ProblemTypeIncompatibleWithAutoOptimization",
@@ -67,14 +68,12 @@ def update_service_configuration(request: Request, payload: Payload = None) -> d
 
 
 @router.get("/personalizer/configurations/policy")
-def get_policy(request: Request) -> dict[str, str]:
-    _, rt = loop_for(request, admin=True)
+def get_policy(rt: AdminLoop) -> dict[str, str]:
     return rt.policy
 
 
 @router.put("/personalizer/configurations/policy")
-def update_policy(request: Request, payload: Payload = None) -> dict[str, str]:
-    d, rt = loop_for(request, admin=True)
+def update_policy(d: State, rt: AdminLoop, payload: Payload = None) -> dict[str, str]:
     try:
         policy = PolicyContract.model_validate(payload)
     except ValidationError as exc:
@@ -89,7 +88,6 @@ def update_policy(request: Request, payload: Payload = None) -> dict[str, str]:
 
 
 @router.delete("/personalizer/configurations/policy")
-def reset_policy(request: Request) -> dict[str, str]:
-    d, rt = loop_for(request, admin=True)
+def reset_policy(d: State, rt: AdminLoop) -> dict[str, str]:
     d.control.save(rt, config=rt.config, policy=default_policy(rt.kind, d.settings.default_policy))
     return rt.policy

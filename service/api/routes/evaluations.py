@@ -1,9 +1,10 @@
 """Offline evaluations (Personalizer's /evaluations), applyFromEvaluation, feature importance.
 
-PUT creates a job (v1.0: POST /evaluations); it runs in the background (service.evaluations)
-and GET shows its status, progress (dloop: `progress` from 0 to 1) and, once Succeeded, the
-result: per policy (Online, Baseline, Random, Custom, OfflineExperimentation) the doubly robust
-estimate of its average reward with a 95% confidence interval, and a time series.
+PUT creates a job (v1.0: POST /evaluations); it runs in the background
+(service.pipeline.evaluations) and GET shows its status, progress (dloop: `progress` from 0 to
+1) and, once Succeeded, the result: per policy (Online, Baseline, Random, Custom,
+OfflineExperimentation) the doubly robust estimate of its average reward with a 95% confidence
+interval, and a time series.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from starlette.responses import JSONResponse, Response
 from learners.dsjson import parse_time, timestamp
 from learners.policy import PolicyError, algorithm
 from learners.sandbox import check_policy
-from service.api.context import Dloop, loop_for
+from service.api.deps import AdminLoop, State
 from service.api.errors import ApiError, bad_request
+from service.api.state import Dloop
+from service.pipeline.runtime import LoopRuntime
 from service.storage import store
 from service.storage.models import Evaluation, FeatureImportance, OfflineJob
 
@@ -71,15 +74,14 @@ def _new_job(d: Dloop, table: type[Job], job: Job, *, exists: str) -> Job:
     return job
 
 
-def _find(request: Request, table: type[Job], job_id: str, *, missing: str) -> tuple[Dloop, Job]:
-    d, rt = loop_for(request, admin=True)
+def _find(d: Dloop, rt: LoopRuntime, table: type[Job], job_id: str, *, missing: str) -> Job:
     job = None
     if _is_id(job_id):  # no other id can have been stored
         with d.sessions() as session:
             job = session.get(table, (rt.name, job_id))
     if job is None:
         raise ApiError(404, missing, f"'{job_id}' not found")
-    return d, job
+    return job
 
 
 def _delete(d: Dloop, job: OfflineJob) -> Response:
@@ -90,8 +92,8 @@ def _delete(d: Dloop, job: OfflineJob) -> Response:
     return Response(status_code=204)
 
 
-def _job_doc(job: OfflineJob, *, details: bool, **extra: Any) -> dict[str, Any]:
-    """The fields every job document has; the list view (`details`) stops at the status."""
+def _job_doc(job: OfflineJob, *, summary: bool, **extra: Any) -> dict[str, Any]:
+    """The fields every job document has; the list view (`summary`) stops at the status."""
     doc: dict[str, Any] = {
         "id": job.id,
         "name": job.name,
@@ -101,16 +103,16 @@ def _job_doc(job: OfflineJob, *, details: bool, **extra: Any) -> dict[str, Any]:
         "status": job.status,
         **extra,
     }
-    if not details:
+    if not summary:
         doc["progress"] = job.progress
         if job.description:
             doc["description"] = job.description
     return doc
 
 
-def _doc(ev: Evaluation, *, details: bool = False, series: str = "5/Expanding") -> dict[str, Any]:
-    doc = _job_doc(ev, details=details, evaluationType=ev.evaluation_type)
-    if details:
+def _doc(ev: Evaluation, *, summary: bool = False, series: str = "5/Expanding") -> dict[str, Any]:
+    doc = _job_doc(ev, summary=summary, evaluationType=ev.evaluation_type)
+    if summary:
         return doc
     if ev.optimal_policy:
         doc["optimalPolicy"] = ev.optimal_policy
@@ -129,9 +131,7 @@ def _doc(ev: Evaluation, *, details: bool = False, series: str = "5/Expanding") 
     return doc
 
 
-def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, Evaluation]:
-    d, rt = loop_for(request, admin=True)
-
+def _create(d: Dloop, rt: LoopRuntime, evaluation_id: str, payload: Any) -> Evaluation:
     if not _is_id(evaluation_id):
         raise bad_request("InvalidRequest", "evaluation ids have 1 to 256 characters, not NUL")
     name, start, end = _window(
@@ -158,7 +158,7 @@ def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, 
         except PolicyError as exc:
             raise bad_request("InvalidPolicyConfiguration", f"{p['name']}: {exc}") from None
         custom.append({"name": p["name"], "arguments": p["arguments"]})
-    if rt.kind == "rl" and (custom or payload.get("enablePolicyOptimization")):
+    if rt.loop_kind.episodic and (custom or payload.get("enablePolicyOptimization")):
         raise bad_request(
             "InvalidEvaluationContract",
             "RL loops evaluate the online policy, its current model, baseline and random",
@@ -186,30 +186,28 @@ def _create(request: Request, evaluation_id: str, payload: Any) -> tuple[Dloop, 
         exists="EvaluationAlreadyExists",
     )
     d.jobs.submit(rt.name, evaluation_id)
-    return d, ev
+    return ev
 
 
 @router.put("/personalizer/evaluations/{evaluation_id}")
-def create_evaluation(request: Request, evaluation_id: str, payload: Payload = None) -> Any:
-    _, ev = _create(request, evaluation_id, payload)
-    return _doc(ev)
+def create_evaluation(d: State, rt: AdminLoop, evaluation_id: str, payload: Payload = None) -> Any:
+    return _doc(_create(d, rt, evaluation_id, payload))
 
 
 @router.post("/personalizer/evaluations")
-def create_evaluation_v1(request: Request, payload: Payload = None) -> Response:
+def create_evaluation_v1(d: State, rt: AdminLoop, payload: Payload = None) -> Response:
     """v1.0: POST with a generated id, 201 and the evaluation (with Location)."""
-    _, ev = _create(request, uuid.uuid4().hex, payload)
+    ev = _create(d, rt, uuid.uuid4().hex, payload)
     return JSONResponse(_doc(ev), status_code=201, headers={"Location": f"evaluations/{ev.id}"})
 
 
-def _get(request: Request, evaluation_id: str) -> tuple[Dloop, Evaluation]:
-    return _find(request, Evaluation, evaluation_id, missing="EvaluationNotFound")
+def _get(d: Dloop, rt: LoopRuntime, evaluation_id: str) -> Evaluation:
+    return _find(d, rt, Evaluation, evaluation_id, missing="EvaluationNotFound")
 
 
 @router.get("/personalizer/evaluations/{evaluation_id}")
-def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
-    loop_for(request, admin=True)  # the key first: no answer about the query without it
-    q = request.query_params
+def get_evaluation(request: Request, d: State, rt: AdminLoop, evaluation_id: str) -> dict[str, Any]:
+    q = request.query_params  # read here, after the key: no answer about the query without it
     interval = q.get("intervalInMinutes")
     window = q.get("window")
     if interval is not None and (
@@ -224,36 +222,34 @@ def get_evaluation(request: Request, evaluation_id: str) -> dict[str, Any]:
         raise bad_request(
             "IncompatibleIntervalAndWindow", "Expanding goes with 5 minutes, Rolling with longer"
         )
-    _, ev = _get(request, evaluation_id)
+    ev = _get(d, rt, evaluation_id)
     minutes = int(interval) if interval is not None else 5
     return _doc(ev, series=f"{minutes}/{'Expanding' if minutes == 5 else 'Rolling'}")
 
 
 @router.get("/personalizer/evaluations")
-def list_evaluations(request: Request) -> Any:
-    d, rt = loop_for(request, admin=True)
+def list_evaluations(request: Request, d: State, rt: AdminLoop) -> Any:
     with d.sessions() as session:
         rows = store.list_evaluations(session, loop=rt.name)
-    docs = [_doc(ev, details=True) for ev in rows]
+    docs = [_doc(ev, summary=True) for ev in rows]
     if request.scope.get("dloop.version") == "v1.0":
         return docs  # v1.0 answered a bare array
     return {"value": docs}
 
 
 @router.delete("/personalizer/evaluations/{evaluation_id}", status_code=204)
-def delete_evaluation(request: Request, evaluation_id: str) -> Response:
-    return _delete(*_get(request, evaluation_id))
+def delete_evaluation(d: State, rt: AdminLoop, evaluation_id: str) -> Response:
+    return _delete(d, _get(d, rt, evaluation_id))
 
 
 @router.post("/personalizer/configurations/applyFromEvaluation", status_code=204)
-def apply_from_evaluation(request: Request, payload: Payload = None) -> Response:
+def apply_from_evaluation(d: State, rt: AdminLoop, payload: Payload = None) -> Response:
     """Make an evaluated policy the loop's policy (the model retrains on the loop's history)."""
-    d, rt = loop_for(request, admin=True)
     if not isinstance(payload, dict) or not all(
         isinstance(payload.get(k), str) for k in ("evaluationId", "policyName")
     ):
         raise bad_request("InvalidRequest", "body must be {evaluationId, policyName}")
-    _, ev = _get(request, payload["evaluationId"])
+    ev = _get(d, rt, payload["evaluationId"])
     results = (ev.content or {}).get("value", [])
     match = next((r for r in results if r["name"] == payload["policyName"]), None)
     if match is None or match["policySource"] in ("Baseline", "Random"):
@@ -267,16 +263,15 @@ def apply_from_evaluation(request: Request, payload: Payload = None) -> Response
 # ---- feature importance ----------------------------------------------------------------------
 
 
-def _importance_doc(job: FeatureImportance, *, details: bool = False) -> dict[str, Any]:
-    doc = _job_doc(job, details=details)
-    if not details and job.scores is not None:
+def _importance_doc(job: FeatureImportance, *, summary: bool = False) -> dict[str, Any]:
+    doc = _job_doc(job, summary=summary)
+    if not summary and job.scores is not None:
         doc["featureScores"] = job.scores
     return doc
 
 
 @router.put("/personalizer/featureImportances/{job_id}")
-def create_feature_importance(request: Request, job_id: str, payload: Payload = None) -> Any:
-    d, rt = loop_for(request, admin=True)
+def create_feature_importance(d: State, rt: AdminLoop, job_id: str, payload: Payload = None) -> Any:
     if not _is_id(job_id):
         raise bad_request("InvalidRequest", "feature importance ids have 1 to 256 characters")
     name, start, end = _window(
@@ -295,23 +290,22 @@ def create_feature_importance(request: Request, job_id: str, payload: Payload = 
     return _importance_doc(job)
 
 
-def _importance(request: Request, job_id: str) -> tuple[Dloop, FeatureImportance]:
-    return _find(request, FeatureImportance, job_id, missing="FeatureImportanceNotFound")
+def _importance(d: Dloop, rt: LoopRuntime, job_id: str) -> FeatureImportance:
+    return _find(d, rt, FeatureImportance, job_id, missing="FeatureImportanceNotFound")
 
 
 @router.get("/personalizer/featureImportances/{job_id}")
-def get_feature_importance(request: Request, job_id: str) -> dict[str, Any]:
-    return _importance_doc(_importance(request, job_id)[1])
+def get_feature_importance(d: State, rt: AdminLoop, job_id: str) -> dict[str, Any]:
+    return _importance_doc(_importance(d, rt, job_id))
 
 
 @router.get("/personalizer/featureImportances")
-def list_feature_importances(request: Request) -> dict[str, Any]:
-    d, rt = loop_for(request, admin=True)
+def list_feature_importances(d: State, rt: AdminLoop) -> dict[str, Any]:
     with d.sessions() as session:
         rows = store.list_feature_importances(session, loop=rt.name)
-    return {"value": [_importance_doc(job, details=True) for job in rows]}
+    return {"value": [_importance_doc(job, summary=True) for job in rows]}
 
 
 @router.delete("/personalizer/featureImportances/{job_id}", status_code=204)
-def delete_feature_importance(request: Request, job_id: str) -> Response:
-    return _delete(*_importance(request, job_id))
+def delete_feature_importance(d: State, rt: AdminLoop, job_id: str) -> Response:
+    return _delete(d, _importance(d, rt, job_id))

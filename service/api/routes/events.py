@@ -1,9 +1,11 @@
-"""Rank, reward and activate: the hot path. No database access and no waiting on the log.
+"""Rank, reward and activate: the hot path, with no database access and no waiting on the log.
+Also the end of an RL episode, and an event as logged (read from the database).
 
 Bodies are parsed and validated by hand (orjson) so each failure gets Personalizer's error code
-and the common case costs as little as possible. For the same reason these three are plain
-Starlette routes: FastAPI's dependency solving would add about a fifth to each call (measured
-in-process, 118 -> 92 us per rank). The README documents them; /docs lists the admin API.
+and the common case costs as little as possible. For the same reason these are plain Starlette
+routes: FastAPI's dependency solving would add about a fifth to each call (measured in-process,
+118 -> 92 us per rank). They call service.api.deps.loop_for, the function the FastAPI routes'
+AdminLoop is built on; service.api.openapi documents them in /openapi.json and /docs.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from learners.features import FeatureError, FeatureLimits, clean_features, conte
 from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
 from learners.sandbox import NO_MODEL, SandboxBusy, SandboxError, SandboxTimeout
-from service.api.context import Dloop, loop_for
+from service.api.deps import loop_for
 from service.api.errors import ApiError, bad_request
+from service.api.state import Dloop
 from service.core import record
 from service.pipeline.runtime import Answered, LoopRuntime
 from service.storage import store
@@ -40,7 +43,7 @@ def _rank_error(message: str) -> ApiError:
 
 
 async def _json_body(request: Request, code: str, *, required: bool = True) -> Any:
-    body = await request.body()  # at most max_body_bytes: service.guard counts them
+    body = await request.body()  # at most max_body_bytes: service.api.guard counts them
     if not body.strip():
         if required:
             raise bad_request(code, "request body is required")
@@ -163,8 +166,8 @@ async def _policy_pmf(
         raise sandbox_error(exc) from None
     if served.path is None:
         return restrict([1.0] * len(eligible), eligible), served.model_id
-    if rt.kind == "rl":
-        scores = epsilon_greedy(scores, rt.settings.exploration)  # RL loops explore outside VW
+    if not rt.loop_kind.explores_in_vw:  # VW only scored them: explore here (learners.rl)
+        scores = epsilon_greedy(scores, rt.settings.exploration)
     it = iter(scores)
     return restrict([next(it) if ok else 0.0 for ok in eligible], eligible), served.model_id
 
@@ -245,7 +248,7 @@ async def _explain(d: Dloop, rt: LoopRuntime, req: dict[str, Any]) -> list[dict[
 
 async def rank(request: Request) -> Response:
     d, rt = loop_for(request, admin=False)
-    if rt.kind == "ccb":
+    if rt.loop_kind.multi_slot:
         raise _rank_error("this is a multi-slot loop: rank with /multislot/rank")
     body = await _json_body(request, "InvalidRankRequest")
     req = _parse_rank(body, d.settings.max_actions, d.feature_limits)
@@ -275,7 +278,7 @@ async def rank(request: Request) -> Response:
         b=req["eligible"].index(True),
         m=model_id,
         # A step of an episode; a rank without episodeId is an episode of one step.
-        ep=(episode or event_id) if rt.kind == "rl" else None,
+        ep=(episode or event_id) if rt.loop_kind.episodic else None,
         x=explanation,
     )
     # A concurrent rank of this eventId may have been answered while this one awaited VW.
@@ -285,7 +288,7 @@ async def rank(request: Request) -> Response:
     reused = seen is not None or later is not None
     if not reused:
         d.log.append(record.encode(decision))
-        if rt.kind == "rl" and episode is None:
+        if rt.loop_kind.episodic and episode is None:
             d.log.append(record.encode(record.EpisodeEnd(rt.name, event_id, now, term=True)))
     response = orjson.dumps(_rank_document(decision, ids, pmf))
     remember(d, rt, ask, response, reused=reused)
@@ -295,7 +298,7 @@ async def rank(request: Request) -> Response:
 def _episode_of(body: dict[str, Any], rt: LoopRuntime) -> str | None:
     episode = body.get("episodeId")
     if episode is not None:
-        if rt.kind != "rl":
+        if not rt.loop_kind.episodic:
             raise _rank_error("episodeId is only accepted by loops of kind rl")
         if not is_id(episode):
             raise _rank_error(f"episodeId must be {ID_RULE}")
@@ -360,7 +363,7 @@ def log_observation(
 async def reward(request: Request) -> Response:
     event_id = request.path_params["event_id"]
     d, rt = loop_for(request, admin=False)
-    if rt.kind == "ccb":
+    if rt.loop_kind.multi_slot:
         raise bad_request("InvalidRewardRequest", "multi-slot loop: use /multislot/events/..")
     _check_event_id(event_id, "InvalidRewardRequest")
     body = await _json_body(request, "InvalidRewardRequest")
@@ -403,7 +406,7 @@ async def end_episode(request: Request) -> Response:
     counts."""
     episode_id = request.path_params["episode_id"]
     d, rt = loop_for(request, admin=False)
-    if rt.kind != "rl":
+    if not rt.loop_kind.episodic:
         raise bad_request("InvalidRequest", "episodes exist only in loops of kind rl")
     if not is_id(episode_id):
         raise bad_request("InvalidRequest", f"episodeId must be {ID_RULE}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from prometheus_client import generate_latest
 from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
-from service.api.auth import authorize
-from service.api.context import dloop
+from learners.dsjson import timestamp
+from service.api.deps import AdminState, State
+from service.api.state import Dloop
 from service.storage import store
 
 router = APIRouter()
@@ -22,12 +23,11 @@ async def healthz() -> Response:
 
 
 @router.get("/readyz")
-def readyz(request: Request) -> Response:
+def readyz(d: State) -> Response:
     """200 `ready` when storage, log, loops, ranking processes and learner are fine; 200
     `degraded` when some loops fail to learn (the others learn, serving is fine); 503 `not
     ready` when a dependency is down, no ranking process runs, or the embedded learner stopped
     making passes."""
-    d = dloop(request)
     checks: dict[str, str] = {}
     try:
         with d.sessions() as session:
@@ -38,13 +38,13 @@ def readyz(request: Request) -> Response:
     checks["log"] = "ok" if not d.log.closed else "closed"
     checks["models"] = "ok" if d.registry.loops else "no loops loaded"
     checks["ranking"] = "ok" if d.rankers.alive else "no ranking process is running"
-    learner, failing = d.learner_health()
+    learner, failing = learner_health(d)
     checks["learner"] = learner
     ready = all(v == "ok" for v in checks.values())
     doc: dict[str, object] = {
         "status": "ready" if ready else "not ready",
         "checks": checks,
-        "logBacklogBytes": d.backlog(),
+        "logBacklogBytes": backlog(d),
     }
     if ready and failing:
         doc["status"] = "degraded"
@@ -52,16 +52,39 @@ def readyz(request: Request) -> Response:
     return JSONResponse(doc, status_code=200 if ready else 503)
 
 
+def backlog(d: Dloop) -> int:
+    """Bytes of the local log not yet ingested (embedded) or published to Kafka (serve)."""
+    consumed = d.worker.offset if d.worker else d.publisher.offset if d.publisher else 0
+    return d.log.end() - consumed
+
+
+def learner_health(d: Dloop) -> tuple[str, list[dict[str, object]]]:
+    """The embedded learner's state for /readyz: "ok", or why it is not (it stopped, or
+    made no pass for two minutes), and the loops whose last pass failed. The Kafka path's
+    learners are processes of their own: /metrics shows their backlog per loop."""
+    worker = d.worker
+    if worker is None:
+        return "ok", []
+    if worker.started and not worker.running and not worker.stopping:
+        return "the learner thread stopped", []
+    stalled = time.monotonic() - worker.passed_at
+    if worker.running and stalled > 120:
+        return f"no learner pass for {stalled:.0f} s", []
+    failing: list[dict[str, object]] = [
+        {"loop": name, "since": timestamp(h.since), "failures": h.failures, "error": h.error}
+        for name, h in sorted(worker.failing.items())
+    ]
+    return "ok", failing
+
+
 def _gauge(lines: list[str], name: str, value: float, help_: str) -> None:
     lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value:g}"]
 
 
 @router.get("/metrics")
-def metrics(request: Request) -> Response:
-    d = dloop(request)
-    authorize(d.keys, request, loop="", admin=True)
+def metrics(d: AdminState) -> Response:
     lines = [generate_latest(d.metrics.registry).decode().rstrip("\n")]
-    _gauge(lines, "dloop_log_backlog_bytes", d.backlog(), "Log bytes not yet ingested/published")
+    _gauge(lines, "dloop_log_backlog_bytes", backlog(d), "Log bytes not yet ingested/published")
     stats = d.rankers.stats
     _gauge(lines, "dloop_rankers_alive", d.rankers.alive, "Ranking processes running")
     _gauge(lines, "dloop_ranker_crashes", stats.crashes, "Ranking processes VW crashed")

@@ -18,17 +18,19 @@ from sqlalchemy.orm import Session
 from starlette.responses import JSONResponse, Response
 
 from learners.dsjson import timestamp
-from service.api.auth import authorize
-from service.api.context import Dloop, dloop
+from service.api.deps import AdminState, admin
 from service.api.errors import ApiError, bad_request
+from service.api.state import Dloop
 from service.core.schemas import KeyRequest, validation_message
 from service.storage import store
 from service.storage.models import ApiKey
 
 router = APIRouter()
 
+Payload = Annotated[Any, Body()]
 # Key ids are 32-bit database integers (INTEGER in Postgres): another one is a bad request, not
-# a database error.
+# a database error. FastAPI checks path parameters after dependencies: routes with a KeyId
+# authorize in their body, so a malformed id stays a 400 before a client key's 403.
 KeyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
@@ -61,17 +63,13 @@ def created(doc: dict[str, Any]) -> Response:
 
 
 @router.get("/keys")
-def list_admin_keys(request: Request) -> dict[str, Any]:
-    d = dloop(request)
-    authorize(d.keys, request, loop="", admin=True)
+def list_admin_keys(d: AdminState) -> dict[str, Any]:
     with d.sessions() as session:
         return {"value": [key_doc(row) for row in store.list_keys(session, loop=None)]}
 
 
 @router.post("/keys")
-def create_admin_key(request: Request, payload: Annotated[Any, Body()] = None) -> Response:
-    d = dloop(request)
-    authorize(d.keys, request, loop="", admin=True)
+def create_admin_key(d: AdminState, payload: Payload = None) -> Response:
     return _create(d, payload, role="admin", loop=None)
 
 
@@ -96,8 +94,7 @@ def _create(d: Dloop, payload: Any, *, role: str, loop: str | None) -> Response:
 
 @router.delete("/keys/{key_id}", status_code=204)
 def revoke_admin_key(request: Request, key_id: KeyId) -> Response:
-    d = dloop(request)
-    authorize(d.keys, request, loop="", admin=True)
+    d = admin(request)  # not AdminState: see KeyId
     with d.sessions.begin() as session:
         row = store.get_key(session, key_id=key_id)
         if row is None or row.role != "admin":
@@ -124,19 +121,13 @@ def _client_key_doc(row: ApiKey) -> dict[str, Any]:
 
 
 @router.post("/loops/{name}/keys")
-def create_client_key(
-    request: Request, name: str, payload: Annotated[Any, Body()] = None
-) -> Response:
-    d = dloop(request)
-    authorize(d.keys, request, loop=name, admin=True)
+def create_client_key(d: AdminState, name: str, payload: Payload = None) -> Response:
     _existing(d, name)
     return _create(d, payload, role="client", loop=name)
 
 
 @router.get("/loops/{name}/keys")
-def list_client_keys(request: Request, name: str) -> dict[str, Any]:
-    d = dloop(request)
-    authorize(d.keys, request, loop=name, admin=True)
+def list_client_keys(d: AdminState, name: str) -> dict[str, Any]:
     _existing(d, name)
     with d.sessions() as session:
         return {"value": [_client_key_doc(row) for row in store.list_keys(session, loop=name)]}
@@ -144,8 +135,7 @@ def list_client_keys(request: Request, name: str) -> dict[str, Any]:
 
 @router.delete("/loops/{name}/keys/{key_id}", status_code=204)
 def delete_client_key(request: Request, name: str, key_id: KeyId) -> Response:
-    d = dloop(request)
-    authorize(d.keys, request, loop=name, admin=True)
+    d = admin(request)  # not AdminState: see KeyId
     with d.sessions.begin() as session:
         row = store.get_key(session, key_id=key_id)
         if row is None or row.loop != name:

@@ -4,29 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from learners.dsjson import timestamp
-from service.api.context import loop_for
+from service.api.deps import AdminLoop, State
 from service.storage import store
 
 router = APIRouter()
 
 
 @router.delete("/personalizer/logs", status_code=204)
-def delete_logs(request: Request) -> Response:
-    d, rt = loop_for(request, admin=True)
+def delete_logs(d: State, rt: AdminLoop) -> Response:
     with d.sessions.begin() as session:
         store.delete_logs(session, loop=rt.name)
     return Response(status_code=204)
 
 
 @router.get("/personalizer/logs/properties")
-def get_log_properties(request: Request) -> dict[str, Any]:
+def get_log_properties(d: State, rt: AdminLoop) -> dict[str, Any]:
     """The logged events' date range; `{}` when the loop has none, as Personalizer answered
     (its SDK raises on the 404 `LogsPropertiesNotFound` that its error list suggests)."""
-    d, rt = loop_for(request, admin=True)
     with d.sessions() as session:
         span = store.log_range(session, loop=rt.name)
     if span is None:

@@ -9,20 +9,19 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body
 from starlette.responses import JSONResponse, Response
 
 from learners.dsjson import timestamp
-from service.api.auth import authorize
-from service.api.context import dloop
+from service.api.deps import AdminState
 from service.api.errors import ApiError, bad_request
+from service.core.kinds import CB, KINDS
 from service.storage import store
 from service.storage.models import Loop
 
 router = APIRouter()
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-KINDS = {"cb", "ccb", "rl"}
 
 
 def _loop_doc(loop: Loop) -> dict[str, Any]:
@@ -30,20 +29,16 @@ def _loop_doc(loop: Loop) -> dict[str, Any]:
 
 
 @router.get("/loops")
-def list_loops(request: Request) -> dict[str, Any]:
-    d = dloop(request)
-    authorize(d.keys, request, loop="", admin=True)
+def list_loops(d: AdminState) -> dict[str, Any]:
     with d.sessions() as session:
         return {"value": [_loop_doc(loop) for loop in store.list_loops(session)]}
 
 
 @router.put("/loops/{name}")
-def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = None) -> Response:
-    d = dloop(request)
-    authorize(d.keys, request, loop=name, admin=True)
+def create_loop(d: AdminState, name: str, payload: Annotated[Any, Body()] = None) -> Response:
     if not NAME.match(name):
         raise bad_request("InvalidRequest", "loop names are 1-64 letters, digits, '_', '.', '-'")
-    kind = payload.get("kind", "cb") if isinstance(payload, dict) else None
+    kind = payload.get("kind", CB.name) if isinstance(payload, dict) else None
     if not isinstance(kind, str) or kind not in KINDS:
         raise bad_request("InvalidRequest", f"kind must be one of {sorted(KINDS)}")
     with d.sessions.begin() as session:
@@ -61,9 +56,7 @@ def create_loop(request: Request, name: str, payload: Annotated[Any, Body()] = N
 
 
 @router.delete("/loops/{name}", status_code=204)
-def delete_loop(request: Request, name: str) -> Response:
-    d = dloop(request)
-    authorize(d.keys, request, loop=name, admin=True)
+def delete_loop(d: AdminState, name: str) -> Response:
     if name == store.DEFAULT_LOOP:
         raise bad_request("InvalidRequest", "the default loop cannot be deleted")
     with d.sessions.begin() as session:

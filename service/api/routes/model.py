@@ -26,8 +26,9 @@ from starlette.responses import Response
 from learners.dsjson import timestamp
 from learners.policy import PolicyError
 from learners.sandbox import blank_model, check_model
-from service.api.context import Dloop, loop_for
+from service.api.deps import AdminLoop, State, loop_for
 from service.api.errors import ApiError, bad_request
+from service.api.state import Dloop
 from service.pipeline.runtime import LoopRuntime
 from service.storage import store
 from service.storage.models import Loop
@@ -167,6 +168,8 @@ async def _read_capped(request: Request, cap: int) -> bytes:
 
 @router.get("/personalizer/model")
 def export_model(request: Request, signed: bool = False) -> Response:
+    # Not AdminLoop: FastAPI checks `signed` after dependencies, and a malformed value has been
+    # a 400 before the key's role and the loop are.
     d, rt = loop_for(request, admin=True)
     with d.sessions() as session:
         ckpt = store.get_checkpoint(session, loop=rt.name)
@@ -188,8 +191,7 @@ def export_model(request: Request, signed: bool = False) -> Response:
 
 
 @router.put("/personalizer/model", status_code=204)
-async def import_model(request: Request) -> Response:
-    d, rt = loop_for(request, admin=True)
+async def import_model(request: Request, d: State, rt: AdminLoop) -> Response:
     cap = d.settings.max_model_bytes
     body = await _read_capped(request, cap)
     if not body:
@@ -209,15 +211,13 @@ async def import_model(request: Request) -> Response:
 
 
 @router.delete("/personalizer/model", status_code=204)
-def reset_model(request: Request) -> Response:
-    d, rt = loop_for(request, admin=True)
+def reset_model(d: State, rt: AdminLoop) -> Response:
     d.control.reset_model(rt.name, model=None)
     return Response(status_code=204)
 
 
 @router.get("/personalizer/model/properties")
-def get_model_properties(request: Request) -> dict[str, str]:
-    d, rt = loop_for(request, admin=True)
+def get_model_properties(d: State, rt: AdminLoop) -> dict[str, str]:
     with d.sessions() as session:
         ckpt = store.get_checkpoint(session, loop=rt.name)
         loop_created = session.get(Loop, rt.name)

@@ -17,8 +17,8 @@ from starlette.responses import Response
 
 from learners.ccb import ccb_context
 from learners.features import FeatureError, FeatureLimits, clean_features
-from learners.sandbox import NO_MODEL, SandboxError
-from service.api.context import Dloop, loop_for
+from learners.sandbox import NO_MODEL, ModelRef, SandboxError
+from service.api.deps import loop_for
 from service.api.errors import bad_request
 from service.api.routes.events import (
     _check_event_id,
@@ -36,6 +36,7 @@ from service.api.routes.events import (
     retried,
     sandbox_error,
 )
+from service.api.state import Dloop
 from service.core import record
 from service.pipeline.runtime import LoopRuntime
 
@@ -44,7 +45,7 @@ router = APIRouter()
 
 def _multislot_loop(request: Request) -> tuple[Dloop, LoopRuntime]:
     d, rt = loop_for(request, admin=False)
-    if rt.kind != "ccb":
+    if not rt.loop_kind.multi_slot:
         raise bad_request(
             "InvalidMultiSlotApiAccess",
             f"loop '{rt.name}' is single-slot; multi-slot needs a loop of kind ccb",
@@ -119,21 +120,8 @@ async def rank_multi_slot(request: Request) -> Response:
         [(s["id"], s["features"], s["allowed"]) for s in slots],
     )
     mode = rt.settings.mode
-    baselines = [s["baseline"] for s in slots]
-    model = rt.served
-    model_id = model.model_id
-    try:
-        if mode == "LoggingOnly":
-            await d.rankers.predict(rt.name, "ccb", NO_MODEL, orjson.dumps(c))  # parse only
-            decided = [(b, [b], [1.0]) for b in baselines]
-        else:
-            decided = await d.rankers.rank_slots(
-                rt.name, model, c, [s["allowed"] for s in slots], f"{rt.name}/{event_id}"
-            )
-    except SandboxError as exc:
-        raise sandbox_error(exc) from None
-    if any(chosen < 0 for chosen, _, _ in decided):
-        raise _rank_error("a slot has no action left (too many exclusions)")
+    model = rt.served  # once: the model that decides is the one whose id is logged
+    decided = await _decide_slots(d, rt, model, mode, c, slots, f"{rt.name}/{event_id}")
     # A concurrent rank of this eventId may have been answered while this one awaited VW.
     later = earlier(d, rt, ask)
     if (answer := retried(d, rt, later, ask)) is not None:
@@ -150,27 +138,60 @@ async def rank_multi_slot(request: Request) -> Response:
             record.SlotChoice(s["id"], order, probs)
             for s, (_, order, probs) in zip(slots, decided, strict=True)
         ],
-        b=baselines,
-        m=model_id,
+        b=[s["baseline"] for s in slots],
+        m=model.model_id,
     )
     if not reused:
         d.log.append(record.encode(decision))
-    served = (
-        [(b, 1.0) for b in baselines]
-        if mode == "Apprentice"
-        else [(chosen, probs[0]) for chosen, _, probs in decided]
-    )
-    response = orjson.dumps(
-        {
-            "eventId": event_id,
-            "slots": [
-                {"id": s["id"], "rewardActionId": ids[a], "probability": p}
-                for s, (a, p) in zip(slots, served, strict=True)
-            ],
-        }
-    )
+    response = orjson.dumps(_slots_document(decision, ids, decided))
     remember(d, rt, ask, response, reused=reused)
     return Response(response, status_code=201, media_type="application/json")
+
+
+async def _decide_slots(
+    d: Dloop,
+    rt: LoopRuntime,
+    model: ModelRef,
+    mode: str,
+    c: dict[str, Any],
+    slots: list[dict[str, Any]],
+    seed: str,
+) -> list[tuple[int, list[int], list[float]]]:
+    """Per slot the chosen action, the slot's order of actions and their probabilities;
+    LoggingOnly: the baselines (VW only parses the request)."""
+    try:
+        if mode == "LoggingOnly":
+            await d.rankers.predict(rt.name, rt.kind, NO_MODEL, orjson.dumps(c))  # parse only
+            decided = [(s["baseline"], [s["baseline"]], [1.0]) for s in slots]
+        else:
+            decided = await d.rankers.rank_slots(
+                rt.name, model, c, [s["allowed"] for s in slots], seed
+            )
+    except SandboxError as exc:
+        raise sandbox_error(exc) from None
+    if any(chosen < 0 for chosen, _, _ in decided):
+        raise _rank_error("a slot has no action left (too many exclusions)")
+    return decided
+
+
+def _slots_document(
+    decision: record.SlotsDecision,
+    ids: list[str],
+    decided: list[tuple[int, list[int], list[float]]],
+) -> dict[str, Any]:
+    """Per slot the action served and its probability (Apprentice: the baselines, certain)."""
+    served = (
+        [(b, 1.0) for b in decision.b]
+        if decision.mode == "Apprentice"
+        else [(chosen, probs[0]) for chosen, _, probs in decided]
+    )
+    return {
+        "eventId": decision.id,
+        "slots": [
+            {"id": slot.id, "rewardActionId": ids[a], "probability": p}
+            for slot, (a, p) in zip(decision.s, served, strict=True)
+        ],
+    }
 
 
 async def reward_multi_slot(request: Request) -> Response:

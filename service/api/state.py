@@ -1,4 +1,5 @@
-"""The per-process objects routes need, built by the lifespan in service.app."""
+"""The app state: the per-process resources routes need, built by the lifespan in service.app
+and reached by routes through service.api.deps."""
 
 from __future__ import annotations
 
@@ -9,19 +10,16 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.requests import Request
 
-from learners.dsjson import timestamp
 from learners.features import FeatureLimits
 from learners.sandbox import RankerPool
-from service.api.auth import KeyTable, authorize
-from service.api.errors import ApiError
+from service.api.auth import KeyTable
 from service.core.settings import Settings
 from service.pipeline.control import LoopControl
 from service.pipeline.embedded import EmbeddedWorker
 from service.pipeline.evaluations import Jobs
 from service.pipeline.publisher import LogPublisher
-from service.pipeline.runtime import LoopRuntime, Registry, RetryCache
+from service.pipeline.runtime import Registry, RetryCache
 from service.storage import store
 from service.storage.log import LocalLog
 
@@ -55,6 +53,12 @@ class Metrics:
 
 @dataclass
 class Dloop:
+    """One process's resources: settings, database, local log, loops and their served models,
+    ranking processes, the embedded learner (None when Kafka's learners do it), the publisher
+    (None when embedded), API keys, metrics, offline jobs and loop control. The keys and loops
+    are caches of the database: the watcher reloads them, and `refresh` does at once when a
+    request names a key or loop another replica has just made."""
+
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
@@ -89,31 +93,6 @@ class Dloop:
     def database_url(self) -> str:
         return self.engine.url.render_as_string(hide_password=False)
 
-    def backlog(self) -> int:
-        """Bytes of the local log not yet ingested (embedded) or published to Kafka (serve)."""
-        consumed = (
-            self.worker.offset if self.worker else self.publisher.offset if self.publisher else 0
-        )
-        return self.log.end() - consumed
-
-    def learner_health(self) -> tuple[str, list[dict[str, object]]]:
-        """The embedded learner's state for /readyz: "ok", or why it is not (it stopped, or
-        made no pass for two minutes), and the loops whose last pass failed. The Kafka path's
-        learners are processes of their own: /metrics shows their backlog per loop."""
-        worker = self.worker
-        if worker is None:
-            return "ok", []
-        if worker.started and not worker.running and not worker.stopping:
-            return "the learner thread stopped", []
-        stalled = time.monotonic() - worker.passed_at
-        if worker.running and stalled > 120:
-            return f"no learner pass for {stalled:.0f} s", []
-        failing: list[dict[str, object]] = [
-            {"loop": name, "since": timestamp(h.since), "failures": h.failures, "error": h.error}
-            for name, h in sorted(worker.failing.items())
-        ]
-        return "ok", failing
-
     def refresh(self, loop: str | None = None) -> bool:
         """Serve mode: reload the keys, and `loop` if given, now (another replica may have
         changed them moments ago, before the watcher's next pass); at most every 0.2 s. False
@@ -130,30 +109,3 @@ class Dloop:
     def reload_keys(self) -> None:
         with self.sessions() as session:
             self.keys = KeyTable(store.key_table(session), self.clock)
-
-
-def dloop(request: Request) -> Dloop:
-    d: Dloop = request.app.state.dloop
-    return d
-
-
-def loop_name(request: Request) -> str:
-    return str(request.scope.get("dloop.loop", store.DEFAULT_LOOP))
-
-
-def loop_for(request: Request, *, admin: bool) -> tuple[Dloop, LoopRuntime]:
-    """Authorize the caller for the request's loop and return it (404 if it does not exist)."""
-    d = dloop(request)
-    name = loop_name(request)
-    try:
-        authorize(d.keys, request, loop=name, admin=admin)
-    except ApiError:
-        if not d.refresh():  # a key created through another replica?
-            raise
-        authorize(d.keys, request, loop=name, admin=admin)
-    rt = d.registry.get(name)
-    if rt is None and d.refresh(name):  # a loop created through another replica?
-        rt = d.registry.get(name)
-    if rt is None:
-        raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
-    return d, rt

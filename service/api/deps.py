@@ -1,0 +1,79 @@
+"""What routes declare to get the app state and an authorized loop (FastAPI dependencies).
+
+    State       the app state (service.api.state.Dloop); no key checked (health checks)
+    AdminState  the app state, for a caller with an admin key (else 401/403)
+    AdminLoop   the request's loop (the default one, or `/loops/{loop}/personalizer/...`), for
+                a caller with an admin key (else 401/403); 404 if the loop does not exist
+
+The hot-path routes (routes/events.py, routes/multislot.py) are plain Starlette routes, where
+FastAPI's dependency solving would cost a fifth of a rank: they call `loop_for`, the function
+AdminLoop is built on, with `admin=False` (a client key of the loop may call them).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import Request
+
+from service.api.auth import authorize
+from service.api.errors import ApiError
+from service.api.state import Dloop
+from service.pipeline.runtime import LoopRuntime
+from service.storage import store
+
+
+def dloop(request: Request) -> Dloop:
+    d: Dloop = request.app.state.dloop
+    return d
+
+
+def loop_name(request: Request) -> str:
+    """The loop a Personalizer path names (service.api.paths.PathStyles put it in the scope)."""
+    return str(request.scope.get("dloop.loop", store.DEFAULT_LOOP))
+
+
+def admin(request: Request) -> Dloop:
+    """The state, once the caller is known to hold an admin key (401/403 otherwise)."""
+    d = dloop(request)
+    authorize(d.keys, request, loop="", admin=True)
+    return d
+
+
+def loop_for(request: Request, *, admin: bool) -> tuple[Dloop, LoopRuntime]:
+    """Authorize the caller for the request's loop (any admin key; with `admin=False` also a
+    client key of that loop), then return the loop: 404 if it does not exist."""
+    d = dloop(request)
+    name = loop_name(request)
+    try:
+        authorize(d.keys, request, loop=name, admin=admin)
+    except ApiError:
+        if not d.refresh():  # a key created through another replica?
+            raise
+        authorize(d.keys, request, loop=name, admin=admin)
+    rt = d.registry.get(name)
+    if rt is None and d.refresh(name):  # a loop created through another replica?
+        rt = d.registry.get(name)
+    if rt is None:
+        raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
+    return d, rt
+
+
+# Coroutines where nothing blocks (FastAPI runs a plain function in a thread); `_admin_loop`
+# stays a function because `refresh` may read the database.
+async def _state(request: Request) -> Dloop:
+    return dloop(request)
+
+
+async def _admin(request: Request) -> Dloop:
+    return admin(request)
+
+
+def _admin_loop(request: Request) -> LoopRuntime:
+    return loop_for(request, admin=True)[1]
+
+
+State = Annotated[Dloop, Depends(_state)]
+AdminState = Annotated[Dloop, Depends(_admin)]
+AdminLoop = Annotated[LoopRuntime, Depends(_admin_loop)]
