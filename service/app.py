@@ -14,9 +14,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import psycopg
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,70 +44,21 @@ from service.pipeline.embedded import EmbeddedWorker
 from service.pipeline.optimize import AutoOptimizer
 from service.pipeline.publisher import LogPublisher
 from service.pipeline.runtime import Registry
+from service.pipeline.watcher import Watcher
 from service.storage import kafka, store
 from service.storage.db import make_engine, make_sessionmaker
 from service.storage.log import LocalLog
 
 
-class Watcher:
-    """Serve mode: reload loops, keys and models that other processes changed.
-
-    On Postgres it LISTENs for the learners' notifications and reloads as soon as a model is
-    published; every `every` seconds it reloads anyway (configuration and key changes made
-    through other replicas, and any notification lost while the connection was down).
-    Embedded mode (`keys_only`): only keys, which `dloop keys` may change beside a running
-    `dloop up`; the worker owns loops and models there.
-    """
-
-    def __init__(self, d: Dloop, every: float = 0.5, *, keys_only: bool = False) -> None:
-        self.d = d
-        self.every = every
-        self.keys_only = keys_only
-        self._stop = threading.Event()
-
-    def run(self) -> None:
-        listener: psycopg.Connection[Any] | None = None
-        full_at = 0.0
-        while not self._stop.is_set():
-            try:
-                if not self.keys_only and (listener is None or listener.closed):
-                    listener = self._listen()
-                changed: set[str] = set()
-                if listener is not None:
-                    for note in listener.notifies(timeout=self.every, stop_after=1):
-                        changed.update(n for n in note.payload.split(",") if n)
-                else:
-                    self._stop.wait(self.every)
-                if not self.keys_only:
-                    with self.d.sessions() as session:
-                        # The loops named in notifications at once; all of them now and then
-                        # (changes whose notification was lost while the connection was down).
-                        if time.monotonic() - full_at >= self.every * 10:
-                            full_at = time.monotonic()
-                            self.d.registry.load(session)
-                        elif changed:
-                            self.d.registry.load(session, changed)
-                self.d.reload_keys()
-            except Exception:
-                errors.log.exception("reloading from the database failed; retrying")
-                if listener is not None:
-                    listener.close()
-                listener = None
-                self._stop.wait(self.every * 4)
-        if listener is not None:
-            listener.close()
-
-    def _listen(self) -> psycopg.Connection[Any] | None:
-        url = self.d.engine.url
-        if url.get_backend_name() != "postgresql":
-            return None
-        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        conn = psycopg.connect(dsn, autocommit=True)
-        conn.execute(f"LISTEN {store.CHANGES_CHANNEL}")
-        return conn
-
-    def request_stop(self) -> None:
-        self._stop.set()
+def _watcher(d: Dloop, *, every: float = 0.5, keys_only: bool = False) -> Watcher:
+    return Watcher(
+        sessions=d.sessions,
+        url=d.engine.url,
+        registry=d.registry,
+        reload_keys=d.reload_keys,
+        every=every,
+        keys_only=keys_only,
+    )
 
 
 def claim_replica(root: Path) -> tuple[Path, int]:
@@ -281,9 +231,9 @@ def background(d: Dloop, *, run_worker: bool) -> list[tuple[Stoppable, threading
     auto-optimisation unless `run_worker` is False."""
     stoppables: list[Stoppable] = []
     if d.publisher is not None:
-        stoppables += [d.publisher, Watcher(d)]
+        stoppables += [d.publisher, _watcher(d)]
     elif run_worker and d.worker is not None:
-        stoppables += [d.worker, Watcher(d, every=1.0, keys_only=True)]
+        stoppables += [d.worker, _watcher(d, every=1.0, keys_only=True)]
     if run_worker:
         stoppables.append(AutoOptimizer(d.control))
     return [(s, threading.Thread(target=s.run, daemon=True)) for s in stoppables]

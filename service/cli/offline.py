@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from service.cli.common import DataDir, database, settings_for
+from service.core.kinds import CB, CCB, loop_kind
 from service.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def replay(
     row = _loop_row(settings, loop)
     if row is None and (apply or source == "db" or arguments is None):
         raise typer.BadParameter(f"loop '{loop}' does not exist", param_hint="--loop")
-    if row is not None and row.kind == "rl":
+    if row is not None and loop_kind(row.kind).episodic:
         if source != "db":
             raise typer.BadParameter(
                 "RL loops replay their episodes from db", param_hint="--source"
@@ -207,7 +208,7 @@ def evaluate(
 
     settings = settings_for(data_dir)
     row = _loop_row(settings, loop)
-    if row is not None and row.kind == "rl":
+    if row is not None and loop_kind(row.kind).episodic:
         if policy or optimize or source != "db":
             raise typer.BadParameter(
                 "RL loops evaluate their logged episodes (db) against the online policy, "
@@ -234,7 +235,9 @@ def _custom_policies(row: Any, policy: list[str]) -> list[dict[str, str]]:
     from learners.vw import check_policy
 
     # A file with no loop behind it may hold single- or multi-slot lines.
-    algorithms = [algorithm(row.kind)] if row is not None else [algorithm(k) for k in ("cb", "ccb")]
+    algorithms = (
+        [algorithm(row.kind)] if row is not None else [algorithm(k.name) for k in (CB, CCB)]
+    )
     custom = []
     for item in policy:
         name, sep, args = item.partition("=")
@@ -383,7 +386,11 @@ def _current_model(settings: Settings, loop: str) -> Any:
         ckpt = store.get_checkpoint(session, loop=loop)
     if row is None or ckpt is None or ckpt.model is None:
         raise typer.BadParameter(f"loop '{loop}' has no model yet", param_hint="--loop")
-    return RLRanker(ckpt.model, 0.0).values if row.kind == "rl" else CBRanker(ckpt.model).predict
+    return (
+        RLRanker(ckpt.model, 0.0).values
+        if loop_kind(row.kind).episodic
+        else CBRanker(ckpt.model).predict
+    )
 
 
 def _print_scores(scores: list[dict[str, Any]], top: int) -> None:

@@ -10,6 +10,7 @@ import typer
 
 from service.cli.common import DataDir, database, settings_for
 from service.core.files import private_dir
+from service.core.kinds import CB
 from service.core.settings import Settings
 
 
@@ -26,7 +27,7 @@ def _prepare(settings: Settings) -> str | None:
     now = time.time()
     with database(settings) as sessions, sessions.begin() as session:
         store.ensure_loop(
-            session, name=store.DEFAULT_LOOP, kind="cb", now=now, policy=settings.default_policy
+            session, name=store.DEFAULT_LOOP, kind=CB.name, now=now, policy=settings.default_policy
         )
         if store.has_admin_key(session, now=now):
             return None

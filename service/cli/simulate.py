@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from service.core.kinds import CB, RL, loop_kind
+
 if TYPE_CHECKING:
     from service.client import Client
     from service.pipeline.simulate import Curve
@@ -49,7 +51,7 @@ def simulate(
 
     if key is None:
         raise typer.BadParameter("an admin key is needed (--key or DLOOP_API_KEY)")
-    if kind not in ("rl", "cb"):
+    if kind not in (RL.name, CB.name):  # multi-slot pages are not gymnasium environments
         raise typer.BadParameter("rl or cb", param_hint="--kind")
     probe = sim.make_env(env, max_steps)
     if tabular is None:
@@ -79,7 +81,7 @@ def _set_up_loop(client: Client, loop: str, kind: str, tabular: bool) -> None:
     except DloopError as exc:
         raise typer.BadParameter(f"cannot create loop '{loop}': {exc}") from None
     client.configure(modelExportFrequency="PT1S", rewardWaitTime="PT10S")
-    if kind == "rl":
+    if loop_kind(kind).episodic:
         client.set_policy(
             "dloop-rl-tabular" if tabular else "dloop-rl",
             TABULAR_RL_POLICY if tabular else DEFAULT_RL_POLICY,

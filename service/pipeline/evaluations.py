@@ -28,6 +28,7 @@ from learners.evaluation import PolicySpec
 from learners.importance import feature_importance
 from learners.policy import with_exploration
 from learners.sandbox import process_context
+from service.core.kinds import loop_kind
 from service.storage import store
 from service.storage.models import Evaluation, FeatureImportance, Loop, OfflineJob
 
@@ -66,7 +67,7 @@ def policy_specs(
     specs += [PolicySpec(p["name"], "Custom", p["arguments"]) for p in custom]
     if optimize:
         for name, args in SEARCH:
-            if loop is not None and loop.kind == "ccb":
+            if loop is not None and loop_kind(loop.kind).multi_slot:
                 args = args.replace("--cb_explore_adf", "--ccb_explore_adf")
             specs.append(PolicySpec(name, "OfflineExperimentation", args))
     return specs
@@ -136,7 +137,7 @@ def run(
             kind = row.kind
             specs = policy_specs(row, ev.policies, ev.optimize)
             start, end = ev.start_time, ev.end_time
-        if kind == "rl":
+        if loop_kind(kind).episodic:
             _run_rl(sessions, loop, key, start, end)
             return
         with sessions() as session:

@@ -48,7 +48,7 @@ def auto_optimize(d: LoopControl, loop: str) -> str | None:
     insert wins and the others skip."""
     now = d.clock()
     rt = d.registry.get(loop)
-    if rt is None or rt.kind != "cb":
+    if rt is None or not rt.loop_kind.auto_optimize:
         return None
     if not rt.settings.auto_optimize:
         return None

@@ -29,6 +29,7 @@ from learners.features import context_json
 from learners.rl import RLRanker
 from learners.sim import envs
 from service.client import Client
+from service.core.kinds import RL, loop_kind
 
 # Largest |reward| of environments whose rewards leave [-1, 1].
 REWARD_SCALES = {"CliffWalking": 100.0, "Taxi": 20.0}
@@ -107,7 +108,7 @@ def run(
     reward_scale: float | None = None,
     eval_every: int = 0,
     eval_episodes: int = 10,
-    kind: str = "rl",
+    kind: str = RL.name,
     after_episode: Callable[[int], None] | None = None,
     progress: bool = True,
     run_id: str | None = None,
@@ -124,6 +125,7 @@ def run(
     actions = envs.action_list(env.action_space)
     curve = Curve(env_id, optimal=optimal_return(env_id, max_steps, eval_episodes))
     run_id = run_id or uuid.uuid4().hex[:8]
+    episodic = loop_kind(kind).episodic
     bar = tqdm(range(episodes), desc=env_id, unit="ep", disable=not progress)
     for ep in bar:
         obs, _ = env.reset(seed=seed + ep)
@@ -134,7 +136,7 @@ def run(
                 envs.observation_features(obs),
                 actions,
                 event_id=f"{episode_id}-{step}",
-                episode_id=episode_id if kind == "rl" else None,
+                episode_id=episode_id if episodic else None,
             )
             action = int(ranked["rewardActionId"])
             obs, reward, terminated, truncated, _ = env.step(action)
@@ -142,7 +144,7 @@ def run(
             client.reward(ranked["eventId"], float(np.clip(float(reward) / scale, -1, 1)))
             if terminated or truncated:
                 break
-        if kind == "rl":
+        if episodic:
             client.end_episode(episode_id, terminated=terminated)
         curve.returns.append(total)
         if after_episode is not None:
@@ -210,7 +212,7 @@ def greedy_return(
     actions = envs.action_list(env.action_space)
     pairs = [(a["id"], a["features"]) for a in actions]
     score: Callable[[bytes], list[float]]
-    if kind == "rl":
+    if loop_kind(kind).episodic:
         ranker = RLRanker(model, 0.0)
         score = ranker.values
     else:
