@@ -139,6 +139,13 @@ def replay(
     row = _loop_row(settings, loop)
     if row is None and (apply or source == "db" or arguments is None):
         raise typer.BadParameter(f"loop '{loop}' does not exist", param_hint="--loop")
+    # What the loop trains: its policy with its exploration (an RL loop explores outside VW).
+    trained = ""
+    if row is not None:
+        explores = loop_kind(row.kind).explores_in_vw
+        exploration = store.loop_settings(row).exploration
+        trained = row.policy["arguments"]
+        trained = with_exploration(trained, exploration) if explores else trained
     if row is not None and loop_kind(row.kind).episodic:
         if source != "db":
             raise typer.BadParameter(
@@ -147,9 +154,8 @@ def replay(
         with database(settings) as sessions, sessions() as session:
             model = replay_model(session, loop=loop, arguments=arguments, passes=passes)
     else:
-        args = arguments or with_exploration(
-            row.policy["arguments"], store.loop_settings(row).exploration
-        )
+        args = arguments or trained
+
         model = _with_lines(
             settings,
             source,
@@ -163,7 +169,9 @@ def replay(
         out.write_bytes(model)
         typer.echo(f"dloop: wrote the model ({len(model)} bytes) to {out}", err=True)
     if apply:
-        _apply_model(settings, loop, model, arguments or row.policy["arguments"])
+        # Recorded as the arguments it was trained with: the loop's learner continues it only
+        # if they are the loop's own.
+        _apply_model(settings, loop, model, arguments or trained)
 
 
 def _apply_model(settings: Settings, loop: str, model: bytes, arguments: str) -> None:
