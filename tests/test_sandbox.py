@@ -115,12 +115,12 @@ def test_a_rank_that_would_crash_vw_is_a_400_and_the_server_goes_on(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As if a new parser bug slipped past the feature cleaner: switch the cleaner off."""
-    from service.api.routes import events
+    from service.api import requests
 
     c = harness.client
     model = c.get("/personalizer/v1.0/model", headers=AUTH).content
     assert c.put("/personalizer/v1.0/model", content=model, headers=AUTH).status_code == 204
-    monkeypatch.setattr(events, "clean_features", lambda features, where, **_: (features or [], 1))
+    monkeypatch.setattr(requests, "clean_features", lambda features, where, **_: (features or [], 1))
     body = {"contextFeatures": [{"__aid": 0}], "actions": [{"id": "a", "features": [{"x": 1}]}]}
     r = c.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
     assert r.status_code == 400, r.text

@@ -1,8 +1,9 @@
 """Rank, reward and activate: the hot path, with no database access and no waiting on the log.
 Also the end of an RL episode, and an event as logged (read from the database).
 
-Bodies are parsed and validated by hand (orjson) so each failure gets Personalizer's error code
-and the common case costs as little as possible. For the same reason these are plain Starlette
+Bodies are parsed and validated by hand (service.api.requests) so each failure gets
+Personalizer's error code and the common case costs as little as possible; retries are told from
+reused eventIds by service.api.retries. For the same reason these are plain Starlette
 routes: FastAPI's dependency solving would add about a fifth to each call (measured in-process,
 118 -> 92 us per rank). They call service.api.deps.loop_for, the function the FastAPI routes'
 AdminLoop is built on; service.api.openapi documents them in /openapi.json and /docs.
@@ -10,138 +11,37 @@ AdminLoop is built on; service.api.openapi documents them in /openapi.json and /
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
 import uuid
-from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from learners.dsjson import timestamp
-from learners.features import FeatureError, FeatureLimits, clean_features, context_json
+from learners.features import context_json
 from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
-from learners.sandbox import NO_MODEL, SandboxBusy, SandboxError, SandboxTimeout
+from learners.sandbox import NO_MODEL, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import ApiError, bad_request
+from service.api.requests import (
+    ID_RULE,
+    check_event_id,
+    is_id,
+    is_reward,
+    json_body,
+    parse_rank,
+    rank_error,
+    sandbox_error,
+)
+from service.api.retries import asked, earlier, remember, retried
 from service.api.state import Dloop
 from service.core import record
-from service.pipeline.runtime import Answered, LoopRuntime
+from service.pipeline.runtime import LoopRuntime
 from service.storage import store
 
 router = APIRouter()
-
-MAX_ID = 256
-
-
-def _rank_error(message: str) -> ApiError:
-    return bad_request("InvalidRankRequest", message)
-
-
-async def _json_body(request: Request, code: str, *, required: bool = True) -> Any:
-    body = await request.body()  # at most max_body_bytes: service.api.guard counts them
-    if not body.strip():
-        if required:
-            raise bad_request(code, "request body is required")
-        return None
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(code, f"request body is not valid JSON: {exc}") from None
-
-
-def check_feature_count(count: int, limits: FeatureLimits) -> None:
-    if count > limits.max_features:
-        raise _rank_error(
-            f"the request has {count} features; at most {limits.max_features} are allowed"
-        )
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def is_id(value: Any) -> TypeGuard[str]:
-    """An id dloop stores (eventId, episodeId, action, slot): 1 to 256 characters, none of them
-    a control character (Postgres refuses NUL in text, which used to stop ingestion for every
-    loop; a newline at the end of a path made routes match what they should not)."""
-    return isinstance(value, str) and 0 < len(value) <= MAX_ID and not _CONTROL.search(value)
-
-
-ID_RULE = f"a non-empty string of at most {MAX_ID} characters, without control characters"
-
-
-def _check_event_id(event_id: Any, code: str) -> str:
-    if not is_id(event_id):
-        raise bad_request(code, f"eventId must be {ID_RULE}")
-    return event_id
-
-
-def _parse_rank(body: Any, max_actions: int, limits: FeatureLimits) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise _rank_error("request body must be a JSON object")
-    actions = body.get("actions")
-    if not isinstance(actions, list) or not 1 <= len(actions) <= max_actions:
-        raise _rank_error(f"actions must be a list of 1 to {max_actions} actions")
-    ids: list[str] = []
-    feats: list[list[dict[str, Any]]] = []
-    try:
-        context, count = clean_features(
-            body.get("contextFeatures"), "contextFeatures", required=False, limits=limits
-        )
-        for i, action in enumerate(actions):
-            if not isinstance(action, dict):
-                raise _rank_error(f"actions[{i}] must be an object")
-            aid = action.get("id")
-            if not is_id(aid):
-                raise _rank_error(f"actions[{i}].id must be {ID_RULE}")
-            features, n = clean_features(
-                action.get("features"), f"actions[{i}].features", required=True, limits=limits
-            )
-            feats.append(features)
-            ids.append(aid)
-            count += n
-    except FeatureError as exc:
-        raise _rank_error(str(exc)) from None
-    check_feature_count(count, limits)
-    if len(set(ids)) != len(ids):
-        raise _rank_error("action ids must be unique")
-    excluded = body.get("excludedActions") or []
-    if not isinstance(excluded, list) or not all(isinstance(x, str) for x in excluded):
-        raise _rank_error("excludedActions must be a list of action ids")
-    eligible = [aid not in excluded for aid in ids]
-    if not any(eligible):
-        raise _rank_error("every action is excluded")
-    event_id = body.get("eventId")
-    event_id = (
-        uuid.uuid4().hex if event_id is None else _check_event_id(event_id, "InvalidRankRequest")
-    )
-    defer = body.get("deferActivation", False)
-    if defer is None:
-        defer = False
-    if not isinstance(defer, bool):
-        raise _rank_error("deferActivation must be true or false")
-    return {
-        "ids": ids,
-        "features": feats,
-        "context": context,
-        "eligible": eligible,
-        "event_id": event_id,
-        "defer": defer,
-        "features_count": count,
-    }
-
-
-def sandbox_error(exc: SandboxError) -> ApiError:
-    """How serving answers when VW could not handle a request in its sandbox."""
-    if isinstance(exc, SandboxBusy):
-        return ApiError(503, "ServiceUnavailable", f"{exc}; retry shortly", retry_after=1)
-    if isinstance(exc, SandboxTimeout):
-        return _rank_error(f"ranking this request {exc}: send fewer features")
-    return _rank_error(f"features could not be parsed: {exc}")
 
 
 async def _policy_pmf(
@@ -172,57 +72,6 @@ async def _policy_pmf(
     return restrict([next(it) if ok else 0.0 for ok in eligible], eligible), served.model_id
 
 
-@dataclass(frozen=True, slots=True)
-class Asked:
-    """What a rank asks, for telling a retry from a reuse of its eventId: digests of the whole
-    request (its JSON normalised: keys sorted, no whitespace) and of its `what` (the actions),
-    which a repeat of the eventId may not change."""
-
-    event_id: str
-    request: bytes
-    actions: bytes
-    what: str
-
-
-def _digest(value: Any) -> bytes:
-    return hashlib.blake2b(
-        orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=16
-    ).digest()
-
-
-def asked(body: Any, event_id: str, actions: Any, what: str) -> Asked:
-    return Asked(event_id, _digest(body), _digest(actions), what)
-
-
-def earlier(d: Dloop, rt: LoopRuntime, ask: Asked) -> Answered | None:
-    """This process's earlier answer to the eventId, if it still remembers one; a repeat that
-    asks about other actions is refused (400)."""
-    seen = d.retries.get(rt.name, ask.event_id)
-    if seen is not None and seen.actions != ask.actions:
-        raise _rank_error(f"eventId {ask.event_id} was already ranked with different {ask.what}")
-    return seen
-
-
-def retried(d: Dloop, rt: LoopRuntime, seen: Answered | None, ask: Asked) -> Response | None:
-    """The original response byte for byte if this request repeats the one answered (a
-    client's retry, e.g. after a 5xx); None for a new eventId or one reused for another
-    request, which is ranked for its own content."""
-    if seen is None or seen.request != ask.request:
-        return None
-    d.metrics.rank_retries.labels(rt.name).inc()
-    return Response(seen.response, status_code=201, media_type="application/json")
-
-
-def remember(d: Dloop, rt: LoopRuntime, ask: Asked, response: bytes, *, reused: bool) -> None:
-    """Keep a logged decision's answer for retries; count a reused eventId's (not logged: the
-    first decision of an eventId is the one its rewards join)."""
-    if reused:
-        d.metrics.event_id_reused.labels(rt.name).inc()
-    else:
-        d.retries.put(rt.name, ask.event_id, Answered(ask.request, ask.actions, response))
-    d.metrics.ranks.labels(rt.name).inc()
-
-
 async def _explain(d: Dloop, rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
     """Per action, the context features that moved its probability most (learners.importance),
     computed in a ranking sandbox."""
@@ -249,9 +98,9 @@ async def _explain(d: Dloop, rt: LoopRuntime, req: dict[str, Any]) -> list[dict[
 async def rank(request: Request) -> Response:
     d, rt = loop_for(request, admin=False)
     if rt.loop_kind.multi_slot:
-        raise _rank_error("this is a multi-slot loop: rank with /multislot/rank")
-    body = await _json_body(request, "InvalidRankRequest")
-    req = _parse_rank(body, d.settings.max_actions, d.feature_limits)
+        raise rank_error("this is a multi-slot loop: rank with /multislot/rank")
+    body = await json_body(request, "InvalidRankRequest")
+    req = parse_rank(body, d.settings.max_actions, d.feature_limits)
     event_id: str = req["event_id"]
     ids: list[str] = req["ids"]
     ask = asked(body, event_id, [ids, body.get("excludedActions")], "actions")
@@ -299,9 +148,9 @@ def _episode_of(body: dict[str, Any], rt: LoopRuntime) -> str | None:
     episode = body.get("episodeId")
     if episode is not None:
         if not rt.loop_kind.episodic:
-            raise _rank_error("episodeId is only accepted by loops of kind rl")
+            raise rank_error("episodeId is only accepted by loops of kind rl")
         if not is_id(episode):
-            raise _rank_error(f"episodeId must be {ID_RULE}")
+            raise rank_error(f"episodeId must be {ID_RULE}")
     return episode
 
 
@@ -365,24 +214,14 @@ async def reward(request: Request) -> Response:
     d, rt = loop_for(request, admin=False)
     if rt.loop_kind.multi_slot:
         raise bad_request("InvalidRewardRequest", "multi-slot loop: use /multislot/events/..")
-    _check_event_id(event_id, "InvalidRewardRequest")
-    body = await _json_body(request, "InvalidRewardRequest")
+    check_event_id(event_id, "InvalidRewardRequest")
+    body = await json_body(request, "InvalidRewardRequest")
     value = body.get("value") if isinstance(body, dict) else None
     if not is_reward(value):
         raise bad_request("InvalidRewardRequest", "value must be a finite number between -1 and 1")
     log_observation(d, rt, record.REWARD, event_id, float(value))
     d.metrics.rewards.labels(rt.name).inc()
     return Response(status_code=204)
-
-
-def is_reward(value: Any) -> TypeGuard[int | float]:
-    """A reward value dloop accepts: a finite number (not a boolean) in [-1, 1]."""
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and -1 <= value <= 1
-    )
 
 
 async def activate(request: Request) -> Response:
@@ -393,8 +232,8 @@ async def activate(request: Request) -> Response:
 async def activate_event(request: Request, d: Dloop, rt: LoopRuntime) -> Response:
     """Activate a deferred event (for a multi-slot event: every slot)."""
     event_id = request.path_params["event_id"]
-    _check_event_id(event_id, "InvalidEventIdToActivate")
-    await _json_body(request, "InvalidEventIdToActivate", required=False)
+    check_event_id(event_id, "InvalidEventIdToActivate")
+    await json_body(request, "InvalidEventIdToActivate", required=False)
     log_observation(d, rt, record.ACTIVATION, event_id, None)
     d.metrics.activations.labels(rt.name).inc()
     return Response(status_code=204)
@@ -410,7 +249,7 @@ async def end_episode(request: Request) -> Response:
         raise bad_request("InvalidRequest", "episodes exist only in loops of kind rl")
     if not is_id(episode_id):
         raise bad_request("InvalidRequest", f"episodeId must be {ID_RULE}")
-    body = await _json_body(request, "InvalidRequest", required=False)
+    body = await json_body(request, "InvalidRequest", required=False)
     if body is None:
         body = {}
     terminated = body.get("terminated", True) if isinstance(body, dict) else None

@@ -20,22 +20,18 @@ from learners.features import FeatureError, FeatureLimits, clean_features
 from learners.sandbox import NO_MODEL, ModelRef, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import bad_request
-from service.api.routes.events import (
-    _check_event_id,
-    _json_body,
-    _parse_rank,
-    _rank_error,
-    activate_event,
-    asked,
+from service.api.requests import (
+    check_event_id,
     check_feature_count,
-    earlier,
     is_id,
     is_reward,
-    log_observation,
-    remember,
-    retried,
+    json_body,
+    parse_rank,
+    rank_error,
     sandbox_error,
 )
+from service.api.retries import asked, earlier, remember, retried
+from service.api.routes.events import activate_event, log_observation
 from service.api.state import Dloop
 from service.core import record
 from service.pipeline.runtime import LoopRuntime
@@ -60,7 +56,7 @@ def _parse_slots(
     slots = body.get("slots")
     limit = min(50, len(ids))
     if not isinstance(slots, list) or not 1 <= len(slots) <= limit:
-        raise _rank_error(f"slots must be a list of 1 to {limit} slots (at most one per action)")
+        raise rank_error(f"slots must be a list of 1 to {limit} slots (at most one per action)")
     index = {aid: i for i, aid in enumerate(ids)}
     out: list[dict[str, Any]] = []
     count = 0
@@ -68,30 +64,30 @@ def _parse_slots(
     baselines: set[int] = set()
     for k, slot in enumerate(slots):
         if not isinstance(slot, dict):
-            raise _rank_error(f"slots[{k}] must be an object")
+            raise rank_error(f"slots[{k}] must be an object")
         sid = slot.get("id")
         if not is_id(sid) or sid in seen:
-            raise _rank_error(f"slots[{k}].id must be a unique non-empty string")
+            raise rank_error(f"slots[{k}].id must be a unique non-empty string")
         seen.add(sid)
         baseline = slot.get("baselineAction")
         if not isinstance(baseline, str) or baseline not in index:
-            raise _rank_error(f"slots[{k}].baselineAction must be one of the action ids")
+            raise rank_error(f"slots[{k}].baselineAction must be one of the action ids")
         if index[baseline] in baselines:
-            raise _rank_error(f"slots[{k}].baselineAction is already another slot's baseline")
+            raise rank_error(f"slots[{k}].baselineAction is already another slot's baseline")
         baselines.add(index[baseline])
         excluded = slot.get("excludedActions") or []
         if not isinstance(excluded, list) or not all(
             isinstance(x, str) and x in index for x in excluded
         ):
-            raise _rank_error(f"slots[{k}].excludedActions must list existing action ids")
+            raise rank_error(f"slots[{k}].excludedActions must list existing action ids")
         if baseline in excluded:
-            raise _rank_error(f"slots[{k}].baselineAction must not be excluded")
+            raise rank_error(f"slots[{k}].baselineAction must not be excluded")
         try:
             features, n = clean_features(
                 slot.get("features"), f"slots[{k}].features", required=False, limits=limits
             )
         except FeatureError as exc:
-            raise _rank_error(str(exc)) from None
+            raise rank_error(str(exc)) from None
         count += n
         allowed = [i for i, aid in enumerate(ids) if aid not in excluded]
         out.append(
@@ -102,8 +98,8 @@ def _parse_slots(
 
 async def rank_multi_slot(request: Request) -> Response:
     d, rt = _multislot_loop(request)
-    body = await _json_body(request, "InvalidRankRequest")
-    req = _parse_rank(body, d.settings.max_actions, d.feature_limits)
+    body = await json_body(request, "InvalidRankRequest")
+    req = parse_rank(body, d.settings.max_actions, d.feature_limits)
     ids: list[str] = req["ids"]
     slots, count = _parse_slots(body, ids, d.feature_limits)
     check_feature_count(req["features_count"] + count, d.feature_limits)
@@ -170,7 +166,7 @@ async def _decide_slots(
     except SandboxError as exc:
         raise sandbox_error(exc) from None
     if any(chosen < 0 for chosen, _, _ in decided):
-        raise _rank_error("a slot has no action left (too many exclusions)")
+        raise rank_error("a slot has no action left (too many exclusions)")
     return decided
 
 
@@ -198,8 +194,8 @@ async def reward_multi_slot(request: Request) -> Response:
     """`{"reward": [{"slotId", "value"}]}`; a slot's rewards may come in several calls."""
     event_id = request.path_params["event_id"]
     d, rt = _multislot_loop(request)
-    _check_event_id(event_id, "InvalidRewardRequest")
-    body = await _json_body(request, "InvalidRewardRequest")
+    check_event_id(event_id, "InvalidRewardRequest")
+    body = await json_body(request, "InvalidRewardRequest")
     rewards = body.get("reward") if isinstance(body, dict) else None
     if not isinstance(rewards, list) or not rewards:
         raise bad_request("InvalidRewardRequest", 'body must be {"reward": [{slotId, value}]}')
