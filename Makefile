@@ -38,8 +38,8 @@ test: install
 # seed) and VW's parsers with random nests of reserved feature keys. `make test` runs both
 # bounded, with fixed seeds.
 fuzz: install
-	DLOOP_FUZZ=long $(BIN)/python -m pytest -p no:cacheprovider tests/test_fuzz.py \
-		tests/test_sandbox.py::test_no_feature_a_client_can_send_crashes_vw $(PYTEST_ARGS)
+	DLOOP_FUZZ=long $(BIN)/python -m pytest -p no:cacheprovider tests/api/test_fuzz.py \
+		tests/unit/learners/test_sandbox.py::test_no_feature_a_client_can_send_crashes_vw $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check service learners tests benchmarks migrations

@@ -1,90 +1,18 @@
-"""Fixtures: a fake clock, a migrated data dir, the app under TestClient, a live server."""
+"""Fixtures for every test: a fake clock, the app under TestClient, a live server, a fresh
+Postgres database, the session's broker, and a directory of files no policy may touch. What
+they build lives in tests/support/ (test modules import from there, never from here)."""
 
 from __future__ import annotations
 
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
-from service.api.state import Dloop
 from service.app import create_app
-from service.core.settings import Settings, load_settings
-from service.storage.migrate import upgrade
-from tests.support.services import free_port, postgres_database, start_tansu
-
-# DLOOP_API_KEY must be at least 32 characters (service.settings).
-ADMIN_KEY = "test-admin-key-0123456789abcdefghij"
-AUTH = {"Ocp-Apim-Subscription-Key": ADMIN_KEY}
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_790_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def make_settings(data_dir: Path, **overrides: Any) -> Settings:
-    overrides.setdefault("api_key", ADMIN_KEY)
-    # Tests drive thousands of calls on a fake clock that does not move: no per-key rate limit
-    # unless a test sets one (tests/test_limits.py).
-    overrides["limits"] = {"rate_per_key": 0, **overrides.get("limits", {})}
-    settings = load_settings(data_dir=data_dir, **overrides)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.database_url)
-    return settings
-
-
-@dataclass
-class Harness:
-    """The app in-process: `client` speaks HTTP to it, `work()` runs the worker to idle."""
-
-    client: TestClient
-    clock: FakeClock
-
-    @property
-    def dloop(self) -> Dloop:
-        d: Dloop = self.client.app.state.dloop  # type: ignore[attr-defined]
-        return d
-
-    def work(self) -> None:
-        worker = self.dloop.worker
-        assert worker is not None
-        while worker.run_once():
-            pass
-
-    def rank(self, body: dict[str, Any], path: str = "/personalizer/v1.0/rank") -> dict[str, Any]:
-        r = self.client.post(path, json=body, headers=AUTH)
-        assert r.status_code == 201, r.text
-        out: dict[str, Any] = r.json()
-        return out
-
-    def reward(self, event_id: str, value: float) -> None:
-        r = self.client.post(
-            f"/personalizer/v1.0/events/{event_id}/reward", json={"value": value}, headers=AUTH
-        )
-        assert r.status_code == 204, r.text
-
-    def configure(self, **changes: Any) -> dict[str, Any]:
-        cfg = self.client.get("/personalizer/v1.0/configurations/service", headers=AUTH).json()
-        cfg.update(changes)
-        r = self.client.put("/personalizer/v1.0/configurations/service", json=cfg, headers=AUTH)
-        assert r.status_code == 200, r.text
-        out: dict[str, Any] = r.json()
-        return out
+from tests.support.harness import FakeClock, Harness, LiveServer, make_settings, serving
+from tests.support.services import Broker, postgres_database, start_tansu
 
 
 @pytest.fixture
@@ -97,32 +25,6 @@ def harness(tmp_path: Path, clock: FakeClock) -> Iterator[Harness]:
     settings = make_settings(tmp_path / "data")
     with TestClient(create_app(settings, clock=clock, run_worker=False)) as client:
         yield Harness(client, clock)
-
-
-@dataclass
-class LiveServer:
-    url: str
-    settings: Settings
-
-
-@contextmanager
-def serving(settings: Settings) -> Iterator[LiveServer]:
-    """A real uvicorn server in this process (real clock) on a free port."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings)
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 @pytest.fixture
@@ -139,18 +41,6 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-@dataclass
-class Broker:
-    address: str
-    process: subprocess.Popen[bytes]
-
-    def pause(self) -> None:
-        self.process.send_signal(19)  # SIGSTOP: the broker keeps its data, stops answering
-
-    def resume(self) -> None:
-        self.process.send_signal(18)  # SIGCONT
-
-
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[Broker]:
     """A real Kafka-protocol broker (Tansu, in memory) for the session; fails if it can't run."""
@@ -164,3 +54,16 @@ def kafka_broker() -> Iterator[Broker]:
         process.send_signal(18)  # in case a test left it paused
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """An existing file with known bytes and a path that does not exist, in an otherwise empty
+    directory that is also the working directory (so a file VW names relative to it would show
+    up too). tests.support.files.assert_untouched checks that nothing touched them."""
+    directory = tmp_path / "files"
+    directory.mkdir()
+    monkeypatch.chdir(directory)
+    existing = directory / "precious.vw"
+    existing.write_bytes(b"precious bytes")
+    return existing, directory / "fresh.vw"

@@ -9,10 +9,25 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 PG_URL = os.environ.get(
     "DLOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+@dataclass
+class Broker:
+    """A running Tansu broker (the session's `kafka_broker` fixture)."""
+
+    address: str
+    process: subprocess.Popen[bytes]
+
+    def pause(self) -> None:
+        self.process.send_signal(19)  # SIGSTOP: the broker keeps its data, stops answering
+
+    def resume(self) -> None:
+        self.process.send_signal(18)  # SIGCONT
 
 
 def free_port() -> int:

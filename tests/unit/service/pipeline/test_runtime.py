@@ -11,7 +11,7 @@ from service.core.schemas import LoopSettings, default_config, default_policy
 from service.pipeline.runtime import Answered, LoopRuntime, Registry, RetryCache
 from service.storage import store
 from service.storage.db import make_engine, make_sessionmaker
-from tests.conftest import make_settings
+from tests.support.harness import make_settings
 
 
 def answered(n: int) -> Answered:

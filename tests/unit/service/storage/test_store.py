@@ -1,8 +1,11 @@
-"""service.storage.store on a real (SQLite) database: ingestion, the join's queries, dangling
-observations, the outbox's positions and the last admin key."""
+"""service.storage.store on a real database (SQLite; Postgres where concurrency matters):
+ingestion, the join's queries, dangling observations, the outbox's positions, the last admin
+key, and replicas racing for the environment key or the model-signing key."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +18,10 @@ from service.core import record
 from service.storage import store
 from service.storage.db import make_engine, make_sessionmaker
 from service.storage.models import DeadLetter, Decision, Joined, Observation
-from tests.conftest import make_settings
+from tests.support.harness import make_settings
 
+KEY_A = "env-key-a-0123456789abcdefghijklmnop"
+KEY_B = "env-key-b-0123456789abcdefghijklmnop"
 CONTEXT = context_json([{"user": "u"}], [("a", [{"k": 1}]), ("b", [{"k": 2}])]).decode()
 
 
@@ -143,3 +148,94 @@ def test_the_last_valid_admin_key_cannot_be_revoked(sessions: sessionmaker[Sessi
         store.revoke_key(session, row=session.merge(first), now=2.0)
     with sessions.begin() as session, pytest.raises(store.LastAdminKeyError):
         store.revoke_key(session, row=session.merge(second), now=2.0)
+
+
+def test_replicas_installing_the_environment_key_together_leave_one(postgres_url: str) -> None:
+    """Every serving process stores DLOOP_API_KEY as it starts; those starting at once wait for
+    each other and end with that one env key (the previous one gone), none failing."""
+    from sqlalchemy import select, text
+
+    from service.storage import store
+    from service.storage.db import make_engine, make_sessionmaker
+    from service.storage.migrate import upgrade
+    from service.storage.models import ApiKey
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        with sessions.begin() as session:
+            store.install_env_key(session, key=KEY_A, now=1.0)
+        first = sessions()
+        first.begin()
+        store.install_env_key(first, key=KEY_B, now=2.0)  # not committed yet
+        failures: list[BaseException] = []
+
+        def replica() -> None:
+            try:
+                with sessions.begin() as session:
+                    store.install_env_key(session, key=KEY_B, now=3.0)
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=replica) for _ in range(2)]
+        for t in threads:
+            t.start()
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event = 'advisory'"
+        )
+        deadline = time.monotonic() + 10
+        with engine.connect() as probe:
+            while probe.execute(waiting).scalar() != 2:
+                assert time.monotonic() < deadline, "the replicas never waited for the first"
+                probe.rollback()
+                time.sleep(0.01)
+        first.commit()
+        first.close()
+        for t in threads:
+            t.join(10)
+        assert not failures
+        with sessions() as session:
+            env = session.scalars(select(ApiKey.key_hash).where(ApiKey.source == "env")).all()
+        assert env == [store.hash_key(KEY_B)]
+    finally:
+        engine.dispose()
+
+
+def test_replicas_racing_for_the_signing_key_agree_on_one(postgres_url: str) -> None:
+    """Two processes asking for the key of a new deployment at once: the second insert waits
+    for the first transaction and then reads its key back."""
+    from sqlalchemy import text
+
+    from service.storage import store
+    from service.storage.db import make_engine, make_sessionmaker
+    from service.storage.migrate import upgrade
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        first = sessions()
+        first.begin()
+        key = store.server_secret(first, name="model-signing", now=1.0)  # not committed yet
+        found: list[bytes] = []
+
+        def second() -> None:
+            with sessions.begin() as session:
+                found.append(store.server_secret(session, name="model-signing", now=2.0))
+
+        t = threading.Thread(target=second)
+        t.start()
+        deadline = time.monotonic() + 10
+        with engine.connect() as conn:  # wait until the second insert waits on the first
+            waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+            while conn.execute(text(waiting)).scalar_one() == 0:
+                assert time.monotonic() < deadline, "the second insert never waited"
+                conn.rollback()
+        first.commit()
+        first.close()
+        t.join(10)
+        assert found == [key] and len(key) == 32
+    finally:
+        engine.dispose()

@@ -1,0 +1,92 @@
+"""What a fresh machine installs, checked statically: the lock pins every version the tests ran
+with, and `make install`, CI and the Docker image all install through it."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCK = "requirements.lock"
+
+
+def locked() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for raw in (ROOT / LOCK).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;=<>!~,\[\]]+)", line)
+        assert match, f"{LOCK}: not an exact pin: {raw!r}"
+        name = canonicalize_name(match[1])
+        assert name not in pins, f"{LOCK}: {name} pinned twice"
+        Version(match[2])  # a real version, not a URL or a wildcard
+        pins[name] = match[2]
+    return pins
+
+
+def requirements() -> dict[str, list[Requirement]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {
+        "dependencies": [Requirement(r) for r in project["dependencies"]],
+        "test": [Requirement(r) for r in project["optional-dependencies"]["test"]],
+    }
+
+
+def test_every_package_in_the_lock_pins_an_exact_version() -> None:
+    pins = locked()
+    assert len(pins) > 20
+    assert "dloop" not in pins, "the project itself is installed from the source tree"
+
+
+@pytest.mark.parametrize("group", ["dependencies", "test"])
+def test_pyproject_dependencies_are_locked_at_versions_they_allow(group: str) -> None:
+    """A dependency added or bumped in pyproject.toml without `make lock` fails here."""
+    pins = locked()
+    for req in requirements()[group]:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} ({group}) is not in {LOCK}: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{LOCK} pins {name}=={pins[name]}, pyproject.toml asks {req}: run `make lock`"
+        )
+
+
+def test_dockerfile_installs_with_the_lock() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    copies = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
+    assert any(LOCK in sources for sources in copies), "the Dockerfile does not copy the lock"
+    installs = [shlex.split(line) for line in lines if "pip install" in line]
+    assert installs, "the Dockerfile installs nothing"
+    for words in installs:
+        assert any(
+            flag in ("-c", "-r", "--constraint", "--requirement") and value == LOCK
+            for flag, value in itertools.pairwise(words)
+        ), f"installs without {LOCK}: {' '.join(words)}"
+
+
+def test_make_install_uses_the_lock_and_reinstalls_when_it_changes() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(rf"^LOCK\s*:?=\s*{re.escape(LOCK)}\s*$", makefile, re.M)
+    rule = re.search(r"^\$\(STAMP\):(.*)\n((?:\t.*\n)+)", makefile, re.M)
+    assert rule, "no install rule"
+    assert "$(LOCK)" in rule[1].split(), "the install stamp does not depend on the lock"
+    installs = [line for line in rule[2].splitlines() if "pip install" in line and "-e" in line]
+    assert installs and all("-c $(LOCK)" in line for line in installs), installs
+    assert re.search(r"^lock:", makefile, re.M), "no `make lock`"
+
+
+def test_ci_runs_what_a_developer_runs() -> None:
+    steps = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.startswith("make ")
+    ]
+    assert steps == ["make lint", "make typecheck", "make test"]

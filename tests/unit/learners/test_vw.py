@@ -1,0 +1,159 @@
+"""VW glue (learners.vw): a model is checked before it is served (its kind, its bytes to the
+last one, header options that would make VW write files), and a skipped multi-slot line is never
+handed to VW."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import mmh3
+import orjson
+import pytest
+
+from learners import policy, vw
+from learners.cb import CBTrainer
+from learners.ccb import ccb_context
+
+ACTIONS = [{"id": f"a{i}", "features": [{"kind": {"k": f"k{i}"}}]} for i in range(4)]
+
+
+POLICIES = [
+    ("cb", "--cb_explore_adf --squarecb -q ::"),
+    ("cb", "--cb_explore_adf --epsilon 0.2 --power_t 0 -l 0.001 --cb_type mtr -q ::"),
+    ("cb", "--cb_explore_adf --squarecb -q :: --sparse_weights"),
+    ("ccb", "--ccb_explore_adf --squarecb -q ::"),
+    ("rl", "--cb_adf -q ::"),
+]
+
+
+def trained_bytes(args: str, *, predict_only: bool = False) -> bytes:
+    line = orjson.dumps(
+        {
+            "_label_cost": -1.0,
+            "_label_probability": 0.5,
+            "_label_Action": 1,
+            "_labelIndex": 0,
+            "a": [1, 2],
+            "p": [0.5, 0.5],
+            "c": {"u": {"f": "x"}, "_multi": [{"a": {"id": "1"}}, {"a": {"id": "2"}}]},
+        }
+    ).decode()
+    if args.startswith("--ccb"):
+        line = orjson.dumps(
+            {
+                "c": {
+                    "u": {"f": "x"},
+                    "_multi": [{"a": {"id": "1"}}, {"a": {"id": "2"}}],
+                    "_slots": [{"_id": "s"}],
+                },
+                "_outcomes": [{"_label_cost": -1.0, "_a": [0, 1], "_p": [0.5, 0.5]}],
+            }
+        ).decode()
+    trainer = CBTrainer(args)
+    for _ in range(20):
+        trainer.learn_text(line)
+    model = trainer.to_bytes()
+    if predict_only:
+        ws = vw.workspace("--predict_only_model", model)
+        model = vw.model_bytes(ws)
+        ws.finish()
+    return model
+
+
+@pytest.mark.parametrize("kind,args", POLICIES)
+@pytest.mark.parametrize("predict_only", [False, True], ids=["resumable", "predict-only"])
+def test_check_model_refuses_truncated_or_padded_models(
+    kind: str, args: str, predict_only: bool
+) -> None:
+    model = trained_bytes(args, predict_only=predict_only)
+    vw.check_model(model, kind=kind)
+    vw.check_model(CBTrainer(args).to_bytes(), kind=kind)
+    for cut in (1, 3, 7):
+        with pytest.raises(policy.PolicyError):
+            vw.check_model(model[:-cut], kind=kind)
+    for pad in (b"\0", b"\0" * 5, b"junk" * 4):
+        with pytest.raises(policy.PolicyError):
+            vw.check_model(model + pad, kind=kind)
+
+
+def rebuild(model: bytes, *, options: str | None = None, model_id: str | None = None) -> bytes:
+    """`model` with its header's option string or id replaced and the header checksum redone:
+    what anyone can write, since VW's checksum (MurmurHash3 chained over the header's fields,
+    from the id on) is no secret. Assumes no --ngram or --skips."""
+    u32 = struct.Struct("<I")
+    pos = 4 + u32.unpack_from(model, 0)[0]
+    id_end = pos + 4 + u32.unpack_from(model, pos)[0]
+    old_id = model[pos + 4 : id_end]
+    fixed = model[id_end : id_end + 1 + 24]  # 'm', min, max, bits, lda, 0 ngrams, 0 skips
+    pos = id_end + 25
+    opts_end = pos + 4 + u32.unpack_from(model, pos)[0]
+    old_opts = model[pos + 4 : opts_end]
+    rest = model[opts_end + 8 :]  # after the checksum's length and value
+    new_id = old_id if model_id is None else model_id.encode() + b"\0"
+    new_opts = old_opts if options is None else options.encode() + b"\0"
+    fields = [u32.pack(len(new_id)), new_id, fixed[:1]]
+    fields += [fixed[i : i + 4] for i in range(1, 25, 4)]
+    fields += [u32.pack(len(new_opts)), new_opts]
+    digest = 0
+    for field in fields:
+        digest = mmh3.hash(field, digest, signed=False)
+    header = model[: 4 + u32.unpack_from(model, 0)[0]] + b"".join(fields)
+    return header + u32.pack(4) + u32.pack(digest) + rest
+
+
+def test_model_header_options_cannot_make_vw_write_files(tmp_path: Path) -> None:
+    model = trained_bytes("--cb_explore_adf --squarecb -q ::")
+    assert rebuild(model) == model  # the helper rebuilds a real header exactly
+    target = tmp_path / "written"
+    options = " --cb_adf --cb_explore_adf --cb_type mtr --csoaa_ldf multiline --squarecb"
+    crafted = [
+        rebuild(model, options=f"{options} --readable_model {target}"),
+        rebuild(model, options=f"{options} --invert_hash={target}"),
+        rebuild(model, options=f"{options} --dump_json_weights_experimental {target}"),
+        rebuild(model, model_id=f"x --readable_model {target}"),
+        rebuild(model, options=f'{options} --quadratic ":: --readable_model {target}"'),
+    ]
+    for bad in crafted:
+        with pytest.raises(policy.PolicyError):
+            vw.check_model(bad, kind="cb")
+    assert not target.exists()
+
+
+def test_a_skipped_multi_slot_line_is_not_handed_to_vw() -> None:
+    """VW 9.11.9 segfaults learning a `_skipLearn` CCB line; learners must drop it first."""
+    from learners.cb import CBTrainer
+    from learners.ccb import ccb_line
+
+    c = ccb_context(
+        [{"user": {"u": "u0"}}],
+        [(a["id"], a["features"]) for a in ACTIONS[:2]],
+        [("hero", [], [0, 1])],
+    )
+    trainer = CBTrainer("--ccb_explore_adf --squarecb -q ::")
+    for skip in (False, True):
+        line = ccb_line(
+            event_id="e",
+            timestamp="2026-11-24T10:00:00.000000Z",
+            c=c,
+            outcomes=[{"id": "hero", "a": [1, 0], "p": [0.5, 0.5], "cost": -1.0, "original": -1.0}],
+            baselines=[0],
+            model_id="m",
+            skip_learn=skip,
+        )
+        trainer.learn(line)
+    assert trainer.examples == 1
+
+
+def test_model_import_checks_the_models_kind() -> None:
+    from learners import policy, vw
+    from learners.policy import PolicyError
+
+    models = {
+        kind: vw.model_bytes(vw.workspace(policy.algorithm(kind))) for kind in ("cb", "ccb", "rl")
+    }
+    for kind, model in models.items():
+        vw.check_model(model, kind=kind)
+        for other in set(models) - {kind}:
+            with pytest.raises(PolicyError, match=policy.algorithm(other)):
+                vw.check_model(model, kind=other)
