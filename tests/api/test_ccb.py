@@ -164,6 +164,7 @@ def slate_value(user: int, slate: tuple[int, ...]) -> float:
     return sum(click(user, k, a) for k, a in enumerate(slate))
 
 
+@pytest.mark.slow
 def test_the_learned_slate_beats_baselines_and_random(harness: Harness) -> None:
     make_page(harness)
     rng = np.random.default_rng(4)

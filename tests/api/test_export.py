@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 import vowpalwabbit
 from typer.testing import CliRunner
 
@@ -63,6 +64,7 @@ def test_export_round_trip(harness: Harness, tmp_path: Path) -> None:
     assert learnable == 54  # six deferred events were never activated
 
 
+@pytest.mark.slow
 def test_a_model_replayed_from_exported_logs_ranks_like_the_live_one(
     harness: Harness, tmp_path: Path
 ) -> None:

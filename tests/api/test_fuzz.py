@@ -201,6 +201,7 @@ def test_no_key(case: schemathesis.Case, api: Api) -> None:
 CREATED_LOOP = "PUT /loops/{name} -> [201]"
 
 
+@pytest.mark.slow
 def test_stateful(api: Api) -> None:
     """Sequences along the document's links: a new loop, then the operations on it (keys,
     configuration, ranks and their rewards, evaluations and their reads, deletion)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from learners.cb import DEFAULT_POLICY
 from learners.policy import with_exploration
 from learners.sim.reference import run_reference, run_served
@@ -15,6 +17,7 @@ SEED = 3
 DECISIONS_PER_SECOND = 10  # simulated traffic: the fake clock moves 0.1 s per decision
 
 
+@pytest.mark.slow
 def test_served_policy_matches_a_hand_built_vw_loop(harness: Harness) -> None:
     harness.configure(modelExportFrequency="PT1S", rewardWaitTime="PT30S")
 

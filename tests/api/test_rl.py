@@ -105,6 +105,7 @@ def test_episode_api(harness: Harness) -> None:
     assert r.status_code == 400
 
 
+@pytest.mark.slow
 def test_cliffwalking_reaches_the_optimal_return_through_http(harness: Harness) -> None:
     rl = make_loop(harness, "cliff", "rl", TABULAR_RL_POLICY)
     curve = simulate.run(
@@ -129,6 +130,7 @@ def test_cliffwalking_reaches_the_optimal_return_through_http(harness: Harness) 
     assert simulate.greedy_return(model, "rl", "CliffWalking-v1", 200, 1) == -13.0
 
 
+@pytest.mark.slow
 def test_delayed_reward_a_bandit_fails_and_rl_succeeds(harness: Harness) -> None:
     """DelayedKey: a coin now (0.1) or the key, which pays 1 at the end of a 10-step episode."""
     rl = make_loop(harness, "rl", "rl", TABULAR_RL_POLICY)
@@ -156,6 +158,7 @@ def test_delayed_reward_a_bandit_fails_and_rl_succeeds(harness: Harness) -> None
     assert cb_curve.greedy[60] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_simulate_drives_a_cb_loop_on_a_synthetic_world(harness: Harness) -> None:
     import gymnasium as gym
     import numpy as np
@@ -193,6 +196,7 @@ def test_simulate_drives_a_cb_loop_on_a_synthetic_world(harness: Harness) -> Non
     assert gain > 0.5, gain
 
 
+@pytest.mark.slow
 def test_offline_evaluation_of_an_rl_loop(harness: Harness, tmp_path: Path) -> None:
     """Per-decision importance sampling on logged DelayedKey episodes: the uniform policy's
     discounted return is known exactly; weights over 10-step episodes are flagged when too

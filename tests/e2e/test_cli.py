@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import Engine, Select, create_engine, func, select
 
 from service.storage.models import Episode
@@ -58,6 +59,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
     assert proc.returncode == 0, out
 
 
+@pytest.mark.slow
 def test_up_prints_a_key_once_and_restarts_without_losing_events(tmp_path: Path) -> None:
     data = tmp_path / "dloop-data"
     port = free_port()
@@ -118,6 +120,7 @@ def test_keys_create_replaces_a_lost_admin_key(tmp_path: Path) -> None:
         stop(proc)
 
 
+@pytest.mark.slow
 def test_simulate_and_replay_as_a_user_runs_them(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -100,6 +101,7 @@ def check_exactly_once(stack: Stack, n: int) -> None:
     assert count(stack.db_url, select(ModelCheckpoint.examples)) == n
 
 
+@pytest.mark.slow
 def test_broker_outage_loses_and_duplicates_nothing(stack: Stack, kafka_broker: Broker) -> None:
     configure(stack)
     before = Traffic(stack, 0, 300)
@@ -142,6 +144,7 @@ def kill_after_progress(
     return left
 
 
+@pytest.mark.slow
 def test_killed_workers_and_a_postgres_restart(stack: Stack) -> None:
     configure(stack)
     prefix = stack.env["DLOOP_KAFKA__TOPIC_PREFIX"]
@@ -166,6 +169,7 @@ def test_killed_workers_and_a_postgres_restart(stack: Stack) -> None:
     check_exactly_once(stack, traffic.sent)
 
 
+@pytest.mark.slow
 def test_a_postgres_restart_mid_stream_loses_and_repeats_nothing(stack: Stack) -> None:
     """`dloop serve` + `join` + `learn` under steady rank and reward traffic; Postgres restarts
     once both workers are mid-stream. Every decision is joined exactly once with its reward and

@@ -146,6 +146,7 @@ RESERVED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", RESERVED)
 def test_reserved_keys_are_ignored_when_a_model_serves(server: Server, context: Any) -> None:
     serve_a_model(server)
@@ -164,6 +165,7 @@ def test_reserved_keys_are_ignored_when_a_model_serves(server: Server, context: 
     assert server.alive()
 
 
+@pytest.mark.slow
 def test_a_reserved_key_neither_crashes_the_learner_nor_stops_other_loops(server: Server) -> None:
     """`__aid` used to kill the embedded learner on the joined row (and again after every
     restart); `_multi`/`_labelIndex` made every worker pass raise, so no loop learned."""
@@ -204,6 +206,7 @@ def insert_poison(s: Server, line: str, *, loop: str = "default", event_id: str 
         engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("context", "why"),
     [
@@ -228,6 +231,7 @@ def test_a_joined_row_that_breaks_vw_is_dead_lettered_and_learning_goes_on(
     assert len(letters) == 1 and why in letters[0].reason, letters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "context",
     [[{"é": [1]}], [{"ns": {"€": {"x": 1}}}], [{"😀": {}}]],
@@ -246,6 +250,7 @@ def test_a_namespace_named_past_ascii_is_a_400_not_a_crash(server: Server, conte
     assert server.alive()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "server",
     [{"DLOOP_LIMITS__MAX_CONNECTIONS": "4", "DLOOP_LIMITS__KEEP_ALIVE": "1"}],

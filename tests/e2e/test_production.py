@@ -8,6 +8,7 @@ import time
 
 import httpx
 import orjson
+import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from service.storage.migrate import upgrade
@@ -52,6 +53,7 @@ def send(stack: Stack, events: range) -> None:
             assert r.status_code == 204
 
 
+@pytest.mark.slow
 def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
     cfg = stack.api("GET", "/personalizer/v1.0/configurations/service").json()
     cfg.update(modelExportFrequency="PT1S", rewardWaitTime="PT4S", rewardAggregation="earliest")
@@ -172,6 +174,7 @@ def test_rank_reward_join_learn_across_processes(stack: Stack) -> None:
     assert {orjson.loads(line)["EventId"] for line in lines} == {f"e{i}" for i in range(n, n + 50)}
 
 
+@pytest.mark.slow
 def test_rl_loop_learns_episodes_on_the_production_path(stack: Stack) -> None:
     from learners.rl import TABULAR_RL_POLICY
     from service.client import Client
@@ -199,6 +202,7 @@ def test_rl_loop_learns_episodes_on_the_production_path(stack: Stack) -> None:
     assert len(curve.returns) == 40
 
 
+@pytest.mark.slow
 def test_multi_slot_loop_learns_on_the_production_path(stack: Stack) -> None:
     from service.storage.models import Joined as J
 

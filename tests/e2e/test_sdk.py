@@ -144,6 +144,7 @@ def test_old_sdk_rank_reward_activate_on_v1(live_server: LiveServer) -> None:
     client.events.reward("old-1", 1.0)
 
 
+@pytest.mark.slow
 def test_offline_evaluation_through_the_admin_sdk(live_server: LiveServer) -> None:
     """Log a simulated world's traffic, evaluate policies on it, apply the best one."""
     from datetime import UTC, datetime, timedelta

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import pytest
 from typer.testing import CliRunner
 
 from learners import vw
@@ -82,6 +83,7 @@ def test_cli_evaluate_refuses_file_options(tmp_path: Path, files: tuple[Path, Pa
     assert_untouched(existing, fresh)
 
 
+@pytest.mark.slow
 def test_cli_evaluates_replays_and_scores_features_from_a_dsjson_file(tmp_path: Path) -> None:
     lines, truth = simulated_log(4000)
     log = tmp_path / "exported.json"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.support.harness import AUTH, Harness
 
 
+@pytest.mark.slow
 def test_an_evaluation_whose_process_crashes_fails_alone(harness: Harness) -> None:
     """Evaluations train VW policies on logged input in a process of their own: a native crash
     there (here: SIGSEGV sent to it) fails the job and nothing else."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import orjson
+import pytest
 from sqlalchemy import func, select
 
 from service.pipeline.join_worker import JoinWorker
@@ -25,6 +26,7 @@ from tests.support.records import records
 from tests.support.services import Broker
 
 
+@pytest.mark.slow
 def test_a_lagging_joiner_reads_the_rewards_before_closing_their_windows(
     postgres_url: str, kafka_broker: Broker
 ) -> None:
@@ -69,6 +71,7 @@ def test_a_lagging_joiner_reads_the_rewards_before_closing_their_windows(
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_a_joiner_whose_database_fails_after_a_poll_ingests_every_record_once(
     postgres_url: str, kafka_broker: Broker
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
 from sqlalchemy import select
 
 from service.core.joined import joined_message
@@ -26,6 +27,7 @@ from tests.support.records import dsjson
 from tests.support.services import Broker
 
 
+@pytest.mark.slow
 def test_a_learner_whose_database_fails_after_a_poll_learns_every_row_once(
     postgres_url: str, kafka_broker: Broker
 ) -> None:
@@ -61,6 +63,7 @@ def test_a_learner_whose_database_fails_after_a_poll_learns_every_row_once(
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_learners_rebalancing_mid_stream_learn_every_row_once(
     postgres_url: str, kafka_broker: Broker
 ) -> None:
@@ -128,6 +131,7 @@ def test_learners_rebalancing_mid_stream_learn_every_row_once(
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
     postgres_url: str, kafka_broker: Broker
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.cb import CBTrainer
@@ -59,6 +60,7 @@ def assert_restarted_blank(ckpt: ModelCheckpoint | None, arguments: str, learned
     assert "--squarecb" in options and "--epsilon" not in options, options
 
 
+@pytest.mark.slow
 def test_the_stream_learner_does_not_continue_a_model_of_other_arguments(
     postgres_url: str, kafka_broker: Broker
 ) -> None:

@@ -11,6 +11,7 @@ from tests.support.bodies import rank_body
 from tests.support.harness import AUTH, Harness
 
 
+@pytest.mark.slow
 def test_auto_optimization_applies_a_policy_only_when_it_is_clearly_better(
     harness: Harness,
 ) -> None:
