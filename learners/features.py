@@ -13,10 +13,10 @@ inside features (`__aid` segfaults VW 9.11.9's parser, `_multi`, `_labelIndex`, 
 make it raise or change the example). dloop drops them rather than rejecting the request: that is
 Personalizer's rule, so clients that send `_`-prefixed metadata keep working. A namespace (a key
 whose value is an object or an array) named with a non-ASCII first letter segfaults VW 9.11.9
-too (found by dloop's fuzzer, tests/test_sandbox.py): that is a 400. `clean_features` applies
-these rules to rank requests (with the other rules and the size limits, so bad input is a 400,
-not a parser exception), `clean_context`/`clean_line` to logged decisions and DSJSON files read
-back (ingestion, replay, evaluation).
+too (found by dloop's fuzzer, tests/unit/learners/test_sandbox.py): that is a 400.
+`clean_features` applies these rules to rank requests (with the other rules and the size
+limits, so bad input is a 400, not a parser exception), `clean_context`/`clean_line` to logged
+decisions and DSJSON files read back (ingestion, replay, evaluation).
 """
 
 from __future__ import annotations

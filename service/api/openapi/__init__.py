@@ -7,7 +7,7 @@ operationId; OPERATIONS gives each its request body, success responses and every
 (with Personalizer's error body); each Personalizer path is repeated under /loops/{loop}; and
 links tie created loops, keys, evaluations and ranked events to the operations that use them.
 Contract: every answer the app gives has its status, headers and body documented here
-(tests/test_fuzz.py checks that by fuzzing); an operation missing from OPERATIONS still gets
+(tests/api/test_fuzz.py checks that by fuzzing); an operation missing from OPERATIONS still gets
 DEFAULT_ERRORS, and 408/413 are documented everywhere, 429/503 on rank, reward and activate.
 """
 
