@@ -112,3 +112,31 @@ def caught_up_with(
     servers = settings.kafka.bootstrap_servers
     assert servers
     return lambda: caught_up_at(postgres_url, servers, kind, topic)
+
+
+def learn_to(
+    settings: Settings, sessions: sessionmaker[Session], *, position: int, what: str
+) -> None:
+    """Run a stream learner (checkpointing every step) until the default loop's checkpoint
+    stands at `position` in the joined stream; fails with `what` after 60 s."""
+    from service.pipeline.learn_worker import LearnWorker
+    from service.storage.models import ModelCheckpoint
+
+    learner = LearnWorker(
+        sessions=sessions,
+        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
+        joined_topic=kafka.joined_topic(settings),
+    )
+    deadline = time.time() + 60
+    try:
+        while True:
+            learner.run_once(poll_ms=200)
+            learner.checkpoint()
+            with sessions() as session:
+                ckpt = session.get(ModelCheckpoint, "default")
+                if ckpt is not None and ckpt.position == position:
+                    return
+            assert time.time() < deadline, what
+    finally:
+        learner.consumer.close()
+        learner.host.close()

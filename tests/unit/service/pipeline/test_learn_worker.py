@@ -19,6 +19,7 @@ from tests.support.pipeline import (
     FlakySessions,
     TellingConsumer,
     caught_up_with,
+    learn_to,
     pipeline,
     running,
     wait_for,
@@ -150,24 +151,9 @@ def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
     messages = [(b"default", joined_message(rows[i : i + 4])) for i in range(0, 12, 4)]
     kafka.send_all(producer, kafka.joined_topic(settings), messages, timeout=10)
     producer.close()
-    learner = LearnWorker(
-        sessions=sessions,
-        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
-        joined_topic=kafka.joined_topic(settings),
-    )
-    deadline = time.time() + 60
-    try:
-        while True:
-            learner.run_once(poll_ms=200)
-            learner.checkpoint()
-            with sessions() as session:
-                ckpt = session.get(ModelCheckpoint, "default")
-                if ckpt is not None and ckpt.position == 12:
-                    break
-            assert time.time() < deadline, "the learner did not get past the poison"
-    finally:
-        learner.consumer.close()
-        learner.host.close()
+    learn_to(settings, sessions, position=12, what="the learner did not get past the poison")
+    with sessions() as session:
+        ckpt = session.get(ModelCheckpoint, "default")
     with sessions() as session:
         ckpt = session.get(ModelCheckpoint, "default")
         assert ckpt is not None and ckpt.examples == 11  # every line but the poison, once

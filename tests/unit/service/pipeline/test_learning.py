@@ -12,11 +12,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from learners.cb import CBTrainer
 from learners.policy import header_options, with_exploration
 from service.core.joined import joined_message
-from service.pipeline.learn_worker import LearnWorker
 from service.storage import kafka, store
 from service.storage.models import ModelCheckpoint
 from tests.support.harness import Harness
-from tests.support.pipeline import pipeline
+from tests.support.pipeline import learn_to, pipeline
 from tests.support.records import dsjson
 from tests.support.services import Broker
 
@@ -79,24 +78,9 @@ def test_the_stream_learner_does_not_continue_a_model_of_other_arguments(
     messages = [(b"default", joined_message(rows[i : i + 3])) for i in range(0, 6, 3)]
     kafka.send_all(producer, kafka.joined_topic(settings), messages, timeout=10)
     producer.close()
-    learner = LearnWorker(
-        sessions=sessions,
-        consumer=kafka.consumer(settings, group=f"{settings.kafka.topic_prefix}.learner"),
-        joined_topic=kafka.joined_topic(settings),
-    )
-    deadline = time.time() + 60
-    try:
-        while True:
-            learner.run_once(poll_ms=200)
-            learner.checkpoint()
-            with sessions() as session:
-                ckpt = session.get(ModelCheckpoint, "default")
-                if ckpt is not None and ckpt.position == 6:
-                    break
-            assert time.time() < deadline, "the learner did not reach the end of the stream"
-    finally:
-        learner.consumer.close()
-        learner.host.close()
+    learn_to(settings, sessions, position=6, what="the learner did not reach the end of the stream")
+    with sessions() as session:
+        ckpt = session.get(ModelCheckpoint, "default")
     assert_restarted_blank(ckpt, arguments, learned=4)  # positions 3 to 6
     engine.dispose()
 
