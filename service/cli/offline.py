@@ -131,21 +131,18 @@ def replay(
     ] = False,
 ) -> None:
     """Train a model from scratch on logged interactions (RL loops: on their episodes)."""
-    from learners.policy import with_exploration
     from service.pipeline.replay import replay_lines, replay_model
+    from service.pipeline.runtime import trained_arguments
     from service.storage import store
 
     settings = settings_for(data_dir)
     row = _loop_row(settings, loop)
     if row is None and (apply or source == "db" or arguments is None):
         raise typer.BadParameter(f"loop '{loop}' does not exist", param_hint="--loop")
-    # What the loop trains: its policy with its exploration (an RL loop explores outside VW).
-    trained = ""
-    if row is not None:
-        explores = loop_kind(row.kind).explores_in_vw
-        exploration = store.loop_settings(row).exploration
-        trained = row.policy["arguments"]
-        trained = with_exploration(trained, exploration) if explores else trained
+    # What the loop trains: its policy with its exploration (as its learner does).
+    trained = (
+        "" if row is None else trained_arguments(row.kind, row.policy, store.loop_settings(row))
+    )
     if row is not None and loop_kind(row.kind).episodic:
         if source != "db":
             raise typer.BadParameter(

@@ -48,9 +48,15 @@ class LoopRuntime:
     def arguments(self) -> str:
         """The VW arguments trained and served: the policy with this loop's exploration (an RL
         loop explores outside VW, see learners.rl)."""
-        if not self.loop_kind.explores_in_vw:
-            return self.policy["arguments"]
-        return with_exploration(self.policy["arguments"], self.settings.exploration)
+        return trained_arguments(self.kind, self.policy, self.settings)
+
+
+def trained_arguments(kind: str, policy: dict[str, str], settings: LoopSettings) -> str:
+    """The VW arguments a loop of `kind` trains and serves with `policy`: the policy with the
+    loop's exploration, except for a loop that explores outside VW (RL, see learners.rl)."""
+    if not loop_kind(kind).explores_in_vw:
+        return policy["arguments"]
+    return with_exploration(policy["arguments"], settings.exploration)
 
 
 @dataclass(frozen=True, slots=True)
