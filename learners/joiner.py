@@ -78,6 +78,8 @@ class JoinResult:
     reward: float
     rewarded: bool
     imitated: bool
+    # Multi-slot: per slot (its reward, whether one was received), in the decision's slot order.
+    slots: tuple[tuple[float, bool], ...] = ()
 
 
 def in_window(created_at: float, received_at: float, wait: float) -> bool:
@@ -150,6 +152,7 @@ def _join_slots(decision: DecisionView, counted: Sequence[Obs], rules: JoinRules
     learnable = activated or not decision.deferred
     outcomes = []
     rewards = []
+    per_slot: list[tuple[float, bool]] = []
     rewarded = False
     imitated = True
     for slot in decision.slots:
@@ -158,6 +161,7 @@ def _join_slots(decision: DecisionView, counted: Sequence[Obs], rules: JoinRules
         rewarded |= bool(values)
         reward = aggregate(values, rules.aggregation, rules.default_reward)
         rewards.append(reward)
+        per_slot.append((reward, bool(values)))
         copies = bool(slot.ranking) and slot.ranking[0] == slot.baseline
         imitated &= copies
         cost = -(1.0 if copies else 0.0) if decision.mode == "Apprentice" else -reward
@@ -189,4 +193,4 @@ def _join_slots(decision: DecisionView, counted: Sequence[Obs], rules: JoinRules
         skip_learn=not learnable,
     )
     mean = sum(rewards) / len(rewards) if rewards else rules.default_reward
-    return JoinResult(line, learnable, mean, rewarded, imitated)
+    return JoinResult(line, learnable, mean, rewarded, imitated, tuple(per_slot))

@@ -34,6 +34,7 @@ from service.api.routes import (
     loops,
     model,
     multislot,
+    stats,
 )
 from service.api.state import Dloop
 from service.core.files import private_dir
@@ -126,7 +127,18 @@ def create_app(
         openapi_url="/openapi.json" if settings.docs else None,
     )
     errors.install(app)
-    routers = (events, multislot, configuration, evaluations, model, logs, loops, keys, health)
+    routers = (
+        events,
+        multislot,
+        configuration,
+        evaluations,
+        model,
+        logs,
+        loops,
+        stats,
+        keys,
+        health,
+    )
     for module in routers:
         app.include_router(module.router)
     openapi.install(app, [route for module in routers for route in module.router.routes])

@@ -105,6 +105,9 @@ def parse_rank(body: Any, max_actions: int, limits: FeatureLimits) -> dict[str, 
         defer = False
     if not isinstance(defer, bool):
         raise rank_error("deferActivation must be true or false")
+    unit = body.get("unitId")  # dloop: the live holdout's sticky key (a user, a session)
+    if unit is not None and not is_id(unit):
+        raise rank_error(f"unitId must be {ID_RULE}")
     return {
         "ids": ids,
         "features": feats,
@@ -112,6 +115,7 @@ def parse_rank(body: Any, max_actions: int, limits: FeatureLimits) -> dict[str, 
         "eligible": eligible,
         "event_id": event_id,
         "defer": defer,
+        "unit": unit,
         "features_count": count,
     }
 

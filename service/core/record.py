@@ -5,8 +5,8 @@ to the local log (embedded) or the events topic (Kafka path) and ingested by the
 the kind; every record has `loop`, `id` (the eventId, or the episodeId of an episode end) and
 `t` (seconds since the epoch, the server's clock when the call was answered):
 
-    {"k":"d", "deferred","mode","c","a","p","b","m", ["ep"], ["x"]}   a decision
-    {"k":"m", "deferred","mode","c","s","b","m"}                      a multi-slot decision
+    {"k":"d", "deferred","mode","c","a","p","b","m", ["ep"], ["x"], ["h","ho"]}  a decision
+    {"k":"m", "deferred","mode","c","s","b","m", ["h","ho"]}          a multi-slot decision
     {"k":"r", "u", ["v"], ["slot"]}                                   a reward
     {"k":"a", "u", ["slot"]}                                          an activation
     {"k":"e", "term"}                                                 an RL episode's end
@@ -16,6 +16,8 @@ the kind; every record has `loop`, `id` (the eventId, or the episodeId of an epi
   action's index; `m`: the id of the model that decided ("N/A" before the first);
 - `s` (multi-slot): per slot `{"id", "a", "p"}`, and `b` one baseline index per slot;
 - `ep`: the episode of an RL step; `x`: the inference explanation, when the loop makes them;
+- `h`: the loop's holdout share (0 to 0.5) when a holdout was on, `ho`: true if this decision
+  was held out (served by the holdout policy; `a`/`p` are what it really drew);
 - `u`: a unique id for an observation (a retried call is stored once), `v`: a reward's value,
   `slot`: the slot a multi-slot observation is for; `term`: false if the episode was truncated.
 
@@ -59,6 +61,8 @@ class Decision:
     m: str
     ep: str | None = None
     x: Any = None
+    h: float = 0.0
+    ho: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,8 @@ class SlotsDecision:
     s: list[SlotChoice]
     b: list[int]
     m: str
+    h: float = 0.0
+    ho: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +135,7 @@ def encode(record: Record) -> bytes:
             doc["ep"] = record.ep
         if record.x is not None:
             doc["x"] = record.x
+        _holdout(doc, record)
     elif isinstance(record, SlotsDecision):
         doc = {
             "k": SLOTS,
@@ -142,6 +149,7 @@ def encode(record: Record) -> bytes:
             "m": record.m,
             "c": record.c,
         }
+        _holdout(doc, record)
     elif isinstance(record, Observation):
         doc = {"k": record.k, "loop": record.loop, "id": record.id, "t": record.t, "u": record.u}
         if record.v is not None:
@@ -157,6 +165,13 @@ def encode(record: Record) -> bytes:
             "term": record.term,
         }
     return orjson.dumps(doc)
+
+
+def _holdout(doc: dict[str, Any], record: Decision | SlotsDecision) -> None:
+    if record.h > 0:
+        doc["h"] = record.h
+        if record.ho:
+            doc["ho"] = True
 
 
 def decode(raw: bytes | str) -> Record:
@@ -191,11 +206,14 @@ def _typed(kind: str, r: dict[str, Any], t: float) -> Record:
     if kind == DECISION:
         return Decision(
             loop, id_, t, r["deferred"], r["mode"], r["c"], r["a"], r["p"], r["b"], r["m"],
-            ep=r.get("ep"), x=r.get("x"),
+            ep=r.get("ep"), x=r.get("x"), h=float(r.get("h", 0.0)), ho=r.get("ho") is True,
         )  # fmt: skip
     if kind == SLOTS:
         slots = [SlotChoice(s["id"], s["a"], s["p"]) for s in r["s"]]
-        return SlotsDecision(loop, id_, t, r["deferred"], r["mode"], r["c"], slots, r["b"], r["m"])
+        return SlotsDecision(
+            loop, id_, t, r["deferred"], r["mode"], r["c"], slots, r["b"], r["m"],
+            h=float(r.get("h", 0.0)), ho=r.get("ho") is True,
+        )  # fmt: skip
     if kind == EPISODE_END:
         return EpisodeEnd(loop, id_, t, bool(r["term"]))
     return Observation(kind, loop, id_, t, r.get("u"), r.get("v"), r.get("slot"))

@@ -71,6 +71,10 @@ class ServiceConfiguration(Wire):
     is_inference_explainability_enabled: bool | None = False
     # dloop: the discount of future rewards in RL loops (ignored by bandit loops).
     discount_factor: float = Field(default=0.99, ge=0, le=1)
+    # dloop: a live holdout (learners.holdout): the percentage of decisions (0 to 50) served by
+    # the holdout policy instead of the model, in Online mode, to measure what the model earns.
+    holdout_percentage: float = Field(default=0.0, ge=0, le=50)
+    holdout_policy: Literal["baseline", "random"] = "baseline"
     latest_apprentice_mode_metrics: dict[str, Any] | None = None
 
     @field_serializer(
@@ -103,7 +107,9 @@ class ServiceConfiguration(Wire):
             raise ValueError(f"rewardAggregation must be one of {', '.join(AGGREGATIONS)}")
         return v.lower()
 
-    @field_validator("default_reward", "exploration_percentage", "discount_factor")
+    @field_validator(
+        "default_reward", "exploration_percentage", "discount_factor", "holdout_percentage"
+    )
     @classmethod
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
@@ -213,6 +219,8 @@ class LoopSettings:
     retention_days: int
     explain: bool
     discount: float
+    holdout: float  # the share of decisions held out (0 to 0.5), in Online mode
+    holdout_policy: str
     # Auto-optimisation: on or off, every how many seconds (0: not set), from when (0: not set).
     auto_optimize: bool
     auto_every: float
@@ -234,6 +242,8 @@ class LoopSettings:
             retention_days=cfg.log_retention_days,
             explain=bool(cfg.is_inference_explainability_enabled),
             discount=cfg.discount_factor,
+            holdout=cfg.holdout_percentage / 100 if cfg.learning_mode == "Online" else 0.0,
+            holdout_policy=cfg.holdout_policy,
             auto_optimize=bool(cfg.is_auto_optimization_enabled),
             auto_every=(
                 cfg.auto_optimization_frequency.total_seconds()

@@ -84,7 +84,7 @@ class EmbeddedWorker:
         self.batch_size = batch_size
         self.idle_evict = idle_evict
         self.max_dangling = max_dangling
-        self.learning = Learners(sessions, source=SOURCE, trainers=trainers)
+        self.learning = Learners(sessions, source=SOURCE, stream="seq", trainers=trainers)
         self.rl_trained_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._lock = threading.RLock()

@@ -1,4 +1,5 @@
-"""Which RL episodes a loop learns next, and how one is given up on.
+"""Which RL episodes a loop learns next, and how one is given up on; an episode's return
+(the sum of its steps' rewards) goes to the loop's rollups the first time it is learned.
 
 A bandit learner can learn each joined event as it comes; an RL target needs the whole episode
 (later rewards, the next state's value). So RL loops learn from the database: every export tick
@@ -63,8 +64,17 @@ class Pending:
         dead letters."""
         for i, reason in refused:
             _dead_letter(session, self.loop, self.steps[self.episodes[i].episode_id], reason, now)
+        sums: dict[tuple[int, str], dict[str, float]] = {}
         for episode in self.episodes:
             episode.learned = True
+            if not episode.counted:  # relearned after a reset: its return is counted already
+                episode.counted = True
+                ret = sum(r.reward for r in self.steps[episode.episode_id] if r.learnable)
+                row = sums.setdefault((store.bucket_of(episode.ended_at), ""), {})
+                row["episodes"] = row.get("episodes", 0.0) + 1
+                row["return_sum"] = row.get("return_sum", 0.0) + ret
+                row["return_sq"] = row.get("return_sq", 0.0) + ret * ret
+        store.add_stats(session, loop=self.loop, sums=sums)
 
 
 def pending(session: Session, *, loop: str, limit: int) -> Pending | None:

@@ -6,12 +6,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from sqlalchemy.orm import Session
 
-from learners.joiner import DecisionView, JoinRules, Obs, SlotDecision, in_window, is_complete, join
+from learners import rollups
+from learners.joiner import (
+    DecisionView,
+    JoinResult,
+    JoinRules,
+    Obs,
+    SlotDecision,
+    in_window,
+    is_complete,
+    join,
+)
 from service.core import record
 from service.storage import store
 from service.storage.models import Decision, Observation
+from service.storage.store.stats import bucket_of
 
 
 def join_due(
@@ -37,28 +49,107 @@ def join_due(
     if not candidates:
         return 0
     by_event = store.observations_of(session, loop=loop, event_ids=[d.event_id for d in candidates])
+    stats = Rollup(center=store.mean_reward(session, loop=loop))
     rows = [
         row
         for d in candidates
-        if (row := _join_one(d, by_event[d.event_id], rules, loop=loop, now=now)) is not None
+        if (row := _join_one(d, by_event[d.event_id], rules, stats, loop=loop, now=now)) is not None
     ]
     store.add_joined(session, rows)
+    store.add_stats(session, loop=loop, sums=stats.sums)
+    store.add_actions(session, loop=loop, counts=stats.actions)
+    if stats.late:
+        store.count_events(session, "late", {loop: stats.late})
     return len(rows)
 
 
+class Rollup:
+    """What a join batch adds to its loop's rollups (learners.rollups), per minute and slot.
+    `center`: the loop's mean reward before the batch (the holdout effect's centre)."""
+
+    def __init__(self, *, center: float) -> None:
+        self.center = center
+        self.sums: dict[tuple[int, str], dict[str, float]] = {}
+        self.actions: dict[tuple[int, str, str], int] = {}
+        self.late: list[float] = []
+
+    def add(self, r: record.Decision | record.SlotsDecision, result: JoinResult) -> None:
+        bucket = bucket_of(r.t)
+        ids = [a["_tag"] for a in orjson.loads(r.c)["_multi"]]
+        if isinstance(r, record.SlotsDecision):
+            for slot, baseline, outcome in zip(r.s, r.b, result.slots, strict=True):
+                self._add((bucket, slot.id), ids, (slot.a, slot.p, baseline), outcome, r, result)
+            # The whole decision: the slots' mean reward (the joined row's).
+            whole = rollups.outcome(
+                reward=result.reward,
+                rewarded=result.rewarded,
+                learnable=result.learnable,
+                share=r.h,
+                held=r.ho,
+                center=self.center,
+            )
+            rollups.add(self.sums.setdefault((bucket, ""), {}), whole)
+        else:
+            outcome = (result.reward, result.rewarded)
+            self._add((bucket, ""), ids, (r.a, r.p, r.b), outcome, r, result)
+
+    def _add(
+        self,
+        key: tuple[int, str],
+        ids: list[str],
+        choice: tuple[list[int], list[float], int],
+        outcome: tuple[float, bool],
+        r: record.Decision | record.SlotsDecision,
+        result: JoinResult,
+    ) -> None:
+        """One decision or one slot: `choice` (ranking, probabilities, baseline) as logged,
+        `outcome` (reward, whether one arrived)."""
+        ranking, probabilities, baseline = choice
+        sums = rollups.increments(
+            ranking=ranking,
+            probabilities=probabilities,
+            baseline=baseline,
+            reward=outcome[0],
+            rewarded=outcome[1],
+            learnable=result.learnable,
+            share=r.h,
+            held=r.ho,
+            center=self.center,
+        )
+        rollups.add(self.sums.setdefault(key, {}), sums)
+        if result.learnable and ranking:
+            action = (*key, ids[ranking[0]])
+            self.actions[action] = self.actions.get(action, 0) + 1
+
+
 def _join_one(
-    d: Decision, observations: list[Observation], rules: JoinRules, *, loop: str, now: float
+    d: Decision,
+    observations: list[Observation],
+    rules: JoinRules,
+    stats: Rollup,
+    *,
+    loop: str,
+    now: float,
 ) -> dict[str, Any] | None:
-    """The joined row of decision `d`, marking it and its observations; None if its window is
-    still open and it is not complete yet."""
-    view = view_of(d)
+    """The joined row of decision `d`, marking it and its observations and adding it to
+    `stats`; None if its window is still open and it is not complete yet."""
+    r = _decision(d)
+    view = view_of(d, r)
     obs = [Obs(o.kind, o.value, o.received_at, o.slot) for o in observations]
     if d.created_at > now - rules.wait and not is_complete(view, obs, rules):
         return None
     result = join(view, obs, rules)
     d.joined = True
+    observed_at = None
     for o in observations:
-        o.status = "joined" if in_window(d.created_at, o.received_at, rules.wait) else "late"
+        if in_window(d.created_at, o.received_at, rules.wait):
+            o.status = "joined"
+            if o.kind == "reward":
+                observed_at = max(observed_at or o.received_at, o.received_at)
+        else:
+            o.status = "late"
+            stats.late.append(o.received_at)
+    stats.add(r, result)
     return {
         "loop": loop,
         "event_id": d.event_id,
@@ -72,21 +163,27 @@ def _join_one(
         "line": result.line.decode(),
         "published": False,
         "episode": d.episode,
+        "observed_at": observed_at,
     }
 
 
-def view_of(d: Decision) -> DecisionView:
-    """What the join rules need of a stored decision."""
+def _decision(d: Decision) -> record.Decision | record.SlotsDecision:
     r = record.decode(d.record)
+    if not isinstance(r, record.Decision | record.SlotsDecision):
+        raise record.RecordError(f"decision {d.event_id} holds a record of another kind")
+    return r
+
+
+def view_of(d: Decision, r: record.Decision | record.SlotsDecision | None = None) -> DecisionView:
+    """What the join rules need of a stored decision (`r`: its record, if decoded already)."""
+    r = r if r is not None else _decision(d)
     slots: list[SlotDecision] = []
     if isinstance(r, record.SlotsDecision):
         # Multi-slot: the first slot stands for the decision where one is needed.
         slots = [SlotDecision(s.id, s.a, s.p, b) for s, b in zip(r.s, r.b, strict=True)]
         ranking, probabilities, baseline = slots[0].ranking, slots[0].probabilities, r.b[0]
-    elif isinstance(r, record.Decision):
-        ranking, probabilities, baseline = r.a, r.p, r.b
     else:
-        raise record.RecordError(f"decision {d.event_id} holds a record of another kind")
+        ranking, probabilities, baseline = r.a, r.p, r.b
     return DecisionView(
         event_id=d.event_id,
         created_at=d.created_at,

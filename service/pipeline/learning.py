@@ -55,6 +55,9 @@ class Learner:
     skip: set[int] = field(default_factory=set)  # dead-lettered positions ahead
     used_at: float = 0.0  # for a worker's schedule: when it was last asked for
     exported_at: float = 0.0  # ... and when its saving was last due
+    # What its positions count ("seq": joined rows, embedded; "pos": the joined topic), for a
+    # publication's freshness (store.add_publication); None: not a stream learner.
+    stream: str | None = None
 
     @property
     def learned(self) -> bool:
@@ -120,9 +123,20 @@ def open_learner(
 
 def save(session: Session, learner: Learner, *, loop: str, now: float) -> bytes:
     """Write the learner's model, arguments and position as the loop's checkpoint, under a new
-    model id, in the caller's transaction; returns the model's bytes (to publish)."""
+    model id, and its publication (store.add_publication), in the caller's transaction;
+    returns the model's bytes (to publish)."""
     model = learner.trainer.to_bytes()
     learner.model_id = uuid.uuid4().hex[:16]
+    store.add_publication(
+        session,
+        loop=loop,
+        model_id=learner.model_id,
+        examples=learner.trainer.examples,
+        now=now,
+        stream=learner.stream,
+        after=learner.saved_position,
+        upto=learner.position,
+    )
     store.save_checkpoint(
         session,
         loop=loop,
@@ -234,10 +248,16 @@ class Learners:
     learning moves on. A line VW refuses goes to the dead letters at once."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], *, source: str, trainers: TrainerHost | None = None
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        source: str,
+        stream: str,
+        trainers: TrainerHost | None = None,
     ) -> None:
         self.sessions = sessions
         self.source = source  # the dead letters' source (their ref: a position)
+        self.stream = stream  # what positions count (Learner.stream)
         self.host = trainers or TrainerHost()
         self.lines: dict[str, Learner] = {}
         self.episodes: dict[str, Learner] = {}
@@ -258,6 +278,7 @@ class Learners:
             session, self.host, loop=name, kind=kind, arguments=arguments, source=self.source
         )
         learner.used_at = now
+        learner.stream = self.stream
         self.lines[name] = learner
         return learner
 

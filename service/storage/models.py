@@ -120,6 +120,8 @@ class Joined(Base):
     pos: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     published: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     episode: Mapped[str | None] = mapped_column(ID, nullable=True)
+    # When the last reward counted in it arrived (None: no reward): a model's freshness.
+    observed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("loop", "event_id"),
@@ -160,6 +162,8 @@ class Episode(Base):
     ended_at: Mapped[float] = mapped_column(Float)
     terminated: Mapped[bool] = mapped_column(Boolean)
     learned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Its return is in the loop's rollups (LoopStat): a relearned episode is not counted again.
+    counted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (Index("ix_episodes_pending", "loop", "learned", "ended_at"),)
 
@@ -232,3 +236,79 @@ class ServerSecret(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+def _sum(kind: Any = Float) -> Any:
+    return mapped_column(kind, default=0, server_default="0")
+
+
+class LoopStat(Base):
+    """A loop's rollups for one minute (`bucket`: its start) and one slot ("": the whole
+    decision), kept by the joiner as it joins and by ingestion (learners.rollups says what each
+    sum is). Decisions count in the minute they were made, observations in the minute they
+    arrived."""
+
+    __tablename__ = "loop_stats"
+    loop: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    slot: Mapped[str] = mapped_column(ID, primary_key=True)
+    ranked: Mapped[int] = _sum(BigInteger)  # decisions ingested
+    late: Mapped[int] = _sum(BigInteger)  # observations after their event was joined
+    dangling: Mapped[int] = _sum(BigInteger)  # observations whose decision never came
+    decisions: Mapped[float] = _sum()
+    learnable: Mapped[float] = _sum()
+    rewarded: Mapped[float] = _sum()
+    explored: Mapped[float] = _sum()
+    reward_n: Mapped[float] = _sum()
+    reward_sum: Mapped[float] = _sum()
+    reward_sq: Mapped[float] = _sum()
+    holdout_n: Mapped[float] = _sum()
+    holdout_sum: Mapped[float] = _sum()
+    holdout_sq: Mapped[float] = _sum()
+    trial_n: Mapped[float] = _sum()
+    trial_sum: Mapped[float] = _sum()
+    trial_sq: Mapped[float] = _sum()
+    effect_n: Mapped[float] = _sum()
+    effect_sum: Mapped[float] = _sum()
+    effect_sq: Mapped[float] = _sum()
+    baseline_w: Mapped[float] = _sum()
+    baseline_w2: Mapped[float] = _sum()
+    baseline_wr: Mapped[float] = _sum()
+    baseline_wr2: Mapped[float] = _sum()
+    random_w: Mapped[float] = _sum()
+    random_w2: Mapped[float] = _sum()
+    random_wr: Mapped[float] = _sum()
+    random_wr2: Mapped[float] = _sum()
+    # RL loops (slot ""): episodes that ended in this minute and their undiscounted returns.
+    episodes: Mapped[float] = _sum()
+    return_sum: Mapped[float] = _sum()
+    return_sq: Mapped[float] = _sum()
+
+
+class ActionStat(Base):
+    """How often each action was served (chosen first) per minute and slot, once joined."""
+
+    __tablename__ = "action_stats"
+    loop: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    slot: Mapped[str] = mapped_column(ID, primary_key=True)
+    action: Mapped[str] = mapped_column(ID, primary_key=True)
+    n: Mapped[int] = _sum(BigInteger)
+
+
+class ModelPublication(Base):
+    """A model a loop's learner saved and published: when, how many examples it has learned,
+    and its freshness: how long after their rewards arrived the rewards it newly includes were
+    in a published model (p50, p95 over them; None when it includes no new reward)."""
+
+    __tablename__ = "model_publications"
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=True)
+    loop: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(String(64))
+    published_at: Mapped[float] = mapped_column(Float)
+    examples: Mapped[int] = mapped_column(BigInteger)
+    rewards: Mapped[int] = mapped_column(BigInteger, default=0)
+    freshness_p50: Mapped[float | None] = mapped_column(Float, nullable=True)
+    freshness_p95: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (Index("ix_model_publications_loop", "loop", "published_at"),)

@@ -204,6 +204,18 @@ OPERATIONS: dict[str, Op] = {
         "Get the logged events' date range (`{}` when there are none)", {200: "LogsProperties"}
     ),
     "list_loops": Op("List loops", {200: "LoopList"}, kind="admin"),
+    "get_holdout": Op(
+        "dloop: the live holdout's uplift (online against holdout decisions)",
+        {200: "Holdout"},
+        {404: ("ResourceNotFound",)},
+        kind="admin",
+    ),
+    "get_stats": Op(
+        "dloop: a loop's statistics per time bucket, from the joiner's rollups",
+        {200: "LoopStats"},
+        {400: ("InvalidRequest",), 404: ("ResourceNotFound",)},
+        kind="admin",
+    ),
     "create_loop": Op(
         "Create a loop (200 if it exists with that kind)",
         {200: "Loop", 201: "Loop"},

@@ -103,6 +103,49 @@ KEY = {
 }
 KEY_FIELDS = ("id", "role", "label", "source", "createdTime", "expiresTime")
 SECRET = {"type": "string", "description": "shown once: only its hash is stored"}
+UNIT_ID = {
+    **ID,
+    "description": "dloop: the live holdout's key (a user, a session): the same unitId is always "
+    "on the same side; without it the episodeId (rl) or the eventId decides",
+}
+HOLDOUT_MARK = {
+    "type": "boolean",
+    "description": "dloop: present (true) when the decision was held out (served by the "
+    "loop's holdout policy)",
+}
+NULLABLE_NUM = {"type": ["number", "null"]}
+PAIR = {"type": "array", "items": NUM, "minItems": 2, "maxItems": 2}
+NULLABLE_PAIR = {"type": ["array", "null"], "items": NUM, "minItems": 2, "maxItems": 2}
+SIDE = _obj(("decisions", "meanReward"), decisions={"type": "integer"}, meanReward=NULLABLE_NUM)
+ESTIMATE = {
+    "type": ["object", "null"],
+    "properties": {
+        "estimate": NUM,
+        "interval95": NULLABLE_PAIR,
+        "effectiveSampleSize": NUM,
+    },
+}
+_BUCKET_FIGURES = {
+    "joined": {"type": "integer"},
+    "rewarded": {"type": "integer"},
+    "defaulted": {"type": "integer"},
+    "meanReward": _obj(all=NULLABLE_NUM, online=NULLABLE_NUM, holdout=NULLABLE_NUM),
+    "onlineInterval95": NULLABLE_PAIR,
+    "holdoutInterval95": NULLABLE_PAIR,
+    "counterfactual": _obj(baseline=ESTIMATE, random=ESTIMATE),
+    "explorationShare": NULLABLE_NUM,
+    "actionShares": {"type": "object", "additionalProperties": NUM},
+}
+STATS_BUCKET = _obj(
+    ("start", "decisions", "late", "dangling"),
+    start=TIME,
+    decisions={"type": "integer", "description": "decisions made (ranked) in the bucket"},
+    late={"type": "integer"},
+    dangling={"type": "integer"},
+    episodes=_obj(count={"type": "integer"}, meanReturn=NUM),
+    slots={"type": "array", "items": _obj(("id",), id=STR, **_BUCKET_FIGURES)},
+    **_BUCKET_FIGURES,
+)
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "ErrorResponse": _obj(("error",), error=_obj(("code", "message"), code=STR, message=STR)),
@@ -114,6 +157,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         eventId=ID,
         deferActivation={"type": "boolean"},
         episodeId={**ID, "description": "dloop, loops of kind rl: the episode this step is in"},
+        unitId=UNIT_ID,
     ),
     "RankResponse": _obj(
         ("ranking", "eventId", "rewardActionId"),
@@ -121,6 +165,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         eventId=STR,
         rewardActionId=STR,
         inferenceExplanation=EXPLANATION,
+        holdout=HOLDOUT_MARK,
     ),
     "RewardRequest": _obj(("value",), value=REWARD),
     "EpisodeEnd": _obj(terminated={"type": "boolean", "default": True}),
@@ -141,6 +186,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         },
         eventId=ID,
         deferActivation={"type": "boolean"},
+        unitId=UNIT_ID,
     ),
     "MultiSlotRankResponse": _obj(
         ("eventId", "slots"),
@@ -149,6 +195,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "type": "array",
             "items": _obj(("id", "rewardActionId"), id=STR, rewardActionId=STR, probability=NUM),
         },
+        holdout=HOLDOUT_MARK,
     ),
     "MultiSlotRewardRequest": _obj(
         ("reward",),
@@ -180,6 +227,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             ),
         },
         joined={"type": "boolean"},
+        holdout=HOLDOUT_MARK,
         observations={
             "type": "array",
             "items": _obj(
@@ -248,6 +296,43 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ClientKey": _obj((*KEY_FIELDS, "loop"), **KEY, loop=NULLABLE_STR),
     "NewClientKey": _obj((*KEY_FIELDS, "loop", "key"), **KEY, loop=NULLABLE_STR, key=SECRET),
     "ClientKeyList": _list_of(ref("ClientKey")),
+    "Holdout": _obj(
+        ("holdoutPercentage", "holdoutPolicy", "online", "holdout", "uplift", "status"),
+        holdoutPercentage=NUM,
+        holdoutPolicy={"enum": ["baseline", "random"]},
+        online=SIDE,
+        holdout=SIDE,
+        uplift={
+            "type": ["object", "null"],
+            "description": "online minus holdout mean reward; null until each side has enough "
+            "joined decisions. interval95: Welch's, valid when looked at once; alwaysValid95: "
+            "a confidence sequence, valid however often it is looked at",
+            "properties": {"estimate": NUM, "interval95": PAIR, "alwaysValid95": PAIR},
+            "required": ["estimate", "interval95", "alwaysValid95"],
+        },
+        status=STR,
+    ),
+    "LoopStats": _obj(
+        ("loop", "kind", "since", "until", "bucketSeconds", "buckets", "models", "freshness"),
+        loop=STR,
+        kind={"enum": list(KINDS)},
+        since=TIME,
+        until=TIME,
+        bucketSeconds={"type": "integer"},
+        buckets={"type": "array", "items": STATS_BUCKET},
+        models={
+            "type": "array",
+            "items": _obj(
+                ("time", "modelId", "examples"),
+                time=TIME,
+                modelId=STR,
+                examples={"type": "integer"},
+                freshnessP50=NULLABLE_NUM,
+                freshnessP95=NULLABLE_NUM,
+            ),
+        },
+        freshness=_obj(("p50", "p95"), p50=NULLABLE_NUM, p95=NULLABLE_NUM),
+    ),
     "Health": _obj(("status",), status=STR),
     "Readiness": _obj(
         ("status", "checks", "logBacklogBytes"),

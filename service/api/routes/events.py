@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from learners.dsjson import timestamp
 from learners.features import context_json
+from learners.holdout import holdout_pmf, in_holdout
 from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
 from learners.sandbox import NO_MODEL, SandboxError
@@ -111,7 +112,10 @@ async def rank(request: Request) -> Response:
     now = d.clock()
     mode = rt.settings.mode
     context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
-    order, pmf, model_id = await _decide(d, rt, req, context, mode)
+    # The live holdout (learners.holdout), sticky per unitId, else per episode, else per event.
+    share = rt.settings.holdout
+    held = in_holdout(rt.name, req["unit"] or episode or event_id, share)
+    order, pmf, model_id = await _decide(d, rt, req, context, mode, held=held)
     explanation = None
     if rt.settings.explain and mode != "LoggingOnly":
         explanation = await _explain(d, rt, req)
@@ -129,6 +133,8 @@ async def rank(request: Request) -> Response:
         # A step of an episode; a rank without episodeId is an episode of one step.
         ep=(episode or event_id) if rt.loop_kind.episodic else None,
         x=explanation,
+        h=share,
+        ho=held,
     )
     # A concurrent rank of this eventId may have been answered while this one awaited VW.
     later = earlier(d, rt, ask)
@@ -155,9 +161,11 @@ def _episode_of(body: dict[str, Any], rt: LoopRuntime) -> str | None:
 
 
 async def _decide(
-    d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes, mode: str
+    d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes, mode: str, *, held: bool
 ) -> tuple[list[int], list[float], str]:
-    """The served order of the actions, each one's probability and the deciding model's id."""
+    """The served order of the actions, each one's probability and the deciding model's id.
+    A held-out decision draws from the holdout policy (the model still reads the request, so a
+    request VW cannot read is refused on either side)."""
     eligible: list[bool] = req["eligible"]
     n = len(eligible)
     if mode == "LoggingOnly":
@@ -173,6 +181,8 @@ async def _decide(
             raise sandbox_error(exc) from None
         return order, [1.0 if i == baseline else 0.0 for i in range(n)], model_id
     pmf, model_id = await _policy_pmf(d, rt, req, context)
+    if held:
+        pmf = holdout_pmf(rt.settings.holdout_policy, eligible)
     chosen = sample(pmf, f"{rt.name}/{req['event_id']}")
     rest = sorted((i for i in range(n) if i != chosen), key=lambda i: -pmf[i])
     return [chosen, *rest], pmf, model_id
@@ -193,6 +203,8 @@ def _rank_document(decision: record.Decision, ids: list[str], pmf: list[float]) 
     }
     if decision.x is not None:
         doc["inferenceExplanation"] = decision.x
+    if decision.ho:
+        doc["holdout"] = True
     return doc
 
 
@@ -300,6 +312,8 @@ def get_event(request: Request) -> Response:
         doc["learnable"] = joined.learnable
     if isinstance(r, record.Decision) and r.x is not None:
         doc["inferenceExplanation"] = r.x
+    if r.ho:
+        doc["holdout"] = True
     return Response(orjson.dumps(doc), media_type="application/json")
 
 

@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from learners.ccb import ccb_context
 from learners.features import FeatureError, FeatureLimits, clean_features
+from learners.holdout import holdout_slots, in_holdout
 from learners.sandbox import NO_MODEL, ModelRef, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import bad_request
@@ -117,7 +118,21 @@ async def rank_multi_slot(request: Request) -> Response:
     )
     mode = rt.settings.mode
     model = rt.served  # once: the model that decides is the one whose id is logged
-    decided = await _decide_slots(d, rt, model, mode, c, slots, f"{rt.name}/{event_id}")
+    seed = f"{rt.name}/{event_id}"
+    decided = await _decide_slots(d, rt, model, mode, c, slots, seed)
+    # The live holdout (learners.holdout): every slot served by the holdout policy.
+    share = rt.settings.holdout
+    held = in_holdout(rt.name, req["unit"] or event_id, share)
+    if held:
+        decided = holdout_slots(
+            rt.settings.holdout_policy,
+            [s["id"] for s in slots],
+            [s["allowed"] for s in slots],
+            [s["baseline"] for s in slots],
+            seed,
+        )
+        if any(chosen < 0 for chosen, _, _ in decided):
+            raise rank_error("a slot has no action left (too many exclusions)")
     # A concurrent rank of this eventId may have been answered while this one awaited VW.
     later = earlier(d, rt, ask)
     if (answer := retried(d, rt, later, ask)) is not None:
@@ -136,6 +151,8 @@ async def rank_multi_slot(request: Request) -> Response:
         ],
         b=[s["baseline"] for s in slots],
         m=model.model_id,
+        h=share,
+        ho=held,
     )
     if not reused:
         d.log.append(record.encode(decision))
@@ -181,13 +198,16 @@ def _slots_document(
         if decision.mode == "Apprentice"
         else [(chosen, probs[0]) for chosen, _, probs in decided]
     )
-    return {
+    doc: dict[str, Any] = {
         "eventId": decision.id,
         "slots": [
             {"id": slot.id, "rewardActionId": ids[a], "probability": p}
             for slot, (a, p) in zip(decision.s, served, strict=True)
         ],
     }
+    if decision.ho:
+        doc["holdout"] = True
+    return doc
 
 
 async def reward_multi_slot(request: Request) -> Response:

@@ -1,7 +1,7 @@
 """Data access: keyword-only functions taking the session first; callers own the transaction.
 
 One module per concept (loops, keys, offsets, ingest, join, joined, jobs, episodes,
-checkpoints, outbox); callers write `store.ingest(...)` whichever module defines it.
+checkpoints, outbox, stats); callers write `store.ingest(...)` whichever module defines it.
 """
 
 from __future__ import annotations
@@ -78,8 +78,23 @@ from service.storage.store.outbox import (
     max_pos,
     unpublished,
 )
+from service.storage.store.stats import (
+    BUCKET,
+    action_rows,
+    add_actions,
+    add_publication,
+    add_stats,
+    bucket_of,
+    count_events,
+    extent,
+    mean_reward,
+    publications,
+    stat_rows,
+    totals,
+)
 
 __all__ = [
+    "BUCKET",
     "CHANGES_CHANNEL",
     "DEFAULT_LOOP",
     "KEYS_LOCK",
@@ -87,12 +102,18 @@ __all__ = [
     "OUTBOX_LOCK",
     "Ingested",
     "LastAdminKeyError",
+    "action_rows",
+    "add_actions",
     "add_joined",
+    "add_publication",
+    "add_stats",
     "all_keys",
     "apply_retention",
     "apprentice_metrics",
     "assign_positions",
+    "bucket_of",
     "complete_episodes",
+    "count_events",
     "create_key",
     "current_model",
     "dead_letter",
@@ -107,6 +128,7 @@ __all__ = [
     "episode_steps",
     "event",
     "export_lines",
+    "extent",
     "get_checkpoint",
     "get_key",
     "get_offset",
@@ -132,6 +154,7 @@ __all__ = [
     "mark_published",
     "max_pos",
     "max_seq",
+    "mean_reward",
     "model_examples",
     "model_ids",
     "new_key",
@@ -139,12 +162,15 @@ __all__ = [
     "notify_models",
     "observations_of",
     "poisoned",
+    "publications",
     "reset_checkpoint",
     "revoke_key",
     "save_checkpoint",
     "server_secret",
     "set_offset",
+    "stat_rows",
     "stored_offset",
+    "totals",
     "trainable",
     "unlearn_episodes",
     "unpublished",

@@ -20,6 +20,7 @@ from service.storage.models import (
     Observation,
 )
 from service.storage.store.common import insert
+from service.storage.store.stats import count_events
 
 
 @dataclass
@@ -99,6 +100,7 @@ def _add(rows: _Rows, r: record.Record, raw: bytes) -> None:
                 "ended_at": r.t,
                 "terminated": r.term,
                 "learned": False,
+                "counted": False,
             }
         )
     else:
@@ -122,7 +124,13 @@ def _insert_rows(session: Session, rows: _Rows) -> None:
     if rows.dead:
         conn.execute(insert(session, DeadLetter.__table__), rows.dead)
     if rows.decisions:
-        conn.execute(insert(session, Decision.__table__).on_conflict_do_nothing(), rows.decisions)
+        # Counted once each (a record delivered twice is stored, and counted, once).
+        stmt = insert(session, Decision.__table__).on_conflict_do_nothing()
+        new = conn.execute(
+            stmt.returning(Decision.__table__.c.loop, Decision.__table__.c.created_at),
+            rows.decisions,
+        )
+        count_events(session, "ranked", _by_loop(new))
     if rows.ends:
         conn.execute(insert(session, Episode.__table__).on_conflict_do_nothing(), rows.ends)
     if rows.observations:
@@ -133,6 +141,17 @@ def _insert_rows(session: Session, rows: _Rows) -> None:
             Decision.event_id == Observation.event_id,
             Decision.joined.is_(True),
         )
-        session.execute(
-            update(Observation).where(Observation.status == "pending", late).values(status="late")
+        marked = session.execute(
+            update(Observation)
+            .where(Observation.status == "pending", late)
+            .values(status="late")
+            .returning(Observation.loop, Observation.received_at)
         )
+        count_events(session, "late", _by_loop(marked))
+
+
+def _by_loop(rows: Iterable[Any]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for loop, t in rows:
+        out.setdefault(loop, []).append(t)
+    return out

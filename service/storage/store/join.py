@@ -18,6 +18,7 @@ from service.storage.models import (
     Observation,
 )
 from service.storage.store.common import dropped_name, insert
+from service.storage.store.stats import count_events
 
 MAX_DANGLING = 10_000
 
@@ -67,8 +68,11 @@ def mark_dangling(session: Session, *, loop: str, now: float, keep: int) -> None
             ),
         )
         .values(status="dangling")
+        .returning(Observation.received_at)
     )
-    if marked.rowcount:  # type: ignore[attr-defined]
+    times = list(marked.scalars())
+    if times:
+        count_events(session, "dangling", {loop: times})
         drop_dangling(session, loop=loop, keep=keep)
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from learners.dsjson import timestamp
 from service.core.schemas import LoopSettings, default_config, default_policy
 from service.storage.models import (
+    ActionStat,
     ApiKey,
     DeadLetter,
     Decision,
@@ -22,7 +23,9 @@ from service.storage.models import (
     Joined,
     LogOffset,
     Loop,
+    LoopStat,
     ModelCheckpoint,
+    ModelPublication,
     Observation,
     ServerSecret,
 )
@@ -95,7 +98,17 @@ def current_model(session: Session, *, loop: str) -> tuple[str, bytes | None] | 
 
 
 def delete_loop(session: Session, *, name: str) -> None:
-    tables = (Decision, Observation, Joined, Episode, Evaluation, FeatureImportance)
+    tables = (
+        Decision,
+        Observation,
+        Joined,
+        Episode,
+        Evaluation,
+        FeatureImportance,
+        LoopStat,
+        ActionStat,
+        ModelPublication,
+    )
     for table in (*tables, ModelCheckpoint, ApiKey):
         session.execute(delete(table).where(table.loop == name))
     session.execute(delete(LogOffset).where(LogOffset.name == dropped_name(name)))

@@ -1,0 +1,89 @@
+"""dloop: a loop's live numbers, from the rollups the joiner keeps (service.pipeline.stats): the
+live holdout's uplift and per-bucket statistics, the data behind every chart of the dashboard."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import TypeAdapter, ValidationError
+
+from learners.dsjson import parse_time
+from service.api.deps import AdminState
+from service.api.errors import ApiError, bad_request
+from service.api.state import Dloop
+from service.pipeline import stats
+from service.pipeline.runtime import LoopRuntime
+
+router = APIRouter()
+
+_DURATION = TypeAdapter(timedelta)
+
+
+def _loop(d: Dloop, name: str) -> LoopRuntime:
+    rt = d.registry.get(name)
+    if rt is None and d.refresh(name):  # created through another replica?
+        rt = d.registry.get(name)
+    if rt is None:
+        raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
+    return rt
+
+
+@router.get("/loops/{name}/holdout")
+def get_holdout(d: AdminState, name: str) -> dict[str, Any]:
+    """The live holdout: online against holdout decisions and the uplift, with a 95% interval
+    and an always-valid one (learners.holdout)."""
+    rt = _loop(d, name)
+    with d.sessions() as session:
+        return stats.holdout(session, loop=rt.name, settings=rt.settings)
+
+
+def _time(value: str | None, name: str, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        return parse_time(value)
+    except (ValueError, OverflowError):
+        raise bad_request("InvalidRequest", f"{name} must be an ISO 8601 date-time") from None
+
+
+@router.get("/loops/{name}/stats")
+def get_stats(
+    d: AdminState,
+    name: str,
+    since: str | None = None,
+    until: str | None = None,
+    bucket: str | None = None,
+) -> dict[str, Any]:
+    """Per time bucket in [since, until) (default: the last 24 hours): decisions, joins,
+    rewards, online and holdout mean reward, baseline and random counterfactuals, exploration
+    and action shares (per slot for multi-slot loops, episode returns for RL loops); model
+    publications and their freshness. `bucket`: an ISO 8601 duration or seconds, a multiple of
+    a minute (default: the range in at most 200 buckets)."""
+    rt = _loop(d, name)
+    now = d.clock()
+    end = _time(until, "until", now)
+    start = _time(since, "since", end - 86400)
+    if start >= end:
+        raise bad_request("InvalidRequest", "since must be before until")
+    asked = None
+    if bucket is not None:
+        try:
+            asked = _DURATION.validate_python(
+                float(bucket) if bucket.replace(".", "", 1).isdigit() else bucket
+            ).total_seconds()
+        except (ValidationError, ValueError, OverflowError):
+            raise bad_request(
+                "InvalidRequest", "bucket must be an ISO 8601 duration (PT5M) or seconds"
+            ) from None
+        if asked <= 0:
+            raise bad_request("InvalidRequest", "bucket must be positive")
+    with d.sessions() as session:
+        try:
+            size = stats.bucket_size(session, loop=rt.name, since=start, until=end, asked=asked)
+        except ValueError as exc:
+            raise bad_request("InvalidRequest", str(exc)) from None
+        return stats.loop_stats(
+            session, loop=rt.name, kind=rt.kind, since=start, until=end, size=size
+        )
