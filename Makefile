@@ -9,7 +9,7 @@ LOCK   := requirements.lock
 # Only `make lock` needs uv (it resolves for Python 3.11 on Linux whatever machine runs it).
 UV_VERSION := 0.13.9
 
-.PHONY: install lock up test fuzz lint typecheck bench clean
+.PHONY: install browser lock up demo test fuzz lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -31,7 +31,17 @@ lock:
 up: install
 	$(BIN)/dloop up $(ARGS)
 
-test: install
+# `dloop up` with simulated traffic: open the printed address and watch the loop learn.
+demo: install
+	$(BIN)/dloop demo $(ARGS)
+
+# The dashboard's browser tests drive Debian's chromium with Playwright (Playwright's own
+# browser download does not work on these machines).
+browser:
+	@command -v chromium >/dev/null || apt-get install -y chromium >/dev/null 2>&1 \
+		|| (apt-get update >/dev/null && apt-get install -y chromium >/dev/null)
+
+test: install browser
 	$(BIN)/python -m pytest --cov --cov-report=term-missing:skip-covered $(PYTEST_ARGS)
 
 # Fuzzing, long: the API from its OpenAPI document (thousands of examples per operation, random

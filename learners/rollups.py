@@ -1,5 +1,5 @@
 """What one joined decision adds to its loop's rollups: the sums behind every number of the
-dashboard and `GET /loops/{loop}/stats`, kept per minute as the joiner joins, so statistics
+dashboard and `GET /loops/{loop}/stats`, kept per 10 seconds as the joiner joins, so statistics
 never scan raw decisions.
 
 Every quantity is a sum, so buckets add up to any coarser bucket, and means, variances,

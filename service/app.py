@@ -35,6 +35,7 @@ from service.api.routes import (
     model,
     multislot,
     stats,
+    ui,
 )
 from service.api.state import Dloop
 from service.core.files import private_dir
@@ -138,6 +139,7 @@ def create_app(
         stats,
         keys,
         health,
+        ui,
     )
     for module in routers:
         app.include_router(module.router)

@@ -76,10 +76,13 @@ class Client:
         event_id: str | None = None,
         episode_id: str | None = None,
         excluded: list[str] | None = None,
+        unit_id: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"contextFeatures": context, "actions": actions}
         if event_id is not None:
             body["eventId"] = event_id
+        if unit_id is not None:
+            body["unitId"] = unit_id  # the live holdout's sticky key
         if episode_id is not None:
             body["episodeId"] = episode_id
         if excluded:

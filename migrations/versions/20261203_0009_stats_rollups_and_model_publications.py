@@ -1,4 +1,4 @@
-"""stats rollups (per loop, minute and slot), action counts, model publications, and when a
+"""stats rollups (per loop, 10 seconds and slot), action counts, model publications, and when a
 joined row's last reward arrived (issue 14: the dashboard and GET /loops/{loop}/stats)
 
 Revision ID: 0009

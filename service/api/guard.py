@@ -15,14 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
+from starlette.requests import cookie_parser
 from starlette.types import Message, Receive, Scope
 
-from service.api.auth import KeyTable
+from service.api.auth import SESSION_COOKIE, KeyTable
 from service.storage.store import hash_key
 
-# Paths anyone may call: liveness, readiness, and the API's description.
-PUBLIC = ("/healthz", "/readyz", "/openapi.json")
-PUBLIC_PREFIXES = ("/docs",)
+# Paths anyone may call: liveness, readiness, the API's description, and the dashboard's page,
+# files and login (its data comes from the API, which needs a key or a session).
+PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/ui")
+PUBLIC_PREFIXES = ("/docs", "/ui/")
 
 
 class BodyTooLarge(HTTPException):
@@ -51,12 +53,24 @@ def scope_key(scope: Scope) -> str | None:
 
 
 def key_hash(keys: KeyTable, scope: Scope) -> str | None:
-    """The hash of a valid presented key, or None."""
+    """The hash of a valid presented key (or of the key a dashboard session stands for), or
+    None."""
     key = scope_key(scope)
-    if not key:
+    digest = hash_key(key) if key else session_hash(keys, scope)
+    return digest if digest is not None and keys.get(digest) is not None else None
+
+
+def session_hash(keys: KeyTable, scope: Scope) -> str | None:
+    """The key hash of a valid dashboard session cookie (service.api.session), or None."""
+    if keys.sessions is None:
         return None
-    digest = hash_key(key)
-    return digest if keys.get(digest) is not None else None
+    for name, value in scope["headers"]:
+        if name == b"cookie":
+            cookie = cookie_parser(value.decode("latin-1")).get(SESSION_COOKIE)
+            session = keys.sessions(cookie) if cookie else None
+            if session is not None:
+                return session[0]
+    return None
 
 
 def limited_receive(receive: Receive, *, cap: int, timeout: float) -> Receive:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from learners.features import FeatureLimits
 from learners.sandbox import RankerPool
 from service.api.auth import KeyTable
+from service.api.session import SECRET_NAME, UISessions
 from service.core.settings import Settings
 from service.pipeline.control import LoopControl
 from service.pipeline.embedded import EmbeddedWorker
@@ -74,6 +75,7 @@ class Dloop:
     control: LoopControl = field(init=False)
     feature_limits: FeatureLimits = field(init=False)
     retries: RetryCache = field(init=False)
+    ui_sessions: UISessions = field(init=False)
     _refreshed: float = 0.0
 
     def __post_init__(self) -> None:
@@ -82,6 +84,9 @@ class Dloop:
         self.control = LoopControl(
             self.sessions, self.registry, self.worker, self.clock, self.database_url
         )
+        with self.sessions.begin() as session:
+            secret = store.server_secret(session, name=SECRET_NAME, now=self.clock())
+        self.ui_sessions = UISessions(secret)
         limits = self.settings.limits
         self.feature_limits = FeatureLimits(
             max_features=limits.max_features,
@@ -108,4 +113,4 @@ class Dloop:
 
     def reload_keys(self) -> None:
         with self.sessions() as session:
-            self.keys = KeyTable(store.key_table(session), self.clock)
+            self.keys = KeyTable(store.key_table(session), self.clock, self.ui_sessions.read)

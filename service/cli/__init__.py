@@ -16,6 +16,7 @@ app.add_typer(keys_app, name="keys")
 
 # Registration order is the order `dloop --help` lists the commands in.
 app.command()(process.up)
+app.command()(process.demo)
 app.command()(process.serve)
 app.command()(process.join)
 app.command()(process.learn)

@@ -22,6 +22,10 @@ def keys_create(
     data_dir: DataDir = None,
     loop: Annotated[str, typer.Option(help="Loop a client key is for.")] = "default",
     admin: Annotated[bool, typer.Option("--admin", help="An admin key (every loop).")] = False,
+    viewer: Annotated[
+        bool,
+        typer.Option("--viewer", help="A read-only viewer key of --loop ('*': of every loop)."),
+    ] = False,
     label: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="A name to tell the key apart in listings."),
@@ -39,15 +43,19 @@ def keys_create(
         options = KeyRequest.model_validate({"label": label, "expiresInDays": expires_in_days})
     except ValidationError as exc:
         raise typer.BadParameter(validation_message(exc)) from None
+    if admin and viewer:
+        raise typer.BadParameter("a key is --admin or --viewer, not both")
+    role = "admin" if admin else "viewer" if viewer else "client"
+    key_loop = None if admin or (viewer and loop == "*") else loop
     settings = _migrated(data_dir)
     now = time.time()
     with database(settings) as sessions, sessions.begin() as session:
-        if not admin and session.get(Loop, loop) is None:
+        if key_loop is not None and session.get(Loop, key_loop) is None:
             raise typer.BadParameter(f"loop '{loop}' does not exist", param_hint="--loop")
         _, key = store.create_key(
             session,
-            role="admin" if admin else "client",
-            loop=None if admin else loop,
+            role=role,
+            loop=key_loop,
             now=now,
             source="cli",
             label=options.label,

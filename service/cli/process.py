@@ -58,6 +58,51 @@ def up(
     uvicorn.run(create_app(settings), **_server_options(settings))
 
 
+def demo(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    data_dir: DataDir = None,
+    rate: Annotated[float, typer.Option(min=0, help="Decisions a second (0: flat out).")] = 20.0,
+    holdout: Annotated[
+        float, typer.Option(min=0, max=50, help="Percent of users held out.")
+    ] = 10.0,
+) -> None:
+    """`dloop up` with simulated traffic on a built-in world: open the printed address, log in
+    with the printed key and watch the default loop learn (service.pipeline.demo)."""
+    import threading
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.pipeline import demo as traffic
+    from service.storage import store
+
+    settings = settings_for(data_dir, host=host, port=port)
+    _prepare(settings)
+    with database(settings) as sessions, sessions.begin() as session:
+        _, key = store.create_key(
+            session, role="admin", loop=None, now=time.time(), source="cli", label="dloop demo"
+        )
+    url = f"http://{host}:{port}"
+    typer.echo(f"dloop demo: data in {settings.data_dir.resolve()}")
+    typer.echo(f"dloop demo: open {url}/ui/ and log in with this admin key: {key}")
+    typer.echo(
+        f"dloop demo: {rate:g} decisions a second on a simulated world, {holdout:g}% held out"
+    )
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=traffic.traffic,
+        args=(url, key),
+        kwargs={"rate": rate, "holdout": holdout, "stop": stop},
+        daemon=True,
+    )
+    thread.start()
+    try:
+        uvicorn.run(create_app(settings), **_server_options(settings))
+    finally:
+        stop.set()
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,

@@ -141,6 +141,9 @@ class KeyRequest(Wire):
     model_config = ConfigDict(extra="forbid")
 
     label: str | None = Field(default=None, max_length=256)
+    # dloop: "viewer" makes a read-only key (the dashboard, the GET operations); else the
+    # path's own kind of key (admin under /keys, client under /loops/{loop}/keys).
+    role: Literal["viewer"] | None = None
     expires_at: AwareDatetime | None = None
     expires_in_days: float | None = Field(default=None, gt=0, le=36_500)
 

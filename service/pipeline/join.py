@@ -64,7 +64,7 @@ def join_due(
 
 
 class Rollup:
-    """What a join batch adds to its loop's rollups (learners.rollups), per minute and slot.
+    """What a join batch adds to its loop's rollups (learners.rollups), per bucket and slot.
     `center`: the loop's mean reward before the batch (the holdout effect's centre)."""
 
     def __init__(self, *, center: float) -> None:

@@ -14,6 +14,7 @@ from learners.dsjson import timestamp
 from learners.holdout import MIN_DECISIONS, Moments, uplift, z_value
 from service.core.schemas import LoopSettings
 from service.storage import store
+from service.storage.models import Loop
 
 Z95 = z_value(0.05)
 MAX_BUCKETS = 2000
@@ -119,21 +120,18 @@ def _interval(m: Moments) -> list[float] | None:
 def bucket_size(
     session: Session, *, loop: str, since: float, until: float, asked: float | None
 ) -> int:
-    """The bucket in seconds: a multiple of a minute; by default the smallest of a minute, 5
-    and 15 minutes, an hour, 6 hours or a day that keeps the range under 200 buckets. The
+    """The bucket in seconds: a multiple of 10 seconds; by default the smallest of 10 or 30
+    seconds, 1, 5 or 15 minutes, 1 or 6 hours or a day that keeps the range in 200 buckets. The
     range counts from the loop's first data to its last (a range asked from year 2000 costs
     nothing); ValueError if it would take more than MAX_BUCKETS buckets."""
     span = store.extent(session, loop=loop)
     if span is not None:
         since, until = max(since, span[0]), min(until, span[1] + store.BUCKET)
-    if until <= since:
-        return store.BUCKET if asked is None else max(store.BUCKET, int(asked))
     if asked is not None:
         size = max(store.BUCKET, int(asked // store.BUCKET) * store.BUCKET)
     else:
-        size = next(
-            (s for s in (60, 300, 900, 3600, 21600, 86400) if (until - since) / s <= 200), 86400
-        )
+        sizes = (10, 30, 60, 300, 900, 3600, 21600, 86400)
+        size = next((s for s in sizes if (until - since) / s <= 200), sizes[-1])
     if (until - since) / size > MAX_BUCKETS:
         raise ValueError(f"at most {MAX_BUCKETS} buckets: ask for a larger bucket")
     return size
@@ -194,3 +192,33 @@ def loop_stats(
 
 def _empty(bucket: int) -> dict[str, Any]:
     return {"start": timestamp(bucket), "decisions": 0, "late": 0, "dangling": 0}
+
+
+def summary(session: Session, *, loop: Loop, now: float) -> dict[str, Any]:
+    """One loop at a glance (the dashboard's overview): kind, learning mode, policy, model id
+    and age, decisions per minute (last 5 minutes), reward rate and join coverage (last hour),
+    holdout uplift, the learner's backlog and the loop's dead letters. Rollups and indexed
+    counts only."""
+    settings = store.loop_settings(loop)
+    recent = store.totals(session, loop=loop.name, since=now - 300)
+    hour = store.totals(session, loop=loop.name, since=now - 3600)
+    ckpt = store.get_checkpoint(session, loop=loop.name)
+    held = holdout(session, loop=loop.name, settings=settings)
+    learnable = hour["learnable"]
+    return {
+        "name": loop.name,
+        "kind": loop.kind,
+        "learningMode": settings.mode,
+        "policy": loop.policy.get("name"),
+        "modelId": ckpt.model_id if ckpt is not None else None,
+        "modelTime": timestamp(ckpt.modified_at) if ckpt is not None else None,
+        "modelAgeSeconds": now - ckpt.modified_at if ckpt is not None else None,
+        "examples": ckpt.examples if ckpt is not None else 0,
+        "decisionsPerMinute": recent["ranked"] / 5,
+        "rewardRate": hour["reward_sum"] / hour["reward_n"] if hour["reward_n"] else None,
+        "joinCoverage": hour["rewarded"] / learnable if learnable else None,
+        "holdoutPercentage": settings.holdout * 100,
+        "uplift": held["uplift"],
+        "backlog": store.learner_backlog(session, loop=loop.name),
+        "deadLetters": store.dead_letters_of(session, loop=loop.name),
+    }

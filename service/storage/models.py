@@ -243,9 +243,9 @@ def _sum(kind: Any = Float) -> Any:
 
 
 class LoopStat(Base):
-    """A loop's rollups for one minute (`bucket`: its start) and one slot ("": the whole
+    """A loop's rollups for 10 seconds (`bucket`: their start) and one slot ("": the whole
     decision), kept by the joiner as it joins and by ingestion (learners.rollups says what each
-    sum is). Decisions count in the minute they were made, observations in the minute they
+    sum is). Decisions count in the bucket they were made in, observations in the one they
     arrived."""
 
     __tablename__ = "loop_stats"
@@ -279,14 +279,14 @@ class LoopStat(Base):
     random_w2: Mapped[float] = _sum()
     random_wr: Mapped[float] = _sum()
     random_wr2: Mapped[float] = _sum()
-    # RL loops (slot ""): episodes that ended in this minute and their undiscounted returns.
+    # RL loops (slot ""): episodes that ended in this bucket and their undiscounted returns.
     episodes: Mapped[float] = _sum()
     return_sum: Mapped[float] = _sum()
     return_sq: Mapped[float] = _sum()
 
 
 class ActionStat(Base):
-    """How often each action was served (chosen first) per minute and slot, once joined."""
+    """How often each action was served (chosen first) per 10 seconds and slot, once joined."""
 
     __tablename__ = "action_stats"
     loop: Mapped[str] = mapped_column(String(64), primary_key=True)

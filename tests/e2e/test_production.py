@@ -295,3 +295,48 @@ def test_replicas_starting_together_create_the_default_loop_once(postgres_url: s
             assert conn.execute(select(Loop.kind, Loop.created_at)).all() == [("cb", 1.0)]
     finally:
         engine.dispose()
+
+
+@pytest.mark.slow
+def test_holdout_stats_and_dashboard_on_the_production_path(stack: Stack) -> None:
+    """Issue 14 on Kafka + Postgres: held-out decisions are served and marked by `dloop
+    serve`, the joiner keeps the rollups in Postgres, the learner records its publications,
+    and the dashboard (served by `dloop serve`, its session valid on every replica) draws them
+    in a real browser."""
+    from playwright.sync_api import sync_playwright
+
+    from service.pipeline.demo import traffic
+
+    made = traffic(stack.url, KEY, rate=0, holdout=30, decisions=400)
+    joined = select(func.count()).select_from(Joined)
+    wait_for(lambda: count(stack.db_url, joined) == made, 60, "joins")
+    wait_for(lambda: count(stack.db_url, select(ModelCheckpoint.examples)) == made, 30, "learning")
+
+    held = stack.api("GET", "/loops/default/holdout").json()
+    assert held["online"]["decisions"] + held["holdout"]["decisions"] == made
+    assert 60 <= held["holdout"]["decisions"] <= 180  # about 30% of 400
+    assert held["uplift"] is not None
+    stats = stack.api("GET", "/loops/default/stats").json()
+    assert sum(b["decisions"] for b in stats["buckets"]) == made
+    assert sum(b.get("joined", 0) for b in stats["buckets"]) == made
+    assert stats["models"] and stats["models"][-1]["examples"] == made
+    assert stats["freshness"]["p50"] is not None and stats["freshness"]["p50"] < 30
+    overview = stack.api("GET", "/overview").json()["value"][0]
+    assert overview["backlog"] == 0 and overview["deadLetters"] == 0
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium")
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda exc: problems.append(str(exc)))
+        page.goto(f"{stack.url}/ui/")
+        page.fill("#key", KEY)
+        page.click("#login button[type=submit]")
+        page.wait_for_selector('body[data-ready="#/"]')
+        page.goto(f"{stack.url}/ui/#/loops/default")
+        page.wait_for_selector('body[data-ready="#/loops/default"]')
+        page.wait_for_selector("#reward .scatterlayer .trace", state="attached")
+        assert "not enough data" not in page.locator("#tiles .tile").first.inner_text()
+        browser.close()
+    assert problems == []

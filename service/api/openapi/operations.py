@@ -204,6 +204,16 @@ OPERATIONS: dict[str, Op] = {
         "Get the logged events' date range (`{}` when there are none)", {200: "LogsProperties"}
     ),
     "list_loops": Op("List loops", {200: "LoopList"}, kind="admin"),
+    "get_overview": Op(
+        "dloop: every loop at a glance (the dashboard's overview), a page at a time",
+        {200: "Overview"},
+        {400: ("InvalidRequest",)},
+        kind="admin",
+        query={
+            "skip": {"type": "integer", "minimum": 0, "default": 0},
+            "top": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+        },
+    ),
     "get_holdout": Op(
         "dloop: the live holdout's uplift (online against holdout decisions)",
         {200: "Holdout"},

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from learners.policy import PolicyError, algorithm
 from learners.sandbox import check_policy
-from service.api.deps import AdminLoop, State
+from service.api.deps import AdminLoop, State, ViewLoop
 from service.api.errors import ApiError, bad_request
 from service.api.state import Dloop
 from service.core.schemas import PolicyContract, default_policy, parse_config, validation_message
@@ -31,7 +31,7 @@ def _with_metrics(d: Dloop, rt: LoopRuntime) -> dict[str, Any]:
 
 
 @router.get("/personalizer/configurations/service")
-def get_service_configuration(d: State, rt: AdminLoop) -> dict[str, Any]:
+def get_service_configuration(d: State, rt: ViewLoop) -> dict[str, Any]:
     return _with_metrics(d, rt)
 
 
@@ -68,7 +68,7 @@ def update_service_configuration(
 
 
 @router.get("/personalizer/configurations/policy")
-def get_policy(rt: AdminLoop) -> dict[str, str]:
+def get_policy(rt: ViewLoop) -> dict[str, str]:
     return rt.policy
 
 

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from learners.dsjson import parse_time, timestamp
 from learners.policy import PolicyError, algorithm
 from learners.sandbox import check_policy
-from service.api.deps import AdminLoop, State
+from service.api.deps import AdminLoop, State, ViewLoop
 from service.api.errors import ApiError, bad_request
 from service.api.state import Dloop
 from service.pipeline.runtime import LoopRuntime
@@ -206,7 +206,7 @@ def _get(d: Dloop, rt: LoopRuntime, evaluation_id: str) -> Evaluation:
 
 
 @router.get("/personalizer/evaluations/{evaluation_id}")
-def get_evaluation(request: Request, d: State, rt: AdminLoop, evaluation_id: str) -> dict[str, Any]:
+def get_evaluation(request: Request, d: State, rt: ViewLoop, evaluation_id: str) -> dict[str, Any]:
     q = request.query_params  # read here, after the key: no answer about the query without it
     interval = q.get("intervalInMinutes")
     window = q.get("window")
@@ -228,7 +228,7 @@ def get_evaluation(request: Request, d: State, rt: AdminLoop, evaluation_id: str
 
 
 @router.get("/personalizer/evaluations")
-def list_evaluations(request: Request, d: State, rt: AdminLoop) -> Any:
+def list_evaluations(request: Request, d: State, rt: ViewLoop) -> Any:
     with d.sessions() as session:
         rows = store.list_evaluations(session, loop=rt.name)
     docs = [_doc(ev, summary=True) for ev in rows]
@@ -295,12 +295,12 @@ def _importance(d: Dloop, rt: LoopRuntime, job_id: str) -> FeatureImportance:
 
 
 @router.get("/personalizer/featureImportances/{job_id}")
-def get_feature_importance(d: State, rt: AdminLoop, job_id: str) -> dict[str, Any]:
+def get_feature_importance(d: State, rt: ViewLoop, job_id: str) -> dict[str, Any]:
     return _importance_doc(_importance(d, rt, job_id))
 
 
 @router.get("/personalizer/featureImportances")
-def list_feature_importances(d: State, rt: AdminLoop) -> dict[str, Any]:
+def list_feature_importances(d: State, rt: ViewLoop) -> dict[str, Any]:
     with d.sessions() as session:
         rows = store.list_feature_importances(session, loop=rt.name)
     return {"value": [_importance_doc(job, summary=True) for job in rows]}

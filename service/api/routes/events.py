@@ -275,7 +275,7 @@ def get_event(request: Request) -> Response:
     """dloop: an event as logged (ranking, probabilities, model, explanation if one was made)
     with its observations and, once joined, its reward."""
     event_id = request.path_params["event_id"]
-    d, rt = loop_for(request, admin=True)
+    d, rt = loop_for(request, admin=True, view=True)
     found = None
     if is_id(event_id):  # no other id can have been stored
         with d.sessions() as session:

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
 from learners.dsjson import timestamp
-from service.api.deps import AdminState, State
+from service.api.deps import State, ViewState
 from service.api.state import Dloop
 from service.storage import store
 
@@ -82,7 +82,7 @@ def _gauge(lines: list[str], name: str, value: float, help_: str) -> None:
 
 
 @router.get("/metrics")
-def metrics(d: AdminState) -> Response:
+def metrics(d: ViewState) -> Response:
     lines = [generate_latest(d.metrics.registry).decode().rstrip("\n")]
     _gauge(lines, "dloop_log_backlog_bytes", backlog(d), "Log bytes not yet ingested/published")
     stats = d.rankers.stats

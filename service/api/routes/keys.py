@@ -1,7 +1,8 @@
 """API keys. Admin keys under `/keys`, a loop's client keys (rank, reward and activate on that
 loop) under `/loops/{loop}/keys`: list, create (the key is returned once; only its hash is
-stored; an optional label and expiry) and revoke. The last valid admin key cannot be revoked,
-so nobody locks themselves out.
+stored; an optional label and expiry) and revoke. `{"role": "viewer"}` in a creation makes a
+read-only viewer key instead: of every loop under `/keys`, of the loop under its own path. The
+last valid admin key cannot be revoked, so nobody locks themselves out.
 
 `DLOOP_API_KEY` is stored as the admin key of source "env" at every start, replacing the
 previous one; keys created here (source "api") or with `dloop keys` ("cli") stay until revoked
@@ -46,11 +47,12 @@ def key_doc(row: ApiKey) -> dict[str, Any]:
     }
 
 
-def key_options(payload: Any, now: float) -> tuple[str | None, float | None]:
-    """(label, expiry) from a key creation body (None: no body); 400 if it is malformed."""
+def key_options(payload: Any, now: float) -> tuple[str | None, float | None, str | None]:
+    """(label, expiry, role asked for) from a key creation body (None: no body); 400 if it is
+    malformed."""
     try:
         request = KeyRequest.model_validate({} if payload is None else payload)
-        return request.label, request.expiry(now)
+        return request.label, request.expiry(now), request.role
     except ValidationError as exc:
         raise bad_request("InvalidRequest", validation_message(exc)) from None
     except ValueError as exc:
@@ -76,11 +78,11 @@ def create_admin_key(d: AdminState, payload: Payload = None) -> Response:
 def _create(d: Dloop, payload: Any, *, role: str, loop: str | None) -> Response:
     """A new key (201, shown once) with the label and expiry the body asks for."""
     now = d.clock()
-    label, expires_at = key_options(payload, now)
+    label, expires_at, asked = key_options(payload, now)
     with d.sessions.begin() as session:
         row, key = store.create_key(
             session,
-            role=role,
+            role=asked or role,
             loop=loop,
             now=now,
             source="api",
@@ -97,8 +99,8 @@ def revoke_admin_key(request: Request, key_id: KeyId) -> Response:
     d = admin(request)  # not AdminState: see KeyId
     with d.sessions.begin() as session:
         row = store.get_key(session, key_id=key_id)
-        if row is None or row.role != "admin":
-            raise ApiError(404, "ResourceNotFound", f"there is no admin key {key_id}")
+        if row is None or row.loop is not None:
+            raise ApiError(404, "ResourceNotFound", f"there is no admin or viewer key {key_id}")
         _revoke(session, row, d.clock())
     d.reload_keys()
     return Response(status_code=204)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from learners.dsjson import timestamp
-from service.api.deps import AdminLoop, State
+from service.api.deps import AdminLoop, State, ViewLoop
 from service.storage import store
 
 router = APIRouter()
@@ -22,7 +22,7 @@ def delete_logs(d: State, rt: AdminLoop) -> Response:
 
 
 @router.get("/personalizer/logs/properties")
-def get_log_properties(d: State, rt: AdminLoop) -> dict[str, Any]:
+def get_log_properties(d: State, rt: ViewLoop) -> dict[str, Any]:
     """The logged events' date range; `{}` when the loop has none, as Personalizer answered
     (its SDK raises on the 404 `LogsPropertiesNotFound` that its error list suggests)."""
     with d.sessions() as session:

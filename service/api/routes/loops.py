@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body
 from starlette.responses import JSONResponse, Response
 
 from learners.dsjson import timestamp
-from service.api.deps import AdminState
+from service.api.deps import AdminState, ViewState
 from service.api.errors import ApiError, bad_request
 from service.core.kinds import CB, KINDS
 from service.storage import store
@@ -29,7 +29,7 @@ def _loop_doc(loop: Loop) -> dict[str, Any]:
 
 
 @router.get("/loops")
-def list_loops(d: AdminState) -> dict[str, Any]:
+def list_loops(d: ViewState) -> dict[str, Any]:
     with d.sessions() as session:
         return {"value": [_loop_doc(loop) for loop in store.list_loops(session)]}
 

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from learners.dsjson import timestamp
 from learners.policy import PolicyError
 from learners.sandbox import blank_model, check_model
-from service.api.deps import AdminLoop, State, loop_for
+from service.api.deps import AdminLoop, State, ViewLoop, loop_for
 from service.api.errors import ApiError, bad_request
 from service.api.state import Dloop
 from service.pipeline.runtime import LoopRuntime
@@ -217,7 +217,7 @@ def reset_model(d: State, rt: AdminLoop) -> Response:
 
 
 @router.get("/personalizer/model/properties")
-def get_model_properties(d: State, rt: AdminLoop) -> dict[str, str]:
+def get_model_properties(d: State, rt: ViewLoop) -> dict[str, str]:
     with d.sessions() as session:
         ckpt = store.get_checkpoint(session, loop=rt.name)
         loop_created = session.get(Loop, rt.name)

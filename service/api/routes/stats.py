@@ -10,31 +10,19 @@ from fastapi import APIRouter
 from pydantic import TypeAdapter, ValidationError
 
 from learners.dsjson import parse_time
-from service.api.deps import AdminState
-from service.api.errors import ApiError, bad_request
-from service.api.state import Dloop
+from service.api.deps import State, ViewNamed
+from service.api.errors import bad_request
 from service.pipeline import stats
-from service.pipeline.runtime import LoopRuntime
 
 router = APIRouter()
 
 _DURATION = TypeAdapter(timedelta)
 
 
-def _loop(d: Dloop, name: str) -> LoopRuntime:
-    rt = d.registry.get(name)
-    if rt is None and d.refresh(name):  # created through another replica?
-        rt = d.registry.get(name)
-    if rt is None:
-        raise ApiError(404, "ResourceNotFound", f"loop '{name}' does not exist")
-    return rt
-
-
 @router.get("/loops/{name}/holdout")
-def get_holdout(d: AdminState, name: str) -> dict[str, Any]:
+def get_holdout(d: State, rt: ViewNamed) -> dict[str, Any]:
     """The live holdout: online against holdout decisions and the uplift, with a 95% interval
     and an always-valid one (learners.holdout)."""
-    rt = _loop(d, name)
     with d.sessions() as session:
         return stats.holdout(session, loop=rt.name, settings=rt.settings)
 
@@ -50,8 +38,8 @@ def _time(value: str | None, name: str, default: float) -> float:
 
 @router.get("/loops/{name}/stats")
 def get_stats(
-    d: AdminState,
-    name: str,
+    d: State,
+    rt: ViewNamed,
     since: str | None = None,
     until: str | None = None,
     bucket: str | None = None,
@@ -60,8 +48,7 @@ def get_stats(
     rewards, online and holdout mean reward, baseline and random counterfactuals, exploration
     and action shares (per slot for multi-slot loops, episode returns for RL loops); model
     publications and their freshness. `bucket`: an ISO 8601 duration or seconds, a multiple of
-    a minute (default: the range in at most 200 buckets)."""
-    rt = _loop(d, name)
+    10 seconds (default: the range in at most 200 buckets)."""
     now = d.clock()
     end = _time(until, "until", now)
     start = _time(since, "since", end - 86400)

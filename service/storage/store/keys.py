@@ -55,8 +55,9 @@ def key_table(session: Session) -> dict[str, tuple[str, str | None, float | None
 
 
 def list_keys(session: Session, *, loop: str | None) -> Sequence[ApiKey]:
-    """A loop's client keys, or with loop None the admin keys."""
-    where = ApiKey.loop == loop if loop is not None else ApiKey.role == "admin"
+    """A loop's client and viewer keys, or with loop None the keys of every loop (admin keys
+    and viewer keys of every loop)."""
+    where = ApiKey.loop == loop if loop is not None else ApiKey.loop.is_(None)
     return session.scalars(select(ApiKey).where(where).order_by(ApiKey.id)).all()
 
 

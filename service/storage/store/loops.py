@@ -168,6 +168,27 @@ def loop_counts(session: Session) -> dict[str, dict[str, int]]:
     return out
 
 
+def learner_backlog(session: Session, *, loop: str) -> int:
+    """Joined rows of the loop its model does not include yet (an index range: cheap while
+    the backlog is small, whatever the loop's history)."""
+    learned = session.scalar(select(ModelCheckpoint.position).where(ModelCheckpoint.loop == loop))
+    kafka = session.scalar(
+        select(Joined.pos).where(Joined.loop == loop, Joined.pos.is_not(None)).limit(1)
+    )
+    column = Joined.pos if kafka is not None else Joined.seq
+    return (
+        session.scalar(select(func.count()).where(Joined.loop == loop, column > (learned or 0)))
+        or 0
+    )
+
+
+def dead_letters_of(session: Session, *, loop: str) -> int:
+    return (
+        session.scalar(select(func.count()).select_from(DeadLetter).where(DeadLetter.loop == loop))
+        or 0
+    )
+
+
 def model_examples(session: Session) -> dict[str, int]:
     """Examples in each loop's current model."""
     return dict(session.execute(select(ModelCheckpoint.loop, ModelCheckpoint.examples)).all())

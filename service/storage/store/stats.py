@@ -1,4 +1,4 @@
-"""Rollups (learners.rollups: sums per loop, minute and slot), action counts and model
+"""Rollups (learners.rollups: sums per loop, 10 seconds and slot), action counts and model
 publications: written as decisions are ingested and joined and as models are published, read
 by the stats and holdout endpoints and the dashboard, which never scan raw decisions."""
 
@@ -15,7 +15,7 @@ from learners.rollups import FIELDS
 from service.storage.models import ActionStat, Joined, LoopStat, ModelPublication
 from service.storage.store.common import insert
 
-BUCKET = 60  # seconds: the rollups' resolution
+BUCKET = 10  # seconds: the rollups' resolution
 SUMMED = (*FIELDS, "ranked", "late", "dangling", "episodes", "return_sum", "return_sq")
 
 SAMPLE = 2000  # joined rows read for a publication's freshness, at most about
@@ -57,7 +57,7 @@ def add_actions(session: Session, *, loop: str, counts: Mapping[tuple[int, str, 
 
 
 def count_events(session: Session, column: str, times: Mapping[str, Sequence[float]]) -> None:
-    """Count events (`ranked`, `late`, `dangling`) per loop in the minute of each time."""
+    """Count events (`ranked`, `late`, `dangling`) per loop in the bucket of each time."""
     for loop, ts in times.items():
         per: dict[Key, dict[str, float]] = {}
         for t in ts:

@@ -1,0 +1,236 @@
+"""The dashboard in a real browser (Playwright driving Debian's chromium) against a real server
+with its embedded worker and simulated traffic (service.pipeline.demo, what `make demo` runs):
+every page loads with no console errors, charts draw from real data, login and logout work,
+holdout uplift appears once there is data, an admin applies an evaluation's policy from the
+page and a viewer cannot. With DLOOP_SCREENSHOTS=<dir> it saves the pages' screenshots there
+(the README's come from `DLOOP_SCREENSHOTS=docs make test PYTEST_ARGS=tests/e2e/
+test_dashboard.py`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+
+from service.pipeline.demo import traffic
+from tests.support.harness import ADMIN_KEY, AUTH, LiveServer, make_settings, serving
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    data = tmp_path_factory.mktemp("dashboard") / "data"
+    with serving(make_settings(data, learner={"tick_seconds": 0.05})) as live:
+        made = traffic(live.url, ADMIN_KEY, rate=0, holdout=20, decisions=800)
+        assert made == 800
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert shutil.which("chromium") == CHROMIUM, "install Debian's chromium (make browser)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM)
+        yield b
+        b.close()
+
+
+class Watched:
+    """A page whose console errors, failed requests and uncaught exceptions are kept."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.problems: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.problems.append(f"exception: {exc}"))
+        page.on(
+            "response",
+            lambda r: self.problems.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+        )
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type in ("error", "warning"):
+            self.problems.append(f"console {message.type}: {message.text}")
+
+    def clean(self) -> None:
+        assert self.problems == [], self.problems
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    yield Watched(context.new_page())
+    context.close()
+
+
+def shoot(page: Page, name: str) -> None:
+    where = os.environ.get("DLOOP_SCREENSHOTS")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(where) / f"dashboard-{name}.png"), full_page=True)
+
+
+def login(w: Watched, url: str, key: str) -> None:
+    w.page.goto(f"{url}/ui/")
+    w.page.fill("#key", key)
+    w.page.click("#login button[type=submit]")
+    w.page.wait_for_selector("#logout:not([hidden])")
+
+
+def wait_ready(page: Page, hash_: str) -> None:
+    """The page for `hash_` has drawn (app.js marks the body). Waits use selectors, not
+    wait_for_function: the page's Content-Security-Policy forbids evaluating strings."""
+    page.wait_for_selector(f'body[data-ready="{hash_}"]')
+
+
+def wait_until(check: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def api(server: LiveServer, method: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.request(method, f"{server.url}{path}", headers=AUTH, timeout=30, **kw)
+
+
+def test_login_overview_and_the_loop_page_draw_real_data(server: LiveServer, page: Watched) -> None:
+    p = page.page
+    p.goto(f"{server.url}/ui/")
+    p.wait_for_selector("#login")
+    assert p.locator("#loops").count() == 0  # nothing without a key
+    p.fill("#key", "wrong-key")
+    p.click("#login button[type=submit]")
+    p.wait_for_selector("#login .error:has-text('invalid key')")
+    page.problems.clear()  # the refused login's 401 is the point of this step
+    login(page, server.url, ADMIN_KEY)
+    wait_ready(p, "#/")
+    row = p.locator("#loops tr[data-loop=default]")
+    assert row.locator("td").nth(1).inner_text() == "cb"
+    assert row.locator("td").nth(3).inner_text() == "dloop-default"
+    shoot(p, "overview")
+
+    p.goto(f"{server.url}/ui/#/loops/default")
+    wait_ready(p, "#/loops/default")
+    # Charts drawn from the loop's data: online and holdout reward, counterfactuals, coverage.
+    wait_until(
+        lambda: (
+            p.locator("#reward .scatterlayer .trace").count() >= 8
+            and p.locator("#coverage .barlayer .trace").count() >= 1
+            and p.locator("#actions .scatterlayer .trace").count() >= 6
+        )
+    )
+    uplift = p.locator("#tiles .tile").first.inner_text()
+    assert "not enough data" not in uplift and "[" in uplift, uplift
+    stats = api(server, "GET", "/loops/default/stats").json()
+    joined = sum(b.get("joined", 0) for b in stats["buckets"])
+    assert f"Joined (range)\n{joined}" in p.locator("#tiles").inner_text()
+    shoot(p, "loop")
+    page.clean()
+
+
+def test_admin_applies_an_evaluated_policy_and_a_viewer_cannot(
+    server: LiveServer, page: Watched
+) -> None:
+    now = datetime.now(UTC)
+    body = {
+        "name": "defaults against vw",
+        "startTime": (now - timedelta(hours=1)).isoformat(),
+        "endTime": (now + timedelta(minutes=1)).isoformat(),
+        "policies": [{"name": "vw-default", "arguments": "--cb_explore_adf -q ::"}],
+    }
+    r = api(server, "PUT", "/personalizer/v1.0/evaluations/ev1", json=body)
+    assert r.status_code in (200, 201), r.text
+    deadline = time.monotonic() + 120
+    while api(server, "GET", "/personalizer/v1.0/evaluations/ev1").json()["status"] != "Succeeded":
+        assert time.monotonic() < deadline, "the evaluation did not finish"
+        time.sleep(0.2)
+    viewer_key = api(server, "POST", "/keys", json={"role": "viewer"}).json()["key"]
+
+    p = page.page
+    login(page, server.url, viewer_key)
+    p.goto(f"{server.url}/ui/#/loops/default/evaluations")
+    wait_ready(p, "#/loops/default/evaluations")
+    p.wait_for_selector("#policies tr[data-policy=vw-default]")
+    assert p.locator("button.apply").count() == 0  # a viewer only looks
+    p.goto(f"{server.url}/ui/#/loops/default/configuration")
+    wait_ready(p, "#/loops/default/configuration")
+    assert p.locator("#config input[name=holdoutPercentage]").is_disabled()
+    assert p.locator("#config button[type=submit]").count() == 0
+    # Even by hand, with the session's own CSRF token, the API refuses a viewer's change.
+    status = p.evaluate(
+        """async () => {
+            const s = await (await fetch('/ui/session')).json();
+            const r = await fetch('/personalizer/v1.0/configurations/applyFromEvaluation', {
+                method: 'POST', headers: {'Content-Type': 'application/json',
+                'X-CSRF-Token': s.csrfToken},
+                body: JSON.stringify({evaluationId: 'ev1', policyName: 'vw-default'})});
+            return r.status; }"""
+    )
+    assert status == 403
+    page.problems.clear()  # that 403 was asked for
+    p.click("#logout")
+    p.wait_for_selector("#login")
+    assert p.locator("#login .error").inner_text() == "Logged out."
+    assert p.evaluate("fetch('/loops/default/stats').then(r => r.status)") == 401
+    page.problems.clear()
+
+    login(page, server.url, ADMIN_KEY)
+    p.goto(f"{server.url}/ui/#/loops/default/evaluations")
+    wait_ready(p, "#/loops/default/evaluations")
+    row = p.locator("#policies tr[data-policy=vw-default]")
+    row.wait_for()
+    shoot(p, "evaluations")
+    row.locator("button.apply").click()
+    p.wait_for_selector("#apply-message:has-text('Applied vw-default')")
+    policy = api(server, "GET", "/personalizer/v1.0/configurations/policy").json()
+    assert policy == {"name": "vw-default", "arguments": "--cb_explore_adf -q ::"}
+    page.clean()
+
+
+def test_decision_viewer_and_configuration_pages(server: LiveServer, page: Watched) -> None:
+    body = {
+        "eventId": "look-here",
+        "contextFeatures": [{"country": "country1"}],
+        "actions": [{"id": f"a{i}", "features": [{"kind": f"k{i}"}]} for i in range(3)],
+    }
+    assert api(server, "POST", "/personalizer/v1.0/rank", json=body).status_code == 201
+    p = page.page
+    login(page, server.url, ADMIN_KEY)
+    p.goto(f"{server.url}/ui/#/loops/default/decisions")
+    wait_ready(p, "#/loops/default/decisions")
+    deadline = time.monotonic() + 30
+    while True:  # the event reaches the database through the worker
+        p.fill("#event-id", "look-here")
+        p.click("#main form button[type=submit]")
+        p.wait_for_selector("#event .card, #event .error")
+        if p.locator("#ranking").count():
+            break
+        assert time.monotonic() < deadline
+        page.problems.clear()  # a 404 while the event is on its way
+        time.sleep(0.2)
+    assert p.locator("#ranking tbody tr").count() == 3
+    shoot(p, "decision")
+    p.goto(f"{server.url}/ui/#/loops/default/configuration")
+    wait_ready(p, "#/loops/default/configuration")
+    field = p.locator("#config input[name=holdoutPercentage]")
+    field.fill("60")  # the API's own validation answers
+    p.click("#config button[type=submit]")
+    p.wait_for_selector("#config-message.error:has-text('holdoutPercentage')")
+    page.problems.clear()  # the 400 was asked for
+    field.fill("15")
+    p.click("#config button[type=submit]")
+    p.wait_for_selector("#config-message.good")
+    cfg = api(server, "GET", "/personalizer/v1.0/configurations/service").json()
+    assert cfg["holdoutPercentage"] == 15
+    page.clean()
