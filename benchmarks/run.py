@@ -7,6 +7,8 @@ throughput, and raw in-process VW parse+predict on the same example.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import threading
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -128,8 +131,11 @@ class Server:
         return total / 1024
 
 
-def start_server(port: int, **env: str) -> Server:
+def start_server(port: int, fill: Any = None, **env: str) -> Server:
+    """`dloop up` on a new data directory (`fill(data)` prepares it first, if given)."""
     data = Path(tempfile.mkdtemp(prefix="dloop-bench-"))
+    if fill is not None:
+        fill(data)
     # The limiter stays on (its cost is part of every request) but never limits the bench.
     env = {**os.environ, "DLOOP_API_KEY": KEY, "DLOOP_LIMITS__RATE_PER_KEY": "1e9", **env}
     proc = subprocess.Popen(
@@ -202,6 +208,8 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
                     "inline rank": run(inline, "rank", seconds),
                 }
             )
+            with dashboards_open(sandboxed.base, headers):
+                rounds[-1]["rank, dashboards open"] = run(sandboxed, "rank", seconds)
     finally:
         sandboxed.stop()
         inline.stop()
@@ -217,6 +225,7 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
     )
     isolation, isolations = median(lambda r: r["rank"]["rps"] / r["inline rank"]["rps"])
     cost, costs = median(lambda r: r["explained"]["rps"] / r["rank"]["rps"])
+    watched, watcheds = median(lambda r: r["rank, dashboards open"]["rps"] / r["rank"]["rps"])
     mid = sorted(rounds, key=lambda r: r["rank"]["rps"] / r["health"]["rps"])[1]
     health, rank, slow, fast = mid["health"], mid["rank"], mid["explained"], mid["inline rank"]
     return [
@@ -241,7 +250,37 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
         ("rank p50 / raw VW predict", f"{rank['p50'] * 1000 / vw_us:.0f}x"),
         ("rank with explanations / rank throughput", f"{cost:.2f}  (median of {costs})"),
         ("rank with explanations p50 / p99 (ms)", f"{slow['p50']:.2f} / {slow['p99']:.2f}"),
+        (
+            f"rank with {DASHBOARDS} dashboards open / rank throughput",
+            f"{watched:.2f}  (median of {watcheds}; within noise: about 1)",
+        ),
     ]
+
+
+DASHBOARDS = 20  # open dashboards, each refreshing its loop page every 10 s
+
+
+@contextlib.contextmanager
+def dashboards_open(base: str, headers: dict[str, str]) -> Iterator[None]:
+    """What DASHBOARDS open dashboards ask of the server while they refresh: the overview, and
+    the loop page's statistics and holdout, each every 10 s (one of them every 10/DASHBOARDS
+    s), in a thread beside the load."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+            while not stop.is_set():
+                for path in ("/overview", "/loops/default/stats", "/loops/default/holdout"):
+                    client.get(path).raise_for_status()
+                stop.wait(10 / DASHBOARDS)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def many_loops(n: int) -> list[tuple[str, str]]:
@@ -341,6 +380,8 @@ def main() -> None:
     parser.add_argument("--page-seeds", type=int, default=10)
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-stats", action="store_true")
+    parser.add_argument("--stats-decisions", type=int, default=1_000_000)
     parser.add_argument("--pipeline-events", type=int, default=20000)
     parser.add_argument("--loops", type=int, default=10000, help="for the many-loops table")
     args = parser.parse_args()
@@ -349,6 +390,14 @@ def main() -> None:
             "Serving (dloop up, wrk on the same machine)", serving(args.seconds, args.connections)
         )
         table(f"Many loops in one dloop up ({args.loops})", many_loops(args.loops))
+    if not args.skip_stats:
+        from benchmarks import stats
+
+        table(
+            f"Statistics at scale: GET /loops/default/stats on {args.stats_decisions:,} joined "
+            "decisions (dloop up, SQLite)",
+            stats.stats_at_scale(args.stats_decisions),
+        )
     if not args.skip_pipeline:
         from benchmarks import pipeline
 

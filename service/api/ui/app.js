@@ -259,22 +259,31 @@ async function loopPage(loop) {
   );
   const val = (r, f) => (r.meanReward ? r.meanReward[f] : null);
   const cf = (r, f) => (r.counterfactual && r.counterfactual[f] ? r.counterfactual[f] : null);
+  // Counterfactuals per bucket are noisy (inverse propensity scores): dashed, without bands,
+  // and the axis follows the online and holdout bands.
+  const online = b.map((r) => val(r, "online"));
+  const heldOut = b.map((r) => val(r, "holdout"));
+  const seen = [...online, ...heldOut, ...b.flatMap((r) => [...(r.onlineInterval95 || []), ...(r.holdoutInterval95 || [])])]
+    .filter((v) => v !== null && v !== undefined && Number.isFinite(v));
+  const low = seen.length ? Math.min(...seen) : 0;
+  const high = seen.length ? Math.max(...seen) : 1;
+  const pad = Math.max(0.05, 0.1 * (high - low));
   draw("reward", [
-    ...band(x, b.map((r) => val(r, "online")), b.map((r) => r.onlineInterval95), "online", "#2f6fde"),
-    ...band(x, b.map((r) => val(r, "holdout")), b.map((r) => r.holdoutInterval95), "holdout", "#d97706"),
-    ...band(x, b.map((r) => (cf(r, "baseline") ? cf(r, "baseline").estimate : null)), b.map((r) => (cf(r, "baseline") ? cf(r, "baseline").interval95 : null)), "baseline (IPS)", "#667085"),
-    ...band(x, b.map((r) => (cf(r, "random") ? cf(r, "random").estimate : null)), b.map((r) => (cf(r, "random") ? cf(r, "random").interval95 : null)), "random (IPS)", "#9ca3af"),
-  ], { yaxis: { title: "mean reward" } });
+    ...band(x, online, b.map((r) => r.onlineInterval95), "online", "#2f6fde"),
+    ...band(x, heldOut, b.map((r) => r.holdoutInterval95), "holdout", "#d97706"),
+    { x, y: b.map((r) => (cf(r, "baseline") ? cf(r, "baseline").estimate : null)), mode: "lines", name: "baseline (IPS)", line: { color: "#667085", dash: "dash", width: 1.5 } },
+    { x, y: b.map((r) => (cf(r, "random") ? cf(r, "random").estimate : null)), mode: "lines", name: "random (IPS)", line: { color: "#9ca3af", dash: "dot", width: 1.5 } },
+  ], { yaxis: { title: "mean reward", range: [Math.max(-1.05, low - pad), Math.min(1.05, high + pad)] } });
   draw("coverage", [
     { x, y: b.map((r) => r.decisions), type: "bar", name: "decisions", marker: { color: "#cbd5e1" } },
     { x, y: b.map((r) => (r.joined ? r.rewarded / r.joined : null)), mode: "lines+markers", name: "join coverage", yaxis: "y2", line: { color: "#12805c" } },
-  ], { yaxis: { title: "decisions" }, yaxis2: { overlaying: "y", side: "right", range: [0, 1.05], tickformat: ".0%" } });
+  ], { yaxis: { title: "decisions" }, yaxis2: { overlaying: "y", side: "right", range: [0, 1.05], tickformat: ".0%" }, margin: { ...LAYOUT.margin, r: 55 } });
   const m = stats.models;
   draw("freshness", [
     { x: m.map((p) => p.time), y: m.map((p) => p.freshnessP50), mode: "markers", name: "freshness p50 (s)", marker: { color: "#2f6fde" } },
     { x: m.map((p) => p.time), y: m.map((p) => p.freshnessP95), mode: "markers", name: "freshness p95 (s)", marker: { color: "#c0362c", symbol: "triangle-up" } },
     { x: m.map((p) => p.time), y: m.map((p) => p.examples), mode: "lines", name: "examples learned", yaxis: "y2", line: { color: "#667085", shape: "hv" } },
-  ], { yaxis: { title: "seconds" }, yaxis2: { overlaying: "y", side: "right", title: "examples" } });
+  ], { yaxis: { title: "seconds", rangemode: "tozero" }, yaxis2: { overlaying: "y", side: "right", title: "examples", rangemode: "tozero" }, margin: { ...LAYOUT.margin, r: 70 } });
   const actions = [...new Set(b.flatMap((r) => Object.keys(r.actionShares || {})))].sort();
   draw("actions", [
     ...actions.map((a) => ({ x, y: b.map((r) => (r.actionShares || {})[a] || 0), stackgroup: "shares", name: a })),
@@ -322,7 +331,7 @@ async function evaluationsPage(loop) {
     const scores = (job.featureScores || []).slice().sort((a, b2) => a.score - b2.score).slice(-25);
     draw("importance", [{
       type: "bar", orientation: "h", x: scores.map((s) => s.score),
-      y: scores.map((s) => `${s.namespace}.${s.featureName}`), marker: { color: "#2f6fde" },
+      y: scores.map((s) => (s.namespace ? `${s.namespace}.${s.featureName}` : s.featureName)), marker: { color: "#2f6fde" },
     }], { xaxis: { title: "score" }, margin: { l: 180, r: 20, t: 10, b: 40 } });
   }
 }

@@ -27,33 +27,40 @@ def bucket_of(t: float) -> int:
 
 
 def add_stats(session: Session, *, loop: str, sums: Mapping[Key, Mapping[str, float]]) -> None:
-    """Add `sums` (per (bucket, slot), column -> amount) to the loop's rollups. Keys are
-    written in order, so concurrent joiners lock rows in the same order (no deadlock)."""
+    """Add `sums` (per (bucket, slot), column -> amount) to the loop's rollups: one statement
+    per set of columns, rows in key order, so concurrent joiners lock rows in the same order
+    (no deadlock)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for bucket, slot in sorted(sums):
         values = {k: v for k, v in sums[bucket, slot].items() if v}
-        if not values:
-            continue
-        stmt = insert(session, LoopStat).values(loop=loop, bucket=bucket, slot=slot, **values)
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["loop", "bucket", "slot"],
-                set_={k: getattr(LoopStat, k) + stmt.excluded[k] for k in values},
+        if values:
+            columns = tuple(sorted(values))
+            groups.setdefault(columns, []).append(
+                {"loop": loop, "bucket": bucket, "slot": slot, **values}
             )
+    for columns, rows in groups.items():
+        stmt = insert(session, LoopStat)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["loop", "bucket", "slot"],
+            set_={k: getattr(LoopStat, k) + stmt.excluded[k] for k in columns},
         )
+        session.execute(stmt, rows)
 
 
 def add_actions(session: Session, *, loop: str, counts: Mapping[tuple[int, str, str], int]) -> None:
     """Add served-action counts, per (bucket, slot, action id)."""
-    for bucket, slot, action in sorted(counts):
-        stmt = insert(session, ActionStat).values(
-            loop=loop, bucket=bucket, slot=slot, action=action, n=counts[bucket, slot, action]
-        )
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["loop", "bucket", "slot", "action"],
-                set_={"n": ActionStat.n + stmt.excluded.n},
-            )
-        )
+    if not counts:
+        return
+    stmt = insert(session, ActionStat)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["loop", "bucket", "slot", "action"],
+        set_={"n": ActionStat.n + stmt.excluded.n},
+    )
+    rows = [
+        {"loop": loop, "bucket": b, "slot": s, "action": a, "n": counts[b, s, a]}
+        for b, s, a in sorted(counts)
+    ]
+    session.execute(stmt, rows)
 
 
 def count_events(session: Session, column: str, times: Mapping[str, Sequence[float]]) -> None:
