@@ -43,7 +43,9 @@ def fill(data: Path, decisions: int, days: float, seed: int = 0) -> float:
     rewards = (rng.random(decisions) < np.where(held, 0.2, 0.3)).astype(float)
     started = time.perf_counter()
     with sessions.begin() as session:
-        store.ensure_loop(session, name="default", kind="cb", now=now, policy=settings.default_policy)
+        store.ensure_loop(
+            session, name="default", kind="cb", now=now, policy=settings.default_policy
+        )
     batch = 20_000
     for start in range(0, decisions, batch):
         rollup = Rollup(center=0.25)

@@ -43,6 +43,8 @@ def test_holdout_decisions_are_served_by_the_baseline_marked_and_sticky(harness:
     event = harness.client.get(f"/personalizer/v1.0/events/{held_id}", headers=AUTH).json()
     assert event["holdout"] is True
     assert event["ranking"][0] == {"id": "sports", "probability": 1.0}
+    assert event["contextFeatures"] == [{"time": "morning"}]
+    assert [a["id"] for a in event["actions"]] == ["news", "sports", "tech"]
 
 
 def test_random_holdout_policy_draws_uniformly_among_eligible_actions(harness: Harness) -> None:

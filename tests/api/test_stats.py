@@ -133,3 +133,44 @@ def test_too_many_buckets_is_a_400_but_a_wide_range_is_not(harness: Harness) -> 
 def test_unknown_loop_and_no_key(harness: Harness) -> None:
     assert harness.client.get("/loops/nope/stats", headers=AUTH).status_code == 404
     assert harness.client.get("/loops/default/stats").status_code == 401
+
+
+def test_rl_loops_report_episode_returns(harness: Harness) -> None:
+    assert harness.client.put("/loops/tutor", json={"kind": "rl"}, headers=AUTH).status_code == 201
+    base = "/loops/tutor/personalizer/v1.0"
+    actions = [{"id": f"a{i}", "features": [{"a": i}]} for i in range(2)]
+    returns = []
+    for e in range(5):
+        total = 0.0
+        for step in range(3):
+            event_id = f"ep{e}-{step}"
+            body = {
+                "contextFeatures": [{"s": step}],
+                "actions": actions,
+                "episodeId": f"ep{e}",
+                "eventId": event_id,
+            }
+            assert harness.client.post(f"{base}/rank", json=body, headers=AUTH).status_code == 201
+            value = 0.1 * (e + step)
+            r = harness.client.post(
+                f"{base}/events/{event_id}/reward", json={"value": value}, headers=AUTH
+            )
+            assert r.status_code == 204
+            total += value
+        r = harness.client.post(f"{base}/episodes/ep{e}/end", json={}, headers=AUTH)
+        assert r.status_code == 204
+        returns.append(total)
+    harness.clock.advance(700)  # past the default 10-minute window
+    harness.work()
+    doc = harness.client.get("/loops/tutor/stats", headers=AUTH).json()
+    episodes = [b["episodes"] for b in doc["buckets"] if "episodes" in b]
+    assert sum(x["count"] for x in episodes) == 5
+    mean = sum(x["meanReturn"] * x["count"] for x in episodes) / 5
+    assert mean == pytest.approx(sum(returns) / 5)
+    # A retrain (a new policy) relearns the episodes but does not count their returns again.
+    policy = {"name": "slower", "arguments": "--cb_adf --cb_type mtr -q :: --power_t 0 -l 0.1"}
+    r = harness.client.put(f"{base}/configurations/policy", json=policy, headers=AUTH)
+    assert r.status_code == 200, r.text
+    harness.work()
+    again = harness.client.get("/loops/tutor/stats", headers=AUTH).json()
+    assert sum(b["episodes"]["count"] for b in again["buckets"] if "episodes" in b) == 5

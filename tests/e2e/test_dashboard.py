@@ -220,6 +220,7 @@ def test_decision_viewer_and_configuration_pages(server: LiveServer, page: Watch
         page.problems.clear()  # a 404 while the event is on its way
         time.sleep(0.2)
     assert p.locator("#ranking tbody tr").count() == 3
+    assert "country1" in p.locator("#context").inner_text()
     shoot(p, "decision")
     p.goto(f"{server.url}/ui/#/loops/default/configuration")
     wait_ready(p, "#/loops/default/configuration")

@@ -213,6 +213,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         deferActivation={"type": "boolean"},
         modelId=STR,
         episodeId=STR,
+        contextFeatures={"type": "array"},
+        actions={"type": "array", "items": _obj(("id",), id=STR, features={"type": "array"})},
         ranking={"type": "array", "items": RANKED},
         rewardActionId=STR,
         baselineActionId=STR,

@@ -285,12 +285,16 @@ def get_event(request: Request) -> Response:
     decision, joined, observations = found
     r = record.decode(decision.record)
     assert isinstance(r, record.Decision | record.SlotsDecision)
+    c = orjson.loads(r.c)
     doc: dict[str, Any] = {
         "eventId": event_id,
         "timestamp": timestamp(decision.created_at),
         "mode": decision.mode,
         "deferActivation": decision.deferred,
         "modelId": r.m,
+        # The features as logged (what VW read), context and actions.
+        "contextFeatures": c.get("FromUrl", []),
+        "actions": [{"id": a["_tag"], "features": a.get("j", [])} for a in c["_multi"]],
         **_logged_rankings(r),
         "joined": joined is not None,
         "observations": [
