@@ -34,7 +34,7 @@ from learners.sandbox import NativeCrash, TrainerHost
 from service.core import record
 from service.pipeline import learning
 from service.pipeline.background import is_transient, keep_running, lower_thread_priority
-from service.pipeline.join import join_due
+from service.pipeline.join import compact_stats, join_due
 from service.pipeline.learning import Learner, Learners
 from service.pipeline.runtime import LoopRuntime, Registry
 from service.storage import store
@@ -309,7 +309,8 @@ class EmbeddedWorker:
                 self.learning.drop(name)
 
     def _retention(self, now: float) -> None:
-        """Drop logged events older than each loop's logRetentionDays (-1 keeps them)."""
+        """Drop logged events older than each loop's logRetentionDays (-1 keeps them); keep
+        rollups older than two days per hour (store.compact)."""
         self.retention_at = now
         by_days: dict[int, list[str]] = {}
         for name, rt in list(self.registry.loops.items()):
@@ -318,6 +319,7 @@ class EmbeddedWorker:
         for days, names in by_days.items():  # a few statements, however many loops
             with self.sessions.begin() as session:
                 store.apply_retention(session, loops=names, before=now - days * 86400)
+        compact_stats(self.sessions, now)
 
     def _ingest(self) -> bool:
         assert self.due is not None

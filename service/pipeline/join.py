@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from learners import rollups
 from learners.joiner import (
@@ -197,3 +197,16 @@ def view_of(d: Decision, r: record.Decision | record.SlotsDecision | None = None
         episode=d.episode,
         slots=slots,
     )
+
+
+def compact_stats(sessions: sessionmaker[Session], now: float) -> int:
+    """Keep rollups older than store.COMPACT_AFTER per hour (store.compact), a transaction per
+    batch of hours; returns how many hours were merged. Run by the embedded worker and the
+    Kafka path's joiner every few minutes."""
+    merged = 0
+    while True:
+        with sessions.begin() as session:
+            n = store.compact(session, before=now - store.COMPACT_AFTER)
+        merged += n
+        if n < 2000:
+            return merged

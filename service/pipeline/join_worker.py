@@ -26,10 +26,13 @@ from service.core import record
 from service.core.joined import PACK_BYTES, PACK_ROWS, joined_message
 from service.pipeline.background import is_transient, keep_running
 from service.pipeline.consumer import StoredOffsets, offset_name
-from service.pipeline.join import join_due
+from service.pipeline.join import compact_stats, join_due
 from service.storage import kafka, store
 
 log = logging.getLogger("dloop.join")
+
+
+COMPACT_EVERY = 600.0  # seconds between two compactions of the rollups
 
 
 class JoinWorker:
@@ -55,6 +58,7 @@ class JoinWorker:
         self.max_dangling = max_dangling
         # Event time of the last record read from each partition.
         self.read_until: dict[Any, float] = {}
+        self.compacted_at = 0.0  # when the rollups were last compacted (join.compact_stats)
         self._stop = threading.Event()
         # Nothing to drop on a rewind: a poll's records are ingested in one transaction with
         # their offsets, and `read_until` moves only after it committed.
@@ -119,6 +123,9 @@ class JoinWorker:
         return mark
 
     def join_due(self) -> None:
+        if self.clock() - self.compacted_at >= COMPACT_EVERY:
+            self.compacted_at = self.clock()
+            compact_stats(self.sessions, self.compacted_at)
         now = self.watermark()
         with self.sessions() as session:
             loops = [(loop.name, store.loop_settings(loop)) for loop in store.list_loops(session)]

@@ -245,7 +245,8 @@ def _sum(kind: Any = Float) -> Any:
 class LoopStat(Base):
     """A loop's rollups for 10 seconds (`bucket`: their start) and one slot ("": the whole
     decision), kept by the joiner as it joins and by ingestion (learners.rollups says what each
-    sum is). Decisions count in the bucket they were made in, observations in the one they
+    sum is); bucket -1 holds the running totals since the loop's first decision (store.stats.
+    ALL_TIME). Decisions count in the bucket they were made in, observations in the one they
     arrived."""
 
     __tablename__ = "loop_stats"

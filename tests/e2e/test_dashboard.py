@@ -235,3 +235,80 @@ def test_decision_viewer_and_configuration_pages(server: LiveServer, page: Watch
     cfg = api(server, "GET", "/personalizer/v1.0/configurations/service").json()
     assert cfg["holdoutPercentage"] == 15
     page.clean()
+
+
+def test_rl_and_multi_slot_loops_draw_their_own_charts(server: LiveServer, page: Watched) -> None:
+    """An RL loop's page draws episode returns, a multi-slot loop's the reward per slot; the
+    evaluations page draws a feature-importance job as bars."""
+    from tests.api.test_ccb import page as slate
+
+    for name, kind in (("tutor", "rl"), ("front", "ccb")):
+        assert api(server, "PUT", f"/loops/{name}", json={"kind": kind}).status_code == 201
+        path = f"/loops/{name}/personalizer/v1.0/configurations/service"
+        cfg = api(server, "GET", path).json()
+        r = api(server, "PUT", path, json={**cfg, "rewardWaitTime": "PT1S"})
+        assert r.status_code == 200, r.text
+    actions = [{"id": f"a{i}", "features": [{"a": i}]} for i in range(3)]
+    for e in range(6):
+        for step in range(3):
+            body = {
+                "contextFeatures": [{"s": step}],
+                "actions": actions,
+                "episodeId": f"ep{e}",
+                "eventId": f"ep{e}-{step}",
+            }
+            assert api(server, "POST", "/loops/tutor/personalizer/v1.0/rank", json=body).is_success
+            r = api(
+                server,
+                "POST",
+                f"/loops/tutor/personalizer/v1.0/events/ep{e}-{step}/reward",
+                json={"value": 0.5},
+            )
+            assert r.is_success
+        r = api(server, "POST", f"/loops/tutor/personalizer/v1.0/episodes/ep{e}/end", json={})
+        assert r.is_success
+    base = "/loops/front/personalizer/v1.1-preview.1/multislot"
+    for i in range(10):
+        assert api(server, "POST", f"{base}/rank", json=slate(f"p{i}")).is_success
+        reward = {"reward": [{"slotId": "hero", "value": 1.0}, {"slotId": "side", "value": 0.0}]}
+        assert api(server, "POST", f"{base}/events/p{i}/reward", json=reward).is_success
+    now = datetime.now(UTC)
+    job = {
+        "name": "what matters",
+        "startTime": (now - timedelta(hours=1)).isoformat(),
+        "endTime": (now + timedelta(minutes=1)).isoformat(),
+    }
+    r = api(server, "PUT", "/personalizer/v1.0/featureImportances/fi1", json=job)
+    assert r.status_code in (200, 201), r.text
+
+    p = page.page
+    login(page, server.url, ADMIN_KEY)
+    wait_until(
+        lambda: any(
+            "episodes" in b for b in api(server, "GET", "/loops/tutor/stats").json()["buckets"]
+        ),
+        60,
+    )
+    p.goto(f"{server.url}/ui/#/loops/tutor")
+    wait_ready(p, "#/loops/tutor")
+    wait_until(lambda: p.locator("#episodes .scatterlayer .trace").count() >= 1)
+    wait_until(
+        lambda: any(
+            b.get("slots") for b in api(server, "GET", "/loops/front/stats").json()["buckets"]
+        ),
+        60,
+    )
+    p.goto(f"{server.url}/ui/#/loops/front")
+    wait_ready(p, "#/loops/front")
+    wait_until(lambda: p.locator("#slots .scatterlayer .trace").count() >= 3)
+    wait_until(
+        lambda: (
+            api(server, "GET", "/personalizer/v1.0/featureImportances/fi1").json()["status"]
+            == "Succeeded"
+        ),
+        60,
+    )
+    p.goto(f"{server.url}/ui/#/loops/default/evaluations")
+    wait_ready(p, "#/loops/default/evaluations")
+    wait_until(lambda: p.locator("#importance .barlayer .trace").count() >= 1)
+    page.clean()

@@ -90,3 +90,15 @@ def test_ci_runs_what_a_developer_runs() -> None:
         if line.startswith("make ")
     ]
     assert steps == ["make lint", "make typecheck", "make test"]
+
+
+def test_the_dashboards_files_are_package_data() -> None:
+    """A non-editable install (the Docker image) gets every file of the dashboard: each matches
+    a package-data pattern of service.api."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["service.api"]
+    files = [p.relative_to(ROOT / "service" / "api") for p in (ROOT / "service/api/ui").iterdir()]
+    assert files
+    for f in files:
+        assert any(f.match(pattern) for pattern in patterns), f"{f} is not package data"

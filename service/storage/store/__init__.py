@@ -82,11 +82,13 @@ from service.storage.store.outbox import (
 )
 from service.storage.store.stats import (
     BUCKET,
+    COMPACT_AFTER,
     action_rows,
     add_actions,
     add_publication,
     add_stats,
     bucket_of,
+    compact,
     count_events,
     extent,
     mean_reward,
@@ -98,6 +100,7 @@ from service.storage.store.stats import (
 __all__ = [
     "BUCKET",
     "CHANGES_CHANNEL",
+    "COMPACT_AFTER",
     "DEFAULT_LOOP",
     "KEYS_LOCK",
     "MAX_DANGLING",
@@ -114,6 +117,7 @@ __all__ = [
     "apprentice_metrics",
     "assign_positions",
     "bucket_of",
+    "compact",
     "complete_episodes",
     "count_events",
     "create_key",

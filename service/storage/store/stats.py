@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from learners.rollups import FIELDS
@@ -18,6 +18,9 @@ from service.storage.store.common import insert
 BUCKET = 10  # seconds: the rollups' resolution
 SUMMED = (*FIELDS, "ranked", "late", "dangling", "episodes", "return_sum", "return_sq")
 
+# The bucket of a loop's running totals since its first decision (one row per slot, kept with
+# every addition), so whole-history figures (the uplift, the join's centre) read one row.
+ALL_TIME = -1
 SAMPLE = 2000  # joined rows read for a publication's freshness, at most about
 Key = tuple[int, str]  # (bucket, slot)
 
@@ -30,9 +33,15 @@ def add_stats(session: Session, *, loop: str, sums: Mapping[Key, Mapping[str, fl
     """Add `sums` (per (bucket, slot), column -> amount) to the loop's rollups: one statement
     per set of columns, rows in key order, so concurrent joiners lock rows in the same order
     (no deadlock)."""
+    everything: dict[Key, dict[str, float]] = {}
+    for (_, slot), values in sums.items():
+        total = everything.setdefault((ALL_TIME, slot), {})
+        for k, v in values.items():
+            total[k] = total.get(k, 0.0) + v
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for bucket, slot in sorted(sums):
-        values = {k: v for k, v in sums[bucket, slot].items() if v}
+    merged = {**sums, **everything}
+    for bucket, slot in sorted(merged):
+        values = {k: v for k, v in merged[bucket, slot].items() if v}
         if values:
             columns = tuple(sorted(values))
             groups.setdefault(columns, []).append(
@@ -75,12 +84,12 @@ def count_events(session: Session, column: str, times: Mapping[str, Sequence[flo
 
 def mean_reward(session: Session, *, loop: str) -> float:
     """The loop's mean reward over every learnable decision joined so far (0 before any)."""
-    n, total = session.execute(
-        select(func.sum(LoopStat.reward_n), func.sum(LoopStat.reward_sum)).where(
-            LoopStat.loop == loop, LoopStat.slot == ""
+    row = session.execute(
+        select(LoopStat.reward_n, LoopStat.reward_sum).where(
+            LoopStat.loop == loop, LoopStat.slot == "", LoopStat.bucket == ALL_TIME
         )
-    ).one()
-    return float(total) / float(n) if n else 0.0
+    ).one_or_none()
+    return float(row[1]) / float(row[0]) if row is not None and row[0] else 0.0
 
 
 def stat_rows(
@@ -92,7 +101,7 @@ def stat_rows(
     columns = [func.sum(getattr(LoopStat, c)).label(c) for c in SUMMED]
     stmt = (
         select(start.label("bucket"), LoopStat.slot, *columns)
-        .where(LoopStat.loop == loop, LoopStat.bucket >= since, LoopStat.bucket < until)
+        .where(LoopStat.loop == loop, LoopStat.bucket >= max(0, since), LoopStat.bucket < until)
         .group_by(start, LoopStat.slot)
         .order_by(start, LoopStat.slot)
     )
@@ -102,18 +111,24 @@ def stat_rows(
 def extent(session: Session, *, loop: str) -> tuple[int, int] | None:
     """The loop's first and last rollup buckets (None before any)."""
     first, last = session.execute(
-        select(func.min(LoopStat.bucket), func.max(LoopStat.bucket)).where(LoopStat.loop == loop)
+        select(func.min(LoopStat.bucket), func.max(LoopStat.bucket)).where(
+            LoopStat.loop == loop, LoopStat.bucket >= 0
+        )
     ).one()
     return None if first is None else (int(first), int(last))
 
 
-def totals(session: Session, *, loop: str, since: float = 0.0) -> dict[str, float]:
-    """Every summed column over the loop's whole decisions (slot "") since `since`."""
+def totals(session: Session, *, loop: str, since: float | None = None) -> dict[str, float]:
+    """Every summed column over the loop's whole decisions (slot ""): since `since`, or with
+    None since the first (its running totals: one row)."""
     columns = [func.sum(getattr(LoopStat, c)).label(c) for c in SUMMED]
+    where = (
+        LoopStat.bucket == ALL_TIME
+        if since is None
+        else LoopStat.bucket >= max(0, bucket_of(since))
+    )
     row = session.execute(
-        select(*columns).where(
-            LoopStat.loop == loop, LoopStat.slot == "", LoopStat.bucket >= bucket_of(since)
-        )
+        select(*columns).where(LoopStat.loop == loop, LoopStat.slot == "", where)
     ).one()
     return {c: float(v or 0.0) for c, v in row._mapping.items()}
 
@@ -197,3 +212,55 @@ def publications(
         .limit(limit)
     )
     return list(reversed(list(rows)))
+
+
+COMPACT_AFTER = 2 * 86400  # seconds: older rollups are kept per hour, not per 10 seconds
+HOUR = 3600
+
+
+def compact(session: Session, *, before: float, limit: int = 2000) -> int:
+    """Merge the rollups of every loop older than `before` into hourly buckets (their sums are
+    sums: an hour's row adds up its 10-second rows), at most `limit` hours per call; returns how
+    many hours were merged. What `stat_rows` answers is unchanged for buckets of an hour or
+    more; finer ones are not asked of old data by the dashboard. A join adding to an old bucket
+    later just adds a row the next pass merges."""
+    cutoff = bucket_of(before) - bucket_of(before) % HOUR
+    hour = LoopStat.bucket - LoopStat.bucket % HOUR
+    fine = and_(LoopStat.bucket >= 0, LoopStat.bucket < cutoff)
+    groups = session.execute(
+        select(LoopStat.loop, hour.label("hour"), LoopStat.slot)
+        .where(fine)
+        .group_by(LoopStat.loop, hour, LoopStat.slot)
+        .having(or_(func.count() > 1, func.max(LoopStat.bucket % HOUR) > 0))
+        .limit(limit)
+    ).all()
+    for loop, start, slot in groups:
+        rows = and_(
+            LoopStat.loop == loop,
+            LoopStat.slot == slot,
+            LoopStat.bucket >= start,
+            LoopStat.bucket < start + HOUR,
+        )
+        columns = [func.sum(getattr(LoopStat, c)).label(c) for c in SUMMED]
+        sums = session.execute(select(*columns).where(rows)).one()._mapping
+        session.execute(delete(LoopStat).where(rows))
+        session.add(
+            LoopStat(loop=loop, bucket=start, slot=slot, **{c: sums[c] or 0 for c in SUMMED})
+        )
+        actions = and_(
+            ActionStat.loop == loop,
+            ActionStat.slot == slot,
+            ActionStat.bucket >= start,
+            ActionStat.bucket < start + HOUR,
+        )
+        counts = session.execute(
+            select(ActionStat.action, func.sum(ActionStat.n))
+            .where(actions)
+            .group_by(ActionStat.action)
+        ).all()
+        session.execute(delete(ActionStat).where(actions))
+        session.add_all(
+            ActionStat(loop=loop, bucket=start, slot=slot, action=a, n=int(n)) for a, n in counts
+        )
+        session.flush()
+    return len(groups)
