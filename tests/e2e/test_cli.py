@@ -192,3 +192,44 @@ def test_simulate_and_replay_as_a_user_runs_them(tmp_path: Path) -> None:
     result = runner.invoke(app, ["replay", "--loop", "keys", "--data-dir", str(data), "--apply"])
     assert result.exit_code == 0, result.output
     assert "now serves model" in result.output
+
+
+@pytest.mark.slow
+def test_demo_serves_the_dashboard_and_its_loop_learns(tmp_path: Path) -> None:
+    """`dloop demo` (`make demo`): the printed key opens the dashboard's data, and the
+    simulated traffic makes decisions, joins them, holds some out and publishes models."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DLOOP_")}
+    command = [sys.executable, "-m", "service", "demo", "--port", str(port), "--rate", "200"]
+    proc = subprocess.Popen(
+        [*command, "--data-dir", str(tmp_path / "demo")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline() + proc.stdout.readline()
+        match = re.search(r"open (http://\S+/ui/) and log in with this admin key: (\w+)", line)
+        assert match, line
+        url, key = match.groups()
+        base = url.removesuffix("/ui/")
+        deadline = time.time() + 60
+        while True:
+            try:
+                r = httpx.get(
+                    f"{base}/loops/default/holdout", headers={"Authorization": f"Bearer {key}"}
+                )
+                if r.status_code == 200 and r.json()["holdout"]["decisions"] >= 5:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "no held-out decisions"
+            time.sleep(0.2)
+        assert httpx.get(url).status_code == 200
+        stats = httpx.get(f"{base}/loops/default/stats", headers={"Authorization": f"Bearer {key}"})
+        assert stats.json()["models"], "no model published"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
