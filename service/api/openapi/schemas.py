@@ -289,6 +289,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "LoopList": _list_of(LOOP),
     "KeyContract": _obj(
         label={"type": ["string", "null"], "maxLength": 256},
+        role={
+            "enum": ["viewer", None],
+            "description": "dloop: viewer makes a read-only key (the dashboard, GET operations)",
+        },
         expiresAt={"type": ["string", "null"], "format": "date-time"},
         expiresInDays={"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 36500},
     ),
