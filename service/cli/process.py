@@ -55,6 +55,7 @@ def up(
     elif settings.api_key is None:
         typer.echo("dloop: using the admin key created at first start (or set DLOOP_API_KEY)")
     typer.echo(f"dloop: Personalizer endpoint http://{host}:{port}  (docs at /docs)")
+    typer.echo(f"dloop: dashboard http://{host}:{port}/ui/  (log in with an admin or viewer key)")
     uvicorn.run(create_app(settings), **_server_options(settings))
 
 
