@@ -102,3 +102,18 @@ def test_the_dashboards_files_are_package_data() -> None:
     assert files
     for f in files:
         assert any(f.match(pattern) for pattern in patterns), f"{f} is not package data"
+
+
+def test_no_virtualenv_is_committed() -> None:
+    """A worktree's `.venv` symlink once slipped into a commit, and a clean clone could not
+    make its own virtualenv."""
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "ls-files", ".venv", "venv", "*.pyc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert tracked == ""
