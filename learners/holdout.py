@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 from learners.sampling import sample, uniform_from_key
 
@@ -121,8 +122,6 @@ class Uplift:
 
 def z_value(alpha: float) -> float:
     """The two-sided normal quantile (1.96 for alpha 0.05)."""
-    from statistics import NormalDist
-
     return NormalDist().inv_cdf(1 - alpha / 2)
 
 

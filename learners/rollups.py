@@ -20,7 +20,7 @@ intervals and effective sample sizes are computed from them at query time (servi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from learners.holdout import effect
 
@@ -124,6 +124,6 @@ def _moments(out: dict[str, float], name: str, x: float) -> None:
     out[f"{name}_sq"] = x * x
 
 
-def add(total: dict[str, float], more: dict[str, float]) -> None:
+def add(total: dict[str, float], more: Mapping[str, float]) -> None:
     for k, v in more.items():
         total[k] = total.get(k, 0.0) + v

@@ -65,22 +65,34 @@ def presented_key(request: Request) -> str | None:
 SESSION_COOKIE = "dloop_session"
 
 
+def session_of(keys: KeyTable, cookies: Mapping[str, str]) -> tuple[str, str] | None:
+    """(key hash, CSRF token) of the valid dashboard session among `cookies`, else None."""
+    cookie = cookies.get(SESSION_COOKIE)
+    if not cookie or keys.sessions is None:
+        return None
+    return keys.sessions(cookie)
+
+
+def check_csrf(request: Request, csrf: str) -> None:
+    """403 unless the request carries the session's CSRF token."""
+    sent = request.headers.get(CSRF_HEADER, "")
+    if not hmac.compare_digest(sent.encode(), csrf.encode()):
+        raise ApiError(403, "InvalidApiAccess", "missing or wrong X-CSRF-Token")
+
+
 def _presented_hash(keys: KeyTable, request: Request) -> str:
     """The hash of the caller's key: from a header, else from the session cookie (checking
     the CSRF token of a change); 401 without either."""
     key = presented_key(request)
     if key:
         return hash_key(key)
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie and keys.sessions is not None:
-        session = keys.sessions(cookie)
+    if request.cookies.get(SESSION_COOKIE) and keys.sessions is not None:
+        session = session_of(keys, request.cookies)
         if session is None:
             raise ApiError(401, "Unauthorized", "Access denied: the session has expired")
         key_hash, csrf = session
         if request.method not in SAFE_METHODS:
-            sent = request.headers.get(CSRF_HEADER, "")
-            if not hmac.compare_digest(sent.encode(), csrf.encode()):
-                raise ApiError(403, "InvalidApiAccess", "missing or wrong X-CSRF-Token")
+            check_csrf(request, csrf)
         return key_hash
     raise ApiError(401, "Unauthorized", "Access denied: missing Ocp-Apim-Subscription-Key header")
 

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import cookie_parser
 from starlette.types import Message, Receive, Scope
 
-from service.api.auth import SESSION_COOKIE, KeyTable
+from service.api.auth import KeyTable, session_of
 from service.storage.store import hash_key
 
 # Paths anyone may call: liveness, readiness, the API's description, and the dashboard's page,
@@ -62,12 +62,9 @@ def key_hash(keys: KeyTable, scope: Scope) -> str | None:
 
 def session_hash(keys: KeyTable, scope: Scope) -> str | None:
     """The key hash of a valid dashboard session cookie (service.api.session), or None."""
-    if keys.sessions is None:
-        return None
     for name, value in scope["headers"]:
         if name == b"cookie":
-            cookie = cookie_parser(value.decode("latin-1")).get(SESSION_COOKIE)
-            session = keys.sessions(cookie) if cookie else None
+            session = session_of(keys, cookie_parser(value.decode("latin-1")))
             if session is not None:
                 return session[0]
     return None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from learners import rollups
 from service.storage import store
 from service.storage.models import Episode, Joined
 
@@ -71,9 +72,7 @@ class Pending:
                 episode.counted = True
                 ret = sum(r.reward for r in self.steps[episode.episode_id] if r.learnable)
                 row = sums.setdefault((store.bucket_of(episode.ended_at), ""), {})
-                row["episodes"] = row.get("episodes", 0.0) + 1
-                row["return_sum"] = row.get("return_sum", 0.0) + ret
-                row["return_sq"] = row.get("return_sq", 0.0) + ret * ret
+                rollups.add(row, {"episodes": 1, "return_sum": ret, "return_sq": ret * ret})
         store.add_stats(session, loop=self.loop, sums=sums)
 
 

@@ -80,10 +80,9 @@ def _ips(row: dict[str, Any], name: str) -> dict[str, Any] | None:
     if n == 0:
         return None
     m = Moments(n, float(row[f"{name}_wr"]), float(row[f"{name}_wr2"]))
-    half = Z95 * math.sqrt(m.variance / n) if n > 1 else math.inf
     return {
         "estimate": m.mean,
-        "interval95": [m.mean - half, m.mean + half] if n > 1 else None,
+        "interval95": _interval(m),
         "effectiveSampleSize": (w * w / w2) if w2 > 0 else 0.0,
     }
 

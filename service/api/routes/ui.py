@@ -9,7 +9,6 @@ apply an evaluation's policy."""
 
 from __future__ import annotations
 
-import hmac
 import importlib.util
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
-from service.api.auth import ADMIN, CSRF_HEADER, SESSION_COOKIE, VIEWER
+from service.api.auth import ADMIN, SESSION_COOKIE, VIEWER, check_csrf, session_of
 from service.api.deps import ViewState, dloop
 from service.api.errors import ApiError, bad_request
 from service.pipeline import stats
@@ -70,7 +69,7 @@ def ui_static(name: str) -> Response:
     return FileResponse(path, media_type=media, headers={"Cache-Control": "no-cache"})
 
 
-def _session_doc(request: Request, role: str, loop: str | None, csrf: str) -> dict[str, Any]:
+def _session_doc(role: str, loop: str | None, csrf: str) -> dict[str, Any]:
     return {"role": role, "loop": loop, "csrfToken": csrf}
 
 
@@ -91,7 +90,7 @@ def ui_login(request: Request, payload: Annotated[Any, Body()] = None) -> Respon
     if role not in (ADMIN, VIEWER):
         raise ApiError(403, "InvalidApiAccess", "only admin and viewer keys open the dashboard")
     cookie, csrf = d.ui_sessions.issue(key_hash)
-    response = JSONResponse(_session_doc(request, role, loop, csrf))
+    response = JSONResponse(_session_doc(role, loop, csrf))
     response.set_cookie(
         SESSION_COOKIE,
         cookie,
@@ -110,29 +109,24 @@ def ui_session(request: Request) -> Response:
     """The session's role, loop and CSRF token; all null without a valid session (not a 401:
     the page asks this first, and a browser logs every failed request as an error)."""
     d = dloop(request)
-    cookie = request.cookies.get(SESSION_COOKIE)
-    session = d.ui_sessions.read(cookie) if cookie else None
+    session = session_of(d.keys, request.cookies)
     entry = d.keys.get(session[0]) if session is not None else None
     if session is None or entry is None:
         return JSONResponse(
             {"role": None, "loop": None, "csrfToken": None}, headers={"Cache-Control": "no-store"}
         )
     role, loop = entry
-    return JSONResponse(
-        _session_doc(request, role, loop, session[1]), headers={"Cache-Control": "no-store"}
-    )
+    return JSONResponse(_session_doc(role, loop, session[1]), headers={"Cache-Control": "no-store"})
 
 
 @router.post("/ui/logout", include_in_schema=False)
 def ui_logout(request: Request) -> Response:
     """End the session (its CSRF token is required, like every change)."""
     d = dloop(request)
-    cookie = request.cookies.get(SESSION_COOKIE)
-    session = d.ui_sessions.read(cookie) if cookie else None
+    session = session_of(d.keys, request.cookies)
     if session is None:
         raise ApiError(401, "Unauthorized", "not logged in")
-    if not hmac.compare_digest(request.headers.get(CSRF_HEADER, "").encode(), session[1].encode()):
-        raise ApiError(403, "InvalidApiAccess", "missing or wrong X-CSRF-Token")
+    check_csrf(request, session[1])
     response = Response(status_code=204)
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response

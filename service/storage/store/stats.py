@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from learners import rollups
 from learners.rollups import FIELDS
 from service.storage.models import ActionStat, Joined, LoopStat, ModelPublication
 from service.storage.store.common import insert
@@ -35,9 +36,7 @@ def add_stats(session: Session, *, loop: str, sums: Mapping[Key, Mapping[str, fl
     (no deadlock)."""
     everything: dict[Key, dict[str, float]] = {}
     for (_, slot), values in sums.items():
-        total = everything.setdefault((ALL_TIME, slot), {})
-        for k, v in values.items():
-            total[k] = total.get(k, 0.0) + v
+        rollups.add(everything.setdefault((ALL_TIME, slot), {}), values)
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     merged = {**sums, **everything}
     for bucket, slot in sorted(merged):
