@@ -99,9 +99,14 @@ def ccb_line(
     baselines: Sequence[int],
     model_id: str,
     skip_learn: bool = False,
+    version: int = 0,
 ) -> bytes:
-    """One CCB DSJSON line. `outcomes` per slot: {"id", "a", "p", "cost", "original", "o"}."""
+    """One CCB DSJSON line. `outcomes` per slot: {"id", "a", "p", "cost", "original", "o"} and
+    optionally "outcomes", its aggregated named outcomes; `version`: the reward definition's
+    (learners.outcomes; keys VW ignores)."""
     doc: dict[str, Any] = {"Timestamp": timestamp, "Version": "1", "EventId": event_id}
+    if version:
+        doc["RewardVersion"] = version
     if skip_learn:
         doc["_skipLearn"] = True
     doc["c"] = c
@@ -113,6 +118,7 @@ def ccb_line(
             "_p": list(o["p"]),
             "_o": list(o.get("o", [])),
             "_original_label_cost": o["original"],
+            **({"Outcomes": o["outcomes"]} if "outcomes" in o else {}),
         }
         for o in outcomes
     ]

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from learners import estimators, vw
+from learners import estimators, outcomes, vw
 from learners.dsjson import parse_time
+from learners.outcomes import RewardRules
 from learners.rl import relabel
 from learners.sampling import restrict
 
@@ -50,6 +51,13 @@ class Logged:
     baseline: int | None = None  # multi-slot: the slot's baselineAction
     ccb: dict[str, Any] | None = None  # multi-slot: the whole CCB line ...
     slot: int = 0  # ... and which of its slots this is
+    # The named outcomes the line records (learners.outcomes; none before they existed).
+    outcomes: dict[str, float] = field(default_factory=dict)
+
+
+def _outcomes(doc: dict[str, Any]) -> dict[str, float]:
+    recorded = doc.get("Outcomes")
+    return {str(k): float(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {}
 
 
 def read_slots(lines: Iterable[str]) -> dict[str, list[Logged]]:
@@ -96,6 +104,7 @@ def read_slots(lines: Iterable[str]) -> dict[str, list[Logged]]:
                     baseline=int(doc["_ba"][k]) if "_ba" in doc else None,
                     ccb=doc,
                     slot=k,
+                    outcomes=_outcomes(outcome),
                 )
             )
     for items in out.values():
@@ -124,6 +133,7 @@ def read(lines: Iterable[str]) -> list[Logged]:
                 eligible=[p > 0 for p in logged],
                 logged=logged,
                 line=line,
+                outcomes=_outcomes(doc),
             )
         )
     out.sort(key=lambda x: x.t)
@@ -142,6 +152,9 @@ class PolicySpec:
     name: str
     source: str  # Online | Baseline | Random | Custom | OfflineExperimentation
     arguments: str = ""
+    # A custom policy trained for another objective: it learns each decision relabelled
+    # under these rules (learners.outcomes); every policy is evaluated on the same rewards.
+    rules: RewardRules | None = None
 
 
 Probabilities = Callable[[Logged], list[float]]
@@ -164,15 +177,19 @@ class Progressive:
     (`--ccb_explore_adf`) is asked for the slot's probabilities over the actions that were
     free for it (as serving does), then learns the whole CCB line."""
 
-    def __init__(self, arguments: str) -> None:
+    def __init__(self, arguments: str, rules: RewardRules | None = None) -> None:
         self.ws = vw.workspace(f"{arguments} --dsjson")
         self.slots = "--ccb_explore_adf" in arguments
+        self.rules = rules  # the objective it learns, if not the logged reward
+
+    def _learned(self, line: str) -> str:
+        return line if self.rules is None else outcomes.relabel(line, self.rules).decode()
 
     def __call__(self, d: Logged) -> list[float]:
         if self.slots and d.ccb is not None:
             return self._slot(d)
         pmf = vw.predict_scores(self.ws, d.line)
-        vw.learn_line(self.ws, d.line)
+        vw.learn_line(self.ws, self._learned(d.line))
         return restrict(pmf, d.eligible)
 
     def _slot(self, d: Logged) -> list[float]:
@@ -198,7 +215,7 @@ class Progressive:
         }
         decisions = vw.predict_decisions(self.ws, orjson.dumps(one).decode())
         by_action = dict(decisions[0]) if decisions else {}
-        vw.learn_line(self.ws, orjson.dumps(d.ccb).decode())
+        vw.learn_line(self.ws, self._learned(orjson.dumps(d.ccb).decode()))
         return restrict([float(by_action.get(i, 0.0)) for i in range(len(d.eligible))], d.eligible)
 
 
@@ -211,6 +228,9 @@ class Result:
     rhat_target: np.ndarray
     times: np.ndarray
     estimates: dict[str, estimators.Estimate] = field(default_factory=dict)
+    # Every named outcome's value under the policy (inverse propensity scoring; an outcome that
+    # never arrived for a decision counts as 0 there).
+    outcomes: dict[str, estimators.Estimate] = field(default_factory=dict)
 
     def estimate(self, sl: slice | np.ndarray | None = None) -> dict[str, estimators.Estimate]:
         s = slice(None) if sl is None else sl
@@ -237,7 +257,9 @@ def evaluate(
     progress: Callable[[float], None] | None = None,
 ) -> list[Result]:
     """Score every policy on the logged decisions (one pass, all policies side by side)."""
-    scorers = [FIXED.get(spec.source) or Progressive(spec.arguments) for spec in policies]
+    scorers = [
+        FIXED.get(spec.source) or Progressive(spec.arguments, spec.rules) for spec in policies
+    ]
     reward_model = vw.workspace(f"{REWARD_MODEL} --dsjson")
     n, k = len(logged), len(policies)
     weights = np.zeros((k, n))
@@ -255,12 +277,30 @@ def evaluate(
             progress((i + 1) / n)
     rewards = np.array([d.reward for d in logged])
     times = np.array([d.t for d in logged])
+    names = sorted({name for d in logged for name in d.outcomes})
+    values = {name: np.array([d.outcomes.get(name, 0.0) for d in logged]) for name in names}
     results = []
     for j, spec in enumerate(policies):
         res = Result(spec, weights[j], rewards, rhat_chosen, rhat_target[j], times)
         res.estimates = res.estimate()
+        res.outcomes = {name: estimators.ips(y, weights[j]) for name, y in values.items()}
         results.append(res)
     return results
+
+
+def outcome_table(results: list[Result]) -> list[list[str]]:
+    """Policies x outcomes as printable rows: the training reward (doubly robust) and each
+    named outcome (IPS), each an estimate with its 95% interval."""
+    names = sorted({n for r in results for n in r.outcomes})
+    rows = [["policy", "training reward", *names]]
+    for r in results:
+        cells = [_cell(r.estimates["dr"])] + [_cell(r.outcomes[n]) for n in names]
+        rows.append([r.spec.name, *cells])
+    return rows
+
+
+def _cell(e: estimators.Estimate) -> str:
+    return f"{e.value:.4g} [{e.low:.4g}, {e.high:.4g}]"
 
 
 def iso_time(t: float) -> str:
@@ -333,6 +373,14 @@ def content(results: list[Result], *, start: float, end: float, slot: str = "") 
                             "confidenceInterval": [json_number(e.low), json_number(e.high)],
                         }
                         for name, e in est.items()
+                    },
+                    # dloop: every named outcome under this policy (IPS, 95% interval).
+                    "outcomes": {
+                        name: {
+                            "expected": json_number(e.value),
+                            "confidenceInterval": [json_number(e.low), json_number(e.high)],
+                        }
+                        for name, e in res.outcomes.items()
                     },
                 },
                 "timeseries": {"data": series["5/Expanding"]},

@@ -292,8 +292,11 @@ def cb_line(
     skip_learn: bool = False,
     deferred: bool = False,
     episode_id: str | None = None,
+    outcomes: dict[str, float] | None = None,
+    version: int = 0,
 ) -> bytes:
-    """One DSJSON CB interaction line (no newline).
+    """One DSJSON CB interaction line (no newline). `outcomes`: the aggregated named outcomes
+    and `version` the reward definition's (learners.outcomes; keys VW ignores).
 
     `ranking` holds 0-based action indices, chosen first. The label keys are written before `c`:
     VW attaches a label that follows `c` to the shared example and learns nothing from it.
@@ -319,6 +322,10 @@ def cb_line(
     )
     if episode_id is not None:
         head["EpisodeId"] = episode_id  # dloop, RL loops (VW ignores it)
+    if outcomes is not None:
+        head["Outcomes"] = outcomes
+    if version:
+        head["RewardVersion"] = version
     if deferred:
         head["DeferredAction"] = True
     head["a"] = [i + 1 for i in ranking]

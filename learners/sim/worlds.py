@@ -128,3 +128,85 @@ class PageWorld:
         best = np.mean([max(self.value(u, s) for s in self.slates()) for u in users])
         got = np.mean([self.value(u, chosen[u]) for u in users])
         return float((got - rand) / (best - rand))
+
+
+@dataclass
+class ShopWorld:
+    """A shop with three outcomes per shown offer: a click, a purchase (its value) and an
+    unsubscribe, whose probabilities depend on the user's segment and the offer. Clickbait gets
+    the clicks, premium the revenue, and both cost unsubscribes, so objectives disagree. Every
+    expected outcome is known (`expected`), so any policy's true value on any contexts is exact.
+    """
+
+    seed: int = 0
+    segments: tuple[str, ...] = ("bargain", "loyal", "casual")
+    offers: tuple[str, ...] = ("clickbait", "deal", "premium", "digest")
+    # Per segment, per offer: P(click), P(purchase), P(unsubscribe); `price` per offer.
+    click: tuple[tuple[float, ...], ...] = (
+        (0.60, 0.30, 0.05, 0.10),
+        (0.40, 0.25, 0.20, 0.15),
+        (0.50, 0.20, 0.05, 0.10),
+    )
+    purchase: tuple[tuple[float, ...], ...] = (
+        (0.02, 0.20, 0.02, 0.01),
+        (0.02, 0.10, 0.30, 0.02),
+        (0.01, 0.05, 0.05, 0.01),
+    )
+    unsubscribe: tuple[tuple[float, ...], ...] = (
+        (0.15, 0.02, 0.02, 0.01),
+        (0.05, 0.01, 0.01, 0.01),
+        (0.20, 0.02, 0.10, 0.01),
+    )
+    price: tuple[float, ...] = (20.0, 30.0, 120.0, 10.0)
+    _rng: np.random.Generator = field(init=False, repr=False)
+    _noise: np.random.Generator = field(init=False, repr=False)
+
+    OUTCOMES = ("click", "purchase", "unsubscribe")
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self._noise = np.random.default_rng(self.seed + 1)
+
+    def actions(self) -> list[dict[str, Any]]:
+        return [
+            {"id": offer, "features": [{"offer": offer, "price": self.price[i]}]}
+            for i, offer in enumerate(self.offers)
+        ]
+
+    def draw_context(self) -> tuple[int, list[dict[str, Any]]]:
+        s = int(self._rng.integers(len(self.segments)))
+        return s, [{"segment": self.segments[s]}]
+
+    def expected(self, segment: int, offer: int) -> dict[str, float]:
+        """The expected outcomes of showing `offer` to a user of `segment`."""
+        return {
+            "click": self.click[segment][offer],
+            "purchase": self.purchase[segment][offer] * self.price[offer],
+            "unsubscribe": self.unsubscribe[segment][offer],
+        }
+
+    def outcomes(self, segment: int, offer: int) -> dict[str, float]:
+        """Drawn outcomes (a purchase at most once, worth the offer's price)."""
+        u = self._noise.random(3)
+        return {
+            "click": float(u[0] < self.click[segment][offer]),
+            "purchase": float(u[1] < self.purchase[segment][offer]) * self.price[offer],
+            "unsubscribe": float(u[2] < self.unsubscribe[segment][offer]),
+        }
+
+    def value(self, pmfs: list[tuple[int, list[float]]]) -> dict[str, float]:
+        """A policy's true expected outcomes on these (segment, probabilities over offers)."""
+        total = dict.fromkeys(self.OUTCOMES, 0.0)
+        for segment, pmf in pmfs:
+            for offer, p in enumerate(pmf):
+                for name, v in self.expected(segment, offer).items():
+                    total[name] += p * v
+        return {name: v / len(pmfs) for name, v in total.items()}
+
+    def best(self, outcome: str, sign: float = 1.0) -> list[int]:
+        """Per segment, the offer that maximises sign * `outcome`."""
+        offers = range(len(self.offers))
+        return [
+            max(offers, key=lambda a: sign * self.expected(segment, a)[outcome])
+            for segment in range(len(self.segments))
+        ]

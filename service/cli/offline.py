@@ -110,6 +110,31 @@ def _loop_row(settings: Settings, loop: str) -> Any:
         return None
 
 
+RewardOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--reward",
+        help="Another reward definition (a formula over the loop's outcomes, e.g. "
+        "'clip(purchase / 50, 0, 1)'): the logs are relabelled with it first.",
+    ),
+]
+
+
+def _relabelled(row: Any, reward: str | None, use: Any) -> Any:
+    """`use` of the lines relabelled under --reward (learners.outcomes), or as logged."""
+    if reward is None:
+        return use
+    from learners.outcomes import relabel_lines
+    from learners.reward import DefinitionError
+    from service.core.schemas import offline_rules
+
+    try:
+        rules = offline_rules(row.config if row is not None else None, reward)
+    except DefinitionError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--reward") from None
+    return lambda lines: use(relabel_lines(lines, rules))
+
+
 def replay(
     loop: Annotated[str, typer.Option(help="Loop whose logs to learn from.")] = "default",
     data_dir: DataDir = None,
@@ -129,6 +154,7 @@ def replay(
     apply: Annotated[
         bool, typer.Option("--apply", help="Make it the loop's model (warm start).")
     ] = False,
+    reward: RewardOption = None,
 ) -> None:
     """Train a model from scratch on logged interactions (RL loops: on their episodes)."""
     from service.pipeline.replay import replay_lines, replay_model
@@ -144,9 +170,10 @@ def replay(
         "" if row is None else trained_arguments(row.kind, row.policy, store.loop_settings(row))
     )
     if row is not None and loop_kind(row.kind).episodic:
-        if source != "db":
+        if source != "db" or reward is not None:
             raise typer.BadParameter(
-                "RL loops replay their episodes from db", param_hint="--source"
+                "RL loops replay their episodes from db, with their own reward",
+                param_hint="--source/--reward",
             )
         with database(settings) as sessions, sessions() as session:
             model = replay_model(session, loop=loop, arguments=arguments, passes=passes)
@@ -160,7 +187,7 @@ def replay(
             since,
             until,
             offset,
-            lambda lines: replay_lines(lines, args, passes=passes),
+            _relabelled(row, reward, lambda lines: replay_lines(lines, args, passes=passes)),
         )
     if out is not None:
         out.write_bytes(model)
@@ -205,6 +232,14 @@ def evaluate(
         Optional[Path],  # noqa: UP045
         typer.Option(help="Write Personalizer's EvaluationResult JSON here."),
     ] = None,
+    reward: RewardOption = None,
+    policy_reward: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            help="NAME=FORMULA: train the custom policy NAME for another objective "
+            "(repeatable); every policy is still evaluated on every outcome."
+        ),
+    ] = None,
 ) -> None:
     """Counterfactual evaluation (IPS, SNIPS, doubly robust, 95% intervals) of the online
     policy, the baseline, uniform random and custom policies on logged interactions."""
@@ -214,7 +249,7 @@ def evaluate(
     settings = settings_for(data_dir)
     row = _loop_row(settings, loop)
     if row is not None and loop_kind(row.kind).episodic:
-        if policy or optimize or source != "db":
+        if policy or optimize or source != "db" or reward is not None:
             raise typer.BadParameter(
                 "RL loops evaluate their logged episodes (db) against the online policy, "
                 "the current model, baseline and random",
@@ -222,8 +257,10 @@ def evaluate(
             )
         _evaluate_rl(settings, loop, since, until, out)
         return
-    specs = policy_specs(row, _custom_policies(row, policy or []), optimize)
-    groups = _with_lines(settings, source, loop, since, until, offset, evaluation.read_any)
+    specs = policy_specs(row, _custom_policies(row, policy or [], policy_reward or []), optimize)
+    groups = _with_lines(
+        settings, source, loop, since, until, offset, _relabelled(row, reward, evaluation.read_any)
+    )
     if not any(groups.values()):
         typer.echo("dloop: no learnable logged interactions in that range", err=True)
         raise typer.Exit(1)
@@ -234,9 +271,25 @@ def evaluate(
         _write_evaluation(out, groups, value)
 
 
-def _custom_policies(row: Any, policy: list[str]) -> list[dict[str, str]]:
-    """The --policy NAME=VW_ARGUMENTS items, each checked against the loop's algorithm."""
+def _custom_policies(row: Any, policy: list[str], rewards: list[str]) -> list[dict[str, str]]:
+    """The --policy NAME=VW_ARGUMENTS items, each checked against the loop's algorithm, with
+    the objective --policy-reward NAME=FORMULA trains it for (else the evaluation's)."""
     from learners.policy import PolicyError, algorithm
+    from learners.reward import DefinitionError
+    from service.core.schemas import offline_rules
+
+    objectives = {}
+    for item in rewards:
+        name, sep, formula = item.partition("=")
+        try:
+            offline_rules(row.config if row is not None else None, formula)
+        except DefinitionError as exc:
+            raise typer.BadParameter(f"{name}: {exc}", param_hint="--policy-reward") from None
+        objectives[name] = formula
+    names = {item.partition("=")[0] for item in policy}
+    if set(objectives) - names:
+        unknown = ", ".join(sorted(set(objectives) - names))
+        raise typer.BadParameter(f"no --policy named {unknown}", param_hint="--policy-reward")
     from learners.vw import check_policy
 
     # A file with no loop behind it may hold single- or multi-slot lines.
@@ -256,7 +309,10 @@ def _custom_policies(row: Any, policy: list[str]) -> list[dict[str, str]]:
             raise typer.BadParameter(
                 f"NAME=VW_ARGUMENTS ({'; '.join(errors) or 'no name'})", param_hint="--policy"
             )
-        custom.append({"name": name, "arguments": args})
+        spec = {"name": name, "arguments": args}
+        if name in objectives:
+            spec["rewardDefinition"] = objectives[name]
+        custom.append(spec)
     return custom
 
 
@@ -284,6 +340,12 @@ def _evaluate_slot(slot: str, logged: list[Logged], specs: list[PolicySpec]) -> 
             f"{r.spec.name[:27]:<28}{r.spec.source:<24}{dr:>24}"
             f"{e['ips'].value:>8.4f}{e['snips'].value:>8.4f}{ess:>8.0f}"
         )
+    table = evaluation.outcome_table(results)
+    if len(table[0]) > 2:  # named outcomes: every one per policy
+        typer.echo("\nOutcomes per policy (training reward: DR; outcomes: IPS), 95% intervals")
+        widths = [max(len(row[i]) for row in table) + 2 for i in range(len(table[0]))]
+        for row in table:
+            typer.echo("".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     start, end = logged[0].t, logged[-1].t + 1
     value: list[Any] = evaluation.content(results, start=start, end=end, slot=slot)["value"]
     return value

@@ -7,7 +7,7 @@ the kind; every record has `loop`, `id` (the eventId, or the episodeId of an epi
 
     {"k":"d", "deferred","mode","c","a","p","b","m", ["ep"], ["x"], ["h","ho"]}  a decision
     {"k":"m", "deferred","mode","c","s","b","m", ["h","ho"]}          a multi-slot decision
-    {"k":"r", "u", ["v"], ["slot"]}                                   a reward
+    {"k":"r", "u", ["v"], ["slot"], ["n"]}                            a reward or outcome
     {"k":"a", "u", ["slot"]}                                          an activation
     {"k":"e", "term"}                                                 an RL episode's end
 
@@ -19,7 +19,9 @@ the kind; every record has `loop`, `id` (the eventId, or the episodeId of an epi
 - `h`: the loop's holdout share (0 to 0.5) when a holdout was on, `ho`: true if this decision
   was held out (served by the holdout policy; `a`/`p` are what it really drew);
 - `u`: a unique id for an observation (a retried call is stored once), `v`: a reward's value,
-  `slot`: the slot a multi-slot observation is for; `term`: false if the episode was truncated.
+  `slot`: the slot a multi-slot observation is for, `n`: the outcome a value is for (absent:
+  Personalizer's reward, the outcome `reward`; learners.outcomes); `term`: false if the episode
+  was truncated.
 
 A record the joiner cannot read (`decode` raises RecordError) goes to the dead letters.
 """
@@ -98,6 +100,7 @@ class Observation:
     u: str | None = None
     v: float | None = None
     slot: str | None = None
+    n: str | None = None  # a named outcome (None: Personalizer's reward)
 
     @property
     def kind(self) -> str:
@@ -156,6 +159,8 @@ def encode(record: Record) -> bytes:
             doc["v"] = record.v
         if record.slot is not None:
             doc["slot"] = record.slot
+        if record.n is not None:
+            doc["n"] = record.n
     else:
         doc = {
             "k": EPISODE_END,
@@ -192,7 +197,7 @@ def decode(raw: bytes | str) -> Record:
         t = float(r["t"])
     except (TypeError, ValueError):
         raise RecordError(f"bad time {r['t']!r}") from None
-    for key in ("id", "ep", "slot", "loop"):
+    for key in ("id", "ep", "slot", "loop", "n"):
         if "\x00" in str(r.get(key) or ""):  # Postgres refuses NUL in text
             raise RecordError(f"NUL in {key}")
     try:
@@ -216,7 +221,10 @@ def _typed(kind: str, r: dict[str, Any], t: float) -> Record:
         )  # fmt: skip
     if kind == EPISODE_END:
         return EpisodeEnd(loop, id_, t, bool(r["term"]))
-    return Observation(kind, loop, id_, t, r.get("u"), r.get("v"), r.get("slot"))
+    name = r.get("n")
+    if name is not None and not isinstance(name, str):
+        raise RecordError(f"bad outcome name {name!r}")
+    return Observation(kind, loop, id_, t, r.get("u"), r.get("v"), r.get("slot"), name)
 
 
 def partition_key(raw: bytes) -> bytes:

@@ -23,7 +23,16 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from learners.joiner import AGGREGATIONS, JoinRules
+from learners.joiner import JoinRules
+from learners.outcomes import (
+    AGGREGATIONS,
+    MAX_OUTCOMES,
+    REWARD,
+    REWARD_RANGE,
+    OutcomeRule,
+    RewardRules,
+)
+from learners.reward import NAME, NAME_RULE, Definition, DefinitionError, parse
 from service.core.kinds import loop_kind
 
 MIN_WAIT = timedelta(seconds=1)
@@ -53,6 +62,38 @@ def iso_duration(value: timedelta) -> str:
     return f"{sign}P{days}" + (f"T{time}" if time else "")
 
 
+class OutcomeSpec(Wire):
+    """dloop: a named outcome a loop accepts (learners.outcomes): its values' range and how the
+    values of one event combine."""
+
+    name: str
+    aggregation: str = "earliest"
+    min: float
+    max: float
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME.match(v):
+            raise ValueError(f"outcome names are {NAME_RULE}")
+        if v == REWARD:
+            raise ValueError("reward is Personalizer's reward, always there: pick another name")
+        return v
+
+    @field_validator("aggregation")
+    @classmethod
+    def _agg(cls, v: str) -> str:
+        if v.lower() not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _range(self) -> OutcomeSpec:
+        if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min < self.max):
+            raise ValueError(f"outcome {self.name}: min and max are finite, min below max")
+        return self
+
+
 class ServiceConfiguration(Wire):
     reward_wait_time: timedelta
     default_reward: float = Field(ge=-1, le=1)
@@ -75,6 +116,12 @@ class ServiceConfiguration(Wire):
     # the holdout policy instead of the model, in Online mode, to measure what the model earns.
     holdout_percentage: float = Field(default=0.0, ge=0, le=50)
     holdout_policy: Literal["baseline", "random"] = "baseline"
+    # dloop: named outcomes beside Personalizer's reward, and the training reward as a formula
+    # over them (learners.reward; None: the reward). The version counts the formula's changes
+    # (set by the server).
+    outcomes: list[OutcomeSpec] = Field(default_factory=list, max_length=MAX_OUTCOMES)
+    reward_definition: str | None = None
+    reward_definition_version: int = 0
     latest_apprentice_mode_metrics: dict[str, Any] | None = None
 
     @field_serializer(
@@ -115,6 +162,41 @@ class ServiceConfiguration(Wire):
         if not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
+
+    @field_validator("outcomes")
+    @classmethod
+    def _unique(cls, v: list[OutcomeSpec]) -> list[OutcomeSpec]:
+        names = [o.name for o in v]
+        if len(set(names)) != len(names):
+            raise ValueError("outcome names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _definition(self) -> ServiceConfiguration:
+        if self.reward_definition is not None:
+            try:
+                self.definition()
+            except DefinitionError as exc:
+                raise ValueError(f"rewardDefinition: {exc}") from None
+        return self
+
+    def definition(self) -> Definition | None:
+        """The parsed reward definition (None: Personalizer's reward)."""
+        if self.reward_definition is None:
+            return None
+        ranges = {o.name: (o.min, o.max) for o in self.outcomes}
+        ranges[REWARD] = REWARD_RANGE
+        return parse(self.reward_definition, known=ranges, ranges=ranges)
+
+    def reward_rules(self) -> RewardRules | None:
+        """The loop's outcomes and reward definition (None: Personalizer's reward only)."""
+        if not self.outcomes and self.reward_definition is None:
+            return None
+        rules = {o.name: OutcomeRule(o.name, o.aggregation, o.min, o.max) for o in self.outcomes}
+        rules[REWARD] = OutcomeRule(REWARD, self.reward_aggregation, *REWARD_RANGE)
+        return RewardRules(
+            self.default_reward, rules, self.definition(), self.reward_definition_version
+        )
 
     def check_retention(self) -> None:
         days = math.ceil(self.reward_wait_time.total_seconds() / 86400) + 1
@@ -162,6 +244,33 @@ class KeyRequest(Wire):
         if self.expires_at.timestamp() <= now:
             raise ValueError("expiresAt: must be in the future")
         return self.expires_at.timestamp()
+
+
+# dloop's own fields: a configuration update without one keeps its value (an application
+# written for Personalizer, whose SDK drops fields it does not know, must not reset them).
+DLOOP_FIELDS = (
+    "discountFactor",
+    "holdoutPercentage",
+    "holdoutPolicy",
+    "outcomes",
+    "rewardDefinition",
+)
+
+
+def offline_rules(config: dict[str, Any] | None, formula: str) -> RewardRules:
+    """The rules to relabel logged lines with a reward definition `formula` (evaluate, replay
+    and evaluations with another objective): checked against the loop's outcomes when there is
+    a loop (`config`), else against none (every name allowed, each unbounded). DefinitionError
+    says what is wrong."""
+    if config is None:
+        return RewardRules(0.0, {}, parse(formula, ranges={REWARD: REWARD_RANGE}))
+    cfg = ServiceConfiguration.model_validate(config)
+    base = cfg.reward_rules() or RewardRules.personalizer(
+        cfg.default_reward, cfg.reward_aggregation
+    )
+    ranges = {name: (r.low, r.high) for name, r in base.outcomes.items()}
+    definition = parse(formula, known=ranges, ranges=ranges)
+    return RewardRules(cfg.default_reward, base.outcomes, definition, base.version)
 
 
 def default_config(now: float) -> dict[str, Any]:
@@ -237,6 +346,7 @@ class LoopSettings:
                 wait=cfg.reward_wait_time.total_seconds(),
                 default_reward=cfg.default_reward,
                 aggregation=cfg.reward_aggregation,
+                named=cfg.reward_rules(),
             ),
             exploration=cfg.exploration_percentage,
             export_every=cfg.model_export_frequency.total_seconds(),

@@ -34,15 +34,26 @@ class LoopControl:
 
     def save(self, rt: LoopRuntime, *, config: dict[str, Any], policy: dict[str, str]) -> None:
         """Store a loop's configuration and policy; a change of the trained VW arguments
-        resets the model and retrains it on the last modelRetrainDays of joined events."""
+        resets the model and retrains it on the last modelRetrainDays of joined events, and so
+        does a new reward definition (its version is recorded with when it was set)."""
         before = rt.arguments
+        version = rt.config.get("rewardDefinitionVersion", 0)
+        changed = config.get("rewardDefinitionVersion", 0) != version
         with self.sessions.begin() as session:
             loop = session.get(Loop, rt.name)
             assert loop is not None
             loop.config, loop.policy = config, policy
+            if changed:
+                store.add_reward_definition(
+                    session,
+                    loop=rt.name,
+                    version=config.get("rewardDefinitionVersion", 0),
+                    definition=config.get("rewardDefinition") or "reward",
+                    now=self.clock(),
+                )
             store.notify_models(session, [rt.name])  # other replicas reload at once
         self.registry.update(rt.name, config=config, policy=policy)
-        if rt.arguments != before:
+        if rt.arguments != before or changed:
             days = rt.settings.retrain_days
             since = self.clock() - days * 86400 if days else None
             self.reset_model(rt.name, model=None, retrain_since=since)
@@ -75,7 +86,8 @@ class LoopControl:
                     rows = store.joined_by_pos(
                         session, loop=name, after=0, until=position, since=retrain_since
                     )
-                    lines = [r.line for r in rows if store.trainable(r)]
+                    rules = rt.settings.rules.rewards
+                    lines = [learning.labelled(r, rules) for r in rows if store.trainable(r)]
                     retrained = learning.retrain(
                         session,
                         loop=name,

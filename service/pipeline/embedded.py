@@ -366,8 +366,9 @@ class EmbeddedWorker:
         if not rows:
             self.to_learn.discard(name)
             return False
+        rules = rt.settings.rules.rewards
         items = [
-            (row.seq, row.line)
+            (row.seq, learning.labelled(row, rules))
             for row in rows
             if store.trainable(row) and row.seq not in learner.skip
         ]
@@ -456,7 +457,12 @@ class EmbeddedWorker:
         learner = self._learner(name, rt)
         with self.sessions() as session:
             rows = store.joined_between(session, loop=name, since=since, until_seq=until)
-        items = [(r.seq, r.line) for r in rows if store.trainable(r) and r.seq not in learner.skip]
+        rules = rt.settings.rules.rewards
+        items = [
+            (r.seq, learning.labelled(r, rules))
+            for r in rows
+            if store.trainable(r) and r.seq not in learner.skip
+        ]
         # After a crash: carefully, later.
         self._learn_items(name, learner, items, until=learner.position, now=now)
         if not learner.trainer.examples or learner.trainer.lost:

@@ -26,9 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from learners import episode_evaluation, evaluation
 from learners.evaluation import PolicySpec
 from learners.importance import feature_importance
+from learners.outcomes import relabel_lines
 from learners.policy import with_exploration
 from learners.sandbox import process_context
 from service.core.kinds import loop_kind
+from service.core.schemas import offline_rules
 from service.storage import store
 from service.storage.models import Evaluation, FeatureImportance, Loop, OfflineJob
 
@@ -64,7 +66,18 @@ def policy_specs(
         PolicySpec("Baseline", "Baseline"),
         PolicySpec("Random", "Random"),
     ]
-    specs += [PolicySpec(p["name"], "Custom", p["arguments"]) for p in custom]
+    specs += [
+        PolicySpec(
+            p["name"],
+            "Custom",
+            p["arguments"],
+            # Trained for another objective (checked when the evaluation was asked for).
+            offline_rules(loop.config if loop is not None else None, p["rewardDefinition"])
+            if p.get("rewardDefinition")
+            else None,
+        )
+        for p in custom
+    ]
     if optimize:
         for name, args in SEARCH:
             if loop is not None and loop_kind(loop.kind).multi_slot:
@@ -137,11 +150,15 @@ def run(
             kind = row.kind
             specs = policy_specs(row, ev.policies, ev.optimize)
             start, end = ev.start_time, ev.end_time
+            reward = ev.reward_definition
+            config = dict(row.config)
         if loop_kind(kind).episodic:
             _run_rl(sessions, loop, key, start, end)
             return
         with sessions() as session:
             lines = list(store.export_lines(session, loop=loop, since=start, until=end))
+        if reward is not None:  # evaluate under another objective (learners.outcomes)
+            lines = list(relabel_lines(lines, offline_rules(config, reward)))
         # Bandit loops: one group; multi-slot loops: one group per slot, each evaluated.
         groups = evaluation.read_any(lines)
         done = [0]

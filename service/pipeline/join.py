@@ -16,10 +16,12 @@ from learners.joiner import (
     JoinRules,
     Obs,
     SlotDecision,
+    can_complete_early,
     in_window,
     is_complete,
     join,
 )
+from learners.outcomes import REWARD
 from service.core import record
 from service.storage import store
 from service.storage.models import Decision, Observation
@@ -44,7 +46,7 @@ def join_due(
         wait=rules.wait,
         now=now,
         limit=limit,
-        earliest=rules.aggregation == "earliest",
+        earliest=can_complete_early(rules),
     )
     if not candidates:
         return 0
@@ -135,7 +137,7 @@ def _join_one(
     `stats`; None if its window is still open and it is not complete yet."""
     r = _decision(d)
     view = view_of(d, r)
-    obs = [Obs(o.kind, o.value, o.received_at, o.slot) for o in observations]
+    obs = [Obs(o.kind, o.value, o.received_at, o.slot, o.name or REWARD) for o in observations]
     if d.created_at > now - rules.wait and not is_complete(view, obs, rules):
         return None
     result = join(view, obs, rules)
@@ -164,6 +166,7 @@ def _join_one(
         "published": False,
         "episode": d.episode,
         "observed_at": observed_at,
+        "reward_version": rules.rewards.version,
     }
 
 

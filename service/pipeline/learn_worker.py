@@ -234,7 +234,13 @@ class LearnWorker:
         if consumed <= adopted.position:
             return adopted
         rows = store.joined_by_pos(session, loop=name, after=adopted.position, until=consumed)
-        lines = [r.line for r in rows if store.trainable(r) and (r.pos or 0) not in adopted.skip]
+        loop = session.get(Loop, name)
+        rules = store.loop_settings(loop).rules.rewards if loop is not None else None
+        lines = [
+            learning.labelled(r, rules) if rules is not None else r.line
+            for r in rows
+            if store.trainable(r) and (r.pos or 0) not in adopted.skip
+        ]
         for _, reason in adopted.trainer.learn_lines(lines):
             log.warning("loop %s: a joined row VW refused on adopting a model: %s", name, reason)
         adopted.position = consumed

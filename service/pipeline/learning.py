@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from learners.outcomes import RewardRules, relabel
 from learners.sandbox import NativeCrash, RemoteTrainer, TrainerHost, learn_in_turn
 from service.core.kinds import RL, LoopKind
 from service.pipeline import episodes
 from service.storage import store
-from service.storage.models import Loop, ModelCheckpoint
+from service.storage.models import Joined, Loop, ModelCheckpoint
 
 log = logging.getLogger("dloop.learning")
 
@@ -213,6 +214,14 @@ def retrain(
         if not learner.trainer.examples:
             return None
         return save(session, learner, loop=loop, now=now), learner.model_id
+
+
+def labelled(row: Joined, rules: RewardRules) -> str:
+    """A joined row's line as the loop's current reward definition labels it: as joined, or
+    relabelled from its outcomes if another version labelled it (learners.outcomes)."""
+    if row.reward_version == rules.version:
+        return row.line
+    return relabel(row.line, rules, apprentice=row.mode == "Apprentice").decode()
 
 
 @contextlib.contextmanager

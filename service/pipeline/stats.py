@@ -186,6 +186,11 @@ def loop_stats(
             "p50": statistics.median(p50s) if p50s else None,
             "p95": statistics.median(p95s) if p95s else None,
         },
+        # Every version of the reward definition and when it was set (the charts mark them).
+        "rewardDefinitions": [
+            {"version": v.version, "definition": v.definition, "time": timestamp(v.created_at)}
+            for v in store.reward_definitions(session, loop=loop)
+        ],
     }
 
 

@@ -93,6 +93,8 @@ class Observation(Base):
     uid: Mapped[str | None] = mapped_column(String(32), nullable=True, unique=True)
     # Multi-slot rewards: the slot rewarded.
     slot: Mapped[str | None] = mapped_column(ID, nullable=True)
+    # A named outcome's name (None: Personalizer's reward; learners.outcomes).
+    name: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         Index("ix_observations_event", "loop", "event_id"),
@@ -122,6 +124,8 @@ class Joined(Base):
     episode: Mapped[str | None] = mapped_column(ID, nullable=True)
     # When the last reward counted in it arrived (None: no reward): a model's freshness.
     observed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The reward definition version its training reward comes from (0: Personalizer's reward).
+    reward_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("loop", "event_id"),
@@ -168,6 +172,19 @@ class Episode(Base):
     __table_args__ = (Index("ix_episodes_pending", "loop", "learned", "ended_at"),)
 
 
+class RewardDefinition(Base):
+    """A version of a loop's reward definition (learners.reward): its formula and when it was
+    set. Version 0 is Personalizer's reward; joined rows say which version labelled them."""
+
+    __tablename__ = "reward_definitions"
+    loop: Mapped[str] = mapped_column(
+        String(64), ForeignKey("loops.name", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    definition: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class OfflineJob:
     """What evaluation and feature-importance jobs share: a loop's named job over a time
     window, its status (NotSubmitted, Running, Succeeded, Failed), progress and error."""
@@ -193,6 +210,8 @@ class Evaluation(OfflineJob, Base):
     policies: Mapped[list[dict[str, str]]] = mapped_column(JSON)
     optimize: Mapped[bool] = mapped_column(Boolean)
     content: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # dloop: evaluate under this reward definition (None: the rewards as logged).
+    reward_definition: Mapped[str | None] = mapped_column(Text, nullable=True)
     optimal_policy: Mapped[str | None] = mapped_column(ID, nullable=True)
 
 
@@ -284,6 +303,50 @@ class LoopStat(Base):
     episodes: Mapped[float] = _sum()
     return_sum: Mapped[float] = _sum()
     return_sq: Mapped[float] = _sum()
+
+
+class OutcomeStat(Base):
+    """A loop's rollups of each named outcome (learners.rollups.outcome_sums) per 10 seconds
+    (bucket -1: running totals), for the per-outcome figures and the guardrails: an outcome that
+    never arrived counts as 0 (`reward` as the loop's default reward). Multi-slot decisions count
+    once, with the mean over their slots."""
+
+    __tablename__ = "outcome_stats"
+    loop: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    outcome: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n: Mapped[float] = _sum()
+    y_sum: Mapped[float] = _sum()
+    y_sq: Mapped[float] = _sum()
+    holdout_n: Mapped[float] = _sum()
+    holdout_sum: Mapped[float] = _sum()
+    trial_n: Mapped[float] = _sum()
+    trial_sum: Mapped[float] = _sum()
+    ht_a: Mapped[float] = _sum()
+    ht_a2: Mapped[float] = _sum()
+    ht_b: Mapped[float] = _sum()
+    ht_b2: Mapped[float] = _sum()
+    bw_y: Mapped[float] = _sum()
+    bw_y2: Mapped[float] = _sum()
+    y_bw_y: Mapped[float] = _sum()
+
+
+class GuardrailState(Base):
+    """Where a loop's guardrail (learners.guardrails) stands: `ok` or `breached` since
+    `changed_at`, judged on the decisions since `since` (its window restarts at each change),
+    and the figures of its last check."""
+
+    __tablename__ = "guardrail_states"
+    loop: Mapped[str] = mapped_column(
+        String(64), ForeignKey("loops.name", ondelete="CASCADE"), primary_key=True
+    )
+    guardrail: Mapped[str] = mapped_column(String(80), primary_key=True)  # outcome:direction
+    state: Mapped[str] = mapped_column(String(16))
+    fallback: Mapped[bool] = mapped_column(Boolean, default=False)  # serving the holdout policy
+    since: Mapped[float] = mapped_column(Float)
+    changed_at: Mapped[float] = mapped_column(Float)
+    checked_at: Mapped[float] = mapped_column(Float)
+    figures: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class ActionStat(Base):

@@ -114,8 +114,8 @@ STATEFUL = hypothesis.settings(
 )
 PUBLIC = {"healthz", "readyz"}
 # What a client key may do, on its own loop (the default one here).
-CLIENT = {"rank", "reward", "activate", "end_episode"} | {
-    f"{op}_multi_slot" for op in ("rank", "reward", "activate")
+CLIENT = {"rank", "reward", "activate", "end_episode", "outcomes"} | {
+    f"{op}_multi_slot" for op in ("rank", "reward", "activate", "outcomes")
 }
 
 

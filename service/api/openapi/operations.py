@@ -102,6 +102,20 @@ OPERATIONS: dict[str, Op] = {
         {400: ("InvalidEventIdToActivate", "InvalidMultiSlotApiAccess")},
         kind="hot",
     ),
+    "outcomes": Op(
+        "dloop: named outcomes of an event (click, purchase, ...)",
+        {204: None},
+        {400: ("InvalidOutcomeRequest",)},
+        body="OutcomesRequest",
+        kind="hot",
+    ),
+    "outcomes_multi_slot": Op(
+        "dloop: named outcomes of slots of a multi-slot event",
+        {204: None},
+        {400: ("InvalidOutcomeRequest", "InvalidMultiSlotApiAccess")},
+        body="MultiSlotOutcomesRequest",
+        kind="hot",
+    ),
     "get_event": Op(
         "dloop: a logged event, its observations and joined reward",
         {200: "Event"},

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from learners.joiner import AGGREGATIONS
+from learners.outcomes import AGGREGATIONS
+from learners.reward import NAME
 from service.core.kinds import CB, KINDS
-from service.core.schemas import PolicyContract, ServiceConfiguration
+from service.core.schemas import OutcomeSpec, PolicyContract, ServiceConfiguration
 
 DESCRIPTION = """\
 Wire-compatible with Azure AI Personalizer. Every `/personalizer/...` path is also served as
@@ -38,9 +39,20 @@ def _list_of(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _service_configuration() -> dict[str, Any]:
-    doc = ServiceConfiguration.model_json_schema(by_alias=True)
+    doc = ServiceConfiguration.model_json_schema(
+        by_alias=True, ref_template="#/components/schemas/{model}"
+    )
+    doc.pop("$defs", None)  # OutcomeSpec, a component of its own (OUTCOME_SPEC)
     # A validator, not the type, limits it (case-insensitively; answered in lower case).
     doc["properties"]["rewardAggregation"]["enum"] = list(AGGREGATIONS)
+    doc["properties"]["rewardDefinitionVersion"]["readOnly"] = True
+    return doc
+
+
+def _outcome_spec() -> dict[str, Any]:
+    doc = OutcomeSpec.model_json_schema(by_alias=True)
+    doc["properties"]["name"]["pattern"] = NAME.pattern
+    doc["properties"]["aggregation"]["enum"] = list(AGGREGATIONS)
     return doc
 
 
@@ -49,6 +61,14 @@ ID = {"type": "string", "minLength": 1, "maxLength": 256}
 NUM = {"type": "number"}
 TIME = {"type": "string", "format": "date-time"}
 REWARD = {"type": "number", "minimum": -1, "maximum": 1}
+OUTCOMES = {
+    "type": "object",
+    "description": "dloop: named outcomes (configured in the service configuration's outcomes, "
+    "each within its range; `reward` is Personalizer's reward)",
+    "minProperties": 1,
+    "maxProperties": 32,
+    "additionalProperties": {"type": "number"},
+}
 FEATURES = {
     "type": "array",
     "description": "Feature objects: an object value is a namespace (holding features the same "
@@ -168,6 +188,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         holdout=HOLDOUT_MARK,
     ),
     "RewardRequest": _obj(("value",), value=REWARD),
+    "OutcomesRequest": _obj(("outcomes",), outcomes=OUTCOMES),
     "EpisodeEnd": _obj(terminated={"type": "boolean", "default": True}),
     "MultiSlotRankRequest": _obj(
         ("actions", "slots"),
@@ -205,6 +226,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "items": _obj(("slotId", "value"), slotId=ID, value=REWARD),
         },
     ),
+    "MultiSlotOutcomesRequest": _obj(
+        ("outcomes",),
+        outcomes={
+            "type": "array",
+            "minItems": 1,
+            "items": _obj(("slotId", "outcomes"), slotId=ID, outcomes=OUTCOMES),
+        },
+    ),
     "Event": _obj(
         ("eventId", "timestamp", "mode", "deferActivation", "modelId", "joined", "observations"),
         eventId=STR,
@@ -239,14 +268,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 receivedTime=TIME,
                 status=STR,
                 slotId=STR,
+                outcome={**STR, "description": "a named outcome's name (absent: the reward)"},
             ),
         },
+        rewardDefinitionVersion={"type": "integer"},
         reward=NUM,
         rewarded={"type": "boolean"},
         learnable={"type": "boolean"},
         inferenceExplanation=EXPLANATION,
     ),
     "ServiceConfiguration": _service_configuration(),
+    "OutcomeSpec": _outcome_spec(),
     "PolicyContract": PolicyContract.model_json_schema(by_alias=True),
     "PolicyReferenceContract": _obj(("evaluationId", "policyName"), evaluationId=ID, policyName=ID),
     "EvaluationContract": _obj(

@@ -13,7 +13,13 @@ from learners.sandbox import check_policy
 from service.api.deps import AdminLoop, State, ViewLoop
 from service.api.errors import ApiError, bad_request
 from service.api.state import Dloop
-from service.core.schemas import PolicyContract, default_policy, parse_config, validation_message
+from service.core.schemas import (
+    DLOOP_FIELDS,
+    PolicyContract,
+    default_policy,
+    parse_config,
+    validation_message,
+)
 from service.pipeline.runtime import LoopRuntime
 from service.storage import store
 
@@ -41,6 +47,7 @@ def update_service_configuration(
 ) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise bad_request("InvalidServiceConfiguration", "body must be a ServiceConfiguration")
+    payload = {**{k: rt.config[k] for k in DLOOP_FIELDS if k in rt.config}, **payload}
     try:
         new = parse_config(payload)
     except ValueError as exc:
@@ -63,6 +70,10 @@ def update_service_configuration(
             "rewardWaitTime or rewardAggregation",
         )
     new.last_configuration_edit_date = datetime.fromtimestamp(d.clock(), UTC)
+    # The reward definition's version counts its changes (the client's value is ignored).
+    new.reward_definition_version = old.reward_definition_version
+    if new.reward_definition != old.reward_definition:
+        new.reward_definition_version += 1
     d.control.save(rt, config=new.stored(), policy=rt.policy)
     return _with_metrics(d, rt)
 

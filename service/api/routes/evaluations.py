@@ -17,10 +17,12 @@ from starlette.responses import JSONResponse, Response
 
 from learners.dsjson import parse_time, timestamp
 from learners.policy import PolicyError, algorithm
+from learners.reward import DefinitionError
 from learners.sandbox import check_policy
 from service.api.deps import AdminLoop, State, ViewLoop
 from service.api.errors import ApiError, bad_request
 from service.api.state import Dloop
+from service.core.schemas import offline_rules
 from service.pipeline.runtime import LoopRuntime
 from service.storage import store
 from service.storage.models import Evaluation, FeatureImportance, OfflineJob
@@ -116,6 +118,8 @@ def _doc(ev: Evaluation, *, summary: bool = False, series: str = "5/Expanding") 
         return doc
     if ev.optimal_policy:
         doc["optimalPolicy"] = ev.optimal_policy
+    if ev.reward_definition is not None:
+        doc["rewardDefinition"] = ev.reward_definition
     if ev.content is not None:
         content = dict(ev.content)
         content["intervalInMinutes"] = int(series.split("/")[0])
@@ -129,6 +133,21 @@ def _doc(ev: Evaluation, *, summary: bool = False, series: str = "5/Expanding") 
         content["value"] = values
         doc["content"] = content
     return doc
+
+
+def _definition(rt: LoopRuntime, formula: Any, policy: str | None) -> str:
+    """A reward definition asked for in an evaluation (of the evaluation or of one policy),
+    checked against the loop's outcomes, or a 400 saying where it fails."""
+    where = f"{policy}: rewardDefinition" if policy else "rewardDefinition"
+    if rt.loop_kind.episodic:
+        raise bad_request("InvalidEvaluationContract", "RL loops evaluate their own reward")
+    if not isinstance(formula, str):
+        raise bad_request("InvalidEvaluationContract", f"{where} must be a string")
+    try:
+        offline_rules(rt.config, formula)
+    except DefinitionError as exc:
+        raise bad_request("InvalidEvaluationContract", f"{where}: {exc}") from None
+    return formula
 
 
 def _create(d: Dloop, rt: LoopRuntime, evaluation_id: str, payload: Any) -> Evaluation:
@@ -157,7 +176,10 @@ def _create(d: Dloop, rt: LoopRuntime, evaluation_id: str, payload: Any) -> Eval
             check_policy(p["arguments"], algorithm=algorithm(rt.kind))
         except PolicyError as exc:
             raise bad_request("InvalidPolicyConfiguration", f"{p['name']}: {exc}") from None
-        custom.append({"name": p["name"], "arguments": p["arguments"]})
+        item = {"name": p["name"], "arguments": p["arguments"]}
+        if p.get("rewardDefinition") is not None:  # dloop: trained for another objective
+            item["rewardDefinition"] = _definition(rt, p["rewardDefinition"], p["name"])
+        custom.append(item)
     if rt.loop_kind.episodic and (custom or payload.get("enablePolicyOptimization")):
         raise bad_request(
             "InvalidEvaluationContract",
@@ -170,6 +192,9 @@ def _create(d: Dloop, rt: LoopRuntime, evaluation_id: str, payload: Any) -> Eval
     )
     if not isinstance(optimize, bool):
         raise bad_request("InvalidEvaluationContract", "enablePolicyOptimization is a boolean")
+    reward = payload.get("rewardDefinition")
+    if reward is not None:
+        reward = _definition(rt, reward, None)
     ev = _new_job(
         d,
         Evaluation,
@@ -182,6 +207,7 @@ def _create(d: Dloop, rt: LoopRuntime, evaluation_id: str, payload: Any) -> Eval
             evaluation_type="Manual",
             policies=custom,
             optimize=optimize,
+            reward_definition=reward,
         ),
         exists="EvaluationAlreadyExists",
     )

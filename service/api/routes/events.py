@@ -21,6 +21,7 @@ from starlette.responses import Response
 from learners.dsjson import timestamp
 from learners.features import context_json
 from learners.holdout import holdout_pmf, in_holdout
+from learners.outcomes import REWARD, OutcomeError
 from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
 from learners.sandbox import NO_MODEL, SandboxError
@@ -216,9 +217,44 @@ def log_observation(
     value: float | None,
     *,
     slot: str | None = None,
+    name: str | None = None,
 ) -> None:
-    obs = record.Observation(kind, rt.name, event_id, d.clock(), uuid.uuid4().hex, value, slot)
+    obs = record.Observation(
+        kind, rt.name, event_id, d.clock(), uuid.uuid4().hex, value, slot, name
+    )
     d.log.append(record.encode(obs))
+
+
+def checked_outcomes(rt: LoopRuntime, values: Any, where: str = "outcomes") -> dict[str, float]:
+    """Named outcome values checked against the loop's outcomes (learners.outcomes), or a 400."""
+    try:
+        return rt.settings.rules.rewards.check(values)
+    except OutcomeError as exc:
+        raise bad_request("InvalidOutcomeRequest", f"{where}: {exc}") from None
+
+
+def log_outcomes(
+    d: Dloop, rt: LoopRuntime, event_id: str, values: dict[str, float], slot: str | None = None
+) -> None:
+    """One observation per outcome (Personalizer's `reward` logged as a reward)."""
+    for name, value in values.items():
+        kept = None if name == REWARD else name
+        log_observation(d, rt, record.REWARD, event_id, value, slot=slot, name=kept)
+    d.metrics.rewards.labels(rt.name).inc()
+
+
+async def outcomes(request: Request) -> Response:
+    """dloop: `{"outcomes": {"click": 1, "purchase": 29.9}}`, the named outcomes of an event
+    (learners.outcomes); several calls may add to an event's outcomes."""
+    event_id = request.path_params["event_id"]
+    d, rt = loop_for(request, admin=False)
+    if rt.loop_kind.multi_slot:
+        raise bad_request("InvalidOutcomeRequest", "multi-slot loop: use /multislot/events/..")
+    check_event_id(event_id, "InvalidOutcomeRequest")
+    body = await json_body(request, "InvalidOutcomeRequest")
+    values = body.get("outcomes") if isinstance(body, dict) else None
+    log_outcomes(d, rt, event_id, checked_outcomes(rt, values))
+    return Response(status_code=204)
 
 
 async def reward(request: Request) -> Response:
@@ -304,6 +340,7 @@ def get_event(request: Request) -> Response:
                 "receivedTime": timestamp(o.received_at),
                 "status": o.status,
                 **({"slotId": o.slot} if o.slot is not None else {}),
+                **({"outcome": o.name} if o.name is not None else {}),
             }
             for o in observations
         ],
@@ -314,6 +351,8 @@ def get_event(request: Request) -> Response:
         doc["reward"] = joined.reward
         doc["rewarded"] = joined.rewarded
         doc["learnable"] = joined.learnable
+        if joined.reward_version:
+            doc["rewardDefinitionVersion"] = joined.reward_version
     if isinstance(r, record.Decision) and r.x is not None:
         doc["inferenceExplanation"] = r.x
     if r.ho:
@@ -352,3 +391,4 @@ router.add_route("/personalizer/events/{event_id}", get_event, methods=["GET"])
 router.add_route("/personalizer/episodes/{episode_id}/end", end_episode, methods=["POST"])
 router.add_route("/personalizer/events/{event_id}/reward", reward, methods=["POST"])
 router.add_route("/personalizer/events/{event_id}/activate", activate, methods=["POST"])
+router.add_route("/personalizer/events/{event_id}/outcomes", outcomes, methods=["POST"])

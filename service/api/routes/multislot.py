@@ -32,7 +32,12 @@ from service.api.requests import (
     sandbox_error,
 )
 from service.api.retries import asked, earlier, remember, retried
-from service.api.routes.events import activate_event, log_observation
+from service.api.routes.events import (
+    activate_event,
+    checked_outcomes,
+    log_observation,
+    log_outcomes,
+)
 from service.api.state import Dloop
 from service.core import record
 from service.pipeline.runtime import LoopRuntime
@@ -236,6 +241,30 @@ async def reward_multi_slot(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def outcomes_multi_slot(request: Request) -> Response:
+    """dloop: `{"outcomes": [{"slotId", "outcomes": {"click": 1, ...}}]}`, named outcomes per
+    slot (learners.outcomes)."""
+    event_id = request.path_params["event_id"]
+    d, rt = _multislot_loop(request)
+    check_event_id(event_id, "InvalidOutcomeRequest")
+    body = await json_body(request, "InvalidOutcomeRequest")
+    items = body.get("outcomes") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise bad_request(
+            "InvalidOutcomeRequest", 'body must be {"outcomes": [{slotId, outcomes: {...}}]}'
+        )
+    checked = []
+    for i, item in enumerate(items):
+        slot = item.get("slotId") if isinstance(item, dict) else None
+        if not is_id(slot):
+            raise bad_request("InvalidOutcomeRequest", f"outcomes[{i}].slotId must be a slot id")
+        values = item.get("outcomes") if isinstance(item, dict) else None
+        checked.append((slot, checked_outcomes(rt, values, f"outcomes[{i}].outcomes")))
+    for slot, values in checked:
+        log_outcomes(d, rt, event_id, values, slot=slot)
+    return Response(status_code=204)
+
+
 async def activate_multi_slot(request: Request) -> Response:
     d, rt = _multislot_loop(request)
     return await activate_event(request, d, rt)
@@ -247,4 +276,7 @@ router.add_route(
 )
 router.add_route(
     "/personalizer/multislot/events/{event_id}/activate", activate_multi_slot, methods=["POST"]
+)
+router.add_route(
+    "/personalizer/multislot/events/{event_id}/outcomes", outcomes_multi_slot, methods=["POST"]
 )

@@ -255,6 +255,7 @@ async function loopPage(loop) {
       tile("Exploration (last bucket)", last ? pct(last.explorationShare) : "–"),
     ),
     el("p", { class: "muted", id: "holdout-status" }, holdout.status),
+    el("p", { class: "muted", id: "reward-definition" }, rewardText(stats.rewardDefinitions || [])),
     el("div", { class: "grid" }, cards),
   );
   const val = (r, f) => (r.meanReward ? r.meanReward[f] : null);
@@ -273,7 +274,7 @@ async function loopPage(loop) {
     ...band(x, heldOut, b.map((r) => r.holdoutInterval95), "holdout", "#d97706"),
     { x, y: b.map((r) => (cf(r, "baseline") ? cf(r, "baseline").estimate : null)), mode: "lines", name: "baseline (IPS)", line: { color: "#667085", dash: "dash", width: 1.5 } },
     { x, y: b.map((r) => (cf(r, "random") ? cf(r, "random").estimate : null)), mode: "lines", name: "random (IPS)", line: { color: "#9ca3af", dash: "dot", width: 1.5 } },
-  ], { yaxis: { title: "mean reward", range: [Math.max(-1.05, low - pad), Math.min(1.05, high + pad)] } });
+  ], { yaxis: { title: "mean reward", range: [Math.max(-1.05, low - pad), Math.min(1.05, high + pad)] }, ...changeMarks(stats.rewardDefinitions || []) });
   draw("coverage", [
     { x, y: b.map((r) => r.decisions), type: "bar", name: "decisions", marker: { color: "#cbd5e1" } },
     { x, y: b.map((r) => (r.joined ? r.rewarded / r.joined : null)), mode: "lines+markers", name: "join coverage", yaxis: "y2", line: { color: "#12805c" } },
@@ -299,6 +300,21 @@ async function loopPage(loop) {
       y: b.map((r) => { const s = (r.slots || []).find((t) => t.id === id); return s ? s.meanReward.all : null; }),
     })), { yaxis: { title: "mean reward" } });
   }
+}
+
+// What the loop is trained for: its reward definition's current version.
+function rewardText(defs) {
+  if (!defs.length) return "Training reward: Personalizer's reward (no reward definition).";
+  const d = defs[defs.length - 1];
+  return `Training reward (definition v${d.version}, since ${d.time.replace("T", " ").slice(0, 19)}): ${d.definition}`;
+}
+
+// A dotted line and a label where each reward definition version was set.
+function changeMarks(defs) {
+  return {
+    shapes: defs.map((d) => ({ type: "line", xref: "x", yref: "paper", x0: d.time, x1: d.time, y0: 0, y1: 1, line: { color: "#7c3aed", dash: "dot", width: 1.5 } })),
+    annotations: defs.map((d) => ({ x: d.time, y: 1, xref: "x", yref: "paper", text: `reward v${d.version}`, showarrow: false, xanchor: "left", yanchor: "top", font: { size: 10, color: "#7c3aed" } })),
+  };
 }
 
 async function evaluationsPage(loop) {

@@ -14,6 +14,15 @@ from service.storage.store.episodes import (
     episode_steps,
     unlearn_episodes,
 )
+from service.storage.store.guardrails import (
+    add_outcome_stats,
+    all_guardrail_states,
+    drop_guardrail_states,
+    fallback_loops,
+    guardrail_states,
+    outcome_means,
+    outcome_sums,
+)
 from service.storage.store.ingest import Ingested, ingest
 from service.storage.store.jobs import list_evaluations, list_feature_importances
 from service.storage.store.join import (
@@ -56,6 +65,7 @@ from service.storage.store.keys import (
 )
 from service.storage.store.loops import (
     CHANGES_CHANNEL,
+    add_reward_definition,
     apprentice_metrics,
     current_model,
     dead_letter_count,
@@ -69,6 +79,7 @@ from service.storage.store.loops import (
     model_examples,
     model_ids,
     notify_models,
+    reward_definitions,
     server_secret,
 )
 from service.storage.store.offsets import get_offset, set_offset, stored_offset
@@ -110,8 +121,11 @@ __all__ = [
     "action_rows",
     "add_actions",
     "add_joined",
+    "add_outcome_stats",
     "add_publication",
+    "add_reward_definition",
     "add_stats",
+    "all_guardrail_states",
     "all_keys",
     "apply_retention",
     "apprentice_metrics",
@@ -129,6 +143,7 @@ __all__ = [
     "delete_logs",
     "delete_loop",
     "drop_dangling",
+    "drop_guardrail_states",
     "dropped_name",
     "ended_episodes",
     "ensure_loop",
@@ -136,9 +151,11 @@ __all__ = [
     "event",
     "export_lines",
     "extent",
+    "fallback_loops",
     "get_checkpoint",
     "get_key",
     "get_offset",
+    "guardrail_states",
     "has_admin_key",
     "hash_key",
     "ingest",
@@ -169,10 +186,13 @@ __all__ = [
     "next_join_at",
     "notify_models",
     "observations_of",
+    "outcome_means",
+    "outcome_sums",
     "poisoned",
     "publications",
     "reset_checkpoint",
     "revoke_key",
+    "reward_definitions",
     "save_checkpoint",
     "server_secret",
     "set_offset",

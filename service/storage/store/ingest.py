@@ -114,6 +114,7 @@ def _add(rows: _Rows, r: record.Record, raw: bytes) -> None:
                 "status": "pending",
                 "uid": r.u,
                 "slot": r.slot,
+                "name": r.n,
             }
         )
 

@@ -20,6 +20,7 @@ from service.storage.models import (
     Episode,
     Evaluation,
     FeatureImportance,
+    GuardrailState,
     Joined,
     LogOffset,
     Loop,
@@ -27,6 +28,8 @@ from service.storage.models import (
     ModelCheckpoint,
     ModelPublication,
     Observation,
+    OutcomeStat,
+    RewardDefinition,
     ServerSecret,
 )
 from service.storage.store.common import dropped_name, insert
@@ -107,12 +110,31 @@ def delete_loop(session: Session, *, name: str) -> None:
         FeatureImportance,
         LoopStat,
         ActionStat,
+        OutcomeStat,
         ModelPublication,
+        RewardDefinition,
+        GuardrailState,
     )
     for table in (*tables, ModelCheckpoint, ApiKey):
         session.execute(delete(table).where(table.loop == name))
     session.execute(delete(LogOffset).where(LogOffset.name == dropped_name(name)))
     session.execute(delete(Loop).where(Loop.name == name))
+
+
+def add_reward_definition(
+    session: Session, *, loop: str, version: int, definition: str, now: float
+) -> None:
+    """Record a new version of a loop's reward definition (learners.reward) and when it was
+    set."""
+    session.merge(
+        RewardDefinition(loop=loop, version=version, definition=definition, created_at=now)
+    )
+
+
+def reward_definitions(session: Session, *, loop: str) -> list[RewardDefinition]:
+    """A loop's reward definition versions, oldest first (none: Personalizer's reward)."""
+    stmt = select(RewardDefinition).where(RewardDefinition.loop == loop)
+    return list(session.scalars(stmt.order_by(RewardDefinition.version)))
 
 
 CHANGES_CHANNEL = "dloop_changes"

@@ -15,6 +15,7 @@ from learners import rollups
 from learners.rollups import FIELDS
 from service.storage.models import ActionStat, Joined, LoopStat, ModelPublication
 from service.storage.store.common import insert
+from service.storage.store.guardrails import compact_outcomes
 
 BUCKET = 10  # seconds: the rollups' resolution
 SUMMED = (*FIELDS, "ranked", "late", "dangling", "episodes", "return_sum", "return_sq")
@@ -261,5 +262,7 @@ def compact(session: Session, *, before: float, limit: int = 2000) -> int:
         session.add_all(
             ActionStat(loop=loop, bucket=start, slot=slot, action=a, n=int(n)) for a, n in counts
         )
+        if slot == "":
+            compact_outcomes(session, loop=loop, start=start, hour=HOUR)
         session.flush()
     return len(groups)
