@@ -21,9 +21,8 @@ mean psi is above 0 (an increase past the tolerance), below it, or neither yet. 
 `breached` when the whole interval is on the wrong side, and `recovered` once, in a window
 started at the breach, the whole interval is on the right side.
 
-While a fallback is on, `FALLBACK_PROBE` of decisions (the loop's holdout share, if larger)
-are still served by the model and the rest by the holdout policy, so whether it has recovered
-stays measurable while it keeps learning.
+While a fallback is on, `FALLBACK_PROBE` of decisions are still served by the model and the rest
+by the holdout policy, so whether it has recovered stays measurable while it keeps learning.
 """
 
 from __future__ import annotations

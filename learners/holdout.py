@@ -38,7 +38,9 @@ HORIZON = 1000  # the sample size where the confidence sequence is tightest (its
 
 
 def in_holdout(loop: str, key: str, share: float) -> bool:
-    """Whether the decision keyed `key` is held out when a share `share` (0 to 0.5) is."""
+    """Whether the decision keyed `key` is held out when a share `share` is (0 to 0.5; up to
+    0.95 while a guardrail falls back, learners.guardrails): the same keys stay held out as the
+    share grows."""
     return share > 0 and uniform_from_key(f"{loop}/holdout/{key}") < share
 
 

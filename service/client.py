@@ -10,7 +10,7 @@
         ep.truncate()                          # or: ended by a time limit, not by the task
 
 Any Personalizer SDK works for rank and reward; this module adds what they do not know
-(episodes, loops) and accepts any httpx-compatible client (`http=`) for tests.
+(episodes, loops, named outcomes) and accepts any httpx-compatible client (`http=`) for tests.
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ class Client:
 
     def reward(self, event_id: str, value: float) -> None:
         self._call("POST", f"{self._base}/events/{event_id}/reward", {"value": value})
+
+    def outcomes(self, event_id: str, values: dict[str, float]) -> None:
+        """Named outcomes of an event (the loop's configured outcomes, e.g. {"click": 1})."""
+        self._call("POST", f"{self._base}/events/{event_id}/outcomes", {"outcomes": values})
 
     def activate(self, event_id: str) -> None:
         self._call("POST", f"{self._base}/events/{event_id}/activate")

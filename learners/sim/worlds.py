@@ -167,10 +167,13 @@ class ShopWorld:
         self._rng = np.random.default_rng(self.seed)
         self._noise = np.random.default_rng(self.seed + 1)
 
-    def actions(self) -> list[dict[str, Any]]:
+    def actions(self, order: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """The offers as a rank request's actions (in `order`: its first is the baseline)."""
         return [
             {"id": offer, "features": [{"offer": offer, "price": self.price[i]}]}
-            for i, offer in enumerate(self.offers)
+            for i, offer in sorted(
+                enumerate(self.offers), key=lambda x: (order or self.offers).index(x[1])
+            )
         ]
 
     def draw_context(self) -> tuple[int, list[dict[str, Any]]]:

@@ -68,8 +68,9 @@ def demo(
         float, typer.Option(min=0, max=50, help="Percent of users held out.")
     ] = 10.0,
 ) -> None:
-    """`dloop up` with simulated traffic on a built-in world: open the printed address, log in
-    with the printed key and watch the default loop learn (service.pipeline.demo)."""
+    """`dloop up` with simulated traffic on built-in worlds: open the printed address, log in
+    with the printed key and watch the default loop learn, and the shop loop trade clicks and
+    purchases against unsubscribes under a guardrail (service.pipeline.demo)."""
     import threading
 
     import uvicorn
@@ -88,13 +89,14 @@ def demo(
     typer.echo(f"dloop demo: data in {settings.data_dir.resolve()}")
     typer.echo(f"dloop demo: open {url}/ui/ and log in with this admin key: {key}")
     typer.echo(
-        f"dloop demo: {rate:g} decisions a second on a simulated world, {holdout:g}% held out"
+        f"dloop demo: {rate:g} decisions a second on the loops default and shop (simulated "
+        f"worlds), {holdout:g}% held out"
     )
     stop = threading.Event()
     thread = threading.Thread(
         target=traffic.traffic,
         args=(url, key),
-        kwargs={"rate": rate, "holdout": holdout, "stop": stop},
+        kwargs={"rate": rate, "holdout": holdout, "stop": stop, "shop": True},
         daemon=True,
     )
     thread.start()

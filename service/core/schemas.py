@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from learners.constraints import Cap
+from learners.guardrails import MAX_GUARDRAILS, Guardrail
 from learners.joiner import JoinRules
 from learners.outcomes import (
     AGGREGATIONS,
@@ -94,6 +96,41 @@ class OutcomeSpec(Wire):
         return self
 
 
+class GuardrailSpec(Wire):
+    """dloop: an outcome the loop's policy must not push the wrong way (learners.guardrails):
+    past `tolerance` (relative: 0.1 is 10%) of the holdout's level, or of the baseline's
+    counterfactual one without a holdout; `fallback` serves the holdout policy until it
+    recovers."""
+
+    outcome: str
+    must_not: Literal["increase", "decrease"]
+    tolerance: float = Field(default=0.0, ge=0, le=10)
+    action: Literal["alert", "fallback"] = "alert"
+
+    def guardrail(self) -> Guardrail:
+        return Guardrail(self.outcome, self.must_not, self.tolerance, self.action)
+
+
+class ExposureCapSpec(Wire):
+    """dloop: an action served first in at most `max_share` of the decisions of the last
+    `window` (learners.constraints.ExposureCaps)."""
+
+    action_id: str = Field(min_length=1, max_length=256)
+    max_share: float = Field(gt=0, lt=1)
+    window: timedelta = timedelta(hours=1)
+
+    @field_serializer("window", when_used="json")
+    def _duration(self, value: timedelta) -> str:
+        return iso_duration(value)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: timedelta) -> timedelta:
+        if not MIN_WAIT <= v <= MAX_WAIT:
+            raise ValueError("window must be between PT1S and P30D")
+        return v
+
+
 class ServiceConfiguration(Wire):
     reward_wait_time: timedelta
     default_reward: float = Field(ge=-1, le=1)
@@ -122,7 +159,19 @@ class ServiceConfiguration(Wire):
     outcomes: list[OutcomeSpec] = Field(default_factory=list, max_length=MAX_OUTCOMES)
     reward_definition: str | None = None
     reward_definition_version: int = 0
+    guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=MAX_GUARDRAILS)
+    # dloop: serving-time constraints (learners.constraints), single-slot loops in Online mode:
+    # per-action exposure caps and the most probability a decision may put off its top action.
+    exposure_caps: list[ExposureCapSpec] = Field(default_factory=list, max_length=50)
+    max_exploration_probability: float | None = Field(default=None, ge=0, le=1)
     latest_apprentice_mode_metrics: dict[str, Any] | None = None
+
+    @field_validator("max_exploration_probability")
+    @classmethod
+    def _finite_or_none(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
 
     @field_serializer(
         "reward_wait_time",
@@ -178,6 +227,21 @@ class ServiceConfiguration(Wire):
                 self.definition()
             except DefinitionError as exc:
                 raise ValueError(f"rewardDefinition: {exc}") from None
+        known = {REWARD, *(o.name for o in self.outcomes)}
+        keys = set()
+        for i, g in enumerate(self.guardrails):
+            if g.outcome not in known:
+                raise ValueError(
+                    f"guardrails.{i}.outcome: {g.outcome!r} is not an outcome of this loop "
+                    f"({', '.join(sorted(known))})"
+                )
+            if g.action == "fallback" and self.learning_mode != "Online":
+                raise ValueError(f"guardrails.{i}: a fallback needs learningMode Online")
+            keys.add(g.guardrail().key)
+        if len(keys) != len(self.guardrails):
+            raise ValueError("guardrails: one per outcome and direction")
+        if len({c.action_id for c in self.exposure_caps}) != len(self.exposure_caps):
+            raise ValueError("exposureCaps: one per action")
         return self
 
     def definition(self) -> Definition | None:
@@ -190,7 +254,7 @@ class ServiceConfiguration(Wire):
 
     def reward_rules(self) -> RewardRules | None:
         """The loop's outcomes and reward definition (None: Personalizer's reward only)."""
-        if not self.outcomes and self.reward_definition is None:
+        if not self.outcomes and self.reward_definition is None and not self.guardrails:
             return None
         rules = {o.name: OutcomeRule(o.name, o.aggregation, o.min, o.max) for o in self.outcomes}
         rules[REWARD] = OutcomeRule(REWARD, self.reward_aggregation, *REWARD_RANGE)
@@ -254,6 +318,9 @@ DLOOP_FIELDS = (
     "holdoutPolicy",
     "outcomes",
     "rewardDefinition",
+    "guardrails",
+    "exposureCaps",
+    "maxExplorationProbability",
 )
 
 
@@ -333,6 +400,11 @@ class LoopSettings:
     discount: float
     holdout: float  # the share of decisions held out (0 to 0.5), in Online mode
     holdout_policy: str
+    guardrails: tuple[Guardrail, ...]
+    caps: tuple[Cap, ...]
+    max_exploration: float | None
+    # The outcomes the joiner rolls up per bucket: the named ones, and `reward` if guarded.
+    tracked: tuple[str, ...]
     # Auto-optimisation: on or off, every how many seconds (0: not set), from when (0: not set).
     auto_optimize: bool
     auto_every: float
@@ -357,6 +429,14 @@ class LoopSettings:
             discount=cfg.discount_factor,
             holdout=cfg.holdout_percentage / 100 if cfg.learning_mode == "Online" else 0.0,
             holdout_policy=cfg.holdout_policy,
+            guardrails=tuple(g.guardrail() for g in cfg.guardrails),
+            caps=tuple(
+                Cap(c.action_id, c.max_share, c.window.total_seconds()) for c in cfg.exposure_caps
+            ),
+            max_exploration=cfg.max_exploration_probability,
+            tracked=tuple(
+                sorted({o.name for o in cfg.outcomes} | {g.outcome for g in cfg.guardrails})
+            ),
             auto_optimize=bool(cfg.is_auto_optimization_enabled),
             auto_every=(
                 cfg.auto_optimization_frequency.total_seconds()

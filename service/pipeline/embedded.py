@@ -34,6 +34,7 @@ from learners.sandbox import NativeCrash, TrainerHost
 from service.core import record
 from service.pipeline import learning
 from service.pipeline.background import is_transient, keep_running, lower_thread_priority
+from service.pipeline.guardrails import check_loop
 from service.pipeline.join import compact_stats, join_due
 from service.pipeline.learning import Learner, Learners
 from service.pipeline.runtime import LoopRuntime, Registry
@@ -240,7 +241,13 @@ class EmbeddedWorker:
                 now=now,
                 limit=self.batch_size,
                 max_dangling=self.max_dangling,
+                tracked=rt.settings.tracked,
             )
+            flip = None
+            if joined and (rt.settings.guardrails or rt.fallback):
+                flip = check_loop(session, loop=name, guardrails=rt.settings.guardrails, now=now)
+        if flip is not None:
+            rt.fallback = flip  # serving here follows at once
         if joined:
             (self.rl_due if rt.loop_kind.episodic else self.to_learn).add(name)
         if joined >= self.batch_size:

@@ -4,12 +4,14 @@ loop's rules (learners.joiner) and become joined interactions learners train on.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
-from learners import rollups
+from learners import guardrails, rollups
 from learners.joiner import (
     DecisionView,
     JoinResult,
@@ -21,7 +23,7 @@ from learners.joiner import (
     is_complete,
     join,
 )
-from learners.outcomes import REWARD
+from learners.outcomes import REWARD, RewardRules
 from service.core import record
 from service.storage import store
 from service.storage.models import Decision, Observation
@@ -36,9 +38,11 @@ def join_due(
     now: float,
     limit: int,
     max_dangling: int = store.MAX_DANGLING,
+    tracked: Sequence[str] = (),
 ) -> int:
     """Join decisions whose window closed, or that are complete early; returns how many.
-    Keeps at most `max_dangling` dangling observations in the loop (store.drop_dangling)."""
+    Keeps at most `max_dangling` dangling observations in the loop (store.drop_dangling).
+    `tracked`: the outcomes rolled up per bucket (named ones, guarded ones)."""
     store.mark_dangling(session, loop=loop, now=now, keep=max_dangling)
     candidates = store.decisions_to_join(
         session,
@@ -51,7 +55,9 @@ def join_due(
     if not candidates:
         return 0
     by_event = store.observations_of(session, loop=loop, event_ids=[d.event_id for d in candidates])
-    stats = Rollup(center=store.mean_reward(session, loop=loop))
+    stats = Rollup(
+        center=store.mean_reward(session, loop=loop), rules=rules.rewards, tracked=tracked
+    )
     rows = [
         row
         for d in candidates
@@ -60,23 +66,61 @@ def join_due(
     store.add_joined(session, rows)
     store.add_stats(session, loop=loop, sums=stats.sums)
     store.add_actions(session, loop=loop, counts=stats.actions)
+    store.add_outcome_stats(session, loop=loop, sums=stats.outcomes)
     if stats.late:
         store.count_events(session, "late", {loop: stats.late})
     return len(rows)
 
 
 class Rollup:
-    """What a join batch adds to its loop's rollups (learners.rollups), per bucket and slot.
-    `center`: the loop's mean reward before the batch (the holdout effect's centre)."""
+    """What a join batch adds to its loop's rollups (learners.rollups), per bucket and slot,
+    and, for a loop with named outcomes or guardrails (`rules`), per bucket and outcome
+    (learners.guardrails.sums). `center`: the loop's mean reward before the batch (the holdout
+    effect's centre)."""
 
-    def __init__(self, *, center: float) -> None:
+    def __init__(
+        self, *, center: float, rules: RewardRules | None = None, tracked: Sequence[str] = ()
+    ) -> None:
         self.center = center
+        self.rules = rules
+        self.tracked = tracked
         self.sums: dict[tuple[int, str], dict[str, float]] = {}
         self.actions: dict[tuple[int, str, str], int] = {}
+        self.outcomes: dict[tuple[int, str], dict[str, float]] = {}
         self.late: list[float] = []
+
+    def _add_outcomes(
+        self, bucket: int, r: record.Decision | record.SlotsDecision, result: JoinResult
+    ) -> None:
+        """Each outcome's value for the decision (0 if it never arrived, the default reward for
+        `reward`; a multi-slot decision's: the mean over its slots) and the sums behind the
+        guardrails. Multi-slot: the baseline's weight is over the whole page."""
+        assert self.rules is not None
+        if isinstance(r, record.SlotsDecision):
+            chosen = [(s.a[0] if s.a else -1, s.p[0] if s.p else 0.0) for s in r.s]
+            same = all(a == b for (a, _), b in zip(chosen, r.b, strict=True))
+            p = math.prod(q for _, q in chosen)
+            ranking, probabilities, baseline = [0], [p], 0 if same else 1
+        else:
+            ranking, probabilities, baseline = r.a, r.p, r.b
+        missing = {REWARD: self.rules.default}
+        for name in self.tracked:
+            values = [o.get(name, missing.get(name, 0.0)) for o in result.outcomes] or [0.0]
+            y = sum(values) / len(values)
+            sums = guardrails.sums(
+                y,
+                share=r.h,
+                held=r.ho,
+                ranking=ranking,
+                probabilities=probabilities,
+                baseline=baseline,
+            )
+            rollups.add(self.outcomes.setdefault((bucket, name), {}), sums)
 
     def add(self, r: record.Decision | record.SlotsDecision, result: JoinResult) -> None:
         bucket = bucket_of(r.t)
+        if self.rules is not None and self.tracked and result.learnable:
+            self._add_outcomes(bucket, r, result)
         ids = [a["_tag"] for a in orjson.loads(r.c)["_multi"]]
         if isinstance(r, record.SlotsDecision):
             for slot, baseline, outcome in zip(r.s, r.b, result.slots, strict=True):

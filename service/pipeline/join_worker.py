@@ -26,6 +26,7 @@ from service.core import record
 from service.core.joined import PACK_BYTES, PACK_ROWS, joined_message
 from service.pipeline.background import is_transient, keep_running
 from service.pipeline.consumer import StoredOffsets, offset_name
+from service.pipeline.guardrails import check_loop
 from service.pipeline.join import compact_stats, join_due
 from service.storage import kafka, store
 
@@ -139,7 +140,14 @@ class JoinWorker:
                         now=now,
                         limit=self.batch_size,
                         max_dangling=self.max_dangling,
+                        tracked=settings.tracked,
                     )
+                    if n:
+                        flip = check_loop(
+                            session, loop=name, guardrails=settings.guardrails, now=now
+                        )
+                        if flip is not None:
+                            store.notify_models(session, [name])  # replicas reload at once
                 if n < self.batch_size:
                     break
 

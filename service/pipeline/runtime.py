@@ -18,6 +18,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from learners.constraints import ExposureCaps
+from learners.guardrails import FALLBACK_PROBE
 from learners.policy import with_exploration
 from learners.sandbox import NO_MODEL, ModelRef, write_model
 from service.core.kinds import LoopKind, loop_kind
@@ -35,6 +37,19 @@ class LoopRuntime:
     # The served model, swapped whole so a request never pairs a model with another's id. The
     # ranking children (learners.sandbox.RankerPool) load it from its file.
     served: ModelRef = NO_MODEL
+    # A guardrail put the loop in fallback (service.pipeline.guardrails).
+    fallback: bool = False
+    # Exposure caps' sliding counts in this process (learners.constraints), if it has caps.
+    exposure: ExposureCaps | None = None
+
+    @property
+    def holdout_share(self) -> float:
+        """The share of decisions the holdout policy serves: the configured holdout, or in
+        fallback all but learners.guardrails.FALLBACK_PROBE of them, so the model keeps being
+        measured."""
+        if self.fallback and self.settings.mode == "Online":
+            return 1.0 - FALLBACK_PROBE
+        return self.settings.holdout
 
     @property
     def loop_kind(self) -> LoopKind:
@@ -134,14 +149,20 @@ class Registry:
         for name in gone:
             self.loops.pop(name, None)
         models = store.model_ids(session, names=None if names is None else [r.name for r in rows])
+        fallback = store.fallback_loops(
+            session, names=None if names is None else [r.name for r in rows]
+        )
         for row in rows:
             rt = self.loops.get(row.name)
             if rt is None:
                 settings = LoopSettings.from_doc(row.config)
                 rt = LoopRuntime(row.name, row.kind, row.config, row.policy, settings)
+                if settings.caps:
+                    rt.exposure = ExposureCaps(settings.caps)
                 self.loops[row.name] = rt
             elif rt.config != row.config or rt.policy != row.policy:
                 self._configure(rt, row.config, row.policy, LoopSettings.from_doc(row.config))
+            rt.fallback = row.name in fallback
             model_id = models.get(row.name)
             if model_id is None:
                 if rt.served.path is not None:
@@ -168,4 +189,6 @@ class Registry:
     def _configure(
         rt: LoopRuntime, config: dict[str, Any], policy: dict[str, str], settings: LoopSettings
     ) -> None:
+        if settings.caps != rt.settings.caps:  # new caps count afresh; the same keep counting
+            rt.exposure = ExposureCaps(settings.caps) if settings.caps else None
         rt.config, rt.policy, rt.settings = config, policy, settings

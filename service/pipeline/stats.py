@@ -162,6 +162,12 @@ def loop_stats(
         if row["episodes"]:
             returns = Moments(row["episodes"], row["return_sum"], row["return_sq"])
             whole["episodes"] = {"count": int(returns.n), "meanReturn": returns.mean}
+    # Named outcomes (learners.outcomes): each one's mean per bucket (0 where it never came).
+    for start, name, count, mean in store.outcome_means(
+        session, loop=loop, since=since, until=until, size=size
+    ):
+        whole = buckets.setdefault(start, _empty(start))
+        whole.setdefault("outcomes", {})[name] = {"decisions": int(count), "mean": mean}
     models = store.publications(session, loop=loop, since=since, until=until)
     p50s = [m.freshness_p50 for m in models if m.freshness_p50 is not None]
     p95s = [m.freshness_p95 for m in models if m.freshness_p95 is not None]
@@ -226,3 +232,26 @@ def summary(session: Session, *, loop: Loop, now: float) -> dict[str, Any]:
         "backlog": store.learner_backlog(session, loop=loop.name),
         "deadLetters": store.dead_letters_of(session, loop=loop.name),
     }
+
+
+def guardrails(
+    session: Session, *, loop: str, settings: LoopSettings, fallback: bool
+) -> dict[str, Any]:
+    """`GET /loops/{loop}/guardrails` (service.pipeline.guardrails keeps the states)."""
+    states = store.guardrail_states(session, loop=loop)
+    out = []
+    for g in settings.guardrails:
+        state = states.get(g.key)
+        doc: dict[str, Any] = {
+            "outcome": g.outcome,
+            "mustNot": g.must_not,
+            "tolerance": g.tolerance,
+            "action": g.action,
+            "state": state.state if state is not None else "ok",
+        }
+        if state is not None:
+            doc["since"] = timestamp(state.changed_at)
+            doc["windowStart"] = timestamp(state.since)
+            doc.update(state.figures or {})
+        out.append(doc)
+    return {"loop": loop, "fallback": fallback, "guardrails": out}

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     data = tmp_path_factory.mktemp("dashboard") / "data"
     with serving(make_settings(data, learner={"tick_seconds": 0.05})) as live:
-        made = traffic(live.url, ADMIN_KEY, rate=0, holdout=20, decisions=800)
+        made = traffic(live.url, ADMIN_KEY, rate=0, holdout=20, decisions=800, shop=True)
         assert made == 800
         yield live
 
@@ -234,6 +234,64 @@ def test_decision_viewer_and_configuration_pages(server: LiveServer, page: Watch
     p.wait_for_selector("#config-message.good")
     cfg = api(server, "GET", "/personalizer/v1.0/configurations/service").json()
     assert cfg["holdoutPercentage"] == 15
+    page.clean()
+
+
+def test_outcomes_reward_definition_and_guardrails_on_the_shop_loop(
+    server: LiveServer, page: Watched
+) -> None:
+    """The demo's shop loop (named outcomes, a reward definition, a guardrail): its page shows
+    what it is trained for, each outcome over time and the guardrail's state; an evaluation
+    with policies trained for other objectives shows every outcome per policy."""
+    now = datetime.now(UTC)
+    body = {
+        "name": "objectives",
+        "startTime": (now - timedelta(hours=1)).isoformat(),
+        "endTime": (now + timedelta(minutes=1)).isoformat(),
+        "policies": [
+            {
+                "name": "for-revenue",
+                "arguments": "--cb_explore_adf --epsilon 0.05 -q ::",
+                "rewardDefinition": "clip(purchase / 120, 0, 1)",
+            },
+            {
+                "name": "for-clicks",
+                "arguments": "--cb_explore_adf --epsilon 0.05 -q ::",
+                "rewardDefinition": "click",
+            },
+        ],
+    }
+    path = "/loops/shop/personalizer/v1.0/evaluations/objectives"
+    r = api(server, "PUT", path, json=body)
+    assert r.status_code in (200, 201), r.text
+    wait_until(
+        lambda: (
+            api(server, "GET", "/loops/shop/guardrails").json()["guardrails"][0].get("decisions", 0)
+            > 0
+        ),
+        60,
+    )
+    p = page.page
+    login(page, server.url, ADMIN_KEY)
+    p.goto(f"{server.url}/ui/#/loops/shop")
+    wait_ready(p, "#/loops/shop")
+    assert "min(1, click + purchase / 50)" in p.locator("#reward-definition").inner_text()
+    p.wait_for_selector("#guardrails tr[data-guardrail='unsubscribe:increase']")
+    assert "unsubscribe must not increase by more than 50%" in p.locator("#guardrails").inner_text()
+    wait_until(lambda: p.locator("#outcomes .scatterlayer .trace").count() >= 3)
+    assert "Guardrails" in p.locator("#tiles").inner_text()
+    shoot(p, "shop")
+    deadline = time.monotonic() + 120
+    while api(server, "GET", path).json()["status"] != "Succeeded":
+        assert time.monotonic() < deadline, "the evaluation did not finish"
+        time.sleep(0.2)
+    p.goto(f"{server.url}/ui/#/loops/shop/evaluations")
+    wait_ready(p, "#/loops/shop/evaluations")
+    p.wait_for_selector("#outcomes-table")
+    text = p.locator("#outcomes-table").inner_text()
+    for word in ("for-revenue", "for-clicks", "click", "purchase", "unsubscribe"):
+        assert word in text
+    shoot(p, "objectives")
     page.clean()
 
 

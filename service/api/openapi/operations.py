@@ -234,6 +234,12 @@ OPERATIONS: dict[str, Op] = {
         {404: ("ResourceNotFound",)},
         kind="admin",
     ),
+    "get_guardrails": Op(
+        "dloop: a loop's guardrails, each one's state and figures, and whether it falls back",
+        {200: "Guardrails"},
+        {404: ("ResourceNotFound",)},
+        kind="admin",
+    ),
     "get_stats": Op(
         "dloop: a loop's statistics per time bucket, from the joiner's rollups",
         {200: "LoopStats"},

@@ -164,6 +164,14 @@ STATS_BUCKET = _obj(
     dangling={"type": "integer"},
     episodes=_obj(count={"type": "integer"}, meanReturn=NUM),
     slots={"type": "array", "items": _obj(("id",), id=STR, **_BUCKET_FIGURES)},
+    outcomes={
+        "type": "object",
+        "description": "named outcomes: each one's mean over the bucket's joined decisions "
+        "(0 where it never arrived)",
+        "additionalProperties": _obj(
+            ("decisions", "mean"), decisions={"type": "integer"}, mean=NUM
+        ),
+    },
     **_BUCKET_FIGURES,
 )
 
@@ -350,6 +358,34 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         },
         status=STR,
     ),
+    "Guardrails": _obj(
+        ("loop", "fallback", "guardrails"),
+        loop=STR,
+        fallback={"type": "boolean", "description": "serving the holdout policy"},
+        guardrails={
+            "type": "array",
+            "items": _obj(
+                ("outcome", "mustNot", "tolerance", "action", "state"),
+                outcome=STR,
+                mustNot={"enum": ["increase", "decrease"]},
+                tolerance=NUM,
+                action={"enum": ["alert", "fallback"]},
+                state={"enum": ["ok", "breached"]},
+                since=TIME,
+                windowStart=TIME,
+                status={"enum": ["breached", "safe", "unknown"]},
+                comparator={"enum": ["holdout", "baseline"]},
+                policyMean=NUM,
+                comparatorMean=NUM,
+                excess={
+                    **NUM,
+                    "description": "policy mean minus (1 +- tolerance) x comparator mean",
+                },
+                alwaysValid95={"type": "array", "items": {"type": ["number", "null"]}},
+                decisions={"type": "integer"},
+            ),
+        },
+    ),
     "Overview": _obj(
         ("count", "value"),
         count={"type": "integer"},
@@ -395,6 +431,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             ),
         },
         freshness=_obj(("p50", "p95"), p50=NULLABLE_NUM, p95=NULLABLE_NUM),
+        rewardDefinitions={
+            "type": "array",
+            "description": "every version of the reward definition and when it was set",
+            "items": _obj(
+                ("version", "definition", "time"),
+                version={"type": "integer"},
+                definition=STR,
+                time=TIME,
+            ),
+        },
     ),
     "Health": _obj(("status",), status=STR),
     "Readiness": _obj(

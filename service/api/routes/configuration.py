@@ -52,6 +52,11 @@ def update_service_configuration(
         new = parse_config(payload)
     except ValueError as exc:
         raise bad_request("InvalidServiceConfiguration", str(exc)) from None
+    if (new.exposure_caps or new.max_exploration_probability is not None) and rt.kind != "cb":
+        raise bad_request(
+            "InvalidServiceConfiguration",
+            "exposureCaps and maxExplorationProbability apply to single-slot loops (kind cb)",
+        )
     if rt.loop_kind.multi_slot and new.is_auto_optimization_enabled:
         raise ApiError(
             403,

@@ -18,6 +18,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from learners.constraints import cap, limit_exploration
 from learners.dsjson import timestamp
 from learners.features import context_json
 from learners.holdout import holdout_pmf, in_holdout
@@ -114,7 +115,7 @@ async def rank(request: Request) -> Response:
     mode = rt.settings.mode
     context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
     # The live holdout (learners.holdout), sticky per unitId, else per episode, else per event.
-    share = rt.settings.holdout
+    share = rt.holdout_share
     held = in_holdout(rt.name, req["unit"] or episode or event_id, share)
     order, pmf, model_id = await _decide(d, rt, req, context, mode, held=held)
     explanation = None
@@ -144,6 +145,8 @@ async def rank(request: Request) -> Response:
     reused = seen is not None or later is not None
     if not reused:
         d.log.append(record.encode(decision))
+        if rt.exposure is not None and mode == "Online":
+            rt.exposure.record(ids[order[0]], now)
         if rt.loop_kind.episodic and episode is None:
             d.log.append(record.encode(record.EpisodeEnd(rt.name, event_id, now, term=True)))
     response = orjson.dumps(_rank_document(decision, ids, pmf))
@@ -184,9 +187,27 @@ async def _decide(
     pmf, model_id = await _policy_pmf(d, rt, req, context)
     if held:
         pmf = holdout_pmf(rt.settings.holdout_policy, eligible)
+    else:
+        pmf = _constrained(rt, pmf, req, d.clock())
     chosen = sample(pmf, f"{rt.name}/{req['event_id']}")
     rest = sorted((i for i in range(n) if i != chosen), key=lambda i: -pmf[i])
     return [chosen, *rest], pmf, model_id
+
+
+def _constrained(rt: LoopRuntime, pmf: list[float], req: dict[str, Any], now: float) -> list[float]:
+    """The loop's serving-time constraints (learners.constraints) applied to the policy's
+    probabilities, in Online mode: the decision is drawn from, and logged with, what they
+    return."""
+    if rt.settings.mode != "Online":
+        return pmf
+    limit = rt.settings.max_exploration
+    if limit is not None:
+        pmf = restrict(limit_exploration(pmf, limit), req["eligible"])
+    if rt.exposure is not None:
+        limits = rt.exposure.limits(req["ids"], now)
+        if limits:
+            pmf = cap(pmf, req["eligible"], limits)
+    return pmf
 
 
 def _rank_document(decision: record.Decision, ids: list[str], pmf: list[float]) -> dict[str, Any]:

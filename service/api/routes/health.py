@@ -107,11 +107,20 @@ def metrics(d: ViewState) -> Response:
         _gauge(lines, "dloop_dead_letters", store.dead_letter_count(session), "Dead letters")
         counts = store.loop_counts(session)
         examples = store.model_examples(session)
+        guarded = store.all_guardrail_states(session)
     for name, rt in d.registry.loops.items():
         for key, value in counts.get(name, {}).items():
             sample(f"dloop_{key}", f'loop="{name}"', value)
         sample("dloop_model_examples", f'loop="{name}"', examples.get(name, 0))
         sample("dloop_model_info", f'loop="{name}",model_id="{rt.model_id}"', 1)
+        sample("dloop_fallback", f'loop="{name}"', int(rt.fallback))
+    # Guardrails (service.pipeline.guardrails): 1 while breached.
+    for g in guarded:
+        sample(
+            "dloop_guardrail_breached",
+            f'loop="{g.loop}",guardrail="{g.guardrail}"',
+            int(g.state == "breached"),
+        )
     for metric, samples in sorted(gauges.items()):
         lines.append(f"# TYPE {metric} gauge")
         lines.extend(f"{metric}{s}" for s in samples)

@@ -126,7 +126,7 @@ async def rank_multi_slot(request: Request) -> Response:
     seed = f"{rt.name}/{event_id}"
     decided = await _decide_slots(d, rt, model, mode, c, slots, seed)
     # The live holdout (learners.holdout): every slot served by the holdout policy.
-    share = rt.settings.holdout
+    share = rt.holdout_share
     held = in_holdout(rt.name, req["unit"] or event_id, share)
     if held:
         decided = holdout_slots(

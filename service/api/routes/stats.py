@@ -27,6 +27,16 @@ def get_holdout(d: State, rt: ViewNamed) -> dict[str, Any]:
         return stats.holdout(session, loop=rt.name, settings=rt.settings)
 
 
+@router.get("/loops/{name}/guardrails")
+def get_guardrails(d: State, rt: ViewNamed) -> dict[str, Any]:
+    """The loop's guardrails: each one's state (ok or breached, since when), the outcome under
+    the loop's policy and its comparator (the holdout, or the baseline's counterfactual
+    value), and the always-valid interval of the excess over the tolerated level; and whether
+    the loop is in fallback."""
+    with d.sessions() as session:
+        return stats.guardrails(session, loop=rt.name, settings=rt.settings, fallback=rt.fallback)
+
+
 def _time(value: str | None, name: str, default: float) -> float:
     if value is None:
         return default

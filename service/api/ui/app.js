@@ -222,9 +222,10 @@ async function overviewPage() {
 
 async function loopPage(loop) {
   setNav(loop, "/");
-  const [stats, holdout] = await Promise.all([
+  const [stats, holdout, guards] = await Promise.all([
     api(`/loops/${esc(loop)}/stats`),
     api(`/loops/${esc(loop)}/holdout`),
+    api(`/loops/${esc(loop)}/guardrails`),
   ]);
   const b = stats.buckets;
   const x = b.map((r) => r.start);
@@ -238,6 +239,9 @@ async function loopPage(loop) {
     el("div", { class: "card" }, el("h2", {}, "Freshness and model history"), chart("freshness")),
     el("div", { class: "card" }, el("h2", {}, "Exploration and action shares"), chart("actions")),
   ];
+  const outcomeNames = [...new Set(b.flatMap((r) => Object.keys(r.outcomes || {})))].sort();
+  if (outcomeNames.length) cards.push(el("div", { class: "card" }, el("h2", {}, "Outcomes over time (mean per decision)"), chart("outcomes")));
+  if (guards.guardrails.length) cards.unshift(guardrailCard(guards));
   if (stats.kind === "rl") cards.push(el("div", { class: "card" }, el("h2", {}, "Episode returns"), chart("episodes")));
   if (stats.kind === "ccb") cards.push(el("div", { class: "card" }, el("h2", {}, "Reward per slot"), chart("slots")));
   main.replaceChildren(
@@ -251,6 +255,7 @@ async function loopPage(loop) {
       tile("Joined (range)", joined),
       tile("Join coverage", joined ? pct(rewarded / joined) : "–"),
       tile("Model", latestModel ? latestModel.modelId : "none yet"),
+      tile("Guardrails", guardText(guards), guardClass(guards)),
       tile("Freshness p50 / p95", stats.freshness.p50 === null ? "–" : `${fmt(stats.freshness.p50, 2)} / ${fmt(stats.freshness.p95, 2)} s`),
       tile("Exploration (last bucket)", last ? pct(last.explorationShare) : "–"),
     ),
@@ -290,6 +295,18 @@ async function loopPage(loop) {
     ...actions.map((a) => ({ x, y: b.map((r) => (r.actionShares || {})[a] || 0), stackgroup: "shares", name: a })),
     { x, y: b.map((r) => r.explorationShare), mode: "lines", name: "exploration", line: { color: "#111", dash: "dot" } },
   ], { yaxis: { tickformat: ".0%", range: [0, 1] } });
+  if (outcomeNames.length) {
+    // One panel per outcome (their scales differ), sharing the time axis.
+    draw("outcomes", outcomeNames.map((name, i) => ({
+      x, y: b.map((r) => (r.outcomes && r.outcomes[name] ? r.outcomes[name].mean : null)),
+      mode: "lines+markers", name, yaxis: i ? `y${i + 1}` : "y", marker: { size: 4 },
+    })), {
+      grid: { rows: outcomeNames.length, columns: 1, pattern: "coupled" },
+      height: Math.max(300, 150 * outcomeNames.length),
+      ...changeMarks(stats.rewardDefinitions || []),
+    });
+    document.getElementById("outcomes").style.height = `${Math.max(300, 150 * outcomeNames.length)}px`;
+  }
   if (stats.kind === "rl") {
     draw("episodes", [{ x, y: b.map((r) => (r.episodes ? r.episodes.meanReturn : null)), mode: "lines+markers", name: "mean return" }], { yaxis: { title: "return" } });
   }
@@ -300,6 +317,38 @@ async function loopPage(loop) {
       y: b.map((r) => { const s = (r.slots || []).find((t) => t.id === id); return s ? s.meanReward.all : null; }),
     })), { yaxis: { title: "mean reward" } });
   }
+}
+
+// Guardrails (GET /loops/{loop}/guardrails): the worst state first.
+function guardText(g) {
+  if (!g.guardrails.length) return "none";
+  const breached = g.guardrails.filter((r) => r.state === "breached");
+  if (!breached.length) return `${g.guardrails.length} ok`;
+  return `${breached.map((r) => `${r.outcome} ${r.mustNot === "increase" ? "↑" : "↓"}`).join(", ")} breached${g.fallback ? " (fallback)" : ""}`;
+}
+
+function guardClass(g) {
+  if (!g.guardrails.length) return "muted";
+  return g.guardrails.some((r) => r.state === "breached") ? "bad" : "good";
+}
+
+function guardrailCard(g) {
+  const rows = g.guardrails.map((r) => {
+    const ci = r.alwaysValid95 || [null, null];
+    return el("tr", { "data-guardrail": `${r.outcome}:${r.mustNot}` },
+      el("td", {}, `${r.outcome} must not ${r.mustNot} by more than ${fmt(100 * r.tolerance, 0)}%`),
+      el("td", { class: r.state === "breached" ? "bad" : "good" }, r.state === "breached" ? `breached since ${(r.since || "").replace("T", " ").slice(0, 19)}` : "ok"),
+      el("td", { class: "num" }, r.policyMean === undefined ? "–" : fmt(r.policyMean)),
+      el("td", {}, r.comparator ? `${r.comparator} ${fmt(r.comparatorMean)}` : "–"),
+      el("td", { class: "num" }, r.excess === undefined ? "–" : `${fmt(r.excess)} [${fmt(ci[0])}, ${fmt(ci[1])}]`),
+      el("td", { class: "num" }, r.decisions === undefined ? "–" : r.decisions),
+      el("td", {}, r.action),
+    );
+  });
+  return el("div", { class: "card wide", id: "guardrails" },
+    el("h2", {}, "Guardrails", g.fallback ? el("span", { class: "bad" }, " — fallback: the holdout policy serves") : ""),
+    el("table", {}, el("thead", {}, el("tr", {}, ...["Guardrail", "State", "Policy", "Comparator", "Excess (always-valid 95%)", "Decisions", "Action"].map((h) => el("th", {}, h)))), el("tbody", {}, rows)),
+  );
 }
 
 // What the loop is trained for: its reward definition's current version.
@@ -385,11 +434,24 @@ async function showEvaluation(loop, id, target) {
     y: ((p.timeseries && p.timeseries.data) || []).map((d) => d.expectedReward),
     mode: "lines", name: p.name,
   }));
+  // Every named outcome per policy (IPS, 95% interval): the trade-offs between objectives.
+  const outcomeNames = [...new Set(policies.flatMap((p) => Object.keys((p.summary || {}).outcomes || {})))].sort();
+  const outcomeTable = outcomeNames.length
+    ? el("table", { id: "outcomes-table" },
+      el("thead", {}, el("tr", {}, el("th", {}, "Policy"), ...outcomeNames.map((n) => el("th", { class: "num" }, n)))),
+      el("tbody", {}, policies.map((p) => el("tr", {}, el("td", {}, p.name), ...outcomeNames.map((n) => {
+        const o = p.summary.outcomes[n];
+        return el("td", { class: "num" }, o ? `${fmt(o.expected)} [${fmt(o.confidenceInterval[0])}, ${fmt(o.confidenceInterval[1])}]` : "–");
+      })))))
+    : null;
   target.replaceChildren(el("div", { class: "card" },
     el("h2", {}, `${ev.name || ev.id} (${ev.status})`),
+    ev.rewardDefinition ? el("p", { class: "muted" }, `Evaluated under the reward ${ev.rewardDefinition}`) : null,
     policies.length
       ? el("table", { id: "policies" }, el("thead", {}, el("tr", {}, ...["Policy", "Source", "Estimate (DR)", "95% interval", "Effective sample size", ""].map((h) => el("th", {}, h)))), el("tbody", {}, rows))
       : el("p", { class: "muted" }, "No results yet."),
+    outcomeTable ? el("h2", { style: "margin-top: 1rem" }, "Outcomes per policy (IPS, 95% interval)") : null,
+    outcomeTable,
     message,
     policies.length ? chart("evaluation-series") : null,
   ));
