@@ -229,7 +229,7 @@ class Result:
     times: np.ndarray
     estimates: dict[str, estimators.Estimate] = field(default_factory=dict)
     # Every named outcome's value under the policy (inverse propensity scoring; an outcome that
-    # never arrived for a decision counts as 0 there).
+    # never arrived for a decision counts as its default there).
     outcomes: dict[str, estimators.Estimate] = field(default_factory=dict)
 
     def estimate(self, sl: slice | np.ndarray | None = None) -> dict[str, estimators.Estimate]:
@@ -255,8 +255,11 @@ def evaluate(
     policies: list[PolicySpec],
     *,
     progress: Callable[[float], None] | None = None,
+    rules: RewardRules | None = None,
 ) -> list[Result]:
-    """Score every policy on the logged decisions (one pass, all policies side by side)."""
+    """Score every policy on the logged decisions (one pass, all policies side by side), and
+    on every named outcome; `rules`: the loop's outcomes, whose defaults stand for outcomes
+    that never arrived (without them: 0)."""
     scorers = [
         FIXED.get(spec.source) or Progressive(spec.arguments, spec.rules) for spec in policies
     ]
@@ -278,7 +281,11 @@ def evaluate(
     rewards = np.array([d.reward for d in logged])
     times = np.array([d.t for d in logged])
     names = sorted({name for d in logged for name in d.outcomes})
-    values = {name: np.array([d.outcomes.get(name, 0.0) for d in logged]) for name in names}
+
+    def value(d: Logged, name: str) -> float:
+        return rules.value(d.outcomes, name) if rules is not None else d.outcomes.get(name, 0.0)
+
+    values = {name: np.array([value(d, name) for d in logged]) for name in names}
     results = []
     for j, spec in enumerate(policies):
         res = Result(spec, weights[j], rewards, rhat_chosen, rhat_target[j], times)

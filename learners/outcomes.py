@@ -7,8 +7,10 @@ is trained on. `RewardRules` holds both, with the definition's version:
 
 - `RewardRules.aggregate` combines the values of each outcome received in the join window (in
   arrival order) by that outcome's own aggregation;
-- `RewardRules.reward` is the training reward of those outcomes: the definition's value, or
-  without a definition the `reward` outcome; the loop's default when neither can be computed.
+- `RewardRules.reward` is the training reward of those outcomes: the definition's value (an
+  outcome that never arrived takes its declared default, 0 unless declared otherwise;
+  `reward` the loop's default reward), or without a definition the `reward` outcome; the
+  loop's default when neither can be computed.
 
 Joined lines keep the raw observations in `o` (a named one carries `"Outcome": name`), the
 aggregated outcomes as `"Outcomes"` and the definition's version as `"RewardVersion"`: keys VW's
@@ -54,6 +56,9 @@ class OutcomeRule:
     aggregation: str
     low: float
     high: float
+    # Its value for an event it never arrived for (None: none; a definition reading it then
+    # gives the event the loop's default reward, unless it says coalesce(name, value)).
+    default: float | None = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class RewardRules:
     @classmethod
     def personalizer(cls, default: float, aggregation: str) -> RewardRules:
         """Personalizer's rules: one outcome, `reward`, and it is the training reward."""
-        return cls(default, {REWARD: OutcomeRule(REWARD, aggregation, *REWARD_RANGE)})
+        return cls(default, {REWARD: OutcomeRule(REWARD, aggregation, *REWARD_RANGE, None)})
 
     @property
     def named(self) -> bool:
@@ -93,7 +98,7 @@ class RewardRules:
     def _rule(self, name: str) -> OutcomeRule:
         rule = self.outcomes.get(name)
         if rule is None:  # an outcome the loop no longer declares: kept raw, summed if needed
-            return OutcomeRule(name, "earliest", -math.inf, math.inf)
+            return OutcomeRule(name, "earliest", -math.inf, math.inf, None)
         return rule
 
     def aggregate(self, values: Iterable[tuple[str, float]]) -> dict[str, float]:
@@ -106,16 +111,32 @@ class RewardRules:
             for name, vals in by_name.items()
         }
 
+    def value(self, outcomes: Mapping[str, float], name: str) -> float:
+        """An outcome's value for an event (`outcomes`: those that arrived): its own, else its
+        default (`reward`: the loop's default reward; none declared: 0), as the per-outcome
+        figures (rollups, guardrails) count it."""
+        if name in outcomes:
+            return float(outcomes[name])
+        if name == REWARD:
+            return self.default
+        rule = self.outcomes.get(name)
+        return rule.default if rule is not None and rule.default is not None else 0.0
+
     def reward(self, outcomes: Mapping[str, float]) -> tuple[float, bool]:
         """The training reward of an event's aggregated outcomes, and whether any outcome it
-        reads arrived (the event counts as rewarded)."""
+        reads arrived (the event counts as rewarded). Outcomes that never arrived take their
+        declared defaults; `reward` the loop's default reward."""
         if self.definition is None:
             if REWARD in outcomes:
                 return float(outcomes[REWARD]), True
             return self.default, False
         rewarded = any(name in outcomes for name in self.definition.names)
+        filled = {REWARD: self.default}
+        for name, rule in self.outcomes.items():
+            if rule.default is not None and name != REWARD:
+                filled[name] = rule.default
         try:
-            return self.definition.evaluate(outcomes), rewarded
+            return self.definition.evaluate({**filled, **outcomes}), rewarded
         except MissingOutcome:
             return self.default, rewarded
 

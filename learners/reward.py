@@ -6,7 +6,8 @@ real parser with a fixed grammar (lark), never `eval`.
 
 Numbers, outcome names (`NAME_RULE`), + - * /, unary minus, parentheses and the functions
 min(a, b, ...), max(a, b, ...), clip(x, lo, hi), abs(x) and coalesce(name, default): the
-default an outcome that never arrived takes. A name without coalesce that did not arrive makes
+default an outcome that never arrived takes (learners.outcomes fills in the outcomes' declared
+defaults before evaluating). A name without a value that did not arrive makes
 the whole definition missing (`MissingOutcome`), and so does a division by zero: the joiner then
 uses the loop's default reward.
 

@@ -244,6 +244,7 @@ def evaluate(
     """Counterfactual evaluation (IPS, SNIPS, doubly robust, 95% intervals) of the online
     policy, the baseline, uniform random and custom policies on logged interactions."""
     from learners import evaluation
+    from service.core.schemas import LoopSettings
     from service.pipeline.evaluations import policy_specs
 
     settings = settings_for(data_dir)
@@ -265,8 +266,9 @@ def evaluate(
         typer.echo("dloop: no learnable logged interactions in that range", err=True)
         raise typer.Exit(1)
     value: list[Any] = []
+    rules = None if row is None else LoopSettings.from_doc(row.config).rules.rewards
     for slot, logged in groups.items():
-        value += _evaluate_slot(slot, logged, specs)
+        value += _evaluate_slot(slot, logged, specs, rules)
     if out is not None:
         _write_evaluation(out, groups, value)
 
@@ -316,7 +318,9 @@ def _custom_policies(row: Any, policy: list[str], rewards: list[str]) -> list[di
     return custom
 
 
-def _evaluate_slot(slot: str, logged: list[Logged], specs: list[PolicySpec]) -> list[Any]:
+def _evaluate_slot(
+    slot: str, logged: list[Logged], specs: list[PolicySpec], rules: Any = None
+) -> list[Any]:
     """Evaluate the policies on one slot's logged decisions ("" for single-slot logs), print
     the table and return the slot's part of the EvaluationResult's "value"."""
     from tqdm import tqdm
@@ -328,7 +332,7 @@ def _evaluate_slot(slot: str, logged: list[Logged], specs: list[PolicySpec]) -> 
         def advance(fraction: float) -> None:
             bar.update(round(fraction * len(logged)) - bar.n)
 
-        results = evaluation.evaluate(logged, specs, progress=advance)
+        results = evaluation.evaluate(logged, specs, progress=advance, rules=rules)
     where = f" in slot {slot}" if slot else ""
     typer.echo(f"{len(logged)} logged decisions{where}; 95% confidence intervals")
     typer.echo(f"{'policy':<28}{'source':<24}{'DR':>24}{'IPS':>8}{'SNIPS':>8}{'ESS':>8}")

@@ -72,6 +72,8 @@ class OutcomeSpec(Wire):
     aggregation: str = "earliest"
     min: float
     max: float
+    # Its value for an event it never arrived for (null: none, see learners.outcomes).
+    default: float | None = 0.0
 
     @field_validator("name")
     @classmethod
@@ -93,6 +95,8 @@ class OutcomeSpec(Wire):
     def _range(self) -> OutcomeSpec:
         if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min < self.max):
             raise ValueError(f"outcome {self.name}: min and max are finite, min below max")
+        if self.default is not None and not self.min <= self.default <= self.max:
+            raise ValueError(f"outcome {self.name}: its default must lie between min and max")
         return self
 
 
@@ -256,8 +260,11 @@ class ServiceConfiguration(Wire):
         """The loop's outcomes and reward definition (None: Personalizer's reward only)."""
         if not self.outcomes and self.reward_definition is None and not self.guardrails:
             return None
-        rules = {o.name: OutcomeRule(o.name, o.aggregation, o.min, o.max) for o in self.outcomes}
-        rules[REWARD] = OutcomeRule(REWARD, self.reward_aggregation, *REWARD_RANGE)
+        rules = {
+            o.name: OutcomeRule(o.name, o.aggregation, o.min, o.max, o.default)
+            for o in self.outcomes
+        }
+        rules[REWARD] = OutcomeRule(REWARD, self.reward_aggregation, *REWARD_RANGE, None)
         return RewardRules(
             self.default_reward, rules, self.definition(), self.reward_definition_version
         )

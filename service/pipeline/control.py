@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core.schemas import LoopSettings
 from service.pipeline import learning
 from service.pipeline.embedded import EmbeddedWorker
 from service.pipeline.runtime import LoopRuntime, Registry
@@ -43,6 +44,10 @@ class LoopControl:
             loop = session.get(Loop, rt.name)
             assert loop is not None
             loop.config, loop.policy = config, policy
+            guarded = LoopSettings.from_doc(config).guardrails
+            if guarded:  # a new guardrail's window starts when it is set
+                keys = [g.key for g in guarded]
+                store.start_guardrails(session, loop=rt.name, keys=keys, now=self.clock())
             if changed:
                 store.add_reward_definition(
                     session,

@@ -6,7 +6,7 @@ dashboard and watches loops learn.
   not; 10% of users are held out and served the first article (the baseline), so the
   dashboard's uplift shows what learning earns.
 - `shop` (with `shop=True`): offers in a shop with three outcomes (learners.sim.worlds.ShopWorld:
-  click, purchase value, unsubscribe), trained for `min(1, click + purchase / 50)`, with a
+  click, purchase value, unsubscribe), trained for `clip(click + purchase / 200, 0, 1)`, with a
   guardrail that unsubscribes must not rise by more than half over the holdout's: the objective
   favours clickbait, which drives unsubscribes up, so the guardrail breaches and the loop falls
   back to its holdout policy (the digest) while the dashboard shows why."""
@@ -32,7 +32,7 @@ SHOP_CONFIG = {
         {"name": "purchase", "aggregation": "sum", "min": 0, "max": 500},
         {"name": "unsubscribe", "aggregation": "max", "min": 0, "max": 1},
     ],
-    "rewardDefinition": "min(1, click + purchase / 50)",
+    "rewardDefinition": "clip(click + purchase / 200, 0, 1)",
     "guardrails": [
         {"outcome": "unsubscribe", "mustNot": "increase", "tolerance": 0.5, "action": "fallback"}
     ],

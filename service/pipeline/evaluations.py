@@ -30,7 +30,7 @@ from learners.outcomes import relabel_lines
 from learners.policy import with_exploration
 from learners.sandbox import process_context
 from service.core.kinds import loop_kind
-from service.core.schemas import offline_rules
+from service.core.schemas import LoopSettings, offline_rules
 from service.storage import store
 from service.storage.models import Evaluation, FeatureImportance, Loop, OfflineJob
 
@@ -174,7 +174,12 @@ def run(
             def slot_progress(fraction: float, size: int = size) -> None:
                 progress((done[0] + fraction * size) / total)
 
-            results = evaluation.evaluate(logged, specs, progress=slot_progress)
+            results = evaluation.evaluate(
+                logged,
+                specs,
+                progress=slot_progress,
+                rules=LoopSettings.from_doc(config).rules.rewards,
+            )
             done[0] += len(logged)
             value += evaluation.content(results, start=start, end=end, slot=slot)["value"]
             for r in results:

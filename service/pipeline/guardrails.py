@@ -33,19 +33,12 @@ def check_loop(
         store.drop_guardrail_states(session, loop=loop, keep=keys)
     before = any(s.fallback for s in states.values())
     after = False
+    if keys - set(states):  # set before this process knew of them: they start now
+        store.start_guardrails(session, loop=loop, keys=keys, now=now)
+        session.flush()
+        states = store.guardrail_states(session, loop=loop)
     for g in guardrails:
-        state = states.get(g.key)
-        if state is None:
-            state = GuardrailState(
-                loop=loop,
-                guardrail=g.key,
-                state="ok",
-                fallback=False,
-                since=now,
-                changed_at=now,
-                checked_at=0.0,
-            )
-            session.add(state)
+        state = states[g.key]
         if now - state.checked_at >= CHECK_EVERY:
             _judge(session, loop, g, state, now)
         after |= bool(state.fallback)

@@ -92,9 +92,9 @@ class Rollup:
     def _add_outcomes(
         self, bucket: int, r: record.Decision | record.SlotsDecision, result: JoinResult
     ) -> None:
-        """Each outcome's value for the decision (0 if it never arrived, the default reward for
-        `reward`; a multi-slot decision's: the mean over its slots) and the sums behind the
-        guardrails. Multi-slot: the baseline's weight is over the whole page."""
+        """Each outcome's value for the decision (its default if it never arrived,
+        RewardRules.value; a multi-slot decision's: the mean over its slots) and the sums
+        behind the guardrails. Multi-slot: the baseline's weight is over the whole page."""
         assert self.rules is not None
         if isinstance(r, record.SlotsDecision):
             chosen = [(s.a[0] if s.a else -1, s.p[0] if s.p else 0.0) for s in r.s]
@@ -103,9 +103,8 @@ class Rollup:
             ranking, probabilities, baseline = [0], [p], 0 if same else 1
         else:
             ranking, probabilities, baseline = r.a, r.p, r.b
-        missing = {REWARD: self.rules.default}
         for name in self.tracked:
-            values = [o.get(name, missing.get(name, 0.0)) for o in result.outcomes] or [0.0]
+            values = [self.rules.value(o, name) for o in result.outcomes] or [0.0]
             y = sum(values) / len(values)
             sums = guardrails.sums(
                 y,

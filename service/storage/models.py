@@ -306,10 +306,10 @@ class LoopStat(Base):
 
 
 class OutcomeStat(Base):
-    """A loop's rollups of each named outcome (learners.rollups.outcome_sums) per 10 seconds
-    (bucket -1: running totals), for the per-outcome figures and the guardrails: an outcome that
-    never arrived counts as 0 (`reward` as the loop's default reward). Multi-slot decisions count
-    once, with the mean over their slots."""
+    """A loop's rollups of each tracked outcome (learners.guardrails.sums) per 10 seconds, for
+    the per-outcome figures and the guardrails: an outcome that never arrived counts as its
+    default (learners.outcomes.RewardRules.value). Multi-slot decisions count once, with the
+    mean over their slots."""
 
     __tablename__ = "outcome_stats"
     loop: Mapped[str] = mapped_column(String(64), primary_key=True)

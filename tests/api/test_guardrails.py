@@ -101,8 +101,15 @@ def test_a_guardrail_breach_is_detected_and_the_fallback_holds_it(
     baseline = sum(world.expected(s, digest)["unsubscribe"] for s in range(3)) / 3
     model_level = sum(before) / len(before)
     level = sum(s["unsubscribe"] for s in fallback) / len(fallback)
+    online = [s for s in served if not s["held"]]
+    bad_from = next(
+        online[k]["i"]
+        for k in range(100, len(online))
+        if sum(s["unsubscribe"] for s in online[k - 100 : k]) / 100 > 1.5 * baseline
+    )
     print(
-        f"\nbreach detected after {breached_at} decisions; unsubscribe rate (expected): "
+        f"\nthe model's unsubscribes passed the tolerance by decision {bad_from}; "
+        f"breach detected after {breached_at} decisions; unsubscribe rate (expected): "
         f"model {model_level:.4f}, baseline {baseline:.4f}, during fallback {level:.4f}"
     )
     assert model_level > 3 * baseline

@@ -106,6 +106,11 @@ def test_one_evaluation_shows_the_trade_off_between_objectives(harness: Harness)
     table = {v["name"]: v["summary"]["outcomes"] for v in doc["content"]["value"]}
     assert set(table) == {"explore", "Baseline", "Random", "for-revenue", "for-clicks"}
     truth = _truth(harness, world, policies)
+    for name, outcomes in table.items():  # the figures the README quotes (pytest -s)
+        cells = [
+            f"{o} {e['expected']:.3f} (true {truth[name][o]:.3f})" for o, e in outcomes.items()
+        ]
+        print(f"\n{name:12} " + ", ".join(cells), end="")
     misses = []
     for name, outcomes in table.items():
         assert set(outcomes) == {"click", "purchase", "unsubscribe"}

@@ -275,7 +275,7 @@ def test_outcomes_reward_definition_and_guardrails_on_the_shop_loop(
     login(page, server.url, ADMIN_KEY)
     p.goto(f"{server.url}/ui/#/loops/shop")
     wait_ready(p, "#/loops/shop")
-    assert "min(1, click + purchase / 50)" in p.locator("#reward-definition").inner_text()
+    assert "clip(click + purchase / 200, 0, 1)" in p.locator("#reward-definition").inner_text()
     p.wait_for_selector("#guardrails tr[data-guardrail='unsubscribe:increase']")
     assert "unsubscribe must not increase by more than 50%" in p.locator("#guardrails").inner_text()
     wait_until(lambda: p.locator("#outcomes .scatterlayer .trace").count() >= 3)

@@ -340,3 +340,58 @@ def test_holdout_stats_and_dashboard_on_the_production_path(stack: Stack) -> Non
         assert "not enough data" not in page.locator("#tiles .tile").first.inner_text()
         browser.close()
     assert problems == []
+
+
+def test_outcomes_definitions_and_guardrails_on_the_production_path(stack: Stack) -> None:
+    """Issue 15 on Kafka + Postgres: named outcomes sent to `dloop serve` are joined by `dloop
+    join` under the loop's reward definition (raw and aggregated in the joined lines, with the
+    version), rolled up per outcome for the guardrail the joiner checks; a new definition
+    retrains the model on the history relabelled, and `dloop learn` goes on from it."""
+    from learners.sim.worlds import ShopWorld
+    from service.client import Client
+    from service.pipeline.demo import SHOP_CONFIG, SHOP_OFFERS
+
+    world = ShopWorld(seed=2)
+    with Client(stack.url, key=KEY, loop="shop") as shop:
+        shop.create_loop("cb")
+        shop.configure(rewardWaitTime="PT2S", holdoutPercentage=20, **SHOP_CONFIG)
+        for i in range(300):
+            segment, context = world.draw_context()
+            out = shop.rank(context, world.actions(SHOP_OFFERS), event_id=f"s{i}", unit_id=f"u{i}")
+            drawn = world.outcomes(segment, world.offers.index(out["rewardActionId"]))
+            shop.outcomes(f"s{i}", drawn)
+        rows = select(func.count()).select_from(Joined).where(Joined.loop == "shop")
+        wait_for(lambda: count(stack.db_url, rows) == 300, 60, "joins")
+        learned = select(ModelCheckpoint.examples).where(ModelCheckpoint.loop == "shop")
+        wait_for(lambda: count(stack.db_url, learned) == 300, 60, "learning")
+        engine = create_engine(stack.db_url)
+        with engine.connect() as conn:
+            lines = [
+                orjson.loads(r[0])
+                for r in conn.execute(select(Joined.line).where(Joined.loop == "shop"))
+            ]
+        engine.dispose()
+        assert all(set(line["Outcomes"]) == {"click", "purchase", "unsubscribe"} for line in lines)
+        assert all(line["RewardVersion"] == 1 for line in lines)
+        guard = stack.api("GET", "/loops/shop/guardrails").json()["guardrails"][0]
+        assert guard["decisions"] > 0 and guard["comparator"] == "holdout"
+        stats = stack.api("GET", "/loops/shop/stats").json()
+        assert (
+            sum(b["outcomes"]["click"]["decisions"] for b in stats["buckets"] if "outcomes" in b)
+            == 300
+        )
+        before = shop.model()
+        cfg = shop.configure(rewardDefinition="clip(purchase / 120, 0, 1)")
+        assert cfg["rewardDefinitionVersion"] == 2
+        retrained = shop.model()
+        assert retrained != before
+        versions = stack.api("GET", "/loops/shop/stats").json()["rewardDefinitions"]
+        assert [v["version"] for v in versions] == [1, 2]
+        # The learner continues the retrained model with what joins next.
+        for i in range(300, 320):
+            segment, context = world.draw_context()
+            out = shop.rank(context, world.actions(SHOP_OFFERS), event_id=f"s{i}")
+            shop.outcomes(
+                f"s{i}", world.outcomes(segment, world.offers.index(out["rewardActionId"]))
+            )
+        wait_for(lambda: count(stack.db_url, learned) == 320, 60, "learning after the retrain")

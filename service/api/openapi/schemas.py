@@ -167,7 +167,7 @@ STATS_BUCKET = _obj(
     outcomes={
         "type": "object",
         "description": "named outcomes: each one's mean over the bucket's joined decisions "
-        "(0 where it never arrived)",
+        "(its default where it never arrived)",
         "additionalProperties": _obj(
             ("decisions", "mean"), decisions={"type": "integer"}, mean=NUM
         ),

@@ -22,6 +22,7 @@ from service.storage.store.guardrails import (
     guardrail_states,
     outcome_means,
     outcome_sums,
+    start_guardrails,
 )
 from service.storage.store.ingest import Ingested, ingest
 from service.storage.store.jobs import list_evaluations, list_feature_importances
@@ -196,6 +197,7 @@ __all__ = [
     "save_checkpoint",
     "server_secret",
     "set_offset",
+    "start_guardrails",
     "stat_rows",
     "stored_offset",
     "totals",

@@ -91,6 +91,25 @@ def all_guardrail_states(session: Session) -> list[GuardrailState]:
     return list(session.scalars(select(GuardrailState).order_by(GuardrailState.loop)))
 
 
+def start_guardrails(session: Session, *, loop: str, keys: Iterable[str], now: float) -> None:
+    """Start watching the loop's new guardrails (their window begins now); the others keep
+    their state."""
+    known = set(guardrail_states(session, loop=loop))
+    for key in keys:
+        if key not in known:
+            session.add(
+                GuardrailState(
+                    loop=loop,
+                    guardrail=key,
+                    state="ok",
+                    fallback=False,
+                    since=now,
+                    changed_at=now,
+                    checked_at=0.0,
+                )
+            )
+
+
 def drop_guardrail_states(session: Session, *, loop: str, keep: Iterable[str]) -> None:
     """Forget the states of guardrails the loop no longer has."""
     session.execute(

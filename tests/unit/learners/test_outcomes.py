@@ -28,7 +28,8 @@ OUTCOMES = {
     REWARD: OutcomeRule(REWARD, "earliest", -1, 1),
     "click": OutcomeRule("click", "max", 0, 1),
     "purchase": OutcomeRule("purchase", "sum", 0, 1000),
-    "unsubscribe": OutcomeRule("unsubscribe", "earliest", 0, 1),
+    # No default: a definition reading it without coalesce needs it to have arrived.
+    "unsubscribe": OutcomeRule("unsubscribe", "earliest", 0, 1, None),
 }
 RANGES = {n: (r.low, r.high) for n, r in OUTCOMES.items()}
 
@@ -86,6 +87,10 @@ def test_the_training_reward_is_the_definition_s_value_or_the_default() -> None:
     assert r.reward({}) == (-0.5, False)
     lenient = rules("1 - coalesce(unsubscribe, 0)")
     assert lenient.reward({}) == (1.0, False)  # a default for what never arrived
+    # Declared defaults (0 unless said otherwise) stand in for what never arrived.
+    assert rules("min(1, click + purchase / 50)").reward({"click": 1}) == (1.0, True)
+    assert rules("clip(purchase / 50, 0, 1)").reward({"click": 1}) == (0.0, False)
+    assert rules("clip(reward + click, -1, 1)", default=-0.25).reward({"click": 1}) == (0.75, True)
     # Without a definition the reward is Personalizer's `reward` outcome.
     plain = RewardRules.personalizer(0.25, "sum")
     assert plain.reward({"reward": 0.75, "click": 1}) == (0.75, True)
@@ -256,8 +261,8 @@ def test_vw_reads_multi_slot_lines_with_outcomes_per_slot() -> None:
         {"purchase": 50.0, "unsubscribe": 0.0},
     ]
     assert result.outcomes == ({"click": 1.0}, {"purchase": 50.0, "unsubscribe": 0.0})
-    # Each slot lacks an outcome the definition needs (no default): the default reward, 0.
-    assert [s["_label_cost"] for s in doc["_outcomes"]] == [0.0, 0.0]
+    # s1 lacks unsubscribe (no default): the default reward, 0; s2: min(1, 0 + 50 / 50) - 0.
+    assert [s["_label_cost"] for s in doc["_outcomes"]] == [0.0, -1.0]
     ws = vw.workspace("--ccb_explore_adf --dsjson", None)
     examples = ws.parse(result.line.decode())
     assert len(examples) == 1 + 3 + 2  # shared, actions, slots

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.storage import store
 from service.storage.db import make_engine, make_sessionmaker
 from service.storage.migrate import upgrade
-from service.storage.models import ActionStat, LoopStat
+from service.storage.models import ActionStat, LoopStat, OutcomeStat
 from tests.support.harness import make_settings
 
 T0 = 1_790_000_000 - 1_790_000_000 % 3600  # an hour's start
@@ -107,3 +107,36 @@ def test_running_totals_and_the_extent_leave_out_nothing(sessions: sessionmaker[
         # A range from before 1970 does not take the running totals for a bucket.
         rows = store.stat_rows(s, loop="L", since=-1e9, until=2e9, size=3600)
         assert sum(r["decisions"] for r in rows) == 20
+
+
+def test_compaction_keeps_the_outcome_rollups_behind_the_guardrails(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Outcome rollups merge into hours with the rest: every window sum the guardrails read
+    from an hour's start is unchanged."""
+    _fill(sessions, T0, 2 * 3600)
+    outcome = {
+        (t, "click"): {"n": 1.0, "y_sum": float(t % 30 == 0), "ht_a": 0.5, "ht_a2": 0.25}
+        for t in range(T0, T0 + 2 * 3600, 10)
+    }
+    with sessions.begin() as s:
+        store.add_outcome_stats(s, loop="L", sums=outcome)
+    with sessions() as s:
+        before = [
+            store.outcome_sums(s, loop="L", outcome="click", since=T0 + h * 3600) for h in (0, 1)
+        ]
+    with sessions.begin() as s:
+        assert store.compact(s, before=T0 + 2 * 3600 + 5) == 2
+    with sessions() as s:
+        after = [
+            store.outcome_sums(s, loop="L", outcome="click", since=T0 + h * 3600) for h in (0, 1)
+        ]
+        means = store.outcome_means(s, loop="L", since=0, until=2e9, size=3600)
+        rows = s.scalar(select(func.count()).select_from(OutcomeStat))
+    assert rows == 2  # one per hour
+    assert after == before
+    assert before[0]["n"] == 720 and before[0]["y_sum"] == 240
+    assert [(b, o, n) for b, o, n, _ in means] == [
+        (T0, "click", 360.0),
+        (T0 + 3600, "click", 360.0),
+    ]
