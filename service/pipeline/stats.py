@@ -162,7 +162,7 @@ def loop_stats(
         if row["episodes"]:
             returns = Moments(row["episodes"], row["return_sum"], row["return_sq"])
             whole["episodes"] = {"count": int(returns.n), "meanReturn": returns.mean}
-    # Named outcomes (learners.outcomes): each one's mean per bucket (its default where it never came).
+    # Named outcomes (learners.outcomes): each one's mean per bucket (its default where none came).
     for start, name, count, mean in store.outcome_means(
         session, loop=loop, since=since, until=until, size=size
     ):
