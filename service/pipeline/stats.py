@@ -235,9 +235,10 @@ def summary(session: Session, *, loop: Loop, now: float) -> dict[str, Any]:
 
 
 def guardrails(
-    session: Session, *, loop: str, settings: LoopSettings, fallback: bool
+    session: Session, *, loop: str, settings: LoopSettings, fallback: bool, share: float
 ) -> dict[str, Any]:
-    """`GET /loops/{loop}/guardrails` (service.pipeline.guardrails keeps the states)."""
+    """`GET /loops/{loop}/guardrails` (service.pipeline.guardrails keeps the states);
+    `share`: the share of decisions the holdout policy serves now."""
     states = store.guardrail_states(session, loop=loop)
     out = []
     for g in settings.guardrails:
@@ -254,4 +255,4 @@ def guardrails(
             doc["windowStart"] = timestamp(state.since)
             doc.update(state.figures or {})
         out.append(doc)
-    return {"loop": loop, "fallback": fallback, "guardrails": out}
+    return {"loop": loop, "fallback": fallback, "holdoutShare": share, "guardrails": out}

@@ -83,6 +83,7 @@ def test_a_guardrail_breach_is_detected_and_the_fallback_holds_it(
     g = doc["guardrails"][0]
     assert g["state"] == "breached"
     assert g["comparator"] == "holdout"
+    assert doc["holdoutShare"] == pytest.approx(1 - FALLBACK_PROBE)
     # The interval was wholly above the tolerated level when it was judged.
     assert g["excess"] > 0
     assert any("guardrail unsubscribe:increase breached" in m for m in caplog.messages)

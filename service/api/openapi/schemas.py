@@ -359,9 +359,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         status=STR,
     ),
     "Guardrails": _obj(
-        ("loop", "fallback", "guardrails"),
+        ("loop", "fallback", "holdoutShare", "guardrails"),
         loop=STR,
         fallback={"type": "boolean", "description": "serving the holdout policy"},
+        holdoutShare={
+            **NUM,
+            "description": "the share of decisions the holdout policy serves now",
+        },
         guardrails={
             "type": "array",
             "items": _obj(

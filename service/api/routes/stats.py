@@ -34,7 +34,13 @@ def get_guardrails(d: State, rt: ViewNamed) -> dict[str, Any]:
     value), and the always-valid interval of the excess over the tolerated level; and whether
     the loop is in fallback."""
     with d.sessions() as session:
-        return stats.guardrails(session, loop=rt.name, settings=rt.settings, fallback=rt.fallback)
+        return stats.guardrails(
+            session,
+            loop=rt.name,
+            settings=rt.settings,
+            fallback=rt.fallback,
+            share=rt.holdout_share,
+        )
 
 
 def _time(value: str | None, name: str, default: float) -> float:

@@ -251,7 +251,7 @@ async function loopPage(loop) {
       { class: "tiles card", id: "tiles" },
       tile("Holdout uplift (always-valid 95%)", upliftText(holdout.uplift), upliftClass(holdout.uplift)),
       tile("Online / holdout decisions", `${holdout.online.decisions} / ${holdout.holdout.decisions}`),
-      tile("Holdout", holdout.holdoutPercentage ? `${holdout.holdoutPercentage}% ${holdout.holdoutPolicy}` : "off"),
+      tile("Holdout", guards.fallback ? `fallback: ${pct(guards.holdoutShare)} ${holdout.holdoutPolicy}` : holdout.holdoutPercentage ? `${holdout.holdoutPercentage}% ${holdout.holdoutPolicy}` : "off", guards.fallback ? "bad" : ""),
       tile("Joined (range)", joined),
       tile("Join coverage", joined ? pct(rewarded / joined) : "–"),
       tile("Model", latestModel ? latestModel.modelId : "none yet"),

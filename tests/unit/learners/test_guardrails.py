@@ -39,7 +39,7 @@ def test_a_real_increase_is_a_breach_within_a_few_thousand_decisions() -> None:
         seen = _holdout_run(seed, 5000, policy=0.10, holdout=0.02)
         assert "breached" in seen
         firsts.append((seen.index("breached") + 1) * 100)
-    assert max(firsts) <= 3000, firsts  # policy 5x the holdout, 10% held out
+    assert max(firsts) <= 2500, firsts  # policy 5x the holdout, 10% held out (median 550)
 
 
 def test_an_aa_comparison_is_never_flagged_however_often_it_is_looked_at() -> None:
