@@ -95,7 +95,7 @@ def test_a_guardrail_breach_is_detected_and_the_fallback_holds_it(
     before = [s["unsubscribe"] for s in served if not s["held"]][-200:]
     # In fallback the holdout policy serves all but the probe.
     fallback: list[dict[str, Any]] = []
-    _run(harness, world, breached_at, 2000, fallback)
+    _run(harness, world, breached_at, 1000, fallback)
     held = sum(s["held"] for s in fallback) / len(fallback)
     assert held == pytest.approx(1 - FALLBACK_PROBE, abs=0.02)
     digest = world.offers.index(ORDER[0])

@@ -9,6 +9,7 @@ const who = document.getElementById("who");
 const logoutButton = document.getElementById("logout");
 let session = null; // {role, loop, csrfToken}
 let timer = null; // the current page's refresh
+let generation = 0; // counts page changes: a page whose answers arrive after it was left stops
 const REFRESH_MS = 10000;
 
 class ApiError extends Error {
@@ -19,7 +20,11 @@ class ApiError extends Error {
   }
 }
 
+// Thrown for an answer to a page that was left while it waited: it must not draw over the next.
+class Stale extends Error {}
+
 async function api(path, { method = "GET", body } = {}) {
+  const asked = generation;
   const headers = { Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (method !== "GET" && session) headers["X-CSRF-Token"] = session.csrfToken;
@@ -29,6 +34,7 @@ async function api(path, { method = "GET", body } = {}) {
     credentials: "same-origin",
     body: body === undefined ? undefined : JSON.stringify(body),
   });
+  if (method === "GET" && asked !== generation) throw new Stale(path);
   if (r.status === 204) return null;
   const text = await r.text();
   const doc = text ? JSON.parse(text) : null;
@@ -557,6 +563,7 @@ async function configurationPage(loop) {
 
 async function route() {
   clearInterval(timer);
+  const mine = ++generation;
   if (!session) return;
   const hash = location.hash || "#/";
   const m = hash.match(/^#\/loops\/([^/]+)(\/[a-z]+)?$/);
@@ -571,12 +578,13 @@ async function route() {
   const run = async () => {
     try {
       await page();
-      document.body.dataset.ready = hash;
+      if (mine === generation) document.body.dataset.ready = hash;
     } catch (err) {
-      if (err.status !== 401) main.replaceChildren(failure(err));
+      if (!(err instanceof Stale) && err.status !== 401 && mine === generation) main.replaceChildren(failure(err));
     }
   };
   await run();
+  if (mine !== generation) return; // left while it loaded: the new page is in charge
   // Pages that only show figures refresh themselves; forms do not (an edit would be lost).
   if (page === overviewPage || (m && !m[2])) timer = setInterval(run, REFRESH_MS);
 }
