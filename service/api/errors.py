@@ -16,26 +16,20 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from service.core.errors import ApiError, bad_request
+
 log = logging.getLogger("dloop")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after  # seconds (429, 503): sent as Retry-After
-
-    def response(self) -> Response:
-        response = error_response(self.status, self.code, self.message)
-        if self.retry_after is not None:
-            response.headers["Retry-After"] = str(self.retry_after)
-        return response
+__all__ = ["ApiError", "bad_request", "error_response", "install", "respond"]
 
 
-def bad_request(code: str, message: str) -> ApiError:
-    return ApiError(400, code, message)
+def respond(exc: ApiError) -> Response:
+    """The response for an ApiError (service.core.errors)."""
+    response = error_response(exc.status, exc.code, exc.message)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def error_response(status: int, code: str, message: str) -> Response:
@@ -65,7 +59,7 @@ def http_error_response(exc: HTTPException) -> Response:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> Response:
-        return exc.response()
+        return respond(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:

@@ -127,7 +127,9 @@ class PathStyles:
         wait = self.limiter.check(digest)
         if wait:
             message = f"this key is limited to {self.rate:g} requests a second"
-            return errors.ApiError(429, "TooManyRequests", message, retry_after=wait).response()
+            return errors.respond(
+                errors.ApiError(429, "TooManyRequests", message, retry_after=wait)
+            )
         return None
 
     async def _hot(self, hot: re.Match[str], scope: Scope, receive: Receive, send: Send) -> None:
@@ -136,7 +138,7 @@ class PathStyles:
         try:
             response = await _HOT_HANDLERS[hot.group(1) or hot.group(3)](Request(scope, receive))
         except errors.ApiError as exc:
-            response = exc.response()
+            response = errors.respond(exc)
         except (BodyTooLarge, BodyTimeout):
             raise
         except Exception:

@@ -23,6 +23,7 @@ from learners.guardrails import FALLBACK_PROBE
 from learners.policy import with_exploration
 from learners.sandbox import NO_MODEL, ModelRef, write_model
 from service.core.kinds import LoopKind, loop_kind
+from service.core.ranking import Serving
 from service.core.schemas import LoopSettings
 from service.storage import store
 
@@ -41,6 +42,23 @@ class LoopRuntime:
     fallback: bool = False
     # Exposure caps' sliding counts in this process (learners.constraints), if it has caps.
     exposure: ExposureCaps | None = None
+
+    @property
+    def serving(self) -> Serving:
+        """What a decision needs of this loop (service.core.ranking)."""
+        k = self.loop_kind
+        return Serving(
+            loop=self.name,
+            kind=self.kind,
+            mode=self.settings.mode,
+            holdout_share=self.holdout_share,
+            holdout_policy=self.settings.holdout_policy,
+            exploration=self.settings.exploration,
+            explores_in_vw=k.explores_in_vw,
+            episodic=k.episodic,
+            max_exploration=self.settings.max_exploration,
+            explain=self.settings.explain,
+        )
 
     @property
     def holdout_share(self) -> float:

@@ -266,7 +266,7 @@ def test_a_rank_that_would_crash_vw_is_a_400_and_the_server_goes_on(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As if a new parser bug slipped past the feature cleaner: switch the cleaner off."""
-    from service.api import requests
+    from service.core import requests
 
     c = harness.client
     model = c.get("/personalizer/v1.0/model", headers=AUTH).content

@@ -114,7 +114,8 @@ STATEFUL = hypothesis.settings(
 )
 PUBLIC = {"healthz", "readyz"}
 # What a client key may do, on its own loop (the default one here).
-CLIENT = {"rank", "reward", "activate", "end_episode", "outcomes"} | {
+CLIENT = {"rank", "reward", "activate", "end_episode", "outcomes"}
+CLIENT |= {"local_settings", "local_model", "local_records"} | {
     f"{op}_multi_slot" for op in ("rank", "reward", "activate", "outcomes")
 }
 

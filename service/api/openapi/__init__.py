@@ -141,6 +141,8 @@ def _content(what: str | tuple[str, ...]) -> dict[str, Any]:
         return {media: {"schema": {"type": "string"}} for media in what}
     if what == "Model":
         return {"application/octet-stream": {"schema": ref(what)}}
+    if what == "Records":  # NDJSON, documented as text (any content type is read)
+        return {"text/plain": {"schema": ref(what)}}
     return {JSON: {"schema": ref(what)}}
 
 

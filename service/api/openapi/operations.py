@@ -116,6 +116,24 @@ OPERATIONS: dict[str, Op] = {
         body="MultiSlotOutcomesRequest",
         kind="hot",
     ),
+    "local_settings": Op(
+        "dloop: a loop's serving settings, for an in-process ranker (service.local)",
+        {200: "LocalSettings"},
+        {404: ("ResourceNotFound",)},
+    ),
+    "local_model": Op(
+        "dloop: the served model's bytes (ETag: its id; If-None-Match and ?wait=: long poll)",
+        {200: ("application/octet-stream",), 204: None, 304: None},
+        {400: ("InvalidRequest",), 404: ("ResourceNotFound",)},
+        query={"wait": {"type": "number", "minimum": 0, "maximum": 30}},
+        headers={200: {"X-Dloop-Model-Id": "the model's id", "ETag": "the model's id, quoted"}},
+    ),
+    "local_records": Op(
+        "dloop: decision-log records an in-process ranker made (one JSON object a line)",
+        {202: "RecordsAccepted"},
+        {400: ("InvalidRecords",), 404: ("ResourceNotFound",)},
+        body="Records",
+    ),
     "get_event": Op(
         "dloop: a logged event, its observations and joined reward",
         {200: "Event"},

@@ -18,13 +18,9 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from learners.constraints import cap, limit_exploration
 from learners.dsjson import timestamp
 from learners.features import context_json
-from learners.holdout import holdout_pmf, in_holdout
 from learners.outcomes import REWARD, OutcomeError
-from learners.rl import epsilon_greedy
-from learners.sampling import restrict, sample
 from learners.sandbox import NO_MODEL, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import ApiError, bad_request
@@ -40,7 +36,7 @@ from service.api.requests import (
 )
 from service.api.retries import asked, earlier, remember, retried
 from service.api.state import Dloop
-from service.core import record
+from service.core import ranking, record
 from service.pipeline.runtime import LoopRuntime
 from service.storage import store
 
@@ -50,29 +46,19 @@ router = APIRouter()
 async def _policy_pmf(
     d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes
 ) -> tuple[list[float], str]:
-    """The policy's probabilities for every action (0 for excluded ones) and the model id.
-    VW parses the request in a ranking sandbox even before the first model (which ranks
-    uniformly), so a request VW cannot read is refused before it is logged. (With a model and
-    exclusions only the eligible actions are parsed here; the learner, in its own sandbox,
-    dead-letters what it cannot read.)"""
-    eligible: list[bool] = req["eligible"]
+    """The policy's probabilities for every action (0 for excluded ones) and the model id
+    (service.core.ranking). VW parses the request in a ranking sandbox even before the first
+    model (which ranks uniformly), so a request VW cannot read is refused before it is logged.
+    (With a model and exclusions only the eligible actions are parsed here; the learner, in its
+    own sandbox, dead-letters what it cannot read.)"""
     served = rt.served
-    scored = context
-    if served.path is not None and not all(eligible):
-        scored = context_json(
-            req["context"],
-            [(a, f) for a, f, ok in zip(req["ids"], req["features"], eligible, strict=True) if ok],
-        )
+    has_model = served.path is not None
+    scored = ranking.scored_context(req, context, has_model=has_model)
     try:
         scores = await d.rankers.predict(rt.name, rt.kind, served, scored)
     except SandboxError as exc:
         raise sandbox_error(exc) from None
-    if served.path is None:
-        return restrict([1.0] * len(eligible), eligible), served.model_id
-    if not rt.loop_kind.explores_in_vw:  # VW only scored them: explore here (learners.rl)
-        scores = epsilon_greedy(scores, rt.settings.exploration)
-    it = iter(scores)
-    return restrict([next(it) if ok else 0.0 for ok in eligible], eligible), served.model_id
+    return ranking.policy_pmf(rt.serving, req, scores, has_model=has_model), served.model_id
 
 
 async def _explain(d: Dloop, rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
@@ -114,9 +100,8 @@ async def rank(request: Request) -> Response:
     now = d.clock()
     mode = rt.settings.mode
     context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
-    # The live holdout (learners.holdout), sticky per unitId, else per episode, else per event.
-    share = rt.holdout_share
-    held = in_holdout(rt.name, req["unit"] or episode or event_id, share)
+    serving = rt.serving
+    held = ranking.held_out(serving, req, episode)
     order, pmf, model_id = await _decide(d, rt, req, context, mode, held=held)
     explanation = None
     if rt.settings.explain and mode != "LoggingOnly":
@@ -135,7 +120,7 @@ async def rank(request: Request) -> Response:
         # A step of an episode; a rank without episodeId is an episode of one step.
         ep=(episode or event_id) if rt.loop_kind.episodic else None,
         x=explanation,
-        h=share,
+        h=serving.holdout_share,
         ho=held,
     )
     # A concurrent rank of this eventId may have been answered while this one awaited VW.
@@ -149,7 +134,7 @@ async def rank(request: Request) -> Response:
             rt.exposure.record(ids[order[0]], now)
         if rt.loop_kind.episodic and episode is None:
             d.log.append(record.encode(record.EpisodeEnd(rt.name, event_id, now, term=True)))
-    response = orjson.dumps(_rank_document(decision, ids, pmf))
+    response = orjson.dumps(ranking.rank_document(decision, ids, pmf))
     remember(d, rt, ask, response, reused=reused)
     return Response(response, status_code=201, media_type="application/json")
 
@@ -167,67 +152,21 @@ def _episode_of(body: dict[str, Any], rt: LoopRuntime) -> str | None:
 async def _decide(
     d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes, mode: str, *, held: bool
 ) -> tuple[list[int], list[float], str]:
-    """The served order of the actions, each one's probability and the deciding model's id.
-    A held-out decision draws from the holdout policy (the model still reads the request, so a
-    request VW cannot read is refused on either side)."""
-    eligible: list[bool] = req["eligible"]
-    n = len(eligible)
+    """The served order of the actions, each one's probability and the deciding model's id
+    (service.core.ranking). A held-out decision draws from the holdout policy (the model still
+    reads the request, so a request VW cannot read is refused on either side)."""
     if mode == "LoggingOnly":
-        # Serve and log the input order: the baseline is the chosen action.
-        baseline = eligible.index(True)
-        order = [i for i, ok in enumerate(eligible) if ok] + [
-            i for i, ok in enumerate(eligible) if not ok
-        ]
-        model_id = rt.model_id
         try:
             await d.rankers.predict(rt.name, rt.kind, NO_MODEL, context)  # only parses
         except SandboxError as exc:
             raise sandbox_error(exc) from None
-        return order, [1.0 if i == baseline else 0.0 for i in range(n)], model_id
+        order, pmf = ranking.logging_only(req["eligible"])
+        return order, pmf, rt.model_id
     pmf, model_id = await _policy_pmf(d, rt, req, context)
-    if held:
-        pmf = holdout_pmf(rt.settings.holdout_policy, eligible)
-    else:
-        pmf = _constrained(rt, pmf, req, d.clock())
-    chosen = sample(pmf, f"{rt.name}/{req['event_id']}")
-    rest = sorted((i for i in range(n) if i != chosen), key=lambda i: -pmf[i])
-    return [chosen, *rest], pmf, model_id
-
-
-def _constrained(rt: LoopRuntime, pmf: list[float], req: dict[str, Any], now: float) -> list[float]:
-    """The loop's serving-time constraints (learners.constraints) applied to the policy's
-    probabilities, in Online mode: the decision is drawn from, and logged with, what they
-    return."""
-    if rt.settings.mode != "Online":
-        return pmf
-    limit = rt.settings.max_exploration
-    if limit is not None:
-        pmf = restrict(limit_exploration(pmf, limit), req["eligible"])
-    if rt.exposure is not None:
-        limits = rt.exposure.limits(req["ids"], now)
-        if limits:
-            pmf = cap(pmf, req["eligible"], limits)
-    return pmf
-
-
-def _rank_document(decision: record.Decision, ids: list[str], pmf: list[float]) -> dict[str, Any]:
-    if decision.mode == "Apprentice":
-        # The model's choice is logged (to learn imitation); the baseline is served.
-        baseline = decision.b
-        served = [baseline] + [i for i in range(len(ids)) if i != baseline]
-        ranking = [{"id": ids[i], "probability": 1.0 if i == baseline else 0.0} for i in served]
-    else:
-        ranking = [{"id": ids[i], "probability": pmf[i]} for i in decision.a]
-    doc: dict[str, Any] = {
-        "ranking": ranking,
-        "eventId": decision.id,
-        "rewardActionId": ranking[0]["id"],
-    }
-    if decision.x is not None:
-        doc["inferenceExplanation"] = decision.x
-    if decision.ho:
-        doc["holdout"] = True
-    return doc
+    order, pmf = ranking.decide(
+        rt.serving, req, pmf, held=held, exposure=rt.exposure, now=d.clock()
+    )
+    return order, pmf, model_id
 
 
 def log_observation(

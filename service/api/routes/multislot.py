@@ -16,8 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from learners.ccb import ccb_context
-from learners.features import FeatureError, FeatureLimits, clean_features
-from learners.holdout import holdout_slots, in_holdout
+from learners.holdout import holdout_slots
 from learners.sandbox import NO_MODEL, ModelRef, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import bad_request
@@ -28,6 +27,7 @@ from service.api.requests import (
     is_reward,
     json_body,
     parse_rank,
+    parse_slots,
     rank_error,
     sandbox_error,
 )
@@ -39,7 +39,7 @@ from service.api.routes.events import (
     log_outcomes,
 )
 from service.api.state import Dloop
-from service.core import record
+from service.core import ranking, record
 from service.pipeline.runtime import LoopRuntime
 
 router = APIRouter()
@@ -55,59 +55,12 @@ def _multislot_loop(request: Request) -> tuple[Dloop, LoopRuntime]:
     return d, rt
 
 
-def _parse_slots(
-    body: dict[str, Any], ids: list[str], limits: FeatureLimits
-) -> tuple[list[dict[str, Any]], int]:
-    """The slots, and how many features they add to the request."""
-    slots = body.get("slots")
-    limit = min(50, len(ids))
-    if not isinstance(slots, list) or not 1 <= len(slots) <= limit:
-        raise rank_error(f"slots must be a list of 1 to {limit} slots (at most one per action)")
-    index = {aid: i for i, aid in enumerate(ids)}
-    out: list[dict[str, Any]] = []
-    count = 0
-    seen: set[str] = set()
-    baselines: set[int] = set()
-    for k, slot in enumerate(slots):
-        if not isinstance(slot, dict):
-            raise rank_error(f"slots[{k}] must be an object")
-        sid = slot.get("id")
-        if not is_id(sid) or sid in seen:
-            raise rank_error(f"slots[{k}].id must be a unique non-empty string")
-        seen.add(sid)
-        baseline = slot.get("baselineAction")
-        if not isinstance(baseline, str) or baseline not in index:
-            raise rank_error(f"slots[{k}].baselineAction must be one of the action ids")
-        if index[baseline] in baselines:
-            raise rank_error(f"slots[{k}].baselineAction is already another slot's baseline")
-        baselines.add(index[baseline])
-        excluded = slot.get("excludedActions") or []
-        if not isinstance(excluded, list) or not all(
-            isinstance(x, str) and x in index for x in excluded
-        ):
-            raise rank_error(f"slots[{k}].excludedActions must list existing action ids")
-        if baseline in excluded:
-            raise rank_error(f"slots[{k}].baselineAction must not be excluded")
-        try:
-            features, n = clean_features(
-                slot.get("features"), f"slots[{k}].features", required=False, limits=limits
-            )
-        except FeatureError as exc:
-            raise rank_error(str(exc)) from None
-        count += n
-        allowed = [i for i, aid in enumerate(ids) if aid not in excluded]
-        out.append(
-            {"id": sid, "features": features, "allowed": allowed, "baseline": index[baseline]}
-        )
-    return out, count
-
-
 async def rank_multi_slot(request: Request) -> Response:
     d, rt = _multislot_loop(request)
     body = await json_body(request, "InvalidRankRequest")
     req = parse_rank(body, d.settings.max_actions, d.feature_limits)
     ids: list[str] = req["ids"]
-    slots, count = _parse_slots(body, ids, d.feature_limits)
+    slots, count = parse_slots(body, ids, d.feature_limits)
     check_feature_count(req["features_count"] + count, d.feature_limits)
     event_id: str = req["event_id"]
     ask = asked(body, event_id, [ids, body.get("slots")], "actions or slots")
@@ -126,8 +79,9 @@ async def rank_multi_slot(request: Request) -> Response:
     seed = f"{rt.name}/{event_id}"
     decided = await _decide_slots(d, rt, model, mode, c, slots, seed)
     # The live holdout (learners.holdout): every slot served by the holdout policy.
-    share = rt.holdout_share
-    held = in_holdout(rt.name, req["unit"] or event_id, share)
+    serving = rt.serving
+    share = serving.holdout_share
+    held = ranking.held_out(serving, req, None)
     if held:
         decided = holdout_slots(
             rt.settings.holdout_policy,
@@ -161,7 +115,7 @@ async def rank_multi_slot(request: Request) -> Response:
     )
     if not reused:
         d.log.append(record.encode(decision))
-    response = orjson.dumps(_slots_document(decision, ids, decided))
+    response = orjson.dumps(ranking.slots_document(decision, ids, decided))
     remember(d, rt, ask, response, reused=reused)
     return Response(response, status_code=201, media_type="application/json")
 
@@ -190,29 +144,6 @@ async def _decide_slots(
     if any(chosen < 0 for chosen, _, _ in decided):
         raise rank_error("a slot has no action left (too many exclusions)")
     return decided
-
-
-def _slots_document(
-    decision: record.SlotsDecision,
-    ids: list[str],
-    decided: list[tuple[int, list[int], list[float]]],
-) -> dict[str, Any]:
-    """Per slot the action served and its probability (Apprentice: the baselines, certain)."""
-    served = (
-        [(b, 1.0) for b in decision.b]
-        if decision.mode == "Apprentice"
-        else [(chosen, probs[0]) for chosen, _, probs in decided]
-    )
-    doc: dict[str, Any] = {
-        "eventId": decision.id,
-        "slots": [
-            {"id": slot.id, "rewardActionId": ids[a], "probability": p}
-            for slot, (a, p) in zip(decision.s, served, strict=True)
-        ],
-    }
-    if decision.ho:
-        doc["holdout"] = True
-    return doc
 
 
 async def reward_multi_slot(request: Request) -> Response:

@@ -1,0 +1,167 @@
+"""The rank decision, from a parsed request (service.core.requests) and the model's scores to the
+order served, the probabilities it was drawn with and the response: the one implementation the
+API (service.api.routes.events) and the in-process ranker (service.local) share, so a local
+decision is the server's decision for the same model and request. Only how VW is asked for the
+scores differs (a ranking sandbox on the server, a workspace in the application's process).
+
+`Serving` is what a decision needs to know of its loop (service.pipeline.runtime builds it on
+the server; the local ranker reads it from GET .../local/settings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from learners.constraints import ExposureCaps, cap, limit_exploration
+from learners.features import context_json
+from learners.holdout import holdout_pmf, in_holdout
+from learners.rl import epsilon_greedy
+from learners.sampling import restrict, sample
+from service.core import record
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A loop's serving settings: kind, learning mode, the holdout's share (with a fallback's)
+    and policy, exploration (RL loops explore outside VW), serving-time constraints."""
+
+    loop: str
+    kind: str
+    mode: str
+    holdout_share: float
+    holdout_policy: str
+    exploration: float
+    explores_in_vw: bool
+    episodic: bool
+    max_exploration: float | None = None
+    explain: bool = False
+
+
+def scored_context(req: dict[str, Any], context: bytes, *, has_model: bool) -> bytes:
+    """What VW scores: the request's context; with a model and excluded actions, only the
+    eligible ones (an excluded action's features never reach the model)."""
+    eligible: list[bool] = req["eligible"]
+    if not has_model or all(eligible):
+        return context
+    ids, features = req["ids"], req["features"]
+    return context_json(
+        req["context"],
+        [(a, f) for a, f, ok in zip(ids, features, eligible, strict=True) if ok],
+    )
+
+
+def policy_pmf(
+    s: Serving, req: dict[str, Any], scores: Sequence[float], *, has_model: bool
+) -> list[float]:
+    """The policy's probabilities for every action (0 for excluded ones): uniform before the
+    first model; an RL loop's scores explored here (learners.rl)."""
+    eligible: list[bool] = req["eligible"]
+    if not has_model:
+        return restrict([1.0] * len(eligible), eligible)
+    if not s.explores_in_vw:
+        scores = epsilon_greedy(list(scores), s.exploration)
+    it = iter(scores)
+    return restrict([next(it) if ok else 0.0 for ok in eligible], eligible)
+
+
+def held_out(s: Serving, req: dict[str, Any], episode: str | None) -> bool:
+    """The live holdout, sticky per unitId, else per episode, else per event."""
+    return in_holdout(s.loop, req["unit"] or episode or req["event_id"], s.holdout_share)
+
+
+def logging_only(eligible: Sequence[bool]) -> tuple[list[int], list[float]]:
+    """LoggingOnly: serve and log the input order; the baseline is the chosen action."""
+    baseline = list(eligible).index(True)
+    order = [i for i, ok in enumerate(eligible) if ok] + [
+        i for i, ok in enumerate(eligible) if not ok
+    ]
+    return order, [1.0 if i == baseline else 0.0 for i in range(len(eligible))]
+
+
+def constrained(
+    s: Serving,
+    pmf: list[float],
+    req: dict[str, Any],
+    exposure: ExposureCaps | None,
+    now: float,
+) -> list[float]:
+    """The serving-time constraints (learners.constraints), in Online mode: the decision is
+    drawn from, and logged with, what they return."""
+    if s.mode != "Online":
+        return pmf
+    if s.max_exploration is not None:
+        pmf = restrict(limit_exploration(pmf, s.max_exploration), req["eligible"])
+    if exposure is not None:
+        limits = exposure.limits(req["ids"], now)
+        if limits:
+            pmf = cap(pmf, req["eligible"], limits)
+    return pmf
+
+
+def decide(
+    s: Serving,
+    req: dict[str, Any],
+    pmf: list[float],
+    *,
+    held: bool,
+    exposure: ExposureCaps | None,
+    now: float,
+) -> tuple[list[int], list[float]]:
+    """The served order (chosen first) and the probabilities it was drawn with, from the
+    policy's probabilities: the holdout policy's for a held-out decision, else the policy's
+    under the loop's constraints; drawn with the eventId's seed."""
+    eligible: list[bool] = req["eligible"]
+    if held:
+        pmf = holdout_pmf(s.holdout_policy, eligible)
+    else:
+        pmf = constrained(s, pmf, req, exposure, now)
+    chosen = sample(pmf, f"{s.loop}/{req['event_id']}")
+    rest = sorted((i for i in range(len(eligible)) if i != chosen), key=lambda i: -pmf[i])
+    return [chosen, *rest], pmf
+
+
+def rank_document(decision: record.Decision, ids: list[str], pmf: list[float]) -> dict[str, Any]:
+    """The rank response (Personalizer's shape; dloop adds the holdout mark)."""
+    if decision.mode == "Apprentice":
+        # The model's choice is logged (to learn imitation); the baseline is served.
+        baseline = decision.b
+        served = [baseline] + [i for i in range(len(ids)) if i != baseline]
+        ranking = [{"id": ids[i], "probability": 1.0 if i == baseline else 0.0} for i in served]
+    else:
+        ranking = [{"id": ids[i], "probability": pmf[i]} for i in decision.a]
+    doc: dict[str, Any] = {
+        "ranking": ranking,
+        "eventId": decision.id,
+        "rewardActionId": ranking[0]["id"],
+    }
+    if decision.x is not None:
+        doc["inferenceExplanation"] = decision.x
+    if decision.ho:
+        doc["holdout"] = True
+    return doc
+
+
+def slots_document(
+    decision: record.SlotsDecision,
+    ids: list[str],
+    decided: list[tuple[int, list[int], list[float]]],
+) -> dict[str, Any]:
+    """The multi-slot response: per slot the action served and its probability (Apprentice:
+    the baselines, certain)."""
+    served = (
+        [(b, 1.0) for b in decision.b]
+        if decision.mode == "Apprentice"
+        else [(chosen, probs[0]) for chosen, _, probs in decided]
+    )
+    doc: dict[str, Any] = {
+        "eventId": decision.id,
+        "slots": [
+            {"id": slot.id, "rewardActionId": ids[a], "probability": p}
+            for slot, (a, p) in zip(decision.s, served, strict=True)
+        ],
+    }
+    if decision.ho:
+        doc["holdout"] = True
+    return doc

@@ -1,0 +1,163 @@
+"""Rank, reward and event-id rules, checked by hand (orjson bodies, no framework) so each
+failure gets Personalizer's error code and message and the common case costs little. The API
+(service.api.requests reads the bodies) and the in-process ranker (service.local) share them,
+so both refuse the same input the same way."""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from typing import Any, TypeGuard
+
+from learners.features import FeatureError, FeatureLimits, clean_features
+from service.core.errors import ApiError, bad_request
+
+MAX_ID = 256
+
+
+def rank_error(message: str) -> ApiError:
+    return bad_request("InvalidRankRequest", message)
+
+
+def check_feature_count(count: int, limits: FeatureLimits) -> None:
+    if count > limits.max_features:
+        raise rank_error(
+            f"the request has {count} features; at most {limits.max_features} are allowed"
+        )
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_id(value: Any) -> TypeGuard[str]:
+    """An id dloop stores (eventId, episodeId, action, slot): 1 to 256 characters, none of them
+    a control character (Postgres refuses NUL in text, which used to stop ingestion for every
+    loop; a newline at the end of a path made routes match what they should not)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID and not _CONTROL.search(value)
+
+
+ID_RULE = f"a non-empty string of at most {MAX_ID} characters, without control characters"
+
+
+def check_event_id(event_id: Any, code: str) -> str:
+    if not is_id(event_id):
+        raise bad_request(code, f"eventId must be {ID_RULE}")
+    return event_id
+
+
+def parse_rank(body: Any, max_actions: int, limits: FeatureLimits) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise rank_error("request body must be a JSON object")
+    actions = body.get("actions")
+    if not isinstance(actions, list) or not 1 <= len(actions) <= max_actions:
+        raise rank_error(f"actions must be a list of 1 to {max_actions} actions")
+    ids: list[str] = []
+    feats: list[list[dict[str, Any]]] = []
+    try:
+        context, count = clean_features(
+            body.get("contextFeatures"), "contextFeatures", required=False, limits=limits
+        )
+        for i, action in enumerate(actions):
+            if not isinstance(action, dict):
+                raise rank_error(f"actions[{i}] must be an object")
+            aid = action.get("id")
+            if not is_id(aid):
+                raise rank_error(f"actions[{i}].id must be {ID_RULE}")
+            features, n = clean_features(
+                action.get("features"), f"actions[{i}].features", required=True, limits=limits
+            )
+            feats.append(features)
+            ids.append(aid)
+            count += n
+    except FeatureError as exc:
+        raise rank_error(str(exc)) from None
+    check_feature_count(count, limits)
+    if len(set(ids)) != len(ids):
+        raise rank_error("action ids must be unique")
+    excluded = body.get("excludedActions") or []
+    if not isinstance(excluded, list) or not all(isinstance(x, str) for x in excluded):
+        raise rank_error("excludedActions must be a list of action ids")
+    eligible = [aid not in excluded for aid in ids]
+    if not any(eligible):
+        raise rank_error("every action is excluded")
+    event_id = body.get("eventId")
+    event_id = (
+        uuid.uuid4().hex if event_id is None else check_event_id(event_id, "InvalidRankRequest")
+    )
+    defer = body.get("deferActivation", False)
+    if defer is None:
+        defer = False
+    if not isinstance(defer, bool):
+        raise rank_error("deferActivation must be true or false")
+    unit = body.get("unitId")  # dloop: the live holdout's sticky key (a user, a session)
+    if unit is not None and not is_id(unit):
+        raise rank_error(f"unitId must be {ID_RULE}")
+    return {
+        "ids": ids,
+        "features": feats,
+        "context": context,
+        "eligible": eligible,
+        "event_id": event_id,
+        "defer": defer,
+        "unit": unit,
+        "features_count": count,
+    }
+
+
+def parse_slots(
+    body: dict[str, Any], ids: list[str], limits: FeatureLimits
+) -> tuple[list[dict[str, Any]], int]:
+    """A multi-slot rank's slots (id, features, allowed action indexes, baseline index), and
+    how many features they add to the request."""
+    slots = body.get("slots")
+    limit = min(50, len(ids))
+    if not isinstance(slots, list) or not 1 <= len(slots) <= limit:
+        raise rank_error(f"slots must be a list of 1 to {limit} slots (at most one per action)")
+    index = {aid: i for i, aid in enumerate(ids)}
+    out: list[dict[str, Any]] = []
+    count = 0
+    seen: set[str] = set()
+    baselines: set[int] = set()
+    for k, slot in enumerate(slots):
+        if not isinstance(slot, dict):
+            raise rank_error(f"slots[{k}] must be an object")
+        sid = slot.get("id")
+        if not is_id(sid) or sid in seen:
+            raise rank_error(f"slots[{k}].id must be a unique non-empty string")
+        seen.add(sid)
+        baseline = slot.get("baselineAction")
+        if not isinstance(baseline, str) or baseline not in index:
+            raise rank_error(f"slots[{k}].baselineAction must be one of the action ids")
+        if index[baseline] in baselines:
+            raise rank_error(f"slots[{k}].baselineAction is already another slot's baseline")
+        baselines.add(index[baseline])
+        excluded = slot.get("excludedActions") or []
+        if not isinstance(excluded, list) or not all(
+            isinstance(x, str) and x in index for x in excluded
+        ):
+            raise rank_error(f"slots[{k}].excludedActions must list existing action ids")
+        if baseline in excluded:
+            raise rank_error(f"slots[{k}].baselineAction must not be excluded")
+        try:
+            features, n = clean_features(
+                slot.get("features"), f"slots[{k}].features", required=False, limits=limits
+            )
+        except FeatureError as exc:
+            raise rank_error(str(exc)) from None
+        count += n
+        allowed = [i for i, aid in enumerate(ids) if aid not in excluded]
+        out.append(
+            {"id": sid, "features": features, "allowed": allowed, "baseline": index[baseline]}
+        )
+    return out, count
+
+
+def is_reward(value: Any) -> TypeGuard[int | float]:
+    """A reward value dloop accepts: a finite number (not a boolean) in [-1, 1]."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and -1 <= value <= 1
+    )

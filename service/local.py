@@ -1,0 +1,324 @@
+"""Rank in the application's own process (issue 16): a loop's served model, kept current, the
+server's own rank rules, and the decisions shipped to the server in batches.
+
+    from service.local import LocalRanker
+
+    ranker = LocalRanker("http://dloop:8000", key="<client key>", loop="news")
+    out = ranker.rank({"contextFeatures": [...], "actions": [...]})   # as POST .../rank answers
+    ranker.reward(out["eventId"], 1.0)
+
+`rank` parses and checks the request with the server's rules (service.core.requests: the same
+errors, codes and messages, as service.core.errors.ApiError), asks the model in this process
+(learners.sandbox.host.Host, the code the server's ranking processes run) and decides with the
+server's decision rules (service.core.ranking: exclusions, the eventId-seeded draw, apprentice
+and logging-only modes, the live holdout and a guardrail's fallback, serving-time
+constraints), so for the same model and request it answers what the server would. Each
+decision, reward, activation and set of outcomes becomes a log record (service.core.record)
+shipped in batches to `POST .../local/records`, joined, learned, evaluated and shown like the
+server's own; records not yet shipped wait in memory (at most `max_pending` bytes: beyond, the
+oldest are dropped and counted in `dropped`).
+
+The model and settings are refreshed in the background: a long poll on `GET .../local/model`
+learns of a new model within a second of its publication, and the new model replaces the old
+one atomically (a rank uses one model from start to end). Thread-safe: VW workspaces are not,
+so one lock guards them (a workspace per thread is the alternative the benchmark is to weigh).
+
+Not yet: multi-slot and RL loops (single-slot loops of kind cb), explanations, a disk buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from learners.constraints import Cap, ExposureCaps
+from learners.features import FeatureLimits, context_json
+from learners.outcomes import REWARD, OutcomeError, OutcomeRule, RewardRules
+from learners.sandbox import NO_MODEL, ModelRef, write_model
+from learners.sandbox.host import Host
+from service.core import ranking, record
+from service.core.errors import ApiError, bad_request
+from service.core.requests import check_event_id, is_reward, parse_rank, rank_error
+
+
+class LocalRanker:
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        key: str,
+        loop: str | None = None,
+        http: Any = None,
+        timeout: float = 10.0,
+        background: bool = True,
+        ship_every: float = 0.5,
+        batch_bytes: int = 192 * 1024,
+        max_pending: int = 64 << 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
+        self._owns = http is None
+        self._headers = {"Ocp-Apim-Subscription-Key": key}
+        prefix = f"/loops/{loop}" if loop else ""
+        self._base = f"{prefix}/personalizer/v1.0"
+        self.clock = clock
+        self.batch_bytes = batch_bytes
+        self.max_pending = max_pending
+        self._dir = tempfile.TemporaryDirectory(prefix="dloop-local-")
+        self._host = Host(cache_models=1)
+        self._lock = threading.Lock()  # the host's VW workspaces
+        self._pending: deque[bytes] = deque()
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._ship_lock = threading.Lock()
+        self.dropped = 0  # records dropped because the buffer was full
+        self.shipped = 0
+        self.served: ModelRef = NO_MODEL
+        self.exposure: ExposureCaps | None = None
+        self._caps: tuple[Cap, ...] = ()
+        self.refresh()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        if background:
+            for target, name in ((self._follow, "model"), (self._ship_loop, "ship")):
+                thread = threading.Thread(
+                    target=target, args=(ship_every,), name=f"dloop-local-{name}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+
+    # ---- the server's state -----------------------------------------------------------------
+
+    def _get(self, path: str, **kw: Any) -> httpx.Response:
+        r: httpx.Response = self._http.get(f"{self._base}{path}", headers=self._headers, **kw)
+        if r.status_code >= 400 and r.status_code != 304:
+            raise ApiError(r.status_code, *_error(r))
+        return r
+
+    def refresh(self, *, wait: float = 0.0) -> bool:
+        """Read the loop's settings and, if it changed, its model (waiting up to `wait`
+        seconds for a new one); True if the model changed."""
+        doc = self._get("/local/settings").json()
+        if doc["kind"] != "cb":
+            raise ValueError(f"LocalRanker ranks single-slot loops (kind cb), not {doc['kind']}")
+        self.serving = ranking.Serving(
+            loop=doc["loop"],
+            kind=doc["kind"],
+            mode=doc["mode"],
+            holdout_share=doc["holdoutShare"],
+            holdout_policy=doc["holdoutPolicy"],
+            exploration=doc["exploration"],
+            explores_in_vw=doc["exploresInVw"],
+            episodic=doc["episodic"],
+            max_exploration=doc["maxExplorationProbability"],
+            explain=doc["explain"],
+        )
+        caps = tuple(
+            Cap(c["actionId"], c["maxShare"], c["windowSeconds"]) for c in doc["exposureCaps"]
+        )
+        if caps != self._caps:
+            self._caps, self.exposure = caps, ExposureCaps(caps) if caps else None
+        self.rules = RewardRules(
+            0.0,
+            {
+                o["name"]: OutcomeRule(o["name"], "earliest", o["min"], o["max"])
+                for o in doc["outcomes"]
+            },
+        )
+        self.max_actions = int(doc["maxActions"])
+        lim = doc["limits"]
+        self.limits = FeatureLimits(
+            lim["maxFeatures"], lim["maxNamespaceFeatures"], lim["maxDepth"]
+        )
+        if doc["modelId"] == self.served.model_id and not wait:
+            return False
+        return self._fetch_model(wait)
+
+    def _fetch_model(self, wait: float) -> bool:
+        headers = {**self._headers, "If-None-Match": f'"{self.served.model_id}"'}
+        extra: dict[str, Any] = {"params": {"wait": wait}, "timeout": wait + 10} if wait else {}
+        r = self._http.get(f"{self._base}/local/model", headers=headers, **extra)
+        if r.status_code == 304:
+            return False
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, *_error(r))
+        model_id = r.headers["X-Dloop-Model-Id"]
+        if r.status_code == 204:
+            self.served = NO_MODEL
+            return True
+        path = write_model(Path(self._dir.name), self.serving.loop, model_id, r.content)
+        self.served = ModelRef(model_id, path)  # swapped whole: a rank reads it once
+        return True
+
+    def _follow(self, every: float) -> None:
+        """Keep the model current: a long poll answers as soon as a new model is served."""
+        while not self._stop.is_set():
+            try:
+                if self._fetch_model(wait=20.0):
+                    self.refresh()
+            except (httpx.HTTPError, ApiError):
+                self._stop.wait(every)  # the server is away: try again shortly
+
+    # ---- ranking ------------------------------------------------------------------------------
+
+    def _predict(self, served: ModelRef, text: bytes) -> list[float]:
+        model = (served.model_id, served.path)
+        header = {"op": "predict", "loop": self.serving.loop, "kind": "cb", "model": model}
+        try:
+            with self._lock:
+                scores: list[float] = self._host.handle(header, text)[0]
+        except Exception as exc:  # VW could not read the request: the server's 400 and message
+            raise rank_error(f"features could not be parsed: {exc}") from None
+        return scores
+
+    def rank(self, body: Any) -> dict[str, Any]:
+        """What `POST .../rank` answers for `body` (ApiError for what it refuses)."""
+        req = parse_rank(body, self.max_actions, self.limits)
+        if body.get("episodeId") is not None:
+            raise rank_error("episodeId is only accepted by loops of kind rl")
+        s, served, now = self.serving, self.served, self.clock()
+        ids: list[str] = req["ids"]
+        context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
+        held = ranking.held_out(s, req, None)
+        if s.mode == "LoggingOnly":
+            self._predict(NO_MODEL, context)  # only parses
+            order, pmf = ranking.logging_only(req["eligible"])
+        else:
+            has_model = served.path is not None
+            scored = ranking.scored_context(req, context, has_model=has_model)
+            scores = self._predict(served, scored)
+            pmf = ranking.policy_pmf(s, req, scores, has_model=has_model)
+            order, pmf = ranking.decide(s, req, pmf, held=held, exposure=self.exposure, now=now)
+        decision = record.Decision(
+            loop=s.loop,
+            id=req["event_id"],
+            t=now,
+            deferred=req["defer"],
+            mode=s.mode,
+            c=context.decode(),
+            a=order,
+            p=[pmf[i] for i in order],
+            b=req["eligible"].index(True),
+            m=served.model_id,
+            h=s.holdout_share,
+            ho=held,
+        )
+        self._queue(record.encode(decision))
+        if self.exposure is not None and s.mode == "Online":
+            self.exposure.record(ids[order[0]], now)
+        return ranking.rank_document(decision, ids, pmf)
+
+    # ---- observations -------------------------------------------------------------------------
+
+    def _observe(
+        self, kind: str, event_id: str, value: float | None, name: str | None = None
+    ) -> None:
+        r = record.Observation(
+            kind, self.serving.loop, event_id, self.clock(), uuid.uuid4().hex, value, None, name
+        )
+        self._queue(record.encode(r))
+
+    def reward(self, event_id: str, value: float) -> None:
+        check_event_id(event_id, "InvalidRewardRequest")
+        if not is_reward(value):
+            raise bad_request(
+                "InvalidRewardRequest", "value must be a finite number between -1 and 1"
+            )
+        self._observe(record.REWARD, event_id, float(value))
+
+    def activate(self, event_id: str) -> None:
+        check_event_id(event_id, "InvalidEventIdToActivate")
+        self._observe(record.ACTIVATION, event_id, None)
+
+    def outcomes(self, event_id: str, values: dict[str, float]) -> None:
+        """Named outcomes, checked against the loop's outcomes as the server checks them."""
+        check_event_id(event_id, "InvalidOutcomeRequest")
+        try:
+            checked = self.rules.check(values)
+        except OutcomeError as exc:
+            raise bad_request("InvalidOutcomeRequest", f"outcomes: {exc}") from None
+        for name, value in checked.items():
+            self._observe(record.REWARD, event_id, value, None if name == REWARD else name)
+
+    # ---- shipping -----------------------------------------------------------------------------
+
+    def _queue(self, raw: bytes) -> None:
+        with self._pending_lock:
+            self._pending.append(raw)
+            self._pending_bytes += len(raw)
+            while self._pending_bytes > self.max_pending and self._pending:
+                self._pending_bytes -= len(self._pending.popleft())
+                self.dropped += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> int:
+        """Ship every pending record, in order, in batches; returns how many were shipped.
+        A batch the server does not take stays pending (raised for a refusal, kept quietly
+        when the server is away)."""
+        shipped = 0
+        with self._ship_lock:
+            while True:
+                with self._pending_lock:
+                    batch: list[bytes] = []
+                    size = 0
+                    for raw in self._pending:
+                        if batch and size + len(raw) + 1 > self.batch_bytes:
+                            break
+                        batch.append(raw)
+                        size += len(raw) + 1
+                if not batch:
+                    return shipped
+                r = self._http.post(
+                    f"{self._base}/local/records",
+                    content=b"\n".join(batch),
+                    headers={**self._headers, "Content-Type": "application/x-ndjson"},
+                )
+                if r.status_code != 202:
+                    raise ApiError(r.status_code, *_error(r))
+                with self._pending_lock:
+                    for _ in batch:
+                        self._pending_bytes -= len(self._pending.popleft())
+                shipped += len(batch)
+                self.shipped += len(batch)
+
+    def _ship_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with contextlib.suppress(httpx.HTTPError, ApiError):
+                self.flush()
+
+    def close(self) -> None:
+        """Ship what is pending and stop the background threads."""
+        self._stop.set()
+        with contextlib.suppress(httpx.HTTPError):
+            self.flush()
+        for thread in self._threads:
+            thread.join(timeout=1)
+        if self._owns:
+            self._http.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> LocalRanker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _error(r: httpx.Response) -> tuple[str, str]:
+    try:
+        err = r.json()["error"]
+        return str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        return str(r.status_code), r.text[:200]

@@ -1,0 +1,174 @@
+"""In-process ranking (issue 16, service.local.LocalRanker) against the server in this process:
+for the same model and request it answers exactly what POST .../rank answers (no model yet, a
+trained model, exclusions, the live holdout, Apprentice and LoggingOnly modes, an exploration
+limit), refuses bad input with the server's code and message, follows a new model, and the
+decisions and rewards it ships are joined and learned like the server's own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from service.core.errors import ApiError
+from service.local import LocalRanker
+from tests.support.harness import AUTH, Harness, joined
+
+ACTIONS = [{"id": f"a{i}", "features": [{"topic": f"t{i}", "len": i}]} for i in range(5)]
+
+
+def _body(i: int, **kw: Any) -> dict[str, Any]:
+    body = {
+        "eventId": f"e{i}",
+        "contextFeatures": [{"user": f"u{i % 7}", "device": {"mobile": i % 2 == 0}}],
+        "actions": ACTIONS,
+    }
+    body.update(kw)
+    return body
+
+
+@pytest.fixture
+def client_key(harness: Harness) -> str:
+    r = harness.client.post("/loops/default/keys", headers=AUTH)
+    assert r.status_code == 201, r.text
+    key: str = r.json()["key"]
+    return key
+
+
+@pytest.fixture
+def local(harness: Harness, client_key: str) -> Iterator[LocalRanker]:
+    ranker = LocalRanker(key=client_key, http=harness.client, background=False, clock=harness.clock)
+    yield ranker
+    ranker.close()
+
+
+def _train(h: Harness, n: int = 300) -> None:
+    for i in range(n):
+        out = h.rank(_body(10_000 + i))
+        h.reward(f"e{10_000 + i}", 1.0 if out["rewardActionId"] == "a3" else 0.0)
+    h.clock.advance(601)
+    h.work()
+
+
+def _same(h: Harness, local: LocalRanker, bodies: list[dict[str, Any]]) -> None:
+    local.refresh()
+    for body in bodies:
+        server = h.rank(body)
+        mine = local.rank(body)
+        assert mine == server, (body, mine, server)
+
+
+def test_local_ranks_exactly_as_the_server(harness: Harness, local: LocalRanker) -> None:
+    _same(harness, local, [_body(i) for i in range(20)])  # no model yet: uniform
+    _train(harness)
+    assert local.refresh()  # a new model
+    bodies = [_body(i) for i in range(100, 200)]
+    bodies += [_body(i, excludedActions=["a3", f"a{i % 3}"]) for i in range(200, 250)]
+    bodies += [_body(i, unitId=f"user{i % 11}", deferActivation=True) for i in range(250, 300)]
+    _same(harness, local, bodies)
+    harness.configure(holdoutPercentage=30, holdoutPolicy="random")
+    _same(harness, local, [_body(i, unitId=f"user{i}") for i in range(300, 400)])
+    harness.configure(holdoutPercentage=0, maxExplorationProbability=0.05)
+    _same(harness, local, [_body(i) for i in range(400, 450)])
+    harness.configure(learningMode="Apprentice")
+    _same(harness, local, [_body(i) for i in range(450, 480)])
+    harness.configure(learningMode="LoggingOnly")
+    _same(harness, local, [_body(i, excludedActions=["a0"]) for i in range(480, 500)])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"actions": []},
+        {"actions": [{"id": "x"}]},
+        {"actions": ACTIONS, "excludedActions": [a["id"] for a in ACTIONS]},
+        {"actions": [*ACTIONS, ACTIONS[0]]},
+        {"actions": ACTIONS, "eventId": ""},
+        {"actions": ACTIONS, "deferActivation": "yes"},
+        {"actions": ACTIONS, "contextFeatures": [{"_multi": 1, "ok": {"ä": [1]}}]},
+        {"actions": ACTIONS, "contextFeatures": [{"tags": ["a", "b"]}]},
+        {"actions": ACTIONS, "episodeId": "ep1"},
+    ],
+)
+def test_bad_input_is_refused_as_the_server_refuses_it(
+    harness: Harness, local: LocalRanker, body: Any
+) -> None:
+    r = harness.client.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    with pytest.raises(ApiError) as caught:
+        local.rank(body)
+    assert (caught.value.status, caught.value.code, caught.value.message) == (
+        400,
+        r.json()["error"]["code"],
+        r.json()["error"]["message"],
+    )
+
+
+def test_local_decisions_are_joined_and_learned_like_the_server_s(
+    harness: Harness, local: LocalRanker
+) -> None:
+    """A fleet mixing local and server ranking learns one model from both."""
+    for i in range(100):
+        source = local if i % 2 else None
+        out = local.rank(_body(i)) if source else harness.rank(_body(i))
+        value = 1.0 if out["rewardActionId"] == "a3" else 0.0
+        if source:
+            local.reward(f"e{i}", value)
+        else:
+            harness.reward(f"e{i}", value)
+    assert local.pending == 100  # 50 decisions and 50 rewards
+    assert local.flush() == 100
+    assert local.pending == 0
+    harness.clock.advance(601)
+    harness.work()
+    for i in range(100):
+        line = joined(harness, f"e{i}")
+        assert line is not None and "_label_cost" in line, i
+    r = harness.client.get("/personalizer/v1.0/model/properties", headers=AUTH)
+    assert r.status_code == 200
+    stats = harness.client.get("/loops/default/stats", headers=AUTH).json()
+    assert sum(b.get("joined", 0) for b in stats["buckets"]) == 100
+    assert local.refresh()  # the model that learned them all
+
+
+def test_shipped_records_are_checked(harness: Harness, local: LocalRanker, client_key: str) -> None:
+    r = harness.client.post(
+        "/personalizer/v1.0/local/records",
+        content=b'{"k":"r","loop":"other","id":"e1","t":1,"u":"x","v":0.5}',
+        headers={"Ocp-Apim-Subscription-Key": client_key},
+    )
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "code": "InvalidRecords",
+        "message": "line 1: a record of loop 'other'",
+    }
+    r = harness.client.post(
+        "/personalizer/v1.0/local/records",
+        content=b'{"k":"r","loop":"default","id":"e1","t":1,"u":"x","v":5}\nnot json',
+        headers={"Ocp-Apim-Subscription-Key": client_key},
+    )
+    assert r.status_code == 400
+    assert "line 1: outcome 'reward' must be a finite number between -1 and 1" in r.text
+    with pytest.raises(ApiError) as caught:
+        local.reward("e1", 2.0)
+    assert caught.value.code == "InvalidRewardRequest"
+    with pytest.raises(ApiError) as caught:
+        local.outcomes("e1", {"click": 1})
+    assert caught.value.message.startswith("outcomes: outcome 'click' is not configured")
+
+
+def test_the_model_endpoint_long_polls_for_a_new_model(harness: Harness, client_key: str) -> None:
+    key = {"Ocp-Apim-Subscription-Key": client_key}
+    r = harness.client.get("/personalizer/v1.0/local/model", headers=key)
+    assert r.status_code == 204 and r.headers["X-Dloop-Model-Id"] == "N/A"
+    _train(harness, 50)
+    r = harness.client.get("/personalizer/v1.0/local/model", headers=key)
+    assert r.status_code == 200 and r.content
+    model_id = r.headers["X-Dloop-Model-Id"]
+    assert r.headers["ETag"] == f'"{model_id}"'
+    same = harness.client.get(
+        "/personalizer/v1.0/local/model?wait=0.2", headers={**key, "If-None-Match": f'"{model_id}"'}
+    )
+    assert same.status_code == 304

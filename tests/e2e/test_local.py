@@ -1,0 +1,95 @@
+"""The in-process ranker (service.local) against a real server: it needs no server package
+(FastAPI, SQLAlchemy, Kafka, ... are blocked from importing), it learns of a new model within
+about a second of its publication by a long poll, and its background thread ships what it
+decided, so the loop learns from it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from service.local import LocalRanker
+from tests.support.harness import AUTH, LiveServer
+
+BLOCKED = [
+    "fastapi",
+    "starlette",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "kafka",
+    "uvicorn",
+    "pydantic",
+    "pydantic_settings",
+    "typer",
+    "prometheus_client",
+    "plotly",
+    "itsdangerous",
+    "matplotlib",
+    "gymnasium",
+]
+
+CLOSURE = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import service.local
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"vowpalwabbit", "httpx", "numpy"}}))
+"""
+
+
+def test_the_local_ranker_imports_no_server_package() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CLOSURE], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['httpx', 'numpy', 'vowpalwabbit']"
+
+
+@pytest.mark.slow
+def test_a_new_model_reaches_the_local_ranker_within_a_second(live_server: LiveServer) -> None:
+    url = live_server.url
+    httpx.put(
+        f"{url}/personalizer/v1.0/configurations/service",
+        json={
+            **httpx.get(f"{url}/personalizer/v1.0/configurations/service", headers=AUTH).json(),
+            "rewardWaitTime": "PT1S",
+            "modelExportFrequency": "PT1S",
+        },
+        headers=AUTH,
+    ).raise_for_status()
+    key = httpx.post(f"{url}/loops/default/keys", headers=AUTH).json()["key"]
+    actions = [{"id": f"a{i}", "features": [{"t": i}]} for i in range(4)]
+    lags = []
+    with LocalRanker(url, key=key, ship_every=0.1) as local:
+        assert local.served.model_id == "N/A"
+        for round_ in range(3):
+            for i in range(50):
+                out = local.rank({"contextFeatures": [{"u": i % 5}], "actions": actions})
+                local.reward(out["eventId"], 1.0 if out["rewardActionId"] == "a2" else 0.0)
+            before = local.served.model_id
+            deadline = time.monotonic() + 30
+            while True:  # the server publishes a model that learned them
+                served = httpx.get(
+                    f"{url}/personalizer/v1.0/local/settings",
+                    headers={"Authorization": f"Bearer {key}"},
+                ).json()["modelId"]
+                if served != before:
+                    published = time.monotonic()
+                    break
+                assert time.monotonic() < deadline, f"no new model in round {round_}"
+                time.sleep(0.01)
+            while local.served.model_id == before:
+                assert time.monotonic() - published < 5, "the local ranker did not follow"
+                time.sleep(0.005)
+            lags.append(time.monotonic() - published)
+        assert local.pending == 0 and local.shipped >= 300
+    print(f"\nnew model -> local ranker: {', '.join(f'{x * 1000:.0f} ms' for x in lags)}")
+    assert max(lags) < 1.0
