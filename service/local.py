@@ -67,6 +67,8 @@ class LocalRanker:
     ) -> None:
         self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
         self._owns = http is None
+        # The long poll has a connection of its own, closed by `close` to end a poll at once.
+        self._poll = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
         self._headers = {"Ocp-Apim-Subscription-Key": key}
         prefix = f"/loops/{loop}" if loop else ""
         self._base = f"{prefix}/personalizer/v1.0"
@@ -146,7 +148,9 @@ class LocalRanker:
     def _fetch_model(self, wait: float) -> bool:
         headers = {**self._headers, "If-None-Match": f'"{self.served.model_id}"'}
         extra: dict[str, Any] = {"params": {"wait": wait}, "timeout": wait + 10} if wait else {}
-        r = self._http.get(f"{self._base}/local/model", headers=headers, **extra)
+        r = (self._poll if wait else self._http).get(
+            f"{self._base}/local/model", headers=headers, **extra
+        )
         if r.status_code == 304:
             return False
         if r.status_code >= 400:
@@ -303,6 +307,8 @@ class LocalRanker:
         self._stop.set()
         with contextlib.suppress(httpx.HTTPError):
             self.flush()
+        if self._owns:
+            self._poll.close()  # ends a long poll in flight
         for thread in self._threads:
             thread.join(timeout=1)
         if self._owns:

@@ -4,6 +4,7 @@ they build lives in tests/support/ (test modules import from there, never from h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,3 +68,17 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     existing = directory / "precious.vw"
     existing.write_bytes(b"precious bytes")
     return existing, directory / "fresh.vw"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs in two steps: DLOOP_SERIAL=skip runs every test but those marked
+    `serial` (they restart Postgres, which every other test shares) in two processes, then
+    DLOOP_SERIAL=only runs those alone. Unset: everything, as selected."""
+    step = os.environ.get("DLOOP_SERIAL")
+    if step not in ("skip", "only"):
+        return
+    keep = [i for i in items if (i.get_closest_marker("serial") is not None) == (step == "only")]
+    gone = [i for i in items if i not in keep]
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = keep

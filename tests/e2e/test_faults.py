@@ -145,6 +145,7 @@ def kill_after_progress(
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_killed_workers_and_a_postgres_restart(stack: Stack) -> None:
     configure(stack)
     prefix = stack.env["DLOOP_KAFKA__TOPIC_PREFIX"]
@@ -170,6 +171,7 @@ def test_killed_workers_and_a_postgres_restart(stack: Stack) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_postgres_restart_mid_stream_loses_and_repeats_nothing(stack: Stack) -> None:
     """`dloop serve` + `join` + `learn` under steady rank and reward traffic; Postgres restarts
     once both workers are mid-stream. Every decision is joined exactly once with its reward and

@@ -10,7 +10,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from service.local import LocalRanker
 from tests.support.harness import AUTH, LiveServer
@@ -53,7 +52,6 @@ def test_the_local_ranker_imports_no_server_package() -> None:
     assert out.stdout.strip() == "['httpx', 'numpy', 'vowpalwabbit']"
 
 
-@pytest.mark.slow
 def test_a_new_model_reaches_the_local_ranker_within_a_second(live_server: LiveServer) -> None:
     url = live_server.url
     httpx.put(

@@ -73,6 +73,8 @@ async def local_model(request: Request) -> Response:
     while rt.served.model_id == known and waited < wait:
         await asyncio.sleep(POLL)
         waited += POLL
+        if waited % 1.0 < POLL and await request.is_disconnected():
+            return Response(status_code=304)  # the caller left (a shutdown waits for no one)
     served = rt.served  # once: the bytes and the id must match
     headers = {"ETag": f'"{served.model_id}"', "X-Dloop-Model-Id": served.model_id}
     if served.model_id == known:
