@@ -23,7 +23,7 @@ learns of a new model within a second of its publication, and the new model repl
 one atomically (a rank uses one model from start to end). Thread-safe: VW workspaces are not,
 so one lock guards them (a workspace per thread is the alternative the benchmark is to weigh).
 
-Not yet: multi-slot and RL loops (single-slot loops of kind cb), explanations, a disk buffer.
+Not yet: RL loops (kinds cb and ccb are ranked), explanations, a disk buffer.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
+from learners.ccb import ccb_context
 from learners.constraints import Cap, ExposureCaps
 from learners.features import FeatureLimits, context_json
 from learners.outcomes import REWARD, OutcomeError, OutcomeRule, RewardRules
@@ -47,7 +49,14 @@ from learners.sandbox import NO_MODEL, ModelRef, write_model
 from learners.sandbox.host import Host
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
-from service.core.requests import check_event_id, is_reward, parse_rank, rank_error
+from service.core.requests import (
+    check_event_id,
+    check_feature_count,
+    is_reward,
+    parse_rank,
+    parse_slots,
+    rank_error,
+)
 
 
 class LocalRanker:
@@ -110,8 +119,8 @@ class LocalRanker:
         """Read the loop's settings and, if it changed, its model (waiting up to `wait`
         seconds for a new one); True if the model changed."""
         doc = self._get("/local/settings").json()
-        if doc["kind"] != "cb":
-            raise ValueError(f"LocalRanker ranks single-slot loops (kind cb), not {doc['kind']}")
+        if doc["kind"] not in ("cb", "ccb"):
+            raise ValueError(f"LocalRanker ranks loops of kind cb and ccb, not {doc['kind']}")
         self.serving = ranking.Serving(
             loop=doc["loop"],
             kind=doc["kind"],
@@ -174,18 +183,24 @@ class LocalRanker:
 
     # ---- ranking ------------------------------------------------------------------------------
 
-    def _predict(self, served: ModelRef, text: bytes) -> list[float]:
-        model = (served.model_id, served.path)
-        header = {"op": "predict", "loop": self.serving.loop, "kind": "cb", "model": model}
+    def _call(self, op: str, served: ModelRef, blob: bytes, **header: Any) -> Any:
+        """The server's ranking processes' operation `op`, here (learners.sandbox.host)."""
+        s = self.serving
+        header.update(op=op, loop=s.loop, kind=s.kind, model=(served.model_id, served.path))
         try:
             with self._lock:
-                scores: list[float] = self._host.handle(header, text)[0]
+                return self._host.handle(header, blob)[0]
         except Exception as exc:  # VW could not read the request: the server's 400 and message
             raise rank_error(f"features could not be parsed: {exc}") from None
+
+    def _predict(self, served: ModelRef, text: bytes) -> list[float]:
+        scores: list[float] = self._call("predict", served, text)
         return scores
 
     def rank(self, body: Any) -> dict[str, Any]:
         """What `POST .../rank` answers for `body` (ApiError for what it refuses)."""
+        if self.serving.kind == "ccb":
+            raise rank_error("this is a multi-slot loop: rank with /multislot/rank")
         req = parse_rank(body, self.max_actions, self.limits)
         if body.get("episodeId") is not None:
             raise rank_error("episodeId is only accepted by loops of kind rl")
@@ -220,6 +235,40 @@ class LocalRanker:
         if self.exposure is not None and s.mode == "Online":
             self.exposure.record(ids[order[0]], now)
         return ranking.rank_document(decision, ids, pmf)
+
+    def rank_multi_slot(self, body: Any) -> dict[str, Any]:
+        """What `POST .../multislot/rank` answers for `body` (ApiError for what it refuses)."""
+        s, served, now = self.serving, self.served, self.clock()
+        if s.kind != "ccb":
+            raise bad_request(
+                "InvalidMultiSlotApiAccess",
+                f"loop '{s.loop}' is single-slot; multi-slot needs a loop of kind ccb",
+            )
+        req = parse_rank(body, self.max_actions, self.limits)
+        ids: list[str] = req["ids"]
+        slots, count = parse_slots(body, ids, self.limits)
+        check_feature_count(req["features_count"] + count, self.limits)
+        c = ccb_context(
+            req["context"],
+            list(zip(ids, req["features"], strict=True)),
+            [(slot["id"], slot["features"], slot["allowed"]) for slot in slots],
+        )
+        seed = f"{s.loop}/{req['event_id']}"
+        if s.mode == "LoggingOnly":
+            self._call("predict", NO_MODEL, orjson.dumps(c))  # only parses
+            decided = ranking.logging_only_slots(slots)
+        else:
+            allowed = [slot["allowed"] for slot in slots]
+            decided = self._call("rank_slots", served, orjson.dumps(c), allowed=allowed, seed=seed)
+            decided = ranking.check_slots([(a, list(o), list(p)) for a, o, p in decided])
+        held = ranking.held_out(s, req, None)
+        if held:
+            decided = ranking.held_slots(s, slots, seed)
+        decision = ranking.slots_decision(
+            s, req, slots, c, decided, held=held, model_id=served.model_id, now=now
+        )
+        self._queue(record.encode(decision))
+        return ranking.slots_document(decision, ids, decided)
 
     # ---- observations -------------------------------------------------------------------------
 

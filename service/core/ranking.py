@@ -14,12 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from learners.constraints import ExposureCaps, cap, limit_exploration
 from learners.features import context_json
-from learners.holdout import holdout_pmf, in_holdout
+from learners.holdout import holdout_pmf, holdout_slots, in_holdout
 from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
 from service.core import record
+from service.core.requests import rank_error
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,63 @@ def decide(
     chosen = sample(pmf, f"{s.loop}/{req['event_id']}")
     rest = sorted((i for i in range(len(eligible)) if i != chosen), key=lambda i: -pmf[i])
     return [chosen, *rest], pmf
+
+
+Decided = list[tuple[int, list[int], list[float]]]  # per slot: chosen, order, probabilities
+
+
+def check_slots(decided: Decided) -> Decided:
+    if any(chosen < 0 for chosen, _, _ in decided):
+        raise rank_error("a slot has no action left (too many exclusions)")
+    return decided
+
+
+def logging_only_slots(slots: list[dict[str, Any]]) -> Decided:
+    """LoggingOnly, multi-slot: every slot serves (and logs) its baseline."""
+    return [(slot["baseline"], [slot["baseline"]], [1.0]) for slot in slots]
+
+
+def held_slots(s: Serving, slots: list[dict[str, Any]], seed: str) -> Decided:
+    """A held-out multi-slot decision: every slot served by the holdout policy."""
+    return check_slots(
+        holdout_slots(
+            s.holdout_policy,
+            [slot["id"] for slot in slots],
+            [slot["allowed"] for slot in slots],
+            [slot["baseline"] for slot in slots],
+            seed,
+        )
+    )
+
+
+def slots_decision(
+    s: Serving,
+    req: dict[str, Any],
+    slots: list[dict[str, Any]],
+    c: dict[str, Any],
+    decided: Decided,
+    *,
+    held: bool,
+    model_id: str,
+    now: float,
+) -> record.SlotsDecision:
+    """The log record of a multi-slot decision."""
+    return record.SlotsDecision(
+        loop=s.loop,
+        id=req["event_id"],
+        t=now,
+        deferred=req["defer"],
+        mode=s.mode,
+        c=orjson.dumps(c).decode(),
+        s=[
+            record.SlotChoice(slot["id"], order, probs)
+            for slot, (_, order, probs) in zip(slots, decided, strict=True)
+        ],
+        b=[slot["baseline"] for slot in slots],
+        m=model_id,
+        h=s.holdout_share,
+        ho=held,
+    )
 
 
 def rank_document(decision: record.Decision, ids: list[str], pmf: list[float]) -> dict[str, Any]:

@@ -172,3 +172,65 @@ def test_the_model_endpoint_long_polls_for_a_new_model(harness: Harness, client_
         "/personalizer/v1.0/local/model?wait=0.2", headers={**key, "If-None-Match": f'"{model_id}"'}
     )
     assert same.status_code == 304
+
+
+def test_multi_slot_local_ranks_exactly_as_the_server(harness: Harness) -> None:
+    c = harness.client
+    assert c.put("/loops/page", json={"kind": "ccb"}, headers=AUTH).status_code == 201
+    base = "/loops/page/personalizer/v1.0"
+    key = c.post("/loops/page/keys", headers=AUTH).json()["key"]
+    local = LocalRanker(key=key, loop="page", http=c, background=False, clock=harness.clock)
+
+    def body(i: int, **kw: Any) -> dict[str, Any]:
+        doc = {
+            "eventId": f"m{i}",
+            "contextFeatures": [{"user": f"u{i % 5}"}],
+            "actions": ACTIONS,
+            "slots": [
+                {"id": "top", "baselineAction": "a0", "features": [{"size": "large"}]},
+                {"id": "side", "baselineAction": "a1", "excludedActions": [f"a{2 + i % 3}"]},
+            ],
+        }
+        doc.update(kw)
+        return doc
+
+    def same(bodies: list[dict[str, Any]]) -> None:
+        local.refresh()
+        for b in bodies:
+            r = c.post(f"{base}/multislot/rank", json=b, headers=AUTH)
+            assert r.status_code == 201, r.text
+            assert local.rank_multi_slot(b) == r.json(), b
+
+    same([body(i) for i in range(20)])  # no model yet
+    for i in range(300):
+        out = c.post(f"{base}/multislot/rank", json=body(1000 + i), headers=AUTH).json()
+        rewards = [
+            {"slotId": s["id"], "value": 1.0 if s["rewardActionId"] == "a4" else 0.0}
+            for s in out["slots"]
+        ]
+        c.post(
+            f"{base}/multislot/events/m{1000 + i}/reward", json={"reward": rewards}, headers=AUTH
+        )
+    harness.clock.advance(601)
+    harness.work()
+    same([body(i) for i in range(100, 160)])
+    cfg = c.get(f"{base}/configurations/service", headers=AUTH).json()
+    c.put(f"{base}/configurations/service", json={**cfg, "holdoutPercentage": 40}, headers=AUTH)
+    same([body(i, unitId=f"u{i}") for i in range(200, 260)])
+    with pytest.raises(ApiError) as caught:
+        local.rank(_body(1))
+    assert caught.value.message == "this is a multi-slot loop: rank with /multislot/rank"
+    local.close()
+
+
+def test_threads_share_one_local_ranker(harness: Harness, local: LocalRanker) -> None:
+    """Ranks from several threads at once (one lock guards VW) answer as the server does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _train(harness, 100)
+    local.refresh()
+    bodies = [_body(i, excludedActions=[f"a{i % 5}"]) for i in range(200)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        mine = list(pool.map(local.rank, bodies))
+    assert [m for m in mine] == [harness.rank(b) for b in bodies]
+    assert local.pending == 200

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from learners.ccb import ccb_context
-from learners.holdout import holdout_slots
 from learners.sandbox import NO_MODEL, ModelRef, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import bad_request
@@ -28,7 +27,6 @@ from service.api.requests import (
     json_body,
     parse_rank,
     parse_slots,
-    rank_error,
     sandbox_error,
 )
 from service.api.retries import asked, earlier, remember, retried
@@ -80,38 +78,16 @@ async def rank_multi_slot(request: Request) -> Response:
     decided = await _decide_slots(d, rt, model, mode, c, slots, seed)
     # The live holdout (learners.holdout): every slot served by the holdout policy.
     serving = rt.serving
-    share = serving.holdout_share
     held = ranking.held_out(serving, req, None)
     if held:
-        decided = holdout_slots(
-            rt.settings.holdout_policy,
-            [s["id"] for s in slots],
-            [s["allowed"] for s in slots],
-            [s["baseline"] for s in slots],
-            seed,
-        )
-        if any(chosen < 0 for chosen, _, _ in decided):
-            raise rank_error("a slot has no action left (too many exclusions)")
+        decided = ranking.held_slots(serving, slots, seed)
     # A concurrent rank of this eventId may have been answered while this one awaited VW.
     later = earlier(d, rt, ask)
     if (answer := retried(d, rt, later, ask)) is not None:
         return answer
     reused = seen is not None or later is not None
-    decision = record.SlotsDecision(
-        loop=rt.name,
-        id=event_id,
-        t=now,
-        deferred=req["defer"],
-        mode=mode,
-        c=orjson.dumps(c).decode(),
-        s=[
-            record.SlotChoice(s["id"], order, probs)
-            for s, (_, order, probs) in zip(slots, decided, strict=True)
-        ],
-        b=[s["baseline"] for s in slots],
-        m=model.model_id,
-        h=share,
-        ho=held,
+    decision = ranking.slots_decision(
+        serving, req, slots, c, decided, held=held, model_id=model.model_id, now=now
     )
     if not reused:
         d.log.append(record.encode(decision))
@@ -134,16 +110,14 @@ async def _decide_slots(
     try:
         if mode == "LoggingOnly":
             await d.rankers.predict(rt.name, rt.kind, NO_MODEL, orjson.dumps(c))  # parse only
-            decided = [(s["baseline"], [s["baseline"]], [1.0]) for s in slots]
+            decided = ranking.logging_only_slots(slots)
         else:
             decided = await d.rankers.rank_slots(
                 rt.name, model, c, [s["allowed"] for s in slots], seed
             )
     except SandboxError as exc:
         raise sandbox_error(exc) from None
-    if any(chosen < 0 for chosen, _, _ in decided):
-        raise rank_error("a slot has no action left (too many exclusions)")
-    return decided
+    return ranking.check_slots(decided)
 
 
 async def reward_multi_slot(request: Request) -> Response:
