@@ -295,6 +295,29 @@ def test_outcomes_reward_definition_and_guardrails_on_the_shop_loop(
     page.clean()
 
 
+def test_a_page_left_while_it_loads_does_not_draw_over_the_next(
+    server: LiveServer, page: Watched
+) -> None:
+    """The overview's answer held back until the decision viewer is up: when it arrives, the
+    viewer stays (it used to be replaced by the overview, and the overview kept refreshing)."""
+    from playwright.sync_api import Route
+
+    p = page.page
+    held: list[Route] = []
+    p.route("**/overview*", lambda route: held.append(route))
+    login(page, server.url, ADMIN_KEY)  # the overview is asked for, and held
+    wait_until(lambda: bool(held))
+    p.goto(f"{server.url}/ui/#/loops/default/decisions")
+    wait_ready(p, "#/loops/default/decisions")
+    with p.expect_response("**/overview*"):
+        held[0].continue_()
+    p.evaluate("() => new Promise((done) => setTimeout(done, 50))")  # its answer handled
+    assert p.locator("#event-id").count() == 1
+    assert p.locator('body[data-ready="#/loops/default/decisions"]').count() == 1
+    assert p.locator("#loops").count() == 0
+    page.clean()
+
+
 def test_rl_and_multi_slot_loops_draw_their_own_charts(server: LiveServer, page: Watched) -> None:
     """An RL loop's page draws episode returns, a multi-slot loop's the reward per slot; the
     evaluations page draws a feature-importance job as bars."""

@@ -34,9 +34,10 @@ async function api(path, { method = "GET", body } = {}) {
     credentials: "same-origin",
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  if (method === "GET" && asked !== generation) throw new Stale(path);
   if (r.status === 204) return null;
   const text = await r.text();
+  // Checked after the last wait: the page may have been left while the body arrived.
+  if (method === "GET" && asked !== generation) throw new Stale(path);
   const doc = text ? JSON.parse(text) : null;
   if (!r.ok) {
     const err = (doc && doc.error) || {};
