@@ -20,7 +20,7 @@ import orjson
 from learners.ccb import ccb_line
 from learners.dsjson import timestamp
 from learners.features import cb_line
-from learners.outcomes import AGGREGATIONS, REWARD, RewardRules
+from learners.outcomes import REWARD, RewardRules
 
 BACKWARD_WINDOW = 120.0
 
@@ -87,13 +87,6 @@ class JoinResult:
 
 def in_window(created_at: float, received_at: float, wait: float) -> bool:
     return created_at - BACKWARD_WINDOW <= received_at <= created_at + wait
-
-
-def aggregate(values: Sequence[float], how: str, default: float) -> float:
-    """Combine reward values (in arrival order); `default` when there are none."""
-    if not values:
-        return default
-    return float(AGGREGATIONS[how](values))
 
 
 def can_complete_early(rules: JoinRules) -> bool:

@@ -46,6 +46,14 @@ AGGREGATIONS: dict[str, Callable[[Sequence[float]], float]] = {
 }
 
 
+def aggregate(values: Sequence[float], how: str, default: float) -> float:
+    """Combine an outcome's values (in arrival order) by `how`; `default` when there are
+    none."""
+    if not values:
+        return default
+    return float(AGGREGATIONS[how](values))
+
+
 class OutcomeError(ValueError):
     """Outcome values a loop cannot take; the message says which and why."""
 
@@ -107,7 +115,7 @@ class RewardRules:
         for name, value in values:
             by_name.setdefault(name, []).append(value)
         return {
-            name: float(AGGREGATIONS[self._rule(name).aggregation](vals))
+            name: aggregate(vals, self._rule(name).aggregation, 0.0)
             for name, vals in by_name.items()
         }
 

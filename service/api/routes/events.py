@@ -44,7 +44,7 @@ router = APIRouter()
 
 
 async def _policy_pmf(
-    d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes
+    d: Dloop, rt: LoopRuntime, serving: ranking.Serving, req: dict[str, Any], context: bytes
 ) -> tuple[list[float], str]:
     """The policy's probabilities for every action (0 for excluded ones) and the model id
     (service.core.ranking). VW parses the request in a ranking sandbox even before the first
@@ -58,7 +58,7 @@ async def _policy_pmf(
         scores = await d.rankers.predict(rt.name, rt.kind, served, scored)
     except SandboxError as exc:
         raise sandbox_error(exc) from None
-    return ranking.policy_pmf(rt.serving, req, scores, has_model=has_model), served.model_id
+    return ranking.policy_pmf(serving, req, scores, has_model=has_model), served.model_id
 
 
 async def _explain(d: Dloop, rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,11 +98,11 @@ async def rank(request: Request) -> Response:
         return answer
     episode = _episode_of(body, rt)
     now = d.clock()
-    mode = rt.settings.mode
+    serving = rt.serving  # once: the settings this rank decides with
+    mode = serving.mode
     context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
-    serving = rt.serving
     held = ranking.held_out(serving, req, episode)
-    order, pmf, model_id = await _decide(d, rt, req, context, mode, held=held)
+    order, pmf, model_id = await _decide(d, rt, serving, req, context, held=held)
     explanation = None
     if rt.settings.explain and mode != "LoggingOnly":
         explanation = await _explain(d, rt, req)
@@ -150,22 +150,27 @@ def _episode_of(body: dict[str, Any], rt: LoopRuntime) -> str | None:
 
 
 async def _decide(
-    d: Dloop, rt: LoopRuntime, req: dict[str, Any], context: bytes, mode: str, *, held: bool
+    d: Dloop,
+    rt: LoopRuntime,
+    serving: ranking.Serving,
+    req: dict[str, Any],
+    context: bytes,
+    *,
+    held: bool,
 ) -> tuple[list[int], list[float], str]:
     """The served order of the actions, each one's probability and the deciding model's id
     (service.core.ranking). A held-out decision draws from the holdout policy (the model still
-    reads the request, so a request VW cannot read is refused on either side)."""
-    if mode == "LoggingOnly":
+    reads the request, so a request VW cannot read is refused on either side). `serving`: the
+    loop's settings, read once for the whole rank."""
+    if serving.mode == "LoggingOnly":
         try:
             await d.rankers.predict(rt.name, rt.kind, NO_MODEL, context)  # only parses
         except SandboxError as exc:
             raise sandbox_error(exc) from None
         order, pmf = ranking.logging_only(req["eligible"])
         return order, pmf, rt.model_id
-    pmf, model_id = await _policy_pmf(d, rt, req, context)
-    order, pmf = ranking.decide(
-        rt.serving, req, pmf, held=held, exposure=rt.exposure, now=d.clock()
-    )
+    pmf, model_id = await _policy_pmf(d, rt, serving, req, context)
+    order, pmf = ranking.decide(serving, req, pmf, held=held, exposure=rt.exposure, now=d.clock())
     return order, pmf, model_id
 
 

@@ -7,7 +7,8 @@ import orjson
 import pytest
 
 from learners.features import context_json
-from learners.joiner import DecisionView, JoinRules, Obs, aggregate, is_complete, join
+from learners.joiner import DecisionView, JoinRules, Obs, is_complete, join
+from learners.outcomes import aggregate
 
 T0 = 1_000_000.0
 
