@@ -152,11 +152,26 @@ class RankerPool:
                     slot.proc.process.kill()
 
     async def _spawn(self) -> None:
-        proc = await asyncio.to_thread(ChildProcess.start, self.options)
-        proc.sock.setblocking(False)
+        # A child being started when the pool closes (or the start is cancelled) is still
+        # started by its thread: wait for it and stop it, rather than leave its process and
+        # socket to the garbage collector.
+        starting = asyncio.ensure_future(asyncio.to_thread(ChildProcess.start, self.options))
+        try:
+            proc = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread((await starting).stop)
+            raise
         slot = _Slot(proc)
-        await asyncio.get_running_loop().create_unix_connection(lambda: slot, sock=proc.sock)
+        try:
+            proc.sock.setblocking(False)
+            await asyncio.get_running_loop().create_unix_connection(lambda: slot, sock=proc.sock)
+        except BaseException:
+            slot.close()
+            await asyncio.to_thread(proc.stop)
+            raise
         if self._closed:
+            slot.close()
             await asyncio.to_thread(proc.stop)
             return
         self._slots.add(slot)
@@ -267,8 +282,10 @@ class RankerPool:
         self._closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-        for task in list(self._restarting):
+        restarting = list(self._restarting)
+        for task in restarting:
             task.cancel()
+        await asyncio.gather(*restarting, return_exceptions=True)
         for waiter in self._waiters:
             waiter.cancel()
         slots, self._slots = list(self._slots), set()

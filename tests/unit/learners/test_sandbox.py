@@ -4,9 +4,12 @@ and no feature a client can send makes VW's parsers crash (a fuzzer over reserve
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import multiprocessing
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,32 @@ def test_a_crashing_input_kills_a_ranking_child_not_the_pool(tmp_path: Path) -> 
             await pool.close()
 
     asyncio.run(scenario())
+
+
+def test_a_pool_stopped_while_a_child_starts_leaves_no_child_behind() -> None:
+    """Closing the server while a crashed child's replacement was starting (or cancelling a
+    start) abandoned the child being started: its process ran on and its socket was only
+    closed by the garbage collector (an unraisable ResourceWarning failed a test now and then)."""
+
+    def ours() -> list[Any]:
+        return [p for p in multiprocessing.active_children() if p.name == "dloop-vw"]
+
+    async def scenario() -> None:
+        pool = RankerPool(2, timeout=5, wait=10)
+        starting = asyncio.get_running_loop().create_task(pool.start())
+        while not ours():  # the children are being started in threads
+            await asyncio.sleep(0.001)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await pool.close()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(scenario())
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert ours() == []
 
 
 def test_callers_waiting_for_a_ranking_child_are_served_in_turn() -> None:
