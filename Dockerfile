@@ -5,7 +5,7 @@ COPY service ./service
 COPY learners ./learners
 COPY migrations ./migrations
 # The lock pins every version the tests ran with (`make lock`); -c installs only the runtime part.
-RUN pip install --no-cache-dir -c requirements.lock .
+RUN pip install --no-cache-dir -c requirements.lock ".[server]"
 ENV DLOOP_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8000

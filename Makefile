@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[server,test]'
 	touch $(STAMP)
 
 # Re-resolve the lock after editing pyproject.toml's dependencies, keeping every pin that still
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(LOCK)
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
-	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra server --extra test --python-version 3.11 \
 		--python-platform x86_64-unknown-linux-gnu --custom-compile-command 'make lock' \
 		--quiet --output-file $(LOCK) $(ARGS)
 

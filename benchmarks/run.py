@@ -157,6 +157,27 @@ def start_server(port: int, fill: Any = None, **env: str) -> Server:
         time.sleep(0.2)
 
 
+def start_lean(port: int, model: Path) -> Server:
+    """The lean Starlette + VW floor (benchmarks/lean.py) on `model`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.lean", "--port", str(port), "--model", str(model)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                return Server(proc, base, Path(tempfile.mkdtemp(prefix="dloop-bench-floor-")))
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            sys.exit("the lean floor server did not start")
+        time.sleep(0.2)
+
+
 def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
     """Rank throughput against the same server's /healthz, with VW in its sandbox processes
     (the default) and, as the floor the isolation is measured against, in the serving process
@@ -185,17 +206,25 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
         body = json.dumps({"contextFeatures": CONTEXT, "actions": ACTIONS})
         script = sandboxed.data / "rank.lua"
         script.write_text(RANK_LUA % (lua_string(body), KEY))
+        # The lean floor serves the same model bytes as dloop's default loop.
+        model = sandboxed.data / "floor-model.vw"
+        model.write_bytes(
+            httpx.get(f"{sandboxed.base}/personalizer/v1.0/model", headers=headers).content
+        )
+        floor = start_lean(port + 2, model)
 
-        def run(server: Server, what: str, secs: int) -> dict[str, float]:
+        def run(server: Server | str, what: str, secs: int) -> dict[str, float]:
+            base = server if isinstance(server, str) else server.base
             if what == "health":
-                return wrk(f"{server.base}/healthz", conns=conns, seconds=secs)
+                return wrk(f"{base}/healthz", conns=conns, seconds=secs)
             prefix = "/loops/explained" if what == "explained" else ""
-            url = f"{server.base}{prefix}/personalizer/v1.0/rank"
+            url = f"{base}{prefix}/personalizer/v1.0/rank"
             return wrk(url, conns=conns, seconds=secs, script=script)
 
         for server in (sandboxed, inline):  # warm up every endpoint
             for what in ("health", "rank", "explained"):
                 run(server, what, 2)
+        run(floor.base, "rank", 2)
         # Interleaved rounds: the machine's own drift hits every endpoint alike.
         rounds: list[dict[str, dict[str, float]]] = []
         for _ in range(3):
@@ -206,6 +235,8 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
                     "explained": run(sandboxed, "explained", seconds),
                     "inline health": run(inline, "health", seconds),
                     "inline rank": run(inline, "rank", seconds),
+                    "floor rank": run(floor.base, "rank", seconds),
+                    "floor health": run(floor.base, "health", seconds),
                 }
             )
             # With dashboards open, between two runs of rank alone (its floor: their mean), so
@@ -218,6 +249,8 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
     finally:
         sandboxed.stop()
         inline.stop()
+        with contextlib.suppress(NameError):
+            floor.stop()
     vw_us = vw_predict_us()
 
     def median(f: Any) -> tuple[float, str]:
@@ -239,14 +272,25 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
         )
         for n in DASHBOARDS
     }
+    lean, leans = median(lambda r: r["rank"]["rps"] / r["floor rank"]["rps"])
+    bare, bares = median(lambda r: r["health"]["rps"] / r["floor health"]["rps"])
     mid = sorted(rounds, key=lambda r: r["rank"]["rps"] / r["health"]["rps"])[1]
     health, rank, slow, fast = mid["health"], mid["rank"], mid["explained"], mid["inline rank"]
     return [
         ("connections", f"{conns}"),
+        (
+            "rank / lean Starlette+VW floor's rank throughput",
+            f"{lean:.2f}  (median of {leans}; target >= 0.70)",
+        ),
+        ("  the floor's rank throughput (req/s)", f"{mid['floor rank']['rps']:.0f}"),
+        (
+            "/healthz / bare Starlette app's /healthz throughput",
+            f"{bare:.2f}  (median of {bares}; target >= 0.90)",
+        ),
         ("/healthz throughput (req/s)", f"{health['rps']:.0f}"),
         ("rank throughput (req/s)", f"{rank['rps']:.0f}"),
         ("rank / healthz throughput", f"{ratio:.2f}  (median of {ratios}; target >= 0.50)"),
-        ("rank p50 / p99 (ms)", f"{rank['p50']:.2f} / {rank['p99']:.2f}  (target p99 <= 20)"),
+        ("rank p50 / p99 (ms)", f"{rank['p50']:.2f} / {rank['p99']:.2f}  (target p99 <= 10)"),
         ("rank p99, worst round (ms)", f"{max(r['rank']['p99'] for r in rounds):.2f}"),
         ("/healthz p50 / p99 (ms)", f"{health['p50']:.2f} / {health['p99']:.2f}"),
         ("rank non-2xx responses", f"{rank['errors']:.0f}"),
@@ -397,6 +441,8 @@ def main() -> None:
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-stats", action="store_true")
+    parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--ship-decisions", type=int, default=50000)
     parser.add_argument("--stats-decisions", type=int, default=1_000_000)
     parser.add_argument("--pipeline-events", type=int, default=20000)
     parser.add_argument("--loops", type=int, default=10000, help="for the many-loops table")
@@ -406,6 +452,20 @@ def main() -> None:
             "Serving (dloop up, wrk on the same machine)", serving(args.seconds, args.connections)
         )
         table(f"Many loops in one dloop up ({args.loops})", many_loops(args.loops))
+    if not args.skip_local:
+        from benchmarks import local
+
+        table(
+            "In-process ranking (service.local.LocalRanker) beside raw VW and HTTP rank, "
+            "against dloop up",
+            local.run(
+                18000 + os.getpid() % 1000 + 3,
+                n=5000,
+                rounds=3,
+                decisions=args.ship_decisions,
+                samples=40,
+            ),
+        )
     if not args.skip_stats:
         from benchmarks import stats
 

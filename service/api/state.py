@@ -19,6 +19,7 @@ from service.core.settings import Settings
 from service.pipeline.control import LoopControl
 from service.pipeline.embedded import EmbeddedWorker
 from service.pipeline.evaluations import Jobs
+from service.pipeline.learner_process import LearnerProcess
 from service.pipeline.publisher import LogPublisher
 from service.pipeline.runtime import Registry, RetryCache
 from service.storage import store
@@ -65,7 +66,7 @@ class Dloop:
     sessions: sessionmaker[Session]
     log: LocalLog
     registry: Registry
-    worker: EmbeddedWorker | None
+    worker: EmbeddedWorker | LearnerProcess | None
     rankers: RankerPool
     clock: Callable[[], float] = time.time
     publisher: LogPublisher | None = None

@@ -29,6 +29,9 @@ class LearnerSettings(BaseModel):
     tick_seconds: float = 0.2
     # Joined events read per learning batch.
     batch_size: int = 2000
+    # `dloop up` runs the embedded learner in a process of its own beside the serving process
+    # (service.pipeline.learner_process); false runs it as a thread of the serving process.
+    separate_process: bool = True
 
 
 class LimitSettings(BaseModel):

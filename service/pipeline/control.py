@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.schemas import LoopSettings
 from service.pipeline import learning
 from service.pipeline.embedded import EmbeddedWorker
+from service.pipeline.learner_process import LearnerProcess
 from service.pipeline.runtime import LoopRuntime, Registry
 from service.storage import store
 from service.storage.models import Loop
@@ -29,7 +30,7 @@ class LoopControl:
 
     sessions: sessionmaker[Session]
     registry: Registry
-    worker: EmbeddedWorker | None
+    worker: EmbeddedWorker | LearnerProcess | None
     clock: Callable[[], float]
     database_url: str
 

@@ -247,7 +247,7 @@ class EmbeddedWorker:
             if joined and (rt.settings.guardrails or rt.fallback):
                 flip = check_loop(session, loop=name, guardrails=rt.settings.guardrails, now=now)
         if flip is not None:
-            rt.fallback = flip  # serving here follows at once
+            self.registry.set_fallback(name, flip)  # serving follows at once
         if joined:
             (self.rl_due if rt.loop_kind.episodic else self.to_learn).add(name)
         if joined >= self.batch_size:

@@ -11,7 +11,7 @@ the next request sees the new one.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,11 +148,19 @@ class Registry:
     def __init__(self, model_dir: Path) -> None:
         self.loops: dict[str, LoopRuntime] = {}
         self.model_dir = model_dir
+        # Told the names of loops whose configuration this process changed or reloaded
+        # (`configured`), and of loops whose served model or fallback it changed (`served`):
+        # how the serving process and the embedded learner's process keep each other current
+        # (service.pipeline.learner_process).
+        self.configured: Callable[[list[str]], None] | None = None
+        self.served: Callable[[list[str]], None] | None = None
 
     def get(self, name: str) -> LoopRuntime | None:
         return self.loops.get(name)
 
-    def load(self, session: Session, names: Iterable[str] | None = None) -> None:
+    def load(
+        self, session: Session, names: Iterable[str] | None = None, *, quiet: bool = False
+    ) -> None:
         """(Re)read loops' configuration and current model from the database: the loops in
         `names`, or every loop (forgetting those that are gone). A loop's configuration is
         parsed again only if it changed, and model bytes are read only for a model this process
@@ -189,6 +197,8 @@ class Registry:
                 current = store.current_model(session, loop=row.name)
                 if current is not None:
                     self.publish(row.name, current[1], current[0] if current[1] else "N/A")
+        if self.configured is not None and not quiet:
+            self.configured(sorted(gone | {row.name for row in rows}))
 
     def publish(self, name: str, model: bytes | None, model_id: str) -> None:
         rt = self.loops.get(name)
@@ -196,12 +206,24 @@ class Registry:
             return
         if model is None:
             rt.served = NO_MODEL  # blank: uniform ranking until the first model
+        else:
+            rt.served = ModelRef(model_id, write_model(self.model_dir, name, model_id, model))
+        if self.served is not None:
+            self.served([name])
+
+    def set_fallback(self, name: str, fallback: bool) -> None:
+        rt = self.loops.get(name)
+        if rt is None:
             return
-        rt.served = ModelRef(model_id, write_model(self.model_dir, name, model_id, model))
+        rt.fallback = fallback
+        if self.served is not None:
+            self.served([name])
 
     def update(self, name: str, *, config: dict[str, Any], policy: dict[str, str]) -> None:
         rt = self.loops[name]
         self._configure(rt, config, policy, LoopSettings.from_doc(config))
+        if self.configured is not None:
+            self.configured([name])
 
     @staticmethod
     def _configure(

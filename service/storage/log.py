@@ -40,15 +40,13 @@ class LocalLog:
         self._size = self._file.seek(0, os.SEEK_END)
 
     def _path(self, base: int) -> Path:
-        return self.directory / f"events-{base:020d}.log"
+        return _path(self.directory, base)
 
     def _open(self, base: int) -> BinaryIO:
         return open(self._path(base), "ab", buffering=0, opener=private_opener)
 
     def _bases(self) -> list[int]:
-        return sorted(
-            int(m.group(1)) for p in self.directory.iterdir() if (m := _SEGMENT.match(p.name))
-        )
+        return _bases(self.directory)
 
     @staticmethod
     def _repair(path: Path) -> None:
@@ -87,26 +85,71 @@ class LocalLog:
 
     def read(self, offset: int, max_bytes: int = 4 << 20) -> tuple[list[bytes], int]:
         """Complete records from `offset`, and the offset after the last one returned."""
-        bases = self._bases()
-        base = max((b for b in bases if b <= offset), default=None)
-        if base is None:
-            return [], offset
-        with open(self._path(base), "rb") as f:
-            f.seek(offset - base)
-            chunk = f.read(max_bytes)
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return [], offset
-        return chunk[:end].split(b"\n"), offset + end + 1
+        return _read(self.directory, self._bases(), offset, max_bytes)
 
     def release(self, offset: int) -> None:
         """Delete finished segments that lie wholly before `offset` (already ingested)."""
-        bases = self._bases()
-        for base, following in itertools.pairwise(bases):
-            if following <= offset and base != self._base:
-                self._path(base).unlink(missing_ok=True)
+        _release(self.directory, self._bases(), offset, keep=self._base)
 
     def close(self) -> None:
         with self._lock:
             os.fsync(self._file.fileno())
             self._file.close()
+
+
+class LogReader:
+    """The log as the embedded learner's process reads it while the serving process appends:
+    `read`, `end` and `release` as LocalLog's, from the files alone (the writer's newest segment
+    is never deleted, even before the reader sees a newer one)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def read(self, offset: int, max_bytes: int = 4 << 20) -> tuple[list[bytes], int]:
+        return _read(self.directory, _bases(self.directory), offset, max_bytes)
+
+    def end(self) -> int:
+        bases = _bases(self.directory)
+        if not bases:
+            return 0
+        try:
+            return bases[-1] + _path(self.directory, bases[-1]).stat().st_size
+        except FileNotFoundError:
+            return bases[-1]
+
+    def release(self, offset: int) -> None:
+        bases = _bases(self.directory)
+        if bases:
+            _release(self.directory, bases, offset, keep=bases[-1])
+
+
+def _path(directory: Path, base: int) -> Path:
+    return directory / f"events-{base:020d}.log"
+
+
+def _bases(directory: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _SEGMENT.match(p.name)))
+
+
+def _read(
+    directory: Path, bases: list[int], offset: int, max_bytes: int
+) -> tuple[list[bytes], int]:
+    base = max((b for b in bases if b <= offset), default=None)
+    if base is None:
+        return [], offset
+    try:
+        with open(_path(directory, base), "rb") as f:
+            f.seek(offset - base)
+            chunk = f.read(max_bytes)
+    except FileNotFoundError:
+        return [], offset
+    end = chunk.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    return chunk[:end].split(b"\n"), offset + end + 1
+
+
+def _release(directory: Path, bases: list[int], offset: int, *, keep: int) -> None:
+    for base, following in itertools.pairwise(bases):
+        if following <= offset and base != keep:
+            _path(directory, base).unlink(missing_ok=True)

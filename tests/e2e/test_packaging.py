@@ -37,6 +37,7 @@ def requirements() -> dict[str, list[Requirement]]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return {
         "dependencies": [Requirement(r) for r in project["dependencies"]],
+        "server": [Requirement(r) for r in project["optional-dependencies"]["server"]],
         "test": [Requirement(r) for r in project["optional-dependencies"]["test"]],
     }
 
@@ -47,7 +48,7 @@ def test_every_package_in_the_lock_pins_an_exact_version() -> None:
     assert "dloop" not in pins, "the project itself is installed from the source tree"
 
 
-@pytest.mark.parametrize("group", ["dependencies", "test"])
+@pytest.mark.parametrize("group", ["dependencies", "server", "test"])
 def test_pyproject_dependencies_are_locked_at_versions_they_allow(group: str) -> None:
     """A dependency added or bumped in pyproject.toml without `make lock` fails here."""
     pins = locked()
@@ -57,6 +58,51 @@ def test_pyproject_dependencies_are_locked_at_versions_they_allow(group: str) ->
         assert req.specifier.contains(pins[name], prereleases=True), (
             f"{LOCK} pins {name}=={pins[name]}, pyproject.toml asks {req}: run `make lock`"
         )
+
+
+CLIENT_IMPORTS = """
+import sys
+before = {m.split(".")[0] for m in sys.modules}  # the interpreter's own (site, .pth hooks)
+import service.client, service.local
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules} - before)))
+"""
+
+
+def test_the_client_needs_only_the_core_dependencies() -> None:
+    """`pip install dloop` (no extra) is enough for the in-process ranker and the HTTP client:
+    every distribution they import is a core dependency or one of theirs, none is a server
+    extra's alone."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT_IMPORTS], capture_output=True, text=True, check=True
+    )
+    owners = metadata.packages_distributions()
+    imported = {canonicalize_name(d) for m in out.stdout.split() for d in owners.get(m, [])}
+    imported -= {"dloop"}
+
+    def closure(names: set[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for raw in metadata.requires(name) or []:
+                req = Requirement(raw)
+                if req.marker is None or req.marker.evaluate({"extra": ""}):
+                    todo.append(canonicalize_name(req.name))
+        return seen
+
+    core = closure({canonicalize_name(r.name) for r in requirements()["dependencies"]})
+    # httpx imports its command line's packages when they happen to be installed (they are
+    # not its requirements): with only the core installed it does without them.
+    optional = {"click", "rich", "pygments", "markdown-it-py", "mdurl"}
+    assert imported - core - optional == set(), "the client imports beyond the core"
+    assert {"vowpalwabbit", "httpx", "orjson"} <= imported
 
 
 def test_dockerfile_installs_with_the_lock() -> None:

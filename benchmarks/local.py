@@ -1,0 +1,199 @@
+"""`make bench`, in-process ranking (service.local.LocalRanker) against a `dloop up`: its rank
+latency beside raw VW predict on the same example and beside the HTTP rank of the same request
+(interleaved rounds), how fast one client process ships its decisions and the server takes
+batches in, and how fresh its model is (a reward sent -> the ranker serving a model that
+learned it)."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from sqlalchemy import create_engine, select
+
+from benchmarks.run import ACTIONS, CONTEXT, KEY, Server, start_server, train
+from service.local import LocalRanker
+from service.storage.models import Joined, ModelCheckpoint
+
+HEADERS = {"Ocp-Apim-Subscription-Key": KEY}
+BODY = {"contextFeatures": CONTEXT, "actions": ACTIONS}
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    arr = np.array(samples) * 1e6
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def timed(call: Any, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def raw_vw(model: bytes) -> Any:
+    """Raw VW parse+predict of the same example on the same model bytes."""
+    from learners.features import context_json
+    from learners.vw import predict_scores, workspace
+
+    ws = workspace("--json", model)
+    text = context_json(CONTEXT, [(a["id"], a["features"]) for a in ACTIONS]).decode()
+    return lambda: predict_scores(ws, text)
+
+
+def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
+    model = httpx.get(f"{server.base}/personalizer/v1.0/model", headers=HEADERS).content
+    predict = raw_vw(model)
+    http = httpx.Client(base_url=server.base, headers=HEADERS, timeout=30)
+    with LocalRanker(server.base, key=KEY, background=False) as ranker:
+        ranker.refresh()
+        assert ranker.served.model_id != "N/A", "the ranker has no model"
+        for _ in range(200):  # warm up
+            predict()
+            ranker.rank(BODY)
+        measured: dict[str, list[tuple[float, float]]] = {"vw": [], "local": [], "http": []}
+        for _ in range(rounds):
+            measured["vw"].append(percentiles(timed(predict, n)))
+            measured["local"].append(percentiles(timed(lambda: ranker.rank(BODY), n)))
+            post = lambda: http.post("/personalizer/v1.0/rank", json=BODY)  # noqa: E731
+            measured["http"].append(percentiles(timed(post, max(200, n // 10))))
+    http.close()
+
+    def med(what: str, i: int) -> float:
+        return statistics.median(r[i] for r in measured[what])
+
+    ratios = sorted(lo[1] / vw[1] for lo, vw in zip(measured["local"], measured["vw"], strict=True))
+    return [
+        ("raw VW parse+predict p50 / p99 (us)", f"{med('vw', 0):.1f} / {med('vw', 1):.1f}"),
+        (
+            "in-process rank p50 / p99 (us)",
+            f"{med('local', 0):.1f} / {med('local', 1):.1f}",
+        ),
+        (
+            "in-process rank p99 / raw VW predict p99",
+            f"{statistics.median(ratios):.1f}x  (rounds {', '.join(f'{r:.1f}' for r in ratios)}; "
+            "target <= 2)",
+        ),
+        ("HTTP rank, one client, p50 / p99 (us)", f"{med('http', 0):.0f} / {med('http', 1):.0f}"),
+        ("HTTP rank p50 / in-process rank p50", f"{med('http', 0) / med('local', 0):.0f}x"),
+    ]
+
+
+def shipping(server: Server, decisions: int) -> list[tuple[str, str]]:
+    """One client: rank `decisions` (not timed), then ship them all (timed). Then two clients
+    shipping at once: the server's batch ingest rate."""
+
+    def filled() -> LocalRanker:
+        ranker = LocalRanker(server.base, key=KEY, background=False)
+        ranker.refresh()
+        for _ in range(decisions):
+            ranker.rank(BODY)
+        return ranker
+
+    one = filled()
+    started = time.perf_counter()
+    shipped = one.flush()
+    alone = time.perf_counter() - started
+    one.close()
+    assert shipped == decisions, (shipped, decisions)
+    pair = [filled(), filled()]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=r.flush) for r in pair]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    both = time.perf_counter() - started
+    for r in pair:
+        assert r.pending == 0
+        r.close()
+    return [
+        (
+            "decisions shipped per second, one client process",
+            f"{decisions / alone:,.0f}  ({decisions:,} decisions; target >= 20,000)",
+        ),
+        ("server batch ingest, two clients at once (records/s)", f"{2 * decisions / both:,.0f}"),
+    ]
+
+
+def freshness(server: Server, samples: int) -> list[tuple[str, str]]:
+    """Seconds from a reward (sent through the ranker) to the ranker serving a model that has
+    learned it."""
+    cfg = httpx.get(
+        f"{server.base}/personalizer/v1.0/configurations/service", headers=HEADERS
+    ).json()
+    cfg["modelExportFrequency"] = "PT1S"
+    httpx.put(f"{server.base}/personalizer/v1.0/configurations/service", json=cfg, headers=HEADERS)
+    engine = create_engine(f"sqlite:///{Path(server.data) / 'dloop.db'}")
+    seen: dict[str, float] = {}  # model id -> when the ranker first served it
+    stop = threading.Event()
+    with LocalRanker(server.base, key=KEY, ship_every=0.1) as ranker:
+
+        def watch() -> None:
+            while not stop.is_set():
+                seen.setdefault(ranker.served.model_id, time.time())
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        rewarded: dict[str, float] = {}
+        for i in range(samples):
+            event = f"fresh-{i}"
+            ranker.rank({**BODY, "eventId": event})
+            rewarded[event] = time.time()
+            ranker.reward(event, 1.0)
+            time.sleep(0.25)
+        time.sleep(4)
+        stop.set()
+        watcher.join()
+    with engine.connect() as conn:
+        seqs = dict(conn.execute(select(Joined.event_id, Joined.seq)).all())
+        learned = dict(conn.execute(select(ModelCheckpoint.model_id, ModelCheckpoint.position)))
+    engine.dispose()
+    delays = []
+    for event, t in rewarded.items():
+        seq = seqs.get(event)
+        first = min(
+            (at for mid, at in seen.items() if seq is not None and learned.get(mid, -1) >= seq),
+            default=None,
+        )
+        if first is not None:
+            delays.append(first - t)
+    arr = np.array(delays) if delays else np.array([np.nan])
+    return [
+        ("rewards measured (one every 0.25 s)", f"{len(delays)} of {samples}"),
+        (
+            "reward -> served in the local ranker, p50 / p95 (s)",
+            f"{np.percentile(arr, 50):.2f} / {np.percentile(arr, 95):.2f}",
+        ),
+    ]
+
+
+def run(port: int, *, n: int, rounds: int, decisions: int, samples: int) -> list[tuple[str, str]]:
+    server = start_server(port)
+    try:
+        train(f"{server.base}/personalizer/v1.0", HEADERS, explain=False)
+        deadline = time.time() + 30
+        while (
+            httpx.get(f"{server.base}/personalizer/v1.0/model/properties", headers=HEADERS).json()[
+                "creationTime"
+            ]
+            == httpx.get(
+                f"{server.base}/personalizer/v1.0/model/properties", headers=HEADERS
+            ).json()["lastModifiedTime"]
+        ):
+            assert time.time() < deadline, "no model was published"
+            time.sleep(0.2)
+        rows = latency(server, n, rounds)
+        rows += shipping(server, decisions)
+        rows += freshness(server, samples)
+    finally:
+        server.stop()
+    return rows
