@@ -86,6 +86,55 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
     ]
 
 
+def threads(model: bytes, seconds: float = 2.0) -> list[tuple[str, str]]:
+    """VW predictions a second from 1, 2 and 4 threads: one workspace per thread (what the
+    ranker does) against one shared behind a lock (interleaved)."""
+    import tempfile
+
+    from learners.features import context_json
+    from learners.sandbox.host import Host
+
+    text = context_json(CONTEXT, [(a["id"], a["features"]) for a in ACTIONS])
+    with tempfile.NamedTemporaryFile(suffix=".vw") as f:
+        f.write(model)
+        f.flush()
+        header = {"op": "predict", "loop": "bench", "kind": "cb", "model": ("m", f.name)}
+
+        def rate(n: int, shared: bool) -> float:
+            one, lock = Host(cache_models=1), threading.Lock()
+            counts = [0] * n
+            end = time.perf_counter() + seconds
+
+            def work(i: int) -> None:
+                host = one if shared else Host(cache_models=1)
+                while time.perf_counter() < end:
+                    if shared:
+                        with lock:
+                            host.handle(dict(header), text)
+                    else:
+                        host.handle(dict(header), text)
+                    counts[i] += 1
+
+            pool = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            return sum(counts) / seconds
+
+        rows = []
+        for n in (1, 2, 4):
+            per = [rate(n, False) for _ in range(3)]
+            locked = [rate(n, True) for _ in range(3)]
+            rows.append(
+                (
+                    f"{n} thread(s): predictions/s, workspace per thread / one behind a lock",
+                    f"{statistics.median(per):,.0f} / {statistics.median(locked):,.0f}",
+                )
+            )
+    return rows
+
+
 def shipping(server: Server, decisions: int) -> list[tuple[str, str]]:
     """One client: rank `decisions` (not timed), then ship them all (timed). Then two clients
     shipping at once: the server's batch ingest rate."""
@@ -133,12 +182,22 @@ def freshness(server: Server, samples: int) -> list[tuple[str, str]]:
     httpx.put(f"{server.base}/personalizer/v1.0/configurations/service", json=cfg, headers=HEADERS)
     engine = create_engine(f"sqlite:///{Path(server.data) / 'dloop.db'}")
     seen: dict[str, float] = {}  # model id -> when the ranker first served it
+    learned: dict[str, int] = {}  # model id -> the last joined seq it has learned
     stop = threading.Event()
     with LocalRanker(server.base, key=KEY, ship_every=0.1) as ranker:
 
         def watch() -> None:
+            polled = 0.0
             while not stop.is_set():
                 seen.setdefault(ranker.served.model_id, time.time())
+                if time.time() - polled > 0.02:  # which joined events each model has learned
+                    polled = time.time()
+                    with engine.connect() as conn:
+                        rows = conn.execute(
+                            select(ModelCheckpoint.model_id, ModelCheckpoint.position)
+                        )
+                        for model_id, position in rows:
+                            learned.setdefault(model_id, position)
                 time.sleep(0.002)
 
         watcher = threading.Thread(target=watch, daemon=True)
@@ -155,7 +214,6 @@ def freshness(server: Server, samples: int) -> list[tuple[str, str]]:
         watcher.join()
     with engine.connect() as conn:
         seqs = dict(conn.execute(select(Joined.event_id, Joined.seq)).all())
-        learned = dict(conn.execute(select(ModelCheckpoint.model_id, ModelCheckpoint.position)))
     engine.dispose()
     delays = []
     for event, t in rewarded.items():
@@ -192,7 +250,15 @@ def run(port: int, *, n: int, rounds: int, decisions: int, samples: int) -> list
             assert time.time() < deadline, "no model was published"
             time.sleep(0.2)
         rows = latency(server, n, rounds)
+        model = httpx.get(f"{server.base}/personalizer/v1.0/model", headers=HEADERS).content
+        rows += threads(model)
         rows += shipping(server, decisions)
+        # The shipped decisions are ingested first: freshness is measured on a learner
+        # that has caught up.
+        deadline = time.time() + 300
+        while httpx.get(f"{server.base}/readyz").json()["logBacklogBytes"]:
+            assert time.time() < deadline, "the learner did not catch up"
+            time.sleep(0.5)
         rows += freshness(server, samples)
     finally:
         server.stop()

@@ -122,6 +122,8 @@ class PathStyles:
             return errors.error_response(401, "Unauthorized", message)
         entry = d.keys.get(digest)
         scope["dloop.role"] = entry[0] if entry is not None else None
+        if scope_key(scope) is not None:  # the routes' check reuses it (service.api.auth)
+            scope["dloop.key_hash"] = digest
         if self.limiter is None:
             self.limiter = RateLimiter(self.rate, self.burst, d.clock)
         wait = self.limiter.check(digest)

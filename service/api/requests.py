@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from learners.sandbox import SandboxBusy, SandboxError, SandboxTimeout
 from service.api.errors import ApiError, bad_request
@@ -37,8 +37,26 @@ __all__ = [
 ]
 
 
+async def read_body(request: Request) -> bytes:
+    """The request's body: Request.body without its stream generator (a rank's body comes in
+    one message), and kept where Request.body keeps it for a later reader."""
+    if hasattr(request, "_body"):
+        return await request.body()
+    chunks: list[bytes] = []
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._body = body
+    return body
+
+
 async def json_body(request: Request, code: str, *, required: bool = True) -> Any:
-    body = await request.body()  # at most max_body_bytes: service.api.guard counts them
+    body = await read_body(request)  # at most max_body_bytes: service.api.guard counts them
     if not body.strip():
         if required:
             raise bad_request(code, "request body is required")
