@@ -289,7 +289,7 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
         ),
         ("/healthz throughput (req/s)", f"{health['rps']:.0f}"),
         ("rank throughput (req/s)", f"{rank['rps']:.0f}"),
-        ("rank / healthz throughput", f"{ratio:.2f}  (median of {ratios}; target >= 0.50)"),
+        ("rank / healthz throughput", f"{ratio:.2f}  (median of {ratios})"),
         ("rank p50 / p99 (ms)", f"{rank['p50']:.2f} / {rank['p99']:.2f}  (target p99 <= 10)"),
         ("rank p99, worst round (ms)", f"{max(r['rank']['p99'] for r in rounds):.2f}"),
         ("/healthz p50 / p99 (ms)", f"{health['p50']:.2f} / {health['p99']:.2f}"),
@@ -442,7 +442,7 @@ def main() -> None:
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-stats", action="store_true")
     parser.add_argument("--skip-local", action="store_true")
-    parser.add_argument("--ship-decisions", type=int, default=50000)
+    parser.add_argument("--ship-decisions", type=int, default=30000)
     parser.add_argument("--stats-decisions", type=int, default=1_000_000)
     parser.add_argument("--pipeline-events", type=int, default=20000)
     parser.add_argument("--loops", type=int, default=10000, help="for the many-loops table")

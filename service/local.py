@@ -16,14 +16,17 @@ constraints), so for the same model and request it answers what the server would
 decision, reward, activation and set of outcomes becomes a log record (service.core.record)
 shipped in batches to `POST .../local/records`, joined, learned, evaluated and shown like the
 server's own; records not yet shipped wait in memory (at most `max_pending` bytes: beyond, the
-oldest are dropped and counted in `dropped`).
+oldest are dropped and counted in `dropped`), and when the server is away they move to a buffer
+directory (`buffer_dir`, one per loop; at most `max_buffer` bytes, the oldest dropped and
+counted beyond), shipped first and in order when it is back, after a restart of the
+application too.
 
 The model and settings are refreshed in the background: a long poll on `GET .../local/model`
 learns of a new model within a second of its publication, and the new model replaces the old
 one atomically (a rank uses one model from start to end). Thread-safe: VW workspaces are not,
-so one lock guards them (a workspace per thread is the alternative the benchmark is to weigh).
+so each thread that ranks has its own (benchmarks/local.py weighs it against one lock).
 
-Not yet: RL loops (kinds cb and ccb are ranked), explanations, a disk buffer.
+Not yet: RL loops (kinds cb and ccb are ranked), explanations, shipping straight to Kafka.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ from service.core.requests import (
 )
 
 
+def _count(batch: bytes) -> int:
+    return batch.count(b"\n") + 1 if batch else 0
+
+
 class LocalRanker:
     def __init__(
         self,
@@ -72,6 +79,8 @@ class LocalRanker:
         ship_every: float = 0.5,
         batch_bytes: int = 192 * 1024,
         max_pending: int = 64 << 20,
+        buffer_dir: str | Path | None = None,
+        max_buffer: int = 1 << 30,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
@@ -85,9 +94,16 @@ class LocalRanker:
         self.batch_bytes = batch_bytes
         self.max_pending = max_pending
         self._dir = tempfile.TemporaryDirectory(prefix="dloop-local-")
+        # Records the server could not take wait here, in files of one batch each, shipped
+        # first and in order when it is back (given a directory, across restarts too).
+        self._buffer = Path(buffer_dir) if buffer_dir is not None else Path(self._dir.name) / "b"
+        self._buffer.mkdir(parents=True, exist_ok=True)
+        self.max_buffer = max_buffer
+        self._buffered = sorted(self._buffer.glob("*.ndjson"))
+        self._next_file = int(self._buffered[-1].stem) + 1 if self._buffered else 0
         # One VW host (its workspaces) per thread that ranks: a workspace is not thread-safe,
-        # and measured with 2 and 4 threads, per-thread workspaces ranked 1.3-1.6x as fast as
-        # one shared behind a lock (benchmarks/local.py).
+        # and per-thread workspaces never wait on each other (benchmarks/local.py weighs them
+        # against one behind a lock: as fast with one or two threads, faster with four).
         self._hosts = threading.local()
         self._all_hosts: list[Host] = []
         self._hosts_lock = threading.Lock()
@@ -325,37 +341,82 @@ class LocalRanker:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Records not shipped yet: in memory, and in the buffer directory."""
+        on_disk = sum(_count(p.read_bytes()) for p in self._buffered if p.exists())
+        return len(self._pending) + on_disk
 
     def flush(self) -> int:
-        """Ship every pending record, in order, in batches; returns how many were shipped.
-        A batch the server does not take stays pending (raised for a refusal, kept quietly
-        when the server is away)."""
+        """Ship every pending record, in order (the buffer directory's first), in batches;
+        returns how many were shipped. When the server is away (a connection error or a
+        timeout: httpx.HTTPError, raised), what is in memory moves to the buffer directory;
+        a batch the server refuses stays pending (ApiError, raised)."""
         shipped = 0
         with self._ship_lock:
-            while True:
-                with self._pending_lock:
-                    batch: list[bytes] = []
-                    size = 0
-                    for raw in self._pending:
-                        if batch and size + len(raw) + 1 > self.batch_bytes:
-                            break
-                        batch.append(raw)
-                        size += len(raw) + 1
-                if not batch:
-                    return shipped
-                r = self._http.post(
-                    f"{self._base}/local/records",
-                    content=b"\n".join(batch),
-                    headers={**self._headers, "Content-Type": "application/x-ndjson"},
-                )
-                if r.status_code != 202:
-                    raise ApiError(r.status_code, *_error(r))
-                with self._pending_lock:
-                    for _ in batch:
-                        self._pending_bytes -= len(self._pending.popleft())
-                shipped += len(batch)
-                self.shipped += len(batch)
+            try:
+                while self._buffered:
+                    path = self._buffered[0]
+                    batch = path.read_bytes()
+                    self._post(batch)
+                    path.unlink()
+                    self._buffered.pop(0)
+                    shipped += _count(batch)
+                    self.shipped += _count(batch)
+                while True:
+                    with self._pending_lock:
+                        records = self._take()
+                    if not records:
+                        return shipped
+                    self._post(b"\n".join(records))
+                    with self._pending_lock:
+                        for _ in records:
+                            self._pending_bytes -= len(self._pending.popleft())
+                    shipped += len(records)
+                    self.shipped += len(records)
+            except httpx.HTTPError:
+                self._spill()
+                raise
+
+    def _take(self) -> list[bytes]:
+        """The next batch of pending records (at most batch_bytes), left pending."""
+        batch: list[bytes] = []
+        size = 0
+        for raw in self._pending:
+            if batch and size + len(raw) + 1 > self.batch_bytes:
+                break
+            batch.append(raw)
+            size += len(raw) + 1
+        return batch
+
+    def _post(self, batch: bytes) -> None:
+        r = self._http.post(
+            f"{self._base}/local/records",
+            content=batch,
+            headers={**self._headers, "Content-Type": "application/x-ndjson"},
+        )
+        if r.status_code != 202:
+            raise ApiError(r.status_code, *_error(r))
+
+    def _spill(self) -> None:
+        """Move the records in memory to the buffer directory (one file per batch, written
+        whole before it counts), dropping the oldest files beyond max_buffer bytes."""
+        with self._pending_lock:
+            while self._pending:
+                records = self._take()
+                path = self._buffer / f"{self._next_file:012d}.ndjson"
+                self._next_file += 1
+                part = path.with_suffix(".part")
+                part.write_bytes(b"\n".join(records))
+                part.replace(path)
+                self._buffered.append(path)
+                for _ in records:
+                    self._pending_bytes -= len(self._pending.popleft())
+        sizes = [p.stat().st_size for p in self._buffered]
+        total = sum(sizes)
+        while total > self.max_buffer and len(self._buffered) > 1:
+            oldest = self._buffered.pop(0)
+            total -= sizes.pop(0)
+            self.dropped += _count(oldest.read_bytes())
+            oldest.unlink()
 
     def _ship_loop(self, every: float) -> None:
         while not self._stop.wait(every):

@@ -8,11 +8,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+import pytest
+from sqlalchemy import create_engine, text
 
 from service.local import LocalRanker
-from tests.support.harness import AUTH, LiveServer
+from tests.support.harness import AUTH, LiveServer, make_settings, serving
+from tests.support.services import free_port
 
 BLOCKED = [
     "fastapi",
@@ -91,3 +95,57 @@ def test_a_new_model_reaches_the_local_ranker_within_a_second(live_server: LiveS
         assert local.pending == 0 and local.shipped >= 300
     print(f"\nnew model -> local ranker: {', '.join(f'{x * 1000:.0f} ms' for x in lags)}")
     assert max(lags) < 1.0
+
+
+def test_records_wait_on_disk_while_the_server_is_away_and_arrive_in_order(
+    tmp_path: Path,
+) -> None:
+    """The server stops: what the ranker decides goes on, its records move to the buffer
+    directory; the server comes back on the same address and receives them, oldest first;
+    an application restarted on the same buffer directory ships what its predecessor left."""
+    settings = make_settings(tmp_path / "data", learner={"tick_seconds": 0.05})
+    port = free_port()
+    buffer = tmp_path / "buffer"
+    actions = [{"id": f"a{i}", "features": [{"t": i}]} for i in range(3)]
+
+    def decide(ranker: LocalRanker, prefix: str, n: int) -> list[str]:
+        ids = [f"{prefix}-{i:03d}" for i in range(n)]
+        for event in ids:
+            ranker.rank({"eventId": event, "contextFeatures": [{"u": 1}], "actions": actions})
+            ranker.reward(event, 1.0)
+        return ids
+
+    with serving(settings, port) as server:
+        key = httpx.post(f"{server.url}/loops/default/keys", headers=AUTH).json()["key"]
+        ranker = LocalRanker(server.url, key=key, background=False, buffer_dir=buffer)
+        first = decide(ranker, "before", 5)
+        assert ranker.flush() == 10
+    # the server is away
+    away = decide(ranker, "away", 40)
+    with pytest.raises(httpx.HTTPError):
+        ranker.flush()
+    assert list(buffer.glob("*.ndjson")) and ranker.pending == 80
+    later = decide(ranker, "later", 5)  # in memory, after what waits on disk
+    with serving(settings, port) as server:
+        assert ranker.flush() == 90 and ranker.pending == 0
+        assert not list(buffer.glob("*.ndjson"))
+    # the server is away again when the application stops: its successor ships what it left
+    last = decide(ranker, "restart", 3)
+    ranker.close()
+    assert len(list(buffer.glob("*.ndjson"))) == 1
+    with (
+        serving(settings, port) as server,
+        LocalRanker(server.url, key=key, background=False, buffer_dir=buffer) as again,
+    ):
+        assert again.pending == 6 and again.flush() == 6
+        engine = create_engine(settings.database_url)
+        query = text("SELECT event_id FROM decisions ORDER BY rowid")  # as ingested
+        deadline = time.monotonic() + 30
+        while True:
+            with engine.connect() as conn:
+                logged = [row[0] for row in conn.execute(query)]
+            if len(logged) >= 53 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        engine.dispose()
+    assert logged == first + away + later + last  # every decision, in the order decided

@@ -103,9 +103,9 @@ class LiveServer:
 
 
 @contextmanager
-def serving(settings: Settings) -> Iterator[LiveServer]:
-    """A real uvicorn server in this process (real clock) on a free port."""
-    port = free_port()
+def serving(settings: Settings, port: int | None = None) -> Iterator[LiveServer]:
+    """A real uvicorn server in this process (real clock) on a free port (or `port`)."""
+    port = port if port is not None else free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
     )
