@@ -66,9 +66,17 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The peer beside dloop in the serving table, Ray Serve + VW, gets a virtualenv of its own (Ray
+# is no dependency of dloop); if it does not install, the table says so and goes on without it.
+PEER := .venv-peer
+RAY_VERSION := 2.60.0
+
 bench: install
 	@command -v wrk >/dev/null || (apt-get install -y wrk >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y wrk >/dev/null))
+	@test -x $(PEER)/bin/python || ($(PYTHON) -m venv $(PEER) && $(PEER)/bin/python -m pip install \
+		--quiet "ray[serve]==$(RAY_VERSION)" vowpalwabbit==9.11.9 orjson) \
+		|| (rm -rf $(PEER); echo "Ray Serve did not install: the bench goes on without the peer")
 	$(BIN)/python -m benchmarks.run $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) $(PEER) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import random
 import uuid
+from collections.abc import Callable
 
 import orjson
 import uvicorn
@@ -21,14 +22,13 @@ from starlette.routing import Route
 from vowpalwabbit import pyvw
 
 
-def app(model: str) -> Starlette:
+def ranker(model: str) -> Callable[[bytes], bytes]:
+    """A rank body in, the answer out: parse, VW predict, draw (also the Ray Serve peer's,
+    benchmarks/ray_peer.py)."""
     ws = pyvw.Workspace(f"--json --quiet -i {model}")
 
-    async def healthz(request: Request) -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
-
-    async def rank(request: Request) -> Response:
-        body = orjson.loads(await request.body())
+    def rank(raw: bytes) -> bytes:
+        body = orjson.loads(raw)
         actions = body["actions"]
         text = orjson.dumps(
             {
@@ -45,8 +45,22 @@ def app(model: str) -> Starlette:
         ranking = [{"id": actions[i]["id"], "probability": probs[i]} for i in range(len(actions))]
         ranking.insert(0, ranking.pop(chosen))
         event = body.get("eventId") or uuid.uuid4().hex
-        out = {"ranking": ranking, "eventId": event, "rewardActionId": actions[chosen]["id"]}
-        return Response(orjson.dumps(out), status_code=201, media_type="application/json")
+        return orjson.dumps(
+            {"ranking": ranking, "eventId": event, "rewardActionId": actions[chosen]["id"]}
+        )
+
+    return rank
+
+
+def app(model: str) -> Starlette:
+    decide = ranker(model)
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def rank(request: Request) -> Response:
+        answer = decide(await request.body())
+        return Response(answer, status_code=201, media_type="application/json")
 
     return Starlette(
         routes=[

@@ -178,6 +178,68 @@ def start_lean(port: int, model: Path) -> Server:
         time.sleep(0.2)
 
 
+PEER = ROOT / ".venv-peer" / "bin" / "python"
+
+
+def start_peer(port: int, model: Path) -> Server | None:
+    """Ray Serve + VW (benchmarks/ray_peer.py) on `model`, in its own virtualenv (`make bench`
+    makes it); None if it is not installed or does not start."""
+    if not PEER.exists():
+        print("Ray Serve is not installed (.venv-peer): no peer in this run", file=sys.stderr)
+        return None
+    data = Path(tempfile.mkdtemp(prefix="dloop-bench-peer-"))
+    proc = subprocess.Popen(
+        [str(PEER), "-m", "benchmarks.ray_peer", "--port", str(port), "--model", str(model)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=(data / "peer.log").open("wb"),
+        start_new_session=True,  # Ray's own processes stop with its group
+    )
+    base = f"http://127.0.0.1:{port}"
+    body = {"contextFeatures": CONTEXT, "actions": ACTIONS}
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.post(f"{base}/personalizer/v1.0/rank", json=body).status_code == 201:
+                return PeerServer(proc, base, data)
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    print(f"Ray Serve did not start (see {data / 'peer.log'}): no peer", file=sys.stderr)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return None
+
+
+class PeerServer(Server):
+    def stop(self) -> float:
+        started = time.perf_counter()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        subprocess.run(
+            [str(PEER.parent / "ray"), "stop", "--force"], check=False, capture_output=True
+        )
+        return time.perf_counter() - started
+
+
+def peer_row(rounds: list[dict[str, dict[str, float]]]) -> tuple[str, str]:
+    name = "Ray Serve + VW (HAProxy, 2 replicas) / the floor's rank throughput"
+    if "peer rank" not in rounds[0]:
+        return name, "not measured (Ray Serve not installed or did not start)"
+    values = sorted(r["peer rank"]["rps"] / r["floor rank"]["rps"] for r in rounds)
+    dloop = sorted(r["rank"]["rps"] / r["peer rank"]["rps"] for r in rounds)
+    return (
+        name,
+        f"{values[1]:.2f}  (median of {', '.join(f'{v:.2f}' for v in values)}); "
+        f"dloop / Ray Serve {dloop[1]:.2f}",
+    )
+
+
 def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
     """Rank throughput against the same server's /healthz, with VW in its sandbox processes
     (the default) and, as the floor the isolation is measured against, in the serving process
@@ -212,6 +274,7 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
             httpx.get(f"{sandboxed.base}/personalizer/v1.0/model", headers=headers).content
         )
         floor = start_lean(port + 2, model)
+        peer = start_peer(port + 3, model)
 
         def run(server: Server | str, what: str, secs: int) -> dict[str, float]:
             base = server if isinstance(server, str) else server.base
@@ -225,6 +288,8 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
             for what in ("health", "rank", "explained"):
                 run(server, what, 2)
         run(floor.base, "rank", 2)
+        if peer is not None:
+            run(peer.base, "rank", 2)
         # Interleaved rounds: the machine's own drift hits every endpoint alike.
         rounds: list[dict[str, dict[str, float]]] = []
         for _ in range(3):
@@ -239,6 +304,8 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
                     "floor health": run(floor.base, "health", seconds),
                 }
             )
+            if peer is not None:
+                rounds[-1]["peer rank"] = run(peer.base, "rank", seconds)
             # With dashboards open, between two runs of rank alone (its floor: their mean), so
             # the server's drift over the round does not count as the dashboards' cost.
             rounds[-1]["rank before"] = run(sandboxed, "rank", seconds)
@@ -251,6 +318,8 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
         inline.stop()
         with contextlib.suppress(NameError):
             floor.stop()
+        with contextlib.suppress(NameError, AttributeError):
+            peer.stop()  # type: ignore[union-attr]
     vw_us = vw_predict_us()
 
     def median(f: Any) -> tuple[float, str]:
@@ -283,6 +352,7 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
             f"{lean:.2f}  (median of {leans}; target >= 0.70)",
         ),
         ("  the floor's rank throughput (req/s)", f"{mid['floor rank']['rps']:.0f}"),
+        peer_row(rounds),
         (
             "/healthz / bare Starlette app's /healthz throughput",
             f"{bare:.2f}  (median of {bares}; target >= 0.90)",
