@@ -26,7 +26,7 @@ learns of a new model within a second of its publication, and the new model repl
 one atomically (a rank uses one model from start to end). Thread-safe: VW workspaces are not,
 so each thread that ranks has its own (benchmarks/local.py weighs it against one lock).
 
-Not yet: RL loops (kinds cb and ccb are ranked), explanations, shipping straight to Kafka.
+Not yet: shipping straight to Kafka.
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ from learners.sandbox.host import Host
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
 from service.core.requests import (
+    ID_RULE,
     check_event_id,
     check_feature_count,
+    is_id,
     is_reward,
     parse_rank,
     parse_slots,
@@ -139,8 +141,8 @@ class LocalRanker:
         """Read the loop's settings and, if it changed, its model (waiting up to `wait`
         seconds for a new one); True if the model changed."""
         doc = self._get("/local/settings").json()
-        if doc["kind"] not in ("cb", "ccb"):
-            raise ValueError(f"LocalRanker ranks loops of kind cb and ccb, not {doc['kind']}")
+        if doc["kind"] not in ("cb", "ccb", "rl"):
+            raise ValueError(f"LocalRanker ranks loops of kind cb, ccb and rl, not {doc['kind']}")
         self.serving = ranking.Serving(
             loop=doc["loop"],
             kind=doc["kind"],
@@ -224,17 +226,40 @@ class LocalRanker:
         scores: list[float] = self._call("predict", served, text)
         return scores
 
+    def _explain(self, served: ModelRef, req: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per action, the context features that moved its probability most: what the
+        server's ranking processes compute (learners.importance), here."""
+        ids: list[str] = req["ids"]
+        if served.path is None:
+            return [{"id": a, "features": []} for a in ids]
+        eligible: list[bool] = req["eligible"]
+        actions = [(a, f) for a, f, ok in zip(ids, req["features"], eligible, strict=True) if ok]
+        payload = orjson.dumps({"context": req["context"], "actions": actions})
+        out: list[dict[str, Any]] = self._call(
+            "explain",
+            served,
+            payload,
+            eligible=eligible,
+            ids=ids,
+            epsilon=self.serving.exploration,
+        )
+        return out
+
     def rank(self, body: Any) -> dict[str, Any]:
         """What `POST .../rank` answers for `body` (ApiError for what it refuses)."""
         if self.serving.kind == "ccb":
             raise rank_error("this is a multi-slot loop: rank with /multislot/rank")
         req = parse_rank(body, self.max_actions, self.limits)
-        if body.get("episodeId") is not None:
-            raise rank_error("episodeId is only accepted by loops of kind rl")
         s, served, now = self.serving, self.served, self.clock()
+        episode = body.get("episodeId")
+        if episode is not None:
+            if not s.episodic:
+                raise rank_error("episodeId is only accepted by loops of kind rl")
+            if not is_id(episode):
+                raise rank_error(f"episodeId must be {ID_RULE}")
         ids: list[str] = req["ids"]
         context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
-        held = ranking.held_out(s, req, None)
+        held = ranking.held_out(s, req, episode)
         if s.mode == "LoggingOnly":
             self._predict(NO_MODEL, context)  # only parses
             order, pmf = ranking.logging_only(req["eligible"])
@@ -244,6 +269,9 @@ class LocalRanker:
             scores = self._predict(served, scored)
             pmf = ranking.policy_pmf(s, req, scores, has_model=has_model)
             order, pmf = ranking.decide(s, req, pmf, held=held, exposure=self.exposure, now=now)
+        explanation = None
+        if s.explain and s.mode != "LoggingOnly":
+            explanation = self._explain(served, req)
         decision = record.Decision(
             loop=s.loop,
             id=req["event_id"],
@@ -255,10 +283,15 @@ class LocalRanker:
             p=[pmf[i] for i in order],
             b=req["eligible"].index(True),
             m=served.model_id,
+            # A step of an episode; a rank without episodeId is an episode of one step.
+            ep=(episode or req["event_id"]) if s.episodic else None,
+            x=explanation,
             h=s.holdout_share,
             ho=held,
         )
         self._queue(record.encode(decision))
+        if s.episodic and episode is None:
+            self._queue(record.encode(record.EpisodeEnd(s.loop, req["event_id"], now, term=True)))
         if self.exposure is not None and s.mode == "Online":
             self.exposure.record(ids[order[0]], now)
         return ranking.rank_document(decision, ids, pmf)
@@ -330,6 +363,18 @@ class LocalRanker:
             self._observe(record.REWARD, event_id, value, None if name == REWARD else name)
 
     # ---- shipping -----------------------------------------------------------------------------
+
+    def end_episode(self, episode_id: str, *, terminated: bool = True) -> None:
+        """What `POST .../episodes/{episodeId}/end` does (RL loops): `terminated=False` for an
+        episode cut by a time limit rather than ended by the task."""
+        if not self.serving.episodic:
+            raise bad_request("InvalidRequest", "episodes exist only in loops of kind rl")
+        if not is_id(episode_id):
+            raise bad_request("InvalidRequest", f"episodeId must be {ID_RULE}")
+        if not isinstance(terminated, bool):
+            raise bad_request("InvalidRequest", 'body must be {"terminated": true|false}')
+        end = record.EpisodeEnd(self.serving.loop, episode_id, self.clock(), terminated)
+        self._queue(record.encode(end))
 
     def _queue(self, raw: bytes) -> None:
         with self._pending_lock:

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from service.core.errors import ApiError
 from service.local import LocalRanker
+from service.storage.models import Episode, Joined
 from tests.support.harness import AUTH, Harness, joined
 
 ACTIONS = [{"id": f"a{i}", "features": [{"topic": f"t{i}", "len": i}]} for i in range(5)]
@@ -75,6 +77,21 @@ def test_local_ranks_exactly_as_the_server(harness: Harness, local: LocalRanker)
     _same(harness, local, [_body(i) for i in range(450, 480)])
     harness.configure(learningMode="LoggingOnly")
     _same(harness, local, [_body(i, excludedActions=["a0"]) for i in range(480, 500)])
+
+
+def test_local_explains_its_decisions_as_the_server_does(
+    harness: Harness, local: LocalRanker
+) -> None:
+    """With isInferenceExplainabilityEnabled the answer carries the same inferenceExplanation
+    (before and after the first model, with exclusions)."""
+    harness.configure(isInferenceExplainabilityEnabled=True)
+    _same(harness, local, [_body(i) for i in range(5)])
+    _train(harness, 100)
+    assert local.refresh()
+    bodies = [_body(i) for i in range(600, 620)]
+    bodies += [_body(i, excludedActions=["a1"]) for i in range(620, 630)]
+    _same(harness, local, bodies)
+    assert local.rank(_body(631))["inferenceExplanation"][0]["features"]
 
 
 @pytest.mark.parametrize(
@@ -234,3 +251,60 @@ def test_threads_share_one_local_ranker(harness: Harness, local: LocalRanker) ->
         mine = list(pool.map(local.rank, bodies))
     assert [m for m in mine] == [harness.rank(b) for b in bodies]
     assert local.pending == 200
+
+
+def test_rl_loops_rank_and_end_episodes_as_the_server(harness: Harness) -> None:
+    """An RL loop: steps of an episode (episodeId) and episodes of one step answer as the
+    server's; an episode ended in process is stored like one ended through the API, and the
+    steps it shipped are joined into their episode and learned."""
+    c = harness.client
+    assert c.put("/loops/tutor", json={"kind": "rl"}, headers=AUTH).status_code == 201
+    base = "/loops/tutor/personalizer/v1.0"
+    cfg = c.get(f"{base}/configurations/service", headers=AUTH).json()
+    cfg |= {"modelExportFrequency": "PT1S", "rewardWaitTime": "PT5S"}
+    assert c.put(f"{base}/configurations/service", json=cfg, headers=AUTH).status_code == 200
+    key = c.post("/loops/tutor/keys", headers=AUTH).json()["key"]
+    local = LocalRanker(key=key, loop="tutor", http=c, background=False, clock=harness.clock)
+    moves = [{"id": m, "features": [{"move": m}]} for m in ("left", "right")]
+
+    def step(i: int, episode: str | None) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "eventId": f"s{i}",
+            "contextFeatures": [{"cell": f"c{i % 4}"}],
+            "actions": moves,
+        }
+        if episode is not None:
+            doc["episodeId"] = episode
+        return doc
+
+    def same(bodies: list[dict[str, Any]]) -> None:
+        local.refresh()
+        for b in bodies:
+            r = c.post(f"{base}/rank", json=b, headers=AUTH)
+            assert r.status_code == 201, r.text
+            assert local.rank(b) == r.json(), b
+
+    same([step(i, "ep0") for i in range(4)] + [step(i, None) for i in range(4, 6)])
+    # 6 decisions the server made first (it keeps its own) and 2 episodes of one step ended
+    assert local.flush() == 8
+    # in process: two episodes, rewarded and ended
+    for e in range(2):
+        for i in range(3):
+            out = local.rank(step(100 + 10 * e + i, f"mine{e}"))
+            local.reward(out["eventId"], 1.0 if out["rewardActionId"] == "right" else 0.0)
+        local.end_episode(f"mine{e}", terminated=e == 0)
+    with pytest.raises(ApiError) as caught:
+        local.end_episode("bad\n")
+    assert caught.value.code == "InvalidRequest"
+    assert local.flush() == 2 * (3 + 3 + 1)
+    harness.clock.advance(10)
+    harness.work()
+    with harness.dloop.sessions() as s:
+        episodes = {e.episode_id: e for e in s.scalars(select(Episode))}
+        steps = {j.event_id: j.episode for j in s.scalars(select(Joined))}
+    assert not episodes["mine1"].terminated and episodes["mine0"].terminated
+    assert episodes["mine0"].learned and episodes["mine1"].learned
+    assert {steps[f"s{100 + i}"] for i in range(3)} == {"mine0"}
+    assert local.refresh()  # the model that learned them
+    same([step(i, "ep1") for i in range(200, 204)] + [step(i, None) for i in range(204, 206)])
+    local.close()
