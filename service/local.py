@@ -83,6 +83,7 @@ class LocalRanker:
         max_pending: int = 64 << 20,
         buffer_dir: str | Path | None = None,
         max_buffer: int = 1 << 30,
+        kafka: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
@@ -103,6 +104,16 @@ class LocalRanker:
         self.max_buffer = max_buffer
         self._buffered = sorted(self._buffer.glob("*.ndjson"))
         self._next_file = int(self._buffered[-1].stem) + 1 if self._buffered else 0
+        # The production path: records straight to the events topic (`dloop join` takes them
+        # from there), {"bootstrap_servers": ..., "topic": "<prefix>.events", ...producer
+        # options}; kafka-python is the `kafka` extra, imported only then.
+        self._kafka_config = dict(kafka) if kafka is not None else None
+        self._producer: Any = None
+        self._away: tuple[type[BaseException], ...] = (httpx.HTTPError,)
+        if kafka is not None:
+            from kafka.errors import KafkaError
+
+            self._away = (httpx.HTTPError, KafkaError)
         # One VW host (its workspaces) per thread that ranks: a workspace is not thread-safe,
         # and per-thread workspaces never wait on each other (benchmarks/local.py weighs them
         # against one behind a lock: as fast with one or two threads, faster with four).
@@ -401,7 +412,7 @@ class LocalRanker:
                 while self._buffered:
                     path = self._buffered[0]
                     batch = path.read_bytes()
-                    self._post(batch)
+                    self._send(batch.split(b"\n"))
                     path.unlink()
                     self._buffered.pop(0)
                     shipped += _count(batch)
@@ -411,13 +422,13 @@ class LocalRanker:
                         records = self._take()
                     if not records:
                         return shipped
-                    self._post(b"\n".join(records))
+                    self._send(records)
                     with self._pending_lock:
                         for _ in records:
                             self._pending_bytes -= len(self._pending.popleft())
                     shipped += len(records)
                     self.shipped += len(records)
-            except httpx.HTTPError:
+            except self._away:
                 self._spill()
                 raise
 
@@ -431,6 +442,34 @@ class LocalRanker:
             batch.append(raw)
             size += len(raw) + 1
         return batch
+
+    def _send(self, records: list[bytes]) -> None:
+        """Ship one batch: to the server, or (given `kafka`) to the events topic, keyed as the
+        server's publisher keys them, returning once the broker acknowledged every record."""
+        if self._kafka_config is None:
+            self._post(b"\n".join(records))
+            return
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            config = {k: v for k, v in self._kafka_config.items() if k != "topic"}
+            self._producer = KafkaProducer(
+                **{
+                    "acks": "all",
+                    "enable_idempotence": True,
+                    "linger_ms": 5,
+                    "batch_size": 256 << 10,
+                    "request_timeout_ms": 10_000,
+                    **config,
+                }
+            )
+        topic = self._kafka_config["topic"]
+        futures = [
+            self._producer.send(topic, key=record.partition_key(raw), value=raw) for raw in records
+        ]
+        self._producer.flush(timeout=30)
+        for future in futures:
+            future.get(timeout=0)
 
     def _post(self, batch: bytes) -> None:
         r = self._http.post(
@@ -465,13 +504,13 @@ class LocalRanker:
 
     def _ship_loop(self, every: float) -> None:
         while not self._stop.wait(every):
-            with contextlib.suppress(httpx.HTTPError, ApiError):
+            with contextlib.suppress(*self._away, ApiError):
                 self.flush()
 
     def close(self) -> None:
         """Ship what is pending and stop the background threads."""
         self._stop.set()
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(*self._away):
             self.flush()
         if self._owns:
             self._poll.close()  # ends a long poll in flight
@@ -479,6 +518,8 @@ class LocalRanker:
             thread.join(timeout=1)
         if self._owns:
             self._http.close()
+        if self._producer is not None:
+            self._producer.close(timeout=5)
         self._all_hosts.clear()
         self._dir.cleanup()
 

@@ -160,8 +160,9 @@ def test_reserved_keys_are_ignored_when_a_model_serves(server: Server, context: 
     r = server.rank(body("e4", [{"ok": 1}], actions))
     assert r.status_code == 400 and "actions[0].features" in r.text, r.text
     assert server.rank(body("e3", [{"time": "noon"}])).status_code == 201
-    logged = server.event("e1")
-    assert logged and logged["ranking"]  # logged like any decision ...
+    # logged like any decision (once the learner, which yields to serving, has ingested it)
+    logged = wait_for(lambda: server.event("e1"), what="e1 logged")
+    assert logged["ranking"]
     assert server.alive()
 
 

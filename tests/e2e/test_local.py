@@ -12,10 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 
 from service.local import LocalRanker
+from service.storage.models import Joined
 from tests.support.harness import AUTH, LiveServer, make_settings, serving
+from tests.support.production import Stack, count, wait_for
 from tests.support.services import free_port
 
 BLOCKED = [
@@ -149,3 +151,35 @@ def test_records_wait_on_disk_while_the_server_is_away_and_arrive_in_order(
             time.sleep(0.05)
         engine.dispose()
     assert logged == first + away + later + last  # every decision, in the order decided
+
+
+def test_a_local_ranker_ships_straight_to_the_events_topic(stack: Stack) -> None:
+    """The production path: the ranker's records go to Kafka's events topic, keyed as the API
+    replicas' publisher keys them, and `dloop join` and `dloop learn` take them from there."""
+    cfg = stack.api("GET", "/personalizer/v1.0/configurations/service").json()
+    cfg.update(modelExportFrequency="PT1S", rewardWaitTime="PT4S")
+    assert stack.api("PUT", "/personalizer/v1.0/configurations/service", json=cfg).is_success
+    key = stack.api("POST", "/loops/default/keys").json()["key"]
+    kafka = {
+        "bootstrap_servers": stack.env["DLOOP_KAFKA__BOOTSTRAP_SERVERS"],
+        "topic": f"{stack.env['DLOOP_KAFKA__TOPIC_PREFIX']}.events",
+    }
+    before = stack.api("GET", "/personalizer/v1.0/model/properties").json()
+    actions = [{"id": f"a{i}", "features": [{"t": i}]} for i in range(3)]
+    with LocalRanker(stack.url, key=key, background=False, kafka=kafka) as ranker:
+        for i in range(60):
+            out = ranker.rank(
+                {"eventId": f"k{i}", "contextFeatures": [{"u": i}], "actions": actions}
+            )
+            ranker.reward(f"k{i}", 1.0 if out["rewardActionId"] == "a1" else 0.0)
+        assert ranker.flush() == 120 and ranker.pending == 0
+    joins = select(func.count()).select_from(Joined).where(Joined.event_id.like("k%"))
+    wait_for(lambda: count(stack.db_url, joins) == 60, 60, "the joins")
+    wait_for(
+        lambda: (
+            stack.api("GET", "/personalizer/v1.0/model/properties").json()["lastModifiedTime"]
+            != before["lastModifiedTime"]
+        ),
+        60,
+        "a model that learned them",
+    )

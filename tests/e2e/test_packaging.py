@@ -38,6 +38,7 @@ def requirements() -> dict[str, list[Requirement]]:
     return {
         "dependencies": [Requirement(r) for r in project["dependencies"]],
         "server": [Requirement(r) for r in project["optional-dependencies"]["server"]],
+        "kafka": [Requirement(r) for r in project["optional-dependencies"]["kafka"]],
         "test": [Requirement(r) for r in project["optional-dependencies"]["test"]],
     }
 
@@ -48,7 +49,7 @@ def test_every_package_in_the_lock_pins_an_exact_version() -> None:
     assert "dloop" not in pins, "the project itself is installed from the source tree"
 
 
-@pytest.mark.parametrize("group", ["dependencies", "server", "test"])
+@pytest.mark.parametrize("group", ["dependencies", "server", "kafka", "test"])
 def test_pyproject_dependencies_are_locked_at_versions_they_allow(group: str) -> None:
     """A dependency added or bumped in pyproject.toml without `make lock` fails here."""
     pins = locked()
