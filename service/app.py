@@ -208,10 +208,9 @@ async def build_state(
         home, lock = claim_replica(settings.data_dir)
     registry = load_loops(settings, sessions, home / "models", clock)
     decision_log = LocalLog(home / "log")
-    worker: EmbeddedWorker | LearnerProcess | None
-    worker, publisher = build_pipeline(settings, sessions, decision_log, registry, clock)
-    if worker is not None and run_worker and settings.learner.separate_process:
-        worker = learner_process(settings, sessions, registry)
+    worker, publisher = build_pipeline(
+        settings, sessions, decision_log, registry, clock, run_worker=run_worker
+    )
     sandbox = settings.sandbox
     rankers = (
         RankerPool(
@@ -257,9 +256,12 @@ def build_pipeline(
     decision_log: LocalLog,
     registry: Registry,
     clock: Callable[[], float],
-) -> tuple[EmbeddedWorker | None, LogPublisher | None]:
+    *,
+    run_worker: bool = False,
+) -> tuple[EmbeddedWorker | LearnerProcess | None, LogPublisher | None]:
     """Serve mode: the publisher that forwards the local log to Kafka. Embedded: the worker that
-    ingests it, joins and learns."""
+    ingests it, joins and learns; with `run_worker` and the default settings, in a process of
+    its own, started here."""
     if settings.kafka.bootstrap_servers is not None:
         kafka.ensure_topics(settings)
         publisher = LogPublisher(
@@ -269,6 +271,8 @@ def build_pipeline(
             offset_path=decision_log.directory / "published.offset",
         )
         return None, publisher
+    if run_worker and settings.learner.separate_process:
+        return learner_process(settings, sessions, decision_log, registry), None
     worker = EmbeddedWorker(
         sessions=sessions,
         decision_log=decision_log,
@@ -282,13 +286,16 @@ def build_pipeline(
 
 
 def learner_process(
-    settings: Settings, sessions: sessionmaker[Session], registry: Registry
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    decision_log: LocalLog,
+    registry: Registry,
 ) -> LearnerProcess:
     """The embedded learner as a process beside this one, started (its own served-model
-    files in `learner-models`)."""
+    files in `learner-models`), reading `decision_log`'s directory."""
     config = LearnerConfig(
         database_url=settings.database_url,
-        log_dir=str(settings.data_dir / "log"),
+        log_dir=str(decision_log.directory),
         model_dir=str(settings.data_dir / "learner-models"),
         log_level=settings.log_level,
         tick=settings.learner.tick_seconds,

@@ -14,7 +14,8 @@ server's decision rules (service.core.ranking: exclusions, the eventId-seeded dr
 and logging-only modes, the live holdout and a guardrail's fallback, serving-time
 constraints), so for the same model and request it answers what the server would. Each
 decision, reward, activation and set of outcomes becomes a log record (service.core.record)
-shipped in batches to `POST .../local/records`, joined, learned, evaluated and shown like the
+shipped in batches to `POST .../local/records` (or, given `kafka`, straight to the events
+topic), joined, learned, evaluated and shown like the
 server's own; records not yet shipped wait in memory (at most `max_pending` bytes: beyond, the
 oldest are dropped and counted in `dropped`), and when the server is away they move to a buffer
 directory (`buffer_dir`, one per loop; at most `max_buffer` bytes, the oldest dropped and
@@ -26,7 +27,7 @@ learns of a new model within a second of its publication, and the new model repl
 one atomically (a rank uses one model from start to end). Thread-safe: VW workspaces are not,
 so each thread that ranks has its own (benchmarks/local.py weighs it against one lock).
 
-Not yet: shipping straight to Kafka.
+Not yet: exposure caps counted across a fleet (each process counts its own).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from learners.sandbox import NO_MODEL, ModelRef, write_model
 from learners.sandbox.host import Host
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
+from service.core.producing import PRODUCER_OPTIONS, send_all
 from service.core.requests import (
     ID_RULE,
     check_event_id,
@@ -118,8 +120,6 @@ class LocalRanker:
         # and per-thread workspaces never wait on each other (benchmarks/local.py weighs them
         # against one behind a lock: as fast with one or two threads, faster with four).
         self._hosts = threading.local()
-        self._all_hosts: list[Host] = []
-        self._hosts_lock = threading.Lock()
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
@@ -229,8 +229,6 @@ class LocalRanker:
         host: Host | None = getattr(self._hosts, "host", None)
         if host is None:
             host = self._hosts.host = Host(cache_models=1)
-            with self._hosts_lock:
-                self._all_hosts.append(host)
         return host
 
     def _predict(self, served: ModelRef, text: bytes) -> list[float]:
@@ -373,8 +371,6 @@ class LocalRanker:
         for name, value in checked.items():
             self._observe(record.REWARD, event_id, value, None if name == REWARD else name)
 
-    # ---- shipping -----------------------------------------------------------------------------
-
     def end_episode(self, episode_id: str, *, terminated: bool = True) -> None:
         """What `POST .../episodes/{episodeId}/end` does (RL loops): `terminated=False` for an
         episode cut by a time limit rather than ended by the task."""
@@ -386,6 +382,8 @@ class LocalRanker:
             raise bad_request("InvalidRequest", 'body must be {"terminated": true|false}')
         end = record.EpisodeEnd(self.serving.loop, episode_id, self.clock(), terminated)
         self._queue(record.encode(end))
+
+    # ---- shipping -----------------------------------------------------------------------------
 
     def _queue(self, raw: bytes) -> None:
         with self._pending_lock:
@@ -412,11 +410,12 @@ class LocalRanker:
                 while self._buffered:
                     path = self._buffered[0]
                     batch = path.read_bytes()
-                    self._send(batch.split(b"\n"))
+                    records = batch.split(b"\n")
+                    self._send(records)
                     path.unlink()
                     self._buffered.pop(0)
-                    shipped += _count(batch)
-                    self.shipped += _count(batch)
+                    shipped += len(records)
+                    self.shipped += len(records)
                 while True:
                     with self._pending_lock:
                         records = self._take()
@@ -453,23 +452,9 @@ class LocalRanker:
             from kafka import KafkaProducer
 
             config = {k: v for k, v in self._kafka_config.items() if k != "topic"}
-            self._producer = KafkaProducer(
-                **{
-                    "acks": "all",
-                    "enable_idempotence": True,
-                    "linger_ms": 5,
-                    "batch_size": 256 << 10,
-                    "request_timeout_ms": 10_000,
-                    **config,
-                }
-            )
-        topic = self._kafka_config["topic"]
-        futures = [
-            self._producer.send(topic, key=record.partition_key(raw), value=raw) for raw in records
-        ]
-        self._producer.flush(timeout=30)
-        for future in futures:
-            future.get(timeout=0)
+            self._producer = KafkaProducer(**{**PRODUCER_OPTIONS, **config})
+        keyed = [(record.partition_key(raw), raw) for raw in records]
+        send_all(self._producer, self._kafka_config["topic"], keyed, timeout=30)
 
     def _post(self, batch: bytes) -> None:
         r = self._http.post(
@@ -520,7 +505,6 @@ class LocalRanker:
             self._http.close()
         if self._producer is not None:
             self._producer.close(timeout=5)
-        self._all_hosts.clear()
         self._dir.cleanup()
 
     def __enter__(self) -> LocalRanker:

@@ -17,6 +17,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from service.core.producing import PRODUCER_OPTIONS
+from service.core.producing import send_all as send_all  # the producers of this module send with it
 from service.core.settings import Settings
 
 
@@ -52,30 +54,10 @@ def ensure_topics(settings: Settings) -> None:
 
 
 def producer(settings: Settings, **overrides: Any) -> KafkaProducer:
-    """An idempotent producer: acks from all replicas, retries without duplicates or reordering."""
-    config: dict[str, Any] = {
-        "bootstrap_servers": _servers(settings),
-        "acks": "all",
-        "enable_idempotence": True,
-        "linger_ms": 5,
-        # Large batches: consumers decode record batches in Python, fewer is cheaper.
-        "batch_size": 256 << 10,
-        "max_in_flight_requests_per_connection": 5,
-        "request_timeout_ms": 10_000,
-    }
+    """An idempotent producer (service.core.producing.PRODUCER_OPTIONS)."""
+    config: dict[str, Any] = {"bootstrap_servers": _servers(settings), **PRODUCER_OPTIONS}
     config.update(overrides)
     return KafkaProducer(**config)
-
-
-def send_all(
-    producer: KafkaProducer, topic: str, messages: list[tuple[bytes, bytes]], *, timeout: float
-) -> None:
-    """Send (key, value) messages and return once the broker acknowledged every one; raises if
-    any was refused or expired, so the caller does not move its own offset past them."""
-    futures = [producer.send(topic, key=key, value=value) for key, value in messages]
-    producer.flush(timeout=timeout)
-    for future in futures:
-        future.get(timeout=0)
 
 
 def consumer(settings: Settings, *, group: str | None, **overrides: Any) -> KafkaConsumer:
