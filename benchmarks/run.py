@@ -144,16 +144,21 @@ def start_server(port: int, fill: Any = None, **env: str) -> Server:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    return Server(proc, healthy(proc, port, "dloop up"), data)
+
+
+def healthy(proc: subprocess.Popen[bytes], port: int, what: str) -> str:
+    """The base address of the server `proc` started on `port`, once its /healthz answers."""
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
         try:
             if httpx.get(f"{base}/healthz").status_code == 200:
-                return Server(proc, base, data)
+                return base
         except httpx.HTTPError:
             pass
         if time.time() > deadline or proc.poll() is not None:
-            sys.exit("dloop up did not start")
+            sys.exit(f"{what} did not start")
         time.sleep(0.2)
 
 
@@ -165,17 +170,8 @@ def start_lean(port: int, model: Path) -> Server:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz").status_code == 200:
-                return Server(proc, base, Path(tempfile.mkdtemp(prefix="dloop-bench-floor-")))
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline or proc.poll() is not None:
-            sys.exit("the lean floor server did not start")
-        time.sleep(0.2)
+    base = healthy(proc, port, "the lean floor server")
+    return Server(proc, base, Path(tempfile.mkdtemp(prefix="dloop-bench-floor-")))
 
 
 PEER = ROOT / ".venv-peer" / "bin" / "python"

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,21 +22,12 @@ from sqlalchemy import create_engine, select, text
 
 from service.storage.models import DeadLetter
 from tests.support.bodies import body
+from tests.support.production import wait_for
 from tests.support.records import dsjson
 from tests.support.services import free_port
 
 KEY = "hostile-test-admin-key-0123456789abcdef"
 HEADERS = {"Ocp-Apim-Subscription-Key": KEY}
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
-        time.sleep(0.05)
 
 
 @dataclass

@@ -15,22 +15,13 @@ from collections.abc import Callable
 import httpx
 
 from tests.support.harness import AUTH, LiveServer
+from tests.support.production import wait_for
 
 API = "/personalizer/v1.0"
 
 
 def learners() -> list[multiprocessing.Process]:
     return [p for p in multiprocessing.active_children() if p.name == "dloop-learner"]
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def stays(what: str, check: Callable[[], bool], seconds: float) -> None:
@@ -71,18 +62,18 @@ def test_the_learner_runs_apart_publishes_to_serving_and_is_replaced_when_it_die
         (first,) = learners()
         assert first.pid != os.getpid()
         # serving comes first
-        wait_for("idle priority", lambda: os.sched_getscheduler(first.pid) == os.SCHED_IDLE)
+        wait_for(lambda: os.sched_getscheduler(first.pid) == os.SCHED_IDLE, what="idle priority")
         before = client.get(f"{API}/model/properties").json()["lastModifiedTime"]
         decide(client, 20, "a")
         # learned in the learner process, served by this one
-        wait_for("a model", lambda: examples(client) >= 20)
+        wait_for(lambda: examples(client) >= 20, what="a model")
         assert client.get(f"{API}/model/properties").json()["lastModifiedTime"] != before
         assert client.get("/readyz").json()["status"] == "ready"
 
         os.kill(first.pid, signal.SIGKILL)
-        (second,) = wait_for("another learner", lambda: [p for p in learners() if p != first])
+        (second,) = wait_for(lambda: [p for p in learners() if p != first], what="another learner")
         decide(client, 20, "b")  # ranked while the learner was away or starting: not lost
-        wait_for("the decisions after the crash", lambda: examples(client) >= 40)
+        wait_for(lambda: examples(client) >= 40, what="the decisions after the crash")
         assert client.get("/readyz").json()["status"] == "ready"
         assert second.is_alive()
 
@@ -93,18 +84,18 @@ def test_a_reset_and_a_configuration_reach_the_learner(live_server: LiveServer) 
         cfg |= {"rewardWaitTime": "PT1S", "modelExportFrequency": "PT1S"}
         assert client.put(f"{API}/configurations/service", json=cfg).status_code == 200
         decide(client, 15, "a")
-        wait_for("a model", lambda: examples(client) >= 15)
+        wait_for(lambda: examples(client) >= 15, what="a model")
         # A reset: the learner starts from the blank model (had it not heard, its next export
         # would carry the 15 examples on).
         assert client.delete(f"{API}/model").status_code == 204
         assert examples(client) == 0
         decide(client, 5, "b")
-        wait_for("the reset model's examples", lambda: examples(client) == 5)
+        wait_for(lambda: examples(client) == 5, what="the reset model's examples")
         stays("nothing older comes back", lambda: examples(client) == 5, 2.0)
         # A new export period: the learner keeps what it learns until then (had it not heard,
         # it would export within a second).
         cfg["modelExportFrequency"] = "PT1H"
         assert client.put(f"{API}/configurations/service", json=cfg).status_code == 200
         decide(client, 5, "c")
-        wait_for("the decisions ingested", lambda: backlog(client) == 0)
+        wait_for(lambda: backlog(client) == 0, what="the decisions ingested")
         stays("no export before the hour", lambda: examples(client) == 5, 3.0)

@@ -73,11 +73,13 @@ def count(db_url: str, stmt: Any) -> int:
         engine.dispose()
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "", every: float = 0.3) -> Any:
+    """Poll `predicate` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
+        time.sleep(every)
+    return value
 
 
 def stored_offsets(db_url: str, kind: str, topic: str) -> dict[int, int]:
