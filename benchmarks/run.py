@@ -287,6 +287,8 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
         if peer is not None:
             run(peer.base, "rank", 2)
         # Interleaved rounds: the machine's own drift hits every endpoint alike.
+        learner = learner_pid(sandboxed)
+        learner_cpu = tree_cpu(learner)
         rounds: list[dict[str, dict[str, float]]] = []
         for _ in range(3):
             rounds.append(
@@ -309,6 +311,20 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
                 with dashboards_open(sandboxed.base, headers, n):
                     rounds[-1][f"rank, {n} dashboards"] = run(sandboxed, "rank", seconds)
             rounds[-1]["rank again"] = run(sandboxed, "rank", seconds)
+        # The learner yields to serving (nice 10) but must keep up: its backlog when the
+        # rounds end, how long it takes to learn it, and its CPU per decision served.
+        backlog = httpx.get(f"{sandboxed.base}/readyz").json()["logBacklogBytes"]
+        drained = time.monotonic()
+        while httpx.get(f"{sandboxed.base}/readyz").json()["logBacklogBytes"] > 0:
+            time.sleep(0.1)
+        drained = time.monotonic() - drained
+        ranked = sum(
+            v["rps"] * seconds
+            for r in rounds
+            for k, v in r.items()
+            if k.startswith("rank") or k == "explained"  # the sandboxed server's decisions
+        )
+        learner_cpu = (tree_cpu(learner) - learner_cpu) / ranked
     finally:
         sandboxed.stop()
         inline.stop()
@@ -369,6 +385,11 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
             "isolation: sandboxed / in-process rank throughput",
             f"{isolation:.2f}  (median of {isolations})",
         ),
+        (
+            "learner backlog when the rounds end (MB), drained in (s)",
+            f"{backlog / 1e6:.1f}, {drained:.1f}",
+        ),
+        ("learner CPU per decision ranked (ms, its process and VW's)", f"{learner_cpu * 1e3:.3f}"),
         ("raw VW parse+predict (us)", f"{vw_us:.1f}"),
         ("rank p50 / raw VW predict", f"{rank['p50'] * 1000 / vw_us:.0f}x"),
         ("rank with explanations / rank throughput", f"{cost:.2f}  (median of {costs})"),
@@ -381,6 +402,32 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
             for n in DASHBOARDS
         ),
     ]
+
+
+def learner_pid(server: Server) -> int:
+    """The server's learner process (multiprocessing's spawn child, not its helpers)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if ppid == server.proc.pid and b"spawn_main" in cmdline:
+                return int(stat.parent.name)
+    raise RuntimeError("the server has no learner process")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and every process under it."""
+    stats: dict[int, tuple[int, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, (ppid, _) in stats.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
 
 
 DASHBOARDS = (1, 20)  # open dashboards, each refreshing its loop page every 10 s

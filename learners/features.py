@@ -99,7 +99,7 @@ def _clean(
             raise FeatureError(f"{where}: empty string is not allowed as a feature name")
         if key[0] == "_":
             continue  # Personalizer ignores them; VW reserves some (`__aid`, `_multi`, ...)
-        if isinstance(value, dict | list) and key[0] >= "\x80":
+        if isinstance(value, _NESTED) and key[0] >= "\x80":
             raise FeatureError(_namespace_message(f"{where}.{key}"))
         if isinstance(value, dict):
             out[key], inner = _clean(value, f"{where}.{key}", depth + 1, limits)
@@ -185,21 +185,46 @@ def _namespace_message(where: str) -> str:
 
 
 _MAX_LOGGED_DEPTH = 64
+_NESTED = (dict, list)  # (a tuple: `dict | list` builds a union object at every test)
 
 
 def _clean_value(value: Any, where: str, depth: int = 0) -> Any:
-    """A logged namespace value with the keys Personalizer ignores dropped at every depth."""
+    """A logged namespace value with the keys Personalizer ignores dropped at every depth;
+    `value` itself (not a copy) when nothing is dropped. Every decision a learner ingests
+    passes here, so scalars are not visited one call each."""
     if depth > _MAX_LOGGED_DEPTH:
         raise FeatureError(f"{where}: nested more than {_MAX_LOGGED_DEPTH} deep")
     if isinstance(value, dict):
         for k, v in value.items():
-            if isinstance(v, dict | list) and k[:1] >= "\x80":
+            if isinstance(v, _NESTED) and k[:1] >= "\x80":
                 raise FeatureError(_namespace_message(f"{where}.{k}"))
-        return {
-            k: _clean_value(v, f"{where}.{k}", depth + 1) for k, v in value.items() if k[:1] != "_"
-        }
+        out: dict[str, Any] = {}
+        changed = False
+        for k, v in value.items():
+            if k[:1] == "_":
+                changed = True
+            elif isinstance(v, _NESTED):
+                cleaned = _clean_value(v, f"{where}.{k}", depth + 1)
+                changed |= cleaned is not v
+                out[k] = cleaned
+            elif depth == _MAX_LOGGED_DEPTH:
+                raise FeatureError(f"{where}.{k}: nested more than {_MAX_LOGGED_DEPTH} deep")
+            else:
+                out[k] = v
+        return out if changed else value
     if isinstance(value, list):
-        return [_clean_value(v, where, depth + 1) for v in value]
+        items: list[Any] = []
+        changed = False
+        for v in value:
+            if isinstance(v, _NESTED):
+                cleaned = _clean_value(v, where, depth + 1)
+                changed |= cleaned is not v
+                items.append(cleaned)
+            elif depth == _MAX_LOGGED_DEPTH:
+                raise FeatureError(f"{where}: nested more than {_MAX_LOGGED_DEPTH} deep")
+            else:
+                items.append(v)
+        return items if changed else value
     return value
 
 
@@ -207,35 +232,51 @@ def clean_context(c: Any) -> dict[str, Any]:
     """A logged decision's `c` object (from the decision log, a Kafka record, a DSJSON file),
     with the keys Personalizer ignores dropped from every feature, keeping only the structure
     dloop and Personalizer write: namespaces, `_multi` actions (`_tag` and features) and
-    `_slots` (`_id`, `_inc` and features). FeatureError if it is not shaped like that."""
+    `_slots` (`_id`, `_inc` and features). FeatureError if it is not shaped like that. `c`
+    itself (not a copy) when it was clean already."""
     if not isinstance(c, dict):
         raise FeatureError("c must be an object")
     out: dict[str, Any] = {}
     actions = c.get("_multi")
     if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
         raise FeatureError("c._multi must be a list of action objects")
+    changed = False
     for key, value in c.items():
         if key == "_multi":
             out[key] = [_clean_element(a, "_tag", f"c._multi[{i}]") for i, a in enumerate(value)]
+            changed |= any(x is not a for x, a in zip(out[key], value, strict=True))
         elif key == "_slots":
             if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
                 raise FeatureError("c._slots must be a list of slot objects")
             out[key] = [_clean_slot(s, len(actions), i) for i, s in enumerate(value)]
+            changed = True  # (rare: compared by value below)
         elif key and key[0] != "_":
             out[key] = _clean_value(value, f"c.{key}")
-    return out
+            changed |= out[key] is not value
+        else:
+            changed = True
+    if changed and out == c:
+        changed = False
+    return out if changed else c
 
 
 def _clean_element(element: dict[str, Any], id_key: str, where: str) -> dict[str, Any]:
+    """An action's (or a slot's) object, cleaned like a namespace; `element` itself when
+    nothing is dropped."""
     out: dict[str, Any] = {}
+    changed = False
     for key, value in element.items():
         if key == id_key:
             if not isinstance(value, str):
                 raise FeatureError(f"{where}.{id_key} must be a string")
             out[key] = value
         elif key and key[0] != "_":
-            out[key] = _clean_value(value, f"{where}.{key}")
-    return out
+            cleaned = _clean_value(value, f"{where}.{key}") if isinstance(value, _NESTED) else value
+            changed |= cleaned is not value
+            out[key] = cleaned
+        else:
+            changed = True
+    return out if changed else element
 
 
 def _clean_slot(slot: dict[str, Any], actions: int, i: int) -> dict[str, Any]:

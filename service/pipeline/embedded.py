@@ -99,6 +99,12 @@ class EmbeddedWorker:
         self.due: dict[str, float] | None = None
         self.to_learn: set[str] = set()
         self.rl_due: set[str] = set()
+        # Loops with pending observations (as of their last join), and loops whose
+        # configuration changed (their reward wait, say): looked at on the next pass.
+        self.pending: set[str] = set()
+        self.poked: set[str] = set()
+        if registry.configured is None:
+            registry.configured = self.poke
         # Health, for /readyz and /metrics.
         self.failing: dict[str, LoopHealth] = {}
         self.passed_at = time.monotonic()  # the end of the last pass that completed
@@ -150,6 +156,11 @@ class EmbeddedWorker:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def poke(self, names: list[str]) -> None:
+        """Loops whose configuration changed: the next pass looks at them (a shorter reward
+        wait may have closed windows already)."""
+        self.poked.update(names)
+
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -170,6 +181,10 @@ class EmbeddedWorker:
         with self._lock:
             if self.due is None:
                 self._start()
+            assert self.due is not None
+            poked, self.poked = self.poked, set()
+            for name in poked:
+                self.due[name] = -math.inf
             busy = self._ingest()
             now = self.clock()
             if busy:
@@ -253,7 +268,11 @@ class EmbeddedWorker:
         if joined >= self.batch_size:
             return True
         with self.sessions() as session:
-            at = store.next_join_at(session, loop=name, wait=rt.settings.rules.wait)
+            at, pending = store.next_join_at(session, loop=name, wait=rt.settings.rules.wait)
+        if pending:
+            self.pending.add(name)
+        else:
+            self.pending.discard(name)
         if at is None:
             self.due.pop(name, None)
         else:
@@ -286,6 +305,7 @@ class EmbeddedWorker:
         self.due.pop(name, None)
         self.to_learn.discard(name)
         self.rl_due.discard(name)
+        self.pending.discard(name)
         self.failing.pop(name, None)
         self.learning.forget(name)
 
@@ -342,8 +362,15 @@ class EmbeddedWorker:
                 log.warning("%d unreadable log records moved to dead_letters", result.dead)
             store.set_offset(session, name=LOG_OFFSET, offset=new_offset)
         for name in result.loops:
-            self.due[name] = -math.inf  # look at once (an early join, an orphan's decision)
             rt = self.registry.get(name)
+            first = result.first_decision.get(name)
+            if rt is None or first is None or name in result.observed or name in self.pending:
+                # Look at once: an observation may complete a decision early, and a decision
+                # may be the one a pending observation waits for.
+                self.due[name] = -math.inf
+            else:
+                # Decisions alone: nothing to join before the first one's window closes.
+                self.due[name] = min(self.due.get(name, math.inf), first + rt.settings.rules.wait)
             if rt is not None and rt.loop_kind.episodic:
                 self.rl_due.add(name)
         self.offset = new_offset

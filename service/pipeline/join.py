@@ -58,11 +58,16 @@ def join_due(
     stats = Rollup(
         center=store.mean_reward(session, loop=loop), rules=rules.rewards, tracked=tracked
     )
+    statuses: dict[int, str] = {}
     rows = [
         row
         for d in candidates
-        if (row := _join_one(d, by_event[d.event_id], rules, stats, loop=loop, now=now)) is not None
+        if (row := _join_one(d, by_event[d.event_id], rules, stats, statuses, loop=loop, now=now))
+        is not None
     ]
+    store.mark_joined(
+        session, loop=loop, event_ids=[r["event_id"] for r in rows], statuses=statuses
+    )
     store.add_joined(session, rows)
     store.add_stats(session, loop=loop, sums=stats.sums)
     store.add_actions(session, loop=loop, counts=stats.actions)
@@ -172,27 +177,28 @@ def _join_one(
     observations: list[Observation],
     rules: JoinRules,
     stats: Rollup,
+    statuses: dict[int, str],
     *,
     loop: str,
     now: float,
 ) -> dict[str, Any] | None:
-    """The joined row of decision `d`, marking it and its observations and adding it to
-    `stats`; None if its window is still open and it is not complete yet."""
+    """The joined row of decision `d`, adding it to `stats` and its observations' new status
+    to `statuses` (store.mark_joined writes both marks); None if its window is still open and
+    it is not complete yet."""
     r = _decision(d)
     view = view_of(d, r)
     obs = [Obs(o.kind, o.value, o.received_at, o.slot, o.name or REWARD) for o in observations]
     if d.created_at > now - rules.wait and not is_complete(view, obs, rules):
         return None
     result = join(view, obs, rules)
-    d.joined = True
     observed_at = None
     for o in observations:
         if in_window(d.created_at, o.received_at, rules.wait):
-            o.status = "joined"
+            statuses[o.id] = "joined"
             if o.kind == "reward":
                 observed_at = max(observed_at or o.received_at, o.received_at)
         else:
-            o.status = "late"
+            statuses[o.id] = "late"
             stats.late.append(o.received_at)
     stats.add(r, result)
     return {

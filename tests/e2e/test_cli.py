@@ -228,8 +228,11 @@ def test_demo_serves_the_dashboard_and_its_loop_learns(tmp_path: Path) -> None:
             assert time.time() < deadline and proc.poll() is None, "no held-out decisions"
             time.sleep(0.2)
         assert httpx.get(url).status_code == 200
-        stats = httpx.get(f"{base}/loops/default/stats", headers={"Authorization": f"Bearer {key}"})
-        assert stats.json()["models"], "no model published"
+        while not httpx.get(
+            f"{base}/loops/default/stats", headers={"Authorization": f"Bearer {key}"}
+        ).json()["models"]:
+            assert time.time() < deadline and proc.poll() is None, "no model published"
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)

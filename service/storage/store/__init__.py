@@ -34,6 +34,7 @@ from service.storage.store.join import (
     loops_to_learn,
     loops_with_pending,
     mark_dangling,
+    mark_joined,
     next_join_at,
     observations_of,
 )
@@ -177,6 +178,7 @@ __all__ = [
     "loops_to_learn",
     "loops_with_pending",
     "mark_dangling",
+    "mark_joined",
     "mark_published",
     "max_pos",
     "max_seq",

@@ -27,6 +27,8 @@ from service.storage.store.stats import count_events
 class Ingested:
     dead: int  # records that went to the dead letters
     loops: set[str]  # loops that got decisions, observations or episode ends
+    observed: set[str] = field(default_factory=set)  # loops that got observations or ends
+    first_decision: dict[str, float] = field(default_factory=dict)  # the oldest new decision
 
 
 @dataclass
@@ -60,8 +62,12 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
             continue
         _add(rows, r, raw)
     _insert_rows(session, rows)
-    loops = {str(r["loop"]) for r in (*rows.decisions, *rows.observations, *rows.ends)}
-    return Ingested(len(rows.dead), loops)
+    observed = {str(r["loop"]) for r in (*rows.observations, *rows.ends)}
+    first: dict[str, float] = {}
+    for row in rows.decisions:
+        loop, t = str(row["loop"]), float(row["created_at"])
+        first[loop] = min(first.get(loop, t), t)
+    return Ingested(len(rows.dead), observed | set(first), observed, first)
 
 
 def _read(raw: bytes) -> tuple[record.Record, bytes]:
@@ -72,7 +78,7 @@ def _read(raw: bytes) -> tuple[record.Record, bytes]:
     if isinstance(r, record.Decision | record.SlotsDecision):
         c = orjson.loads(r.c)
         cleaned = clean_context(c)
-        if cleaned != c:
+        if cleaned is not c:
             r = replace(r, c=orjson.dumps(cleaned).decode())
             raw = record.encode(r)
     return r, raw

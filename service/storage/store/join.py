@@ -3,10 +3,11 @@ dangling, joined rows added (service.pipeline.join runs the join; learners.joine
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from learners.joiner import BACKWARD_WINDOW
@@ -94,24 +95,36 @@ def decisions_to_join(
         )
     )
     if earliest and len(candidates) < limit:
-        # Driven from the (few) pending rewards, not the (many) open decisions.
-        open_ = (
-            select(Decision)
-            .join(
-                Observation,
-                and_(Observation.loop == Decision.loop, Observation.event_id == Decision.event_id),
-            )
-            .where(
+        # Driven from the (few) pending rewards, not the (many) open decisions: found by key
+        # from the rewards (any condition on the decisions' own columns, joined or created_at,
+        # let SQLite walk every open decision instead: they are checked here, in Python), then
+        # taken in time order, ties in the order their rewards came (an RL episode's steps
+        # ranked within one clock tick are learned in the order they were played).
+        first = dict(
+            session.execute(
+                select(Observation.event_id, func.min(Observation.id))
+                .where(
+                    Observation.loop == loop,
+                    Observation.status == "pending",
+                    Observation.kind == "reward",
+                )
+                .group_by(Observation.event_id)
+            ).all()
+        )
+        if first:
+            rewarded = select(Observation.event_id).where(
                 Observation.loop == loop,
                 Observation.status == "pending",
                 Observation.kind == "reward",
-                Decision.joined.is_(False),
-                Decision.created_at > now - wait,
             )
-        )
-        candidates += session.scalars(
-            open_.limit(limit - len(candidates)).with_for_update(skip_locked=True, of=Decision)
-        )
+            found = session.scalars(
+                select(Decision)
+                .where(Decision.loop == loop, Decision.event_id.in_(rewarded))
+                .with_for_update(skip_locked=True, of=Decision)
+            )
+            early = [d for d in found if not d.joined and d.created_at > now - wait]
+            early.sort(key=lambda d: (d.created_at, first.get(d.event_id, math.inf)))
+            candidates += early[: limit - len(candidates)]
     return candidates
 
 
@@ -128,16 +141,39 @@ def observations_of(
     return by_event
 
 
+def mark_joined(
+    session: Session, *, loop: str, event_ids: Sequence[str], statuses: dict[int, str]
+) -> None:
+    """Mark decisions joined and their observations joined or late (by id), in a statement
+    per kind of mark: the ORM's unit of work, flushing an update per object, cost a tenth of
+    the embedded learner's time."""
+    conn = session.connection()  # core execution: no ORM synchronisation of loaded objects
+    if event_ids:
+        conn.execute(
+            update(Decision)
+            .where(Decision.loop == loop, Decision.event_id.in_(event_ids))
+            .values(joined=True)
+        )
+    for status in sorted(set(statuses.values())):
+        ids = [i for i, s in statuses.items() if s == status]
+        conn.execute(update(Observation).where(Observation.id.in_(ids)).values(status=status))
+
+
 def add_joined(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert joined interactions (one per decision: a second insert of one is ignored)."""
+    """Insert joined interactions (one per decision: a second insert of one is ignored), as
+    a core insert (the ORM's bulk path costs more per row)."""
     if rows:
-        session.execute(insert(session, Joined).on_conflict_do_nothing(), rows)
+        session.connection().execute(
+            insert(session, Joined.__table__).on_conflict_do_nothing(), rows
+        )
 
 
-def next_join_at(session: Session, *, loop: str, wait: float) -> float | None:
-    """When `join_due` will next have work in this loop: the end of its oldest open decision's
-    window, or when its oldest orphan observation turns dangling (None: nothing is pending).
-    A reward that completes a decision early arrives through ingestion, which looks at once."""
+def next_join_at(session: Session, *, loop: str, wait: float) -> tuple[float | None, bool]:
+    """When `join_due` will next have work in this loop (None: nothing is pending): the end of
+    its oldest open decision's window, or when its oldest pending observation turns dangling;
+    and whether it has pending observations (a decision that arrives may complete one's
+    event). A reward that completes a decision early arrives through ingestion, which looks
+    at once."""
     oldest = session.scalar(
         select(func.min(Decision.created_at)).where(
             Decision.loop == loop, Decision.joined.is_(False)
@@ -149,7 +185,7 @@ def next_join_at(session: Session, *, loop: str, wait: float) -> float | None:
         )
     )
     times = [t + w for t, w in ((oldest, wait), (orphan, BACKWARD_WINDOW)) if t is not None]
-    return min(times, default=None)
+    return min(times, default=None), orphan is not None
 
 
 def loops_with_pending(session: Session) -> set[str]:

@@ -4,6 +4,7 @@ and no feature a client can send makes VW's parsers crash (a fuzzer over reserve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import multiprocessing
@@ -65,7 +66,9 @@ def test_a_crashing_input_kills_a_ranking_child_not_the_pool(tmp_path: Path) -> 
 def test_a_pool_stopped_while_a_child_starts_leaves_no_child_behind() -> None:
     """Closing the server while a crashed child's replacement was starting (or cancelling a
     start) abandoned the child being started: its process ran on and its socket was only
-    closed by the garbage collector (an unraisable ResourceWarning failed a test now and then)."""
+    closed by the garbage collector (an unraisable ResourceWarning failed a test now and then).
+    Nor when the cancelled start is cancelled again while it waits for that child (asyncio.run
+    cancels the tasks left at its end): a CI run failed on it."""
 
     def ours() -> list[Any]:
         return [p for p in multiprocessing.active_children() if p.name == "dloop-vw"]
@@ -75,16 +78,19 @@ def test_a_pool_stopped_while_a_child_starts_leaves_no_child_behind() -> None:
         starting = asyncio.get_running_loop().create_task(pool.start())
         while not ours():  # the children are being started in threads
             await asyncio.sleep(0.001)
-        starting.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        starting.cancel()  # (on a busy machine both may be up already: nothing to cancel)
+        with contextlib.suppress(asyncio.CancelledError):
             await starting
         await pool.close()
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        asyncio.run(scenario())
-        gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+        for _ in range(10):  # a race: one run in a few showed it
+            asyncio.run(scenario())
+            gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [
+        (str(w.message), w.filename, w.lineno) for w in caught
+    ]
     assert ours() == []
 
 

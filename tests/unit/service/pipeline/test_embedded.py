@@ -49,6 +49,18 @@ def test_earliest_joins_at_the_first_reward(harness: Harness) -> None:
     assert joined(harness, "fast")["_label_cost"] == -1.0  # type: ignore[index]
 
 
+def test_a_shorter_reward_wait_applies_to_decisions_already_waiting(harness: Harness) -> None:
+    """The worker looks at a loop again when its decisions' windows close: a configuration
+    that shortens the wait must move that moment (the worker kept the old one)."""
+    harness.configure(rewardWaitTime="PT10M", defaultReward=0.25)
+    harness.rank(rank_body("waiting"))
+    harness.work()
+    harness.configure(rewardWaitTime="PT5S", defaultReward=0.25)
+    harness.clock.advance(6)
+    harness.work()
+    assert joined(harness, "waiting")["_label_cost"] == -0.25  # type: ignore[index]
+
+
 def test_orphan_reward_joins_when_its_decision_arrives(harness: Harness) -> None:
     harness.reward("orphan", 1.0)
     harness.work()
@@ -288,7 +300,7 @@ def test_a_loop_deleted_during_a_pass_stops_nothing(
         )
     next_join_at = store.next_join_at
 
-    def join_then_delete(session: Any, *, loop: str, **kw: Any) -> float | None:
+    def join_then_delete(session: Any, *, loop: str, **kw: Any) -> tuple[float | None, bool]:
         at = next_join_at(session, loop=loop, **kw)
         if loop == "gone":  # the API deletes the loop while the worker is inside its pass
             assert h.client.delete("/loops/gone", headers=AUTH).status_code == 204

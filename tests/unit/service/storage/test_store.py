@@ -8,9 +8,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from learners.features import context_json
@@ -103,6 +105,51 @@ def test_decisions_to_join_are_those_whose_window_closed_or_earliest_rewarded(
         assert [d.event_id for d in early] == ["old", "rewarded"]
         found = store.observations_of(session, loop="default", event_ids=["old", "rewarded"])
         assert {k: len(v) for k, v in found.items()} == {"old": 0, "rewarded": 1}
+
+
+def test_the_early_join_is_driven_by_the_pending_rewards_not_the_open_decisions(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Every pass looks for open decisions a pending reward may complete early: SQLite must
+    find them from the (few) pending rewards, by key, never by walking the (many) open
+    decisions (it did, and the learner's pass cost grew with the reward wait: a fifth of its
+    CPU under load); they come in time order, ties in the order their rewards came."""
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, sql: str, params: Any, context: Any, many: bool) -> None:
+        statements.append((sql, params))
+
+    with sessions.begin() as session:
+        # One clock tick, ranked in this order (an RL episode's steps, say), rewarded in turn.
+        steps = [f"step-{i}" for i in (3, 1, 20, 2)]
+        records = [decision(e, 60.0) for e in steps] + [decision("other", 59.0)]
+        records += [decision(f"open-{i}", 50.0 + i) for i in range(50)]
+        rewards = [reward(e, 61.0) for e in [*steps, "other"]]
+        store.ingest(session, records=[*records, *rewards], source="t", now=62.0)
+    with sessions.begin() as session:
+        engine = session.get_bind()
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            early = store.decisions_to_join(
+                session, loop="default", wait=30.0, now=70.0, limit=10, earliest=True
+            )
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        assert [d.event_id for d in early] == ["other", *steps]
+        _closed, *rest = statements  # the first finds the closed windows (by time, indexed)
+        plans = [
+            " | ".join(
+                row[-1]
+                for row in session.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params)
+            )
+            for sql, params in rest
+        ]
+    for plan in plans:
+        assert "ix_decisions_pending" not in plan and "SCAN decisions" not in plan, plan
+    assert any(
+        "SEARCH decisions USING INDEX sqlite_autoindex_decisions_1 (loop=? AND event_id=?)" in p
+        for p in plans
+    ), plans
 
 
 def test_orphans_turn_dangling_and_only_the_newest_are_kept(
