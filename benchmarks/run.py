@@ -109,26 +109,35 @@ class Server:
     def rss_mb(self) -> float:
         """Resident memory of the server and every process under it (the forkserver and the
         ranking and learning processes it forked)."""
-        parents: dict[int, int] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(stat.parent.name)] = int(fields[1])
-        tree, grew = {self.proc.pid}, True
-        while grew:
-            more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
-            tree |= more
-            grew = bool(more)
         total = 0
-        for pid in tree:
+        for pid in process_tree(self.proc.pid):
             try:
                 lines = Path(f"/proc/{pid}/status").read_text().splitlines()
             except OSError:
                 continue
             total += next((int(x.split()[1]) for x in lines if x.startswith("VmRSS")), 0)
         return total / 1024
+
+
+def proc_stats() -> dict[int, list[str]]:
+    """Every process's /proc/<pid>/stat fields after its command name (1: its parent, 11 and
+    12: its user and system CPU time in clock ticks)."""
+    out: dict[int, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            out[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+    return out
+
+
+def process_tree(root: int, stats: dict[int, list[str]] | None = None) -> set[int]:
+    """`root` and every process under it."""
+    parents = {pid: int(f[1]) for pid, f in (stats or proc_stats()).items()}
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
 
 
 def start_server(port: int, fill: Any = None, **env: str) -> Server:
@@ -406,28 +415,19 @@ def serving(seconds: int, conns: int) -> list[tuple[str, str]]:
 
 def learner_pid(server: Server) -> int:
     """The server's learner process (multiprocessing's spawn child, not its helpers)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-            if ppid == server.proc.pid and b"spawn_main" in cmdline:
-                return int(stat.parent.name)
+    for pid, fields in proc_stats().items():
+        if int(fields[1]) == server.proc.pid:
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
     raise RuntimeError("the server has no learner process")
 
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) of a process and every process under it."""
-    stats: dict[int, tuple[int, float]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    tree, grew = {pid}, True
-    while grew:
-        more = {p for p, (ppid, _) in stats.items() if ppid in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+    stats = proc_stats()
+    ticks = sum(int(stats[p][11]) + int(stats[p][12]) for p in process_tree(pid, stats))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 DASHBOARDS = (1, 20)  # open dashboards, each refreshing its loop page every 10 s

@@ -26,9 +26,13 @@ from service.storage.store.stats import count_events
 @dataclass
 class Ingested:
     dead: int  # records that went to the dead letters
-    loops: set[str]  # loops that got decisions, observations or episode ends
-    observed: set[str] = field(default_factory=set)  # loops that got observations or ends
-    first_decision: dict[str, float] = field(default_factory=dict)  # the oldest new decision
+    observed: set[str]  # loops that got observations or episode ends
+    first_decision: dict[str, float]  # loops that got decisions: the oldest one's time
+
+    @property
+    def loops(self) -> set[str]:
+        """Loops that got decisions, observations or episode ends."""
+        return self.observed | set(self.first_decision)
 
 
 @dataclass
@@ -67,7 +71,7 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
     for row in rows.decisions:
         loop, t = str(row["loop"]), float(row["created_at"])
         first[loop] = min(first.get(loop, t), t)
-    return Ingested(len(rows.dead), observed | set(first), observed, first)
+    return Ingested(len(rows.dead), observed, first)
 
 
 def _read(raw: bytes) -> tuple[record.Record, bytes]:

@@ -100,23 +100,20 @@ def decisions_to_join(
         # let SQLite walk every open decision instead: they are checked here, in Python), then
         # taken in time order, ties in the order their rewards came (an RL episode's steps
         # ranked within one clock tick are learned in the order they were played).
+        pending = (
+            Observation.loop == loop,
+            Observation.status == "pending",
+            Observation.kind == "reward",
+        )
         first = dict(
             session.execute(
                 select(Observation.event_id, func.min(Observation.id))
-                .where(
-                    Observation.loop == loop,
-                    Observation.status == "pending",
-                    Observation.kind == "reward",
-                )
+                .where(*pending)
                 .group_by(Observation.event_id)
             ).all()
         )
         if first:
-            rewarded = select(Observation.event_id).where(
-                Observation.loop == loop,
-                Observation.status == "pending",
-                Observation.kind == "reward",
-            )
+            rewarded = select(Observation.event_id).where(*pending)
             found = session.scalars(
                 select(Decision)
                 .where(Decision.loop == loop, Decision.event_id.in_(rewarded))
