@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from learners.sandbox import InlineRankers, RankerPool
 from service.api import errors, openapi
-from service.api.middleware import NOSNIFF, CountErrors, NoSniff
+from service.api.middleware import NOSNIFF
 from service.api.paths import PathStyles
 from service.api.routes import (
     configuration,
@@ -150,7 +150,7 @@ def create_app(
     openapi.install(app, [route for module in routers for route in module.router.routes])
     if settings.docs:
         docs.install(app)
-    app.front = NoSniff(CountErrors(PathStyles(app.framework, settings=settings)))
+    app.front = PathStyles(app.framework, settings=settings)
     return app
 
 
@@ -170,7 +170,7 @@ HEALTHY = (
 
 class App(FastAPI):
     """The FastAPI app behind dloop's own front door: every HTTP request goes first through
-    NoSniff, CountErrors and PathStyles (service.api.paths: path styles, keys, rate limits, and
+    PathStyles (service.api.paths: path styles, keys, rate limits, nosniff and error counts, and
     rank, reward and activate answered there), and only what they pass on reaches the framework's
     middleware and routing. `GET /healthz` is answered before all of it. (Inside the framework's
     stack, its error, telemetry and body-limit layers and its route matching cost a /healthz

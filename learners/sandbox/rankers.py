@@ -123,11 +123,12 @@ class RankerPool:
         self.options = {"cache_models": cache_models}
         self.stats = PoolStats()
         self.on_event = on_event
-        # Free children, and requests waiting for one in arrival order: a freed child goes to
-        # the oldest waiter (a plain queue let a busy caller take it again and again while
-        # another waited seconds).
+        # Free children, and requests waiting for one in arrival order with the loop time they
+        # give up at: a freed child goes to the oldest waiter (a plain queue let a busy caller
+        # take it again and again while another waited seconds). The watchdog ends overdue
+        # waits (a timer per wait cost a rank ~6 us).
         self._free: list[_Slot] = []
-        self._waiters: deque[asyncio.Future[_Slot]] = deque()
+        self._waiters: deque[tuple[float, asyncio.Future[_Slot]]] = deque()
         self._slots: set[_Slot] = set()
         self._quarantine: OrderedDict[bytes, str] = OrderedDict()
         self._recent_deaths: list[float] = []
@@ -141,16 +142,22 @@ class RankerPool:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
-        """Stop a child that overran its deadline (one timer for the pool, not one per call):
-        its call then fails as SandboxTimeout."""
+        """Stop a child that overran its deadline, and end the waits for a free child that
+        overran theirs (one timer for the pool, not one per call): the call then fails as
+        SandboxTimeout, the wait as SandboxBusy."""
         loop = asyncio.get_running_loop()
         while not self._closed:
-            await asyncio.sleep(min(0.1, self.timeout / 4))
+            await asyncio.sleep(min(0.1, self.timeout / 4, self.wait / 4))
             now = loop.time()
             for slot in list(self._slots):
                 if slot.started and now - slot.started > self.timeout and not slot.overran:
                     slot.overran = True
                     slot.proc.process.kill()
+            for deadline, waiter in self._waiters:
+                if deadline > now:
+                    break  # in arrival order, so in deadline order
+                if not waiter.done():
+                    waiter.set_exception(TimeoutError())
 
     async def _spawn(self) -> None:
         # A child being started when the pool closes (or the start is cancelled) is still
@@ -194,7 +201,7 @@ class RankerPool:
 
     def _release(self, slot: _Slot) -> None:
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(slot)
                 return
@@ -203,18 +210,19 @@ class RankerPool:
     async def _acquire(self) -> _Slot:
         if self._free and not self._waiters:
             return self._free.pop()
-        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Slot] = loop.create_future()
+        entry = (loop.time() + self.wait, waiter)
+        self._waiters.append(entry)
         try:
-            async with asyncio.timeout(self.wait):
-                return await waiter
+            return await waiter
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release(waiter.result())  # handed over just as this caller gave up
             else:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                    self._waiters.remove(entry)
             raise
 
     def _replace(self, slot: _Slot) -> str:
@@ -301,7 +309,7 @@ class RankerPool:
         for task in restarting:
             task.cancel()
         await asyncio.gather(*restarting, return_exceptions=True)
-        for waiter in self._waiters:
+        for _, waiter in self._waiters:
             waiter.cancel()
         slots, self._slots = list(self._slots), set()
         for slot in slots:

@@ -10,6 +10,7 @@ import itertools
 import multiprocessing
 import os
 import random
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from learners.sandbox import (
     NativeCrash,
     RankerPool,
     RemoteError,
+    SandboxBusy,
     TrainerHost,
     blank_model,
     write_model,
@@ -117,6 +119,38 @@ def test_callers_waiting_for_a_ranking_child_are_served_in_turn() -> None:
         finally:
             await pool.close()
         assert pool.stats.busy == 0 and max(waits) < 0.5
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_finds_no_child_free_in_time_is_told_the_pool_is_busy() -> None:
+    """The wait for a free child ends at `wait` (the pool's watchdog ends it; the caller gets
+    SandboxBusy, a 503 to a client) and leaves the queue; the call that held the child still
+    gets its answer."""
+
+    async def scenario() -> None:
+        pool = RankerPool(1, timeout=30, wait=0.3)
+        await pool.start()
+        (slot,) = pool._slots
+        os.kill(slot.proc.process.pid, signal.SIGSTOP)  # the only child stops answering
+        try:
+            first = asyncio.ensure_future(pool.predict("loop", "cb", NO_MODEL, GOOD))
+            while pool._free:  # the first call takes the child
+                await asyncio.sleep(0)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with asyncio.timeout(10):
+                with pytest.raises(SandboxBusy):
+                    await pool.predict("loop", "cb", NO_MODEL, GOOD)
+            waited = loop.time() - started
+            assert 0.3 <= waited < 2, waited
+            assert pool.stats.busy == 1 and not pool._waiters
+        finally:
+            os.kill(slot.proc.process.pid, signal.SIGCONT)
+        try:
+            assert await first == []  # no model: parsed, no scores
+        finally:
+            await pool.close()
 
     asyncio.run(scenario())
 
