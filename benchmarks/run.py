@@ -559,6 +559,8 @@ def main() -> None:
     parser.add_argument("--stats-decisions", type=int, default=1_000_000)
     parser.add_argument("--pipeline-events", type=int, default=20000)
     parser.add_argument("--loops", type=int, default=10000, help="for the many-loops table")
+    parser.add_argument("--rl-seeds", type=int, default=10, help="per RL world and learner")
+    parser.add_argument("--skip-rl", action="store_true")
     args = parser.parse_args()
     if not args.skip_serving:
         table(
@@ -610,6 +612,16 @@ def main() -> None:
         f"{args.decisions} decisions, rewards 0-40 decisions late, explorationPercentage 0.2",
         learning(args.decisions, args.seeds),
     )
+    if not args.skip_rl:
+        from benchmarks import rl
+
+        rows, results, optima = rl.benchmark(list(rl.WORLDS), args.rl_seeds)
+        rl.plot(results, optima, rl.PLOT)
+        table(
+            "RL learning quality: dloop's default rl policy (explorationPercentage 0.2) and "
+            f"tabular Q-learning on each world, {args.rl_seeds} seeds (plot: {rl.PLOT})",
+            rows,
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@
   discounted return takes the key (return 1). The observation is (step, holding the key).
 - `dloop/ContextualBandit-v0`: one-step episodes over `learners.sim.worlds.CBWorld`
   (categorical user traits, Bernoulli clicks), so `dloop simulate` can drive cb loops too.
+- `dloop/Inventory-v0`: 15 days of a shop's stock. Each day the agent orders 0 to 3 units
+  (each costs, and any order has a fixed cost), a random demand sells what is in stock, what is
+  left costs to hold. The state is (day, stock), one categorical feature; the transition table
+  `P` (as gymnasium's toy-text worlds have) gives the optimum by value iteration.
+- `dloop/NoisyCorridor-v0`: walk right along a corridor to its end (+1, less a small cost per
+  step); the observation is the position and 20 features of random noise, redrawn each step.
+  No state is ever seen twice, so a learner must generalise over features to learn at all.
 
 `observation_features` turns any discrete or box observation into Personalizer context features,
 and `action_list` a discrete action space into actions, in the layout the tabular RL policy
@@ -84,10 +91,98 @@ class ContextualBandit(gym.Env[Any, Any]):
         return np.array([0, 0]), reward, True, False, {"expected": p}
 
 
+class Inventory(gym.Env[Any, Any]):
+    metadata: dict[str, Any] = {"render_modes": []}
+    DAYS, MAX_STOCK, START = 15, 8, 2
+    DEMAND = ((0, 0.2), (1, 0.35), (2, 0.3), (3, 0.15))  # units wanted a day, probability
+    PRICE, UNIT_COST, ORDER_COST, HOLDING = 1.0, 0.4, 0.3, 0.05
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.Discrete(self.DAYS * (self.MAX_STOCK + 1))
+        self.action_space = spaces.Discrete(4)  # units to order
+        self.day, self.stock = 0, self.START
+        self.P = {
+            self._index(day, stock): {a: self._outcomes(day, stock, a) for a in range(4)}
+            for day in range(self.DAYS)
+            for stock in range(self.MAX_STOCK + 1)
+        }
+
+    def _index(self, day: int, stock: int) -> int:
+        return day * (self.MAX_STOCK + 1) + stock
+
+    def _day(self, stock: int, order: int, demand: int) -> tuple[int, float]:
+        """The stock left and the day's profit."""
+        stocked = min(self.MAX_STOCK, stock + order)
+        sold = min(stocked, demand)
+        left = stocked - sold
+        cost = self.UNIT_COST * order + (self.ORDER_COST if order else 0.0)
+        return left, self.PRICE * sold - cost - self.HOLDING * left
+
+    def _outcomes(self, day: int, stock: int, order: int) -> list[tuple[float, int, float, bool]]:
+        done = day + 1 >= self.DAYS
+        out = []
+        for demand, p in self.DEMAND:
+            left, reward = self._day(stock, order, demand)
+            out.append((p, 0 if done else self._index(day + 1, left), reward, done))
+        return out
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.day, self.stock = 0, self.START
+        return self._index(self.day, self.stock), {}
+
+    def step(self, action: int) -> tuple[int, float, bool, bool, dict[str, Any]]:
+        demands, probabilities = zip(*self.DEMAND, strict=True)
+        demand = int(self.np_random.choice(demands, p=probabilities))
+        self.stock, reward = self._day(self.stock, int(action), demand)
+        self.day += 1
+        done = self.day >= self.DAYS
+        return 0 if done else self._index(self.day, self.stock), reward, done, False, {}
+
+
+class NoisyCorridor(gym.Env[Any, Any]):
+    metadata: dict[str, Any] = {"render_modes": []}
+    LENGTH, NOISE, NOISE_VALUES, STEP_COST = 10, 20, 8, 0.02
+    LEFT, RIGHT = 0, 1
+
+    def __init__(self) -> None:
+        self.observation_space = spaces.MultiDiscrete(
+            [self.LENGTH] + [self.NOISE_VALUES] * self.NOISE
+        )
+        self.action_space = spaces.Discrete(2)
+        self.position = 0
+
+    def _obs(self) -> np.ndarray:
+        noise = self.np_random.integers(self.NOISE_VALUES, size=self.NOISE)
+        return np.concatenate([[self.position], noise]).astype(np.int64)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self.position = 0
+        return self._obs(), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        move = 1 if action == self.RIGHT else -1
+        self.position = min(self.LENGTH - 1, max(0, self.position + move))
+        done = self.position == self.LENGTH - 1
+        reward = (1.0 if done else 0.0) - self.STEP_COST
+        return self._obs(), reward, done, False, {}
+
+    @classmethod
+    def optimum(cls) -> float:
+        return 1.0 - cls.STEP_COST * (cls.LENGTH - 1)
+
+
 def register() -> None:
     for env_id, entry in (
         ("dloop/DelayedKey-v0", "learners.sim.envs:DelayedKey"),
         ("dloop/ContextualBandit-v0", "learners.sim.envs:ContextualBandit"),
+        ("dloop/Inventory-v0", "learners.sim.envs:Inventory"),
+        ("dloop/NoisyCorridor-v0", "learners.sim.envs:NoisyCorridor"),
     ):
         if env_id not in gym.registry:
             gym.register(env_id, entry_point=entry)

@@ -32,7 +32,7 @@ from service.client import Client
 from service.core.kinds import RL, loop_kind
 
 # Largest |reward| of environments whose rewards leave [-1, 1].
-REWARD_SCALES = {"CliffWalking": 100.0, "Taxi": 20.0}
+REWARD_SCALES = {"CliffWalking": 100.0, "Taxi": 20.0, "Inventory": 3.0}
 
 
 def reward_scale_for(env_id: str) -> float:

@@ -33,6 +33,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     with serving(make_settings(data, learner={"tick_seconds": 0.05})) as live:
         made = traffic(live.url, ADMIN_KEY, rate=0, holdout=20, decisions=800, shop=True)
         assert made == 800
+        # Pages are compared with the API's figures: let the learner join every decision first
+        # (on a loaded machine it was still joining while a page drew its tiles).
+        wait_until(lambda: joined(live) == made, timeout=120)
         yield live
 
 
@@ -104,6 +107,11 @@ def api(server: LiveServer, method: str, path: str, **kw: Any) -> httpx.Response
     return httpx.request(method, f"{server.url}{path}", headers=AUTH, timeout=30, **kw)
 
 
+def joined(server: LiveServer) -> int:
+    stats = api(server, "GET", "/loops/default/stats").json()
+    return sum(b.get("joined", 0) for b in stats["buckets"])
+
+
 def test_login_overview_and_the_loop_page_draw_real_data(server: LiveServer, page: Watched) -> None:
     p = page.page
     p.goto(f"{server.url}/ui/")
@@ -132,9 +140,7 @@ def test_login_overview_and_the_loop_page_draw_real_data(server: LiveServer, pag
     )
     uplift = p.locator("#tiles .tile").first.inner_text()
     assert "not enough data" not in uplift and "[" in uplift, uplift
-    stats = api(server, "GET", "/loops/default/stats").json()
-    joined = sum(b.get("joined", 0) for b in stats["buckets"])
-    assert f"Joined (range)\n{joined}" in p.locator("#tiles").inner_text()
+    assert f"Joined (range)\n{joined(server)}" in p.locator("#tiles").inner_text()
     shoot(p, "loop")
     page.clean()
 
