@@ -129,8 +129,11 @@ class BodyReads:
 
     def _watch(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._timer is None or self._timer_loop is not loop:  # none yet, or a closed loop's
-            self._timer_loop = loop
+        if self._timer_loop is not loop:  # the app runs in a new loop: forget the old loop's
+            self._reads = {t: d for t, d in self._reads.items() if t.get_loop() is loop}
+            self._overdue.clear()
+            self._timer_loop, self._timer = loop, None
+        if self._timer is None:
             self._timer = loop.call_later(self.tick, self._sweep)
 
     def _sweep(self) -> None:
