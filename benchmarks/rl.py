@@ -116,7 +116,11 @@ def _reset_seed(seed: int, episode: int) -> int:
 
 
 def run_dloop(
-    world: World, seed: int, publish_every: int = 1, policy: str = DEFAULT_RL_POLICY
+    world: World,
+    seed: int,
+    publish_every: int = 1,
+    policy: str = DEFAULT_RL_POLICY,
+    replay: int | None = None,
 ) -> Run:
     """`world.episodes` episodes through a live loop's code, in process (the module's doc)."""
     started = time.perf_counter()
@@ -134,7 +138,11 @@ def run_dloop(
     )
     rules = JoinRules(wait=600.0, default_reward=0.0, aggregation="earliest")
     limits = FeatureLimits()
-    trainer = RLTrainer(policy, gamma=DISCOUNT)
+    trainer = (
+        RLTrainer(policy, gamma=DISCOUNT)  # the learner's own defaults
+        if replay is None
+        else RLTrainer(policy, gamma=DISCOUNT, replay=replay)
+    )
     served: vw.Workspace | None = None
     model, model_id = b"", "N/A"
     run = Run(world.name, "dloop", seed)
@@ -260,11 +268,11 @@ def run_tabular(world: World, seed: int, alpha: float = 0.2, epsilon: float = 0.
     return run
 
 
-def _task(args: tuple[str, str, int, int, str]) -> Run:
-    name, learner, seed, publish_every, policy = args
+def _task(args: tuple[str, str, int, int, str, int | None]) -> Run:
+    name, learner, seed, publish_every, policy, replay = args
     world = WORLDS[name]
     if learner == "dloop":
-        return run_dloop(world, seed, publish_every, policy)
+        return run_dloop(world, seed, publish_every, policy, replay)
     return run_tabular(world, seed)
 
 
@@ -343,12 +351,13 @@ def benchmark(
     publish_every: int = 1,
     policy: str = DEFAULT_RL_POLICY,
     reference: bool = True,
+    replay: int | None = None,
 ) -> tuple[list[tuple[str, str]], dict[str, dict[str, list[Run]]], dict[str, float]]:
     from tqdm import tqdm
 
     learners = ("dloop", "tabular Q") if reference else ("dloop",)
     tasks = [
-        (name, learner, seed, publish_every, policy)
+        (name, learner, seed, publish_every, policy, replay)
         for name in worlds
         for learner in learners
         for seed in range(seeds)
@@ -394,6 +403,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=PLOT)
     parser.add_argument("--policy", default=DEFAULT_RL_POLICY, help="VW arguments (a loop's)")
     parser.add_argument("--no-reference", action="store_true", help="dloop's side only")
+    parser.add_argument(
+        "--replay", type=int, help="recent episodes replayed after each (the learner's: 4)"
+    )
     args = parser.parse_args()
     worlds = [w for w in args.worlds.split(",") if w]
     unknown = [w for w in worlds if w not in WORLDS]
@@ -406,6 +418,7 @@ def main() -> None:
         publish_every=args.publish_every,
         policy=args.policy,
         reference=not args.no_reference,
+        replay=args.replay,
     )
     width = max(len(k) for k, _ in rows)
     print("\nRL learning quality")
