@@ -44,7 +44,13 @@ from learners.rl import DEFAULT_RL_POLICY, RLTrainer, Step
 from learners.sim import envs
 from service.core.ranking import Serving, decide, policy_pmf
 from service.core.requests import parse_rank
-from service.pipeline.simulate import greedy_return, make_env, optimal_return
+from service.pipeline.simulate import (
+    EVAL_SEED,
+    greedy_return,
+    make_env,
+    mean_return,
+    optimal_return,
+)
 
 LOOP = "bench"
 PLOT = Path(__file__).parent.parent / "docs" / "rl-quality.png"  # the README shows it
@@ -230,20 +236,6 @@ def run_tabular(world: World, seed: int, alpha: float = 0.2, epsilon: float = 0.
     def greedy(obs: Any) -> int:
         return int(np.argmax(q[key(obs)]))  # unseen: the first action, as a blank model
 
-    def play() -> float:
-        genv = make_env(world.env_id, world.max_steps)
-        totals = []
-        for i in range(world.eval_episodes):
-            o, _ = genv.reset(seed=10_000 + i)
-            total = 0.0
-            while True:
-                o, r, term, trunc, _ = genv.step(greedy(o))
-                total += float(r)
-                if term or trunc:
-                    break
-            totals.append(total)
-        return float(np.mean(totals))
-
     for ep in range(world.episodes):
         obs, _ = env.reset(seed=_reset_seed(seed, ep))
         total = 0.0
@@ -263,7 +255,8 @@ def run_tabular(world: World, seed: int, alpha: float = 0.2, epsilon: float = 0.
         run.returns.append(total)
         done = ep + 1
         if done % world.eval_every == 0 or done == world.episodes:
-            run.greedy[done] = play()
+            genv = make_env(world.env_id, world.max_steps)  # dloop's evaluation episodes
+            run.greedy[done] = mean_return(genv, greedy, world.eval_episodes, EVAL_SEED)
     run.seconds = time.perf_counter() - started
     return run
 
@@ -297,15 +290,15 @@ def summarise(runs: list[Run], optimum: float, threshold: float) -> Summary:
 
 
 def describe(summary: Summary, budget: int) -> tuple[str, str, str]:
-    def episodes(values: list[float]) -> str:
-        return ">" + str(budget) if math.isinf(values) else f"{values:.0f}"  # type: ignore[arg-type]
+    def episodes(value: float) -> str:
+        return f">{budget}" if math.isinf(value) else f"{value:.0f}"
 
     ordered = sorted(summary.to_threshold)
     median = ordered[(len(ordered) - 1) // 2]
     hit = sum(not math.isinf(v) for v in ordered)
     finals = sorted(summary.final)
     return (
-        f"{episodes(median)} / {episodes(ordered[-1])}  ({hit}/{len(ordered)} reach)",  # type: ignore[arg-type]
+        f"{episodes(median)} / {episodes(ordered[-1])}  ({hit}/{len(ordered)} reach)",
         f"{float(np.median(finals)):.2f} / {finals[0]:.2f}",
         f"{max(summary.drop):.0%}",
     )

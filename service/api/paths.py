@@ -90,8 +90,7 @@ class PathStyles:
                 413, "PayloadSizeExceeded", f"request body exceeds {cap} bytes"
             )
         if refused is not None:
-            await send_response(refused, send)
-            count_error(scope, refused.status_code)
+            await _answer(scope, refused, send)
             return
         receive = self.reads.limited(receive, cap=cap, timeout=self.body_timeout)
         if method == "POST" and (hot := _HOT.fullmatch(path)):
@@ -99,8 +98,7 @@ class PathStyles:
                 response = await self._hot(hot, scope, receive)
             except (BodyTooLarge, BodyTimeout) as exc:
                 response = errors.http_error_response(exc)
-            await send_response(response, send)
-            count_error(scope, response.status_code)
+            await _answer(scope, response, send)
             return
         status = 0
 
@@ -164,3 +162,9 @@ class PathStyles:
         except Exception:
             errors.log.exception("unhandled error")
             return errors.error_response(500, "InternalServerError", "internal error")
+
+
+async def _answer(scope: Scope, response: Response, send: Send) -> None:
+    """An answer the front door gives itself: sent with nosniff, and counted if an error."""
+    await send_response(response, send)
+    count_error(scope, response.status_code)

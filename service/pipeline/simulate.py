@@ -32,6 +32,8 @@ from service.client import Client
 from service.core.kinds import RL, loop_kind
 
 # Largest |reward| of environments whose rewards leave [-1, 1].
+# The first seed of the fixed evaluation episodes greedy returns are measured on.
+EVAL_SEED = 10_000
 REWARD_SCALES = {"CliffWalking": 100.0, "Taxi": 20.0, "Inventory": 3.0}
 
 
@@ -159,7 +161,7 @@ def run(
 
 
 def optimal_return(
-    env_id: str, max_steps: int, episodes: int, seed: int = 10_000, gamma: float = 0.99
+    env_id: str, max_steps: int, episodes: int, seed: int = EVAL_SEED, gamma: float = 0.99
 ) -> float | None:
     """The optimal policy's mean return on the greedy evaluation's seeds, for environments
     with a known transition table (gymnasium's toy-text `P`: CliffWalking, Taxi, FrozenLake),
@@ -184,10 +186,12 @@ def optimal_return(
         if np.max(np.abs(new - values)) < 1e-9:
             break
         values = new
-    return _play(env, lambda obs: int(np.argmax(q(int(obs)))), episodes, seed)
+    return mean_return(env, lambda obs: int(np.argmax(q(int(obs)))), episodes, seed)
 
 
-def _play(env: gym.Env[Any, Any], act: Callable[[Any], int], episodes: int, seed: int) -> float:
+def mean_return(
+    env: gym.Env[Any, Any], act: Callable[[Any], int], episodes: int, seed: int
+) -> float:
     """Mean return of the policy `act` (observation -> action) over `episodes` fixed seeds."""
     totals = []
     for i in range(episodes):
@@ -203,7 +207,7 @@ def _play(env: gym.Env[Any, Any], act: Callable[[Any], int], episodes: int, seed
 
 
 def greedy_return(
-    model: bytes, kind: str, env_id: str, max_steps: int, episodes: int, seed: int = 10_000
+    model: bytes, kind: str, env_id: str, max_steps: int, episodes: int, seed: int = EVAL_SEED
 ) -> float:
     """Mean return of the model's greedy policy over `episodes` fixed seeds (played locally)."""
     if not model:
@@ -222,4 +226,4 @@ def greedy_return(
         values = score(context_json(envs.observation_features(obs), pairs))
         return int(actions[int(np.argmax(values))]["id"])
 
-    return _play(env, act, episodes, seed)
+    return mean_return(env, act, episodes, seed)

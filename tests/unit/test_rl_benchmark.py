@@ -3,13 +3,14 @@ worlds with fixed seeds through the same code as `make bench` (a live loop's cod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 
 from benchmarks.rl import WORLDS, optimum_of, run_dloop, run_tabular, summarise, threshold_of
 from learners.sim.envs import Inventory
-from service.pipeline.simulate import make_env
+from service.pipeline.simulate import make_env, mean_return
 
 
 def test_the_inventory_optimum_is_what_its_policy_earns_by_playing_the_world() -> None:
@@ -18,34 +19,18 @@ def test_the_inventory_optimum_is_what_its_policy_earns_by_playing_the_world() -
     order-up-to rule does better."""
     env = Inventory()
     values = np.zeros(len(env.P))
+
+    def q(s: int, a: int) -> float:
+        return float(sum(p * (r + (0 if d else values[s2])) for p, s2, r, d in env.P[s][a]))
+
     for _ in range(env.DAYS + 1):  # finite horizon: exact after DAYS sweeps
-        values = np.array(
-            [
-                max(
-                    sum(p * (r + (0 if done else values[s2])) for p, s2, r, done in env.P[s][a])
-                    for a in range(4)
-                )
-                for s in range(len(env.P))
-            ]
-        )
+        values = np.array([max(q(s, a) for a in range(4)) for s in range(len(env.P))])
 
     def best(s: int) -> int:
-        q = [
-            sum(p * (r + (0 if d else values[s2])) for p, s2, r, d in env.P[s][a]) for a in range(4)
-        ]
-        return int(np.argmax(q))
+        return int(np.argmax([q(s, a) for a in range(4)]))
 
-    def play(policy: object, episodes: int = 2000) -> float:
-        world = make_env("dloop/Inventory-v0", 15)
-        total = 0.0
-        for i in range(episodes):
-            obs, _ = world.reset(seed=i)
-            while True:
-                obs, r, term, trunc, _ = world.step(policy(obs))  # type: ignore[operator]
-                total += float(r)
-                if term or trunc:
-                    break
-        return total / episodes
+    def play(policy: Callable[[int], int], episodes: int = 2000) -> float:
+        return mean_return(make_env("dloop/Inventory-v0", 15), policy, episodes, 0)
 
     start = env.START  # day 0
     assert abs(play(best) - values[start]) < 0.15
