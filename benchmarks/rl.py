@@ -42,7 +42,8 @@ from learners.features import FeatureLimits, context_json
 from learners.joiner import DecisionView, JoinRules, Obs, join
 from learners.rl import DEFAULT_RL_POLICY, RLTrainer, Step
 from learners.sim import envs
-from service.core.ranking import Serving, decide, policy_pmf
+from learners.tiles import TileCoding
+from service.core.ranking import Serving, code_tiles, decide, policy_pmf
 from service.core.requests import parse_rank
 from service.pipeline.simulate import (
     EVAL_SEED,
@@ -69,7 +70,12 @@ class World:
     reward_scale: float = 1.0  # dloop takes rewards in [-1, 1]
     optimum: float | None = None  # else value iteration on the world's table
     threshold: float | None = None  # what counts as learned; else within 10% of the optimum
+    tiles: TileCoding | None = None  # the loop's tile coding of numeric context features
 
+
+# CartPole's loop codes its state (position, velocity, angle, angular velocity) jointly in 8
+# tilings of cells about a sixth of each element's usual range wide.
+CARTPOLE_TILES = TileCoding(8, {"state.x": (0.8, 1.0, 0.07, 0.6)})
 
 WORLDS = {
     w.name: w
@@ -79,7 +85,17 @@ WORLDS = {
         World("FrozenLake", "FrozenLake-v1", 300, 100, 10, 200),
         World("Inventory", "dloop/Inventory-v0", 300, 15, 10, 200, reward_scale=3.0),
         World("DelayedKey", "dloop/DelayedKey-v0", 300, 10, 10, 1, optimum=1.0),
-        World("CartPole", "CartPole-v1", 500, 500, 25, 20, optimum=500.0, threshold=195.0),
+        World(
+            "CartPole",
+            "CartPole-v1",
+            500,
+            500,
+            25,
+            20,
+            optimum=500.0,
+            threshold=195.0,
+            tiles=CARTPOLE_TILES,
+        ),
         World(
             "NoisyCorridor",
             "dloop/NoisyCorridor-v0",
@@ -127,6 +143,7 @@ def run_dloop(
     publish_every: int = 1,
     policy: str = DEFAULT_RL_POLICY,
     replay: int | None = None,
+    lam: float | None = None,
 ) -> Run:
     """`world.episodes` episodes through a live loop's code, in process (the module's doc)."""
     started = time.perf_counter()
@@ -144,11 +161,8 @@ def run_dloop(
     )
     rules = JoinRules(wait=600.0, default_reward=0.0, aggregation="earliest")
     limits = FeatureLimits()
-    trainer = (
-        RLTrainer(policy, gamma=DISCOUNT)  # the learner's own defaults
-        if replay is None
-        else RLTrainer(policy, gamma=DISCOUNT, replay=replay)
-    )
+    knobs: dict[str, Any] = {k: v for k, v in (("replay", replay), ("lam", lam)) if v is not None}
+    trainer = RLTrainer(policy, gamma=DISCOUNT, **knobs)  # else the learner's own defaults
     served: vw.Workspace | None = None
     model, model_id = b"", "N/A"
     run = Run(world.name, "dloop", seed)
@@ -168,6 +182,7 @@ def run_dloop(
                     "episodeId": episode,
                 }
                 req = parse_rank(body, 50, limits)
+                code_tiles(world.tiles, req)
                 pairs = list(zip(req["ids"], req["features"], strict=True))
                 context = context_json(req["context"], pairs)
                 scores = vw.predict_scores(served, context.decode()) if served else []
@@ -204,7 +219,12 @@ def run_dloop(
                 served = vw.workspace("--json", model)
             if done % world.eval_every == 0 or done == world.episodes:
                 run.greedy[done] = greedy_return(
-                    model, "rl", world.env_id, world.max_steps, world.eval_episodes
+                    model,
+                    "rl",
+                    world.env_id,
+                    world.max_steps,
+                    world.eval_episodes,
+                    tiles=world.tiles,
                 )
     finally:
         trainer.close()
@@ -261,11 +281,11 @@ def run_tabular(world: World, seed: int, alpha: float = 0.2, epsilon: float = 0.
     return run
 
 
-def _task(args: tuple[str, str, int, int, str, int | None]) -> Run:
-    name, learner, seed, publish_every, policy, replay = args
+def _task(args: tuple[str, str, int, int, str, int | None, float | None]) -> Run:
+    name, learner, seed, publish_every, policy, replay, lam = args
     world = WORLDS[name]
     if learner == "dloop":
-        return run_dloop(world, seed, publish_every, policy, replay)
+        return run_dloop(world, seed, publish_every, policy, replay, lam)
     return run_tabular(world, seed)
 
 
@@ -345,12 +365,13 @@ def benchmark(
     policy: str = DEFAULT_RL_POLICY,
     reference: bool = True,
     replay: int | None = None,
+    lam: float | None = None,
 ) -> tuple[list[tuple[str, str]], dict[str, dict[str, list[Run]]], dict[str, float]]:
     from tqdm import tqdm
 
     learners = ("dloop", "tabular Q") if reference else ("dloop",)
     tasks = [
-        (name, learner, seed, publish_every, policy, replay)
+        (name, learner, seed, publish_every, policy, replay, lam)
         for name in worlds
         for learner in learners
         for seed in range(seeds)
@@ -399,6 +420,7 @@ def main() -> None:
     parser.add_argument(
         "--replay", type=int, help="recent episodes replayed after each (the learner's: 4)"
     )
+    parser.add_argument("--lam", type=float, help="the trainer's lambda (the learner's: 0.8)")
     args = parser.parse_args()
     worlds = [w for w in args.worlds.split(",") if w]
     unknown = [w for w in worlds if w not in WORLDS]
@@ -412,6 +434,7 @@ def main() -> None:
         policy=args.policy,
         reference=not args.no_reference,
         replay=args.replay,
+        lam=args.lam,
     )
     width = max(len(k) for k, _ in rows)
     print("\nRL learning quality")

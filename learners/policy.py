@@ -149,6 +149,10 @@ _RATE = _number(0, 1000)
 _BOUND = _number(-1e6, 1e6)
 _SEED = _number(0, 2**32 - 1, whole=True)
 _FLAG = _Option()
+# dloop's own option for an RL loop's policy (learners.rl.resolve): learn state x action crosses
+# only, resolved into VW's -q/--ignore_linear/--noconstant once a logged line shows the
+# namespaces. VW never sees the word itself (without_cross).
+CROSS = "--cross_state_action"
 _EXPLORE_FLAG = _Option(explore=True)
 _LIST = _Option(_namespaces(1, 64), repeat=True)
 
@@ -160,6 +164,8 @@ _OPTIONS: dict[str, _Option] = {
     "--cb_explore_adf": _FLAG,
     "--ccb_explore_adf": _FLAG,
     "--cb_adf": _FLAG,
+    # dloop's own, RL loops only (learners.rl): cross the state's namespaces with the actions'.
+    CROSS: _FLAG,
     # Exploration algorithms, one at a time (_ALGORITHMS), and their parameters.
     "--epsilon": _Option(_UNIT, explore=True),
     "--squarecb": _EXPLORE_FLAG,
@@ -351,6 +357,8 @@ def check_arguments(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
     others = sorted((_LOOP_ALGORITHMS - {algorithm}) & set(names))
     if others:
         raise PolicyError(f"this loop's policy must use {algorithm}, not {' '.join(others)}")
+    if CROSS in names and algorithm != "--cb_adf":
+        raise PolicyError(f"{CROSS} is for RL loops only")
     for name in dict.fromkeys(names):
         if names.count(name) > 1 and not _OPTIONS[name].repeat:
             raise PolicyError(f"option {name} is given more than once")
@@ -366,6 +374,11 @@ def check_arguments(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
                 f"option {exploring} is for exploration, and an RL loop explores outside "
                 "Vowpal Wabbit (explorationPercentage)"
             )
+
+
+def without_cross(args: str) -> str:
+    """The arguments with dloop's CROSS removed (what VW may see before it is resolved)."""
+    return " ".join(word for word in args.split(" ") if word and word != CROSS)
 
 
 def with_exploration(args: str, exploration: float) -> str:

@@ -17,19 +17,38 @@ G_t. It then replays a few recent episodes with targets recomputed from the upda
 
 Why: one-step Q-learning moves a delayed reward back one step per visit, so a reward at the end
 of a long episode needs many episodes to reach its start; Monte-Carlo returns (lambda = 1) move it
-at once but carry the variance of every later exploratory action. lambda = 0.8 with the Watkins
-cut gets most of both, and replaying recent episodes makes every logged step, a live user
-interaction, count several times. On CliffWalking (`/tmp` experiments kept in the note) this
-reached the optimal greedy return in 150 episodes where one-step Q-learning took 200. Q
-regression must not be importance-weighted (targets already belong to the greedy policy), so
+at once but carry the variance of every later exploratory action and every random transition.
+With the Watkins cut, lambda = 0.5 is the measured balance: against 0.8 (the earlier default)
+CliffWalking reached its optimum in a median of 40 episodes instead of 110 and slippery
+FrozenLake in all 10 seeds instead of 8, its worst final greedy return 0.57 instead of 0.28
+(`benchmarks/rl.py`, 10 seeds). Replaying 16 recent episodes after each (4 before) makes every
+logged step, a live user interaction, count many times; it costs the learner 17 passes over an
+episode instead of 5 and buys: CliffWalking in all 10 seeds (median 40 episodes) instead of 7
+(median 190), Taxi in 10 (median 350) instead of 9 (median 700), FrozenLake's worst final
+greedy return 0.57 instead of 0.00.
+Q regression must not be importance-weighted (targets already belong to the greedy policy), so
 each target is learned with label probability 1. Everything is driven by logged lines, so the
-same code trains online, offline (`dloop replay`) and from either backend.
+same code trains online, offline (`dloop replay`) and from either backend. Tried and left out:
+bootstrapping from a copy of the model refreshed every 10 episodes (DQN's target network) kept
+Taxi from learning at all in 1,500 episodes (0 of 10 seeds, against 10 of 10 without).
 
-Features: VW generalises across states and actions through linear terms and the shared constant.
-For discrete states that destroys the optimism of a zero-initialised table that drives
-exploration (measured: the generic `-q ::` policy never reached CliffWalking's goal in 300
-episodes); `TABULAR_RL_POLICY` keeps only state x action crosses and is what `dloop simulate`
-uses for discrete observation spaces.
+Features (measured on `benchmarks/rl.py`'s worlds, 10 seeds each; the numbers are in the README):
+a Q model must not let what an action is worth in one state carry to another. The old default,
+`-q ::`, did: an action's own weight and its crosses with its own features are shared by every
+state, so CliffWalking's -100 for "right" next to the cliff made "right" look bad everywhere
+and greedy never reached the goal (0 of 10 seeds). `--cross_state_action`, dloop's own policy
+option, crosses every namespace of the state (the rank's context) with every namespace of the
+actions and keeps nothing else (no linear terms, no constant), resolved into VW's `-q` and
+`--ignore_linear` from the namespaces the first learned episode shows (`resolve`); the model
+saves them, so serving needs nothing. Every weight then belongs to one state feature and one
+action feature: a one-hot state gives a table, richer states still generalise across the
+states that share a feature, and numeric states do once tile-coded (learners.tiles, a loop
+setting: CartPole). `--power_t 0.5` lets each weight's rate fall with its own updates (VW's
+adaptive default) where a constant rate (`--power_t 0`) kept moving FrozenLake's greedy policy
+with its random slips, and `-l 1` is the rate that learned CliffWalking fastest. The action's id
+namespace also holds Personalizer's constant feature, so the cross includes a state-only term
+(what a state is worth whatever is done); that costs some optimism (untried actions start at
+the state's average, not at 0) and is one reason the rate must fall.
 """
 
 from __future__ import annotations
@@ -42,8 +61,9 @@ from dataclasses import dataclass, field
 import orjson
 
 from learners import vw
+from learners.policy import CROSS, header_options
 
-DEFAULT_RL_POLICY = "--cb_adf --cb_type mtr -q :: --power_t 0 -l 0.5"
+DEFAULT_RL_POLICY = "--cb_adf --cb_type mtr --cross_state_action --power_t 0.5 -l 1"
 # One-hot states in a `state` namespace, actions' features in an `action` namespace (the layout
 # of learners.sim.envs.observation_features and action_list): only their cross, plain SGD, a
 # true table.
@@ -105,8 +125,8 @@ class RLTrainer:
         examples: int = 0,
         *,
         gamma: float = 0.99,
-        lam: float = 0.8,
-        replay: int = 4,
+        lam: float = 0.5,
+        replay: int = 16,
         window: int = 200,
         seed: int = 0,
     ) -> None:
@@ -117,18 +137,41 @@ class RLTrainer:
         self.replay = replay
         self.recent: deque[tuple[list[Step], bool]] = deque(maxlen=window)
         self._random = random.Random(seed)
-        if model is None:
-            self._ws = vw.workspace(f"{args} --dsjson --save_resume")
-        else:
+        # With CROSS the workspace waits for the first episode, whose lines show the namespaces
+        # to cross; a blank model built before that (its interactions unresolved) is not kept.
+        self._ws: vw.Workspace | None = None
+        if model is not None and not (examples == 0 and CROSS in args.split() and _blank(model)):
             self._ws = vw.workspace("--dsjson --save_resume", model)
+        elif CROSS not in args.split():
+            self._ws = vw.workspace(f"{args} --dsjson --save_resume")
+
+    @property
+    def ws(self) -> vw.Workspace:
+        if self._ws is None:
+            raise RuntimeError("the trainer has not seen an episode yet")
+        return self._ws
+
+    def _open(self, steps: Sequence[Step]) -> None:
+        """Build the workspace of a CROSS policy from the namespaces an episode's lines show."""
+        parser = vw.workspace("--cb_adf --dsjson")
+        try:
+            shared: set[int] = set()
+            actions: set[int] = set()
+            for step in steps:
+                s, a = vw.namespaces(parser, step.line)
+                shared |= s
+                actions |= a
+        finally:
+            parser.finish()
+        self._ws = vw.workspace(f"{resolve(self.args, shared, actions)} --dsjson --save_resume")
 
     def value(self, line: str) -> float:
         """V(s) = max_a Q(s, a) for the state of a logged step."""
-        return -min(vw.predict_scores(self._ws, line))
+        return -min(vw.predict_scores(self.ws, line))
 
     def _assess(self, step: Step) -> tuple[float, bool]:
         """V(s) of the step's state, and whether its action is greedy under the current model."""
-        costs = vw.predict_scores(self._ws, step.line)
+        costs = vw.predict_scores(self.ws, step.line)
         best = min(costs)
         return -best, costs[step.chosen] <= best + 1e-9
 
@@ -156,7 +199,7 @@ class RLTrainer:
     def _fit(self, steps: Sequence[Step], terminated: bool) -> int:
         learned = 0
         for step, target in zip(steps, self.returns(steps, terminated), strict=True):
-            if step.learnable and vw.learn_line(self._ws, relabel(step.line, -target)):
+            if step.learnable and vw.learn_line(self.ws, relabel(step.line, -target)):
                 learned += 1
         return learned
 
@@ -164,6 +207,8 @@ class RLTrainer:
         """Learn one complete episode, then replay a few recent ones."""
         if not steps:
             return
+        if self._ws is None:
+            self._open(steps)
         self.examples += self._fit(steps, terminated)
         self.recent.append((list(steps), terminated))
         for _ in range(min(self.replay, len(self.recent) - 1)):
@@ -171,10 +216,58 @@ class RLTrainer:
             self._fit(past, ended)
 
     def to_bytes(self) -> bytes:
+        if self._ws is None:  # nothing learned yet: a blank model of the unresolved arguments
+            blank = vw.workspace(f"{self.args} --dsjson --save_resume")
+            try:
+                return vw.model_bytes(blank)
+            finally:
+                blank.finish()
         return vw.model_bytes(self._ws)
 
     def close(self) -> None:
-        self._ws.finish()
+        if self._ws is not None:
+            self._ws.finish()
+            self._ws = None
+
+
+def _hex(namespace: int) -> str:
+    # VW decodes \xNN in interaction arguments, so any namespace byte can be named.
+    return f"\\x{namespace:02x}"
+
+
+# ':' is VW's wildcard (every namespace) even when escaped: a namespace named with it is left out.
+_WILDCARD = ord(":")
+
+
+def resolve(args: str, shared: set[int], actions: set[int]) -> str:
+    """VW arguments for an RL policy: dloop's CROSS becomes a `-q` for every (state namespace,
+    action namespace) pair, `--ignore_linear` for all of them and `--noconstant`, so every
+    weight belongs to one state feature and one action feature and nothing an action is worth
+    carries from one state to another. A namespace both the state and the actions use (their
+    names start with the same letter) cannot be told apart and crosses with itself; one whose
+    name starts with ':' is left out (VW reads it as every namespace). Without state features
+    there is nothing to cross: the actions keep their linear terms."""
+    words = args.split()
+    if CROSS not in words:
+        return args
+    out = [w for w in words if w != CROSS]
+    shared, actions = shared - {_WILDCARD}, actions - {_WILDCARD}
+    if not shared:
+        return " ".join(out)
+    for s in sorted(shared):
+        for a in sorted(actions):
+            out += ["-q", _hex(s) + _hex(a)]
+    for n in sorted(shared | actions):
+        out += ["--ignore_linear", _hex(n)]
+    if "--noconstant" not in out:
+        out.append("--noconstant")
+    return " ".join(out)
+
+
+def _blank(model: bytes) -> bool:
+    """Whether a model holds no interactions (a CROSS policy's model before resolution)."""
+    header = header_options(model)
+    return not any(f" {o} " in f"{header} " for o in ("--quadratic", "--cubic", "--interactions"))
 
 
 def relabel(line: str, cost: float) -> str:

@@ -15,7 +15,14 @@ import orjson
 from vowpalwabbit import Workspace as Workspace
 from vowpalwabbit.pyvw import pylibvw
 
-from learners.policy import PolicyError, algorithm, check_arguments, check_names, header_options
+from learners.policy import (
+    PolicyError,
+    algorithm,
+    check_arguments,
+    check_names,
+    header_options,
+    without_cross,
+)
 
 
 def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
@@ -28,7 +35,7 @@ def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
     """
     check_arguments(args, algorithm=algorithm)
     try:
-        ws = Workspace(f"{args} --quiet")
+        ws = Workspace(f"{without_cross(args)} --quiet")
     except Exception as exc:  # VW raises RuntimeError subclasses with its own message
         reason = " ".join(str(exc).split())[:300]
         raise PolicyError(f"Vowpal Wabbit rejected the arguments: {reason}") from None
@@ -36,9 +43,10 @@ def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
 
 
 def workspace(args: str, model: bytes | None = None) -> Workspace:
-    """A workspace for `args`; with `model`, the model's saved options plus `args` (I/O flags)."""
+    """A workspace for `args`; with `model`, the model's saved options plus `args` (I/O flags).
+    dloop's own policy option (learners.policy.CROSS) is left out: learners.rl resolves it."""
     if model is None:
-        return Workspace(f"{args} --quiet")
+        return Workspace(f"{without_cross(args)} --quiet")
     fd, path = tempfile.mkstemp(prefix="dloop-model-", suffix=".vw")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -121,6 +129,26 @@ def predict_scores(ws: Workspace, text: str) -> list[float]:
         return scores
     finally:
         pylibvw.vw._finish_example_multi_ex(ws, examples)
+
+
+def namespaces(ws: Workspace, text: str) -> tuple[set[int], set[int]]:
+    """The namespaces (VW's one-byte indices, without the constant's) of one multi-line
+    DSJSON example's shared features and of its actions' features."""
+    actions = len(orjson.loads(text)["c"]["_multi"])
+    examples = pylibvw.vw._parse(ws, text)
+    try:
+        found = [
+            {ex.namespace(i) for i in range(ex.num_namespaces())} - {_CONSTANT} for ex in examples
+        ]
+    finally:
+        if examples:
+            pylibvw.vw._finish_example_multi_ex(ws, examples)
+    shared = found[0] if len(found) > actions else set()
+    return shared, set().union(*found[len(found) - actions :])
+
+
+# VW's namespace index for the constant feature.
+_CONSTANT = 128
 
 
 def parse_only(ws: Workspace, text: str) -> None:

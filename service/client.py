@@ -15,8 +15,9 @@ Any Personalizer SDK works for rank and reward; this module adds what they do no
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,8 +39,15 @@ class Client:
         loop: str | None = None,
         http: Any = None,
         timeout: float = 10.0,
+        retries: int = 5,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.loop = loop
+        # A 429 (the key's rate limit) or 503 (the server's connection limit) refused the
+        # request without acting on it: wait as its Retry-After says and send it again, up to
+        # `retries` times, so a fast caller (dloop simulate) slows down instead of failing.
+        self.retries = retries
+        self._sleep = sleep
         self._http = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
         self._owns = http is None
         self._headers = {"Ocp-Apim-Subscription-Key": key}
@@ -57,7 +65,12 @@ class Client:
         self.close()
 
     def _send(self, method: str, path: str, json: Any = None) -> httpx.Response:
-        r: httpx.Response = self._http.request(method, path, json=json, headers=self._headers)
+        for attempt in range(self.retries + 1):
+            r: httpx.Response = self._http.request(method, path, json=json, headers=self._headers)
+            wait = r.headers.get("retry-after")
+            if r.status_code not in (429, 503) or wait is None or attempt == self.retries:
+                break
+            self._sleep(min(float(wait), 30.0))
         if r.status_code >= 400:
             raise DloopError(r.status_code, r.text)
         return r

@@ -51,6 +51,7 @@ from learners.features import FeatureLimits, context_json
 from learners.outcomes import REWARD, OutcomeError, OutcomeRule, RewardRules
 from learners.sandbox import NO_MODEL, ModelRef, write_model
 from learners.sandbox.host import Host
+from learners.tiles import TileCoding
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
 from service.core.producing import PRODUCER_OPTIONS, send_all
@@ -165,6 +166,11 @@ class LocalRanker:
             episodic=doc["episodic"],
             max_exploration=doc["maxExplorationProbability"],
             explain=doc["explain"],
+            tiles=(
+                TileCoding(t["tilings"], {k: tuple(w) for k, w in t["widths"].items()})
+                if (t := doc.get("tileCoding"))
+                else None
+            ),
         )
         caps = tuple(
             Cap(c["actionId"], c["maxShare"], c["windowSeconds"]) for c in doc["exposureCaps"]
@@ -259,6 +265,7 @@ class LocalRanker:
         if self.serving.kind == "ccb":
             raise rank_error("this is a multi-slot loop: rank with /multislot/rank")
         req = parse_rank(body, self.max_actions, self.limits)
+        ranking.code_tiles(self.serving.tiles, req)
         s, served, now = self.serving, self.served, self.clock()
         episode = body.get("episodeId")
         if episode is not None:
@@ -314,6 +321,7 @@ class LocalRanker:
                 f"loop '{s.loop}' is single-slot; multi-slot needs a loop of kind ccb",
             )
         req = parse_rank(body, self.max_actions, self.limits)
+        ranking.code_tiles(s.tiles, req)
         ids: list[str] = req["ids"]
         slots, count = parse_slots(body, ids, self.limits)
         check_feature_count(req["features_count"] + count, self.limits)

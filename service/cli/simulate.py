@@ -35,17 +35,16 @@ def simulate(
     ] = None,
     eval_every: Annotated[int, typer.Option(help="Greedy evaluation every N episodes.")] = 25,
     tabular: Annotated[
-        Optional[bool],  # noqa: UP045
+        bool,
         typer.Option(
-            "--tabular/--generic",
-            help="RL policy: state x action table (default for discrete observations).",
+            "--tabular",
+            help="RL policy dloop-rl-tabular (plain SGD on a state x action table) instead of "
+            "the loop's default dloop-rl.",
         ),
-    ] = None,
+    ] = False,
 ) -> None:
     """Drive a gymnasium environment with a discrete action space through the HTTP API and
     plot its learning curve (return per episode, moving average, greedy return)."""
-    import gymnasium as gym
-
     from service.client import Client
     from service.pipeline import simulate as sim
 
@@ -53,9 +52,7 @@ def simulate(
         raise typer.BadParameter("an admin key is needed (--key or DLOOP_API_KEY)")
     if kind not in (RL.name, CB.name):  # multi-slot pages are not gymnasium environments
         raise typer.BadParameter("rl or cb", param_hint="--kind")
-    probe = sim.make_env(env, max_steps)
-    if tabular is None:
-        tabular = isinstance(probe.observation_space, gym.spaces.Discrete)
+    sim.make_env(env, max_steps).close()  # an unknown environment fails before a loop is made
     with Client(url, key=key, loop=loop) as client:
         _set_up_loop(client, loop, kind, tabular)
         curve = sim.run(
@@ -72,7 +69,7 @@ def simulate(
 
 
 def _set_up_loop(client: Client, loop: str, kind: str, tabular: bool) -> None:
-    """Create the simulated loop, make it learn fast and, for RL, choose its policy."""
+    """Create the simulated loop, make it learn fast and, for RL, name its policy."""
     from learners.rl import DEFAULT_RL_POLICY, TABULAR_RL_POLICY
     from service.client import DloopError
 

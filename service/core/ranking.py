@@ -17,10 +17,11 @@ from typing import Any
 import orjson
 
 from learners.constraints import ExposureCaps, cap, limit_exploration
-from learners.features import context_json
+from learners.features import FeatureError, context_json
 from learners.holdout import holdout_pmf, holdout_slots, in_holdout
 from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
+from learners.tiles import TileCoding
 from service.core import record
 from service.core.requests import rank_error
 
@@ -40,6 +41,18 @@ class Serving:
     episodic: bool
     max_exploration: float | None = None
     explain: bool = False
+    tiles: TileCoding | None = None
+
+
+def code_tiles(tiles: TileCoding | None, req: dict[str, Any]) -> None:
+    """Tile-code the parsed request's context features if the loop says so (learners.tiles):
+    what the model scores and the log holds. A coded feature that is not numeric is refused
+    like any bad feature."""
+    if tiles is not None:
+        try:
+            req["context"] = tiles.apply(req["context"])
+        except FeatureError as exc:
+            raise rank_error(str(exc)) from None
 
 
 def scored_context(req: dict[str, Any], context: bytes, *, has_model: bool) -> bytes:

@@ -35,6 +35,7 @@ from learners.outcomes import (
     RewardRules,
 )
 from learners.reward import NAME, NAME_RULE, Definition, DefinitionError, parse
+from learners.tiles import MAX_TILINGS, TileCoding
 from service.core.kinds import loop_kind
 
 MIN_WAIT = timedelta(seconds=1)
@@ -135,6 +136,31 @@ class ExposureCapSpec(Wire):
         return v
 
 
+class TileCodingSpec(Wire):
+    """dloop: tile coding of numeric context features (learners.tiles): each feature named in
+    `widths` ("namespace.feature", or "feature" at the top level of a context object: a number,
+    or an array of numbers coded jointly) becomes `tilings` categorical features, the cells
+    of grids of those widths (one per element)."""
+
+    tilings: int = Field(default=8, ge=1, le=MAX_TILINGS)
+    widths: dict[str, list[float]] = Field(min_length=1, max_length=50)
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        for name, widths in v.items():
+            if not 0 < len(name) <= 256:
+                raise ValueError("feature names must have 1 to 256 characters")
+            if not 1 <= len(widths) <= 16:
+                raise ValueError(f"{name}: give 1 to 16 tile widths")
+            if not all(math.isfinite(w) and w > 0 for w in widths):
+                raise ValueError(f"{name}: tile widths must be positive numbers")
+        return v
+
+    def coding(self) -> TileCoding:
+        return TileCoding(self.tilings, {k: tuple(w) for k, w in self.widths.items()})
+
+
 class ServiceConfiguration(Wire):
     reward_wait_time: timedelta
     default_reward: float = Field(ge=-1, le=1)
@@ -168,6 +194,9 @@ class ServiceConfiguration(Wire):
     # per-action exposure caps and the most probability a decision may put off its top action.
     exposure_caps: list[ExposureCapSpec] = Field(default_factory=list, max_length=50)
     max_exploration_probability: float | None = Field(default=None, ge=0, le=1)
+    # dloop: numeric context features tile-coded before the model sees them (and the log holds
+    # them): how a linear model learns values that are not linear in a number (learners.tiles).
+    tile_coding: TileCodingSpec | None = None
     latest_apprentice_mode_metrics: dict[str, Any] | None = None
 
     @field_validator("max_exploration_probability")
@@ -328,6 +357,7 @@ DLOOP_FIELDS = (
     "guardrails",
     "exposureCaps",
     "maxExplorationProbability",
+    "tileCoding",
 )
 
 
@@ -410,6 +440,7 @@ class LoopSettings:
     guardrails: tuple[Guardrail, ...]
     caps: tuple[Cap, ...]
     max_exploration: float | None
+    tiles: TileCoding | None
     # The outcomes the joiner rolls up per bucket: the named ones, and `reward` if guarded.
     tracked: tuple[str, ...]
     # Auto-optimisation: on or off, every how many seconds (0: not set), from when (0: not set).
@@ -441,6 +472,7 @@ class LoopSettings:
                 Cap(c.action_id, c.max_share, c.window.total_seconds()) for c in cfg.exposure_caps
             ),
             max_exploration=cfg.max_exploration_probability,
+            tiles=cfg.tile_coding.coding() if cfg.tile_coding is not None else None,
             tracked=tuple(
                 sorted({o.name for o in cfg.outcomes} | {g.outcome for g in cfg.guardrails})
             ),

@@ -58,6 +58,7 @@ class LoopRuntime:
             episodic=k.episodic,
             max_exploration=self.settings.max_exploration,
             explain=self.settings.explain,
+            tiles=self.settings.tiles,
         )
 
     @property

@@ -28,6 +28,7 @@ from learners.cb import CBRanker
 from learners.features import context_json
 from learners.rl import RLRanker
 from learners.sim import envs
+from learners.tiles import TileCoding
 from service.client import Client
 from service.core.kinds import RL, loop_kind
 
@@ -207,9 +208,16 @@ def mean_return(
 
 
 def greedy_return(
-    model: bytes, kind: str, env_id: str, max_steps: int, episodes: int, seed: int = EVAL_SEED
+    model: bytes,
+    kind: str,
+    env_id: str,
+    max_steps: int,
+    episodes: int,
+    seed: int = EVAL_SEED,
+    tiles: TileCoding | None = None,
 ) -> float:
-    """Mean return of the model's greedy policy over `episodes` fixed seeds (played locally)."""
+    """Mean return of the model's greedy policy over `episodes` fixed seeds (played locally;
+    `tiles`: the loop's tile coding of context features)."""
     if not model:
         return float("nan")
     env = make_env(env_id, max_steps)
@@ -223,7 +231,10 @@ def greedy_return(
         score = CBRanker(model).predict
 
     def act(obs: Any) -> int:
-        values = score(context_json(envs.observation_features(obs), pairs))
+        context = envs.observation_features(obs)
+        if tiles is not None:
+            context = tiles.apply(context)
+        values = score(context_json(context, pairs))
         return int(actions[int(np.argmax(values))]["id"])
 
     return mean_return(env, act, episodes, seed)

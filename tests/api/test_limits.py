@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.client import Client, DloopError
 from tests.support.harness import (
     ADMIN_KEY,
     AUTH,
@@ -270,3 +271,25 @@ def test_tiny_exploration_is_greedy_not_an_error(harness: Harness) -> None:
     assert cfg["explorationPercentage"] == 1e-300
     r = harness.client.get("/personalizer/v1.0/model", headers=AUTH)
     assert r.status_code == 200
+
+
+def test_the_client_waits_out_a_rate_limit(limited: Harness) -> None:
+    """service.client.Client (what `dloop simulate` drives with) sleeps as a 429's Retry-After
+    says and sends the request again, instead of failing a fast run; with no retries left it
+    raises the 429."""
+    key = limited.client.post("/loops/default/keys", headers=AUTH).json()["key"]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        limited.clock.advance(seconds)
+
+    dl = Client(key=key, http=limited.client, sleep=sleep)
+    for i in range(16):  # a burst of 10, then 5 a second
+        dl.rank([{"a": 1}], [{"id": "x", "features": [{"f": 1}]}], event_id=f"e{i}")
+    assert slept == [1.0, 1.0]
+    impatient = Client(key=key, http=limited.client, retries=0, sleep=sleep)
+    with pytest.raises(DloopError) as caught:
+        for i in range(16, 30):
+            impatient.rank([{"a": 1}], [{"id": "x", "features": [{"f": 1}]}], event_id=f"e{i}")
+    assert caught.value.status == 429 and slept == [1.0, 1.0]

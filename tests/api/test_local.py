@@ -61,6 +61,22 @@ def _same(h: Harness, local: LocalRanker, bodies: list[dict[str, Any]]) -> None:
         assert mine == server, (body, mine, server)
 
 
+def _refused_alike(h: Harness, local: LocalRanker, body: Any) -> str:
+    """Both rankers refuse `body` with the same 400 (code and message); the message."""
+    r = h.client.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    with pytest.raises(ApiError) as caught:
+        local.rank(body)
+    error = r.json()["error"]
+    assert (caught.value.status, caught.value.code, caught.value.message) == (
+        400,
+        error["code"],
+        error["message"],
+    )
+    message: str = error["message"]
+    return message
+
+
 def test_local_ranks_exactly_as_the_server(harness: Harness, local: LocalRanker) -> None:
     _same(harness, local, [_body(i) for i in range(20)])  # no model yet: uniform
     _train(harness)
@@ -112,15 +128,7 @@ def test_local_explains_its_decisions_as_the_server_does(
 def test_bad_input_is_refused_as_the_server_refuses_it(
     harness: Harness, local: LocalRanker, body: Any
 ) -> None:
-    r = harness.client.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
-    assert r.status_code == 400, r.text
-    with pytest.raises(ApiError) as caught:
-        local.rank(body)
-    assert (caught.value.status, caught.value.code, caught.value.message) == (
-        400,
-        r.json()["error"]["code"],
-        r.json()["error"]["message"],
-    )
+    _refused_alike(harness, local, body)
 
 
 def test_local_decisions_are_joined_and_learned_like_the_server_s(
@@ -308,3 +316,37 @@ def test_rl_loops_rank_and_end_episodes_as_the_server(harness: Harness) -> None:
     assert local.refresh()  # the model that learned them
     same([step(i, "ep1") for i in range(200, 204)] + [step(i, None) for i in range(204, 206)])
     local.close()
+
+
+def test_tile_coding_is_applied_alike_by_the_server_and_the_local_ranker(
+    harness: Harness, local: LocalRanker
+) -> None:
+    """A loop's tileCoding (learners.tiles) codes the numeric context features the same way in
+    both rankers; the log holds the coded features; a coded feature that is not numeric is
+    refused with the same 400."""
+    cfg = harness.configure(tileCoding={"tilings": 4, "widths": {"pos.x": [0.3, 0.2]}})
+    assert cfg["tileCoding"] == {"tilings": 4, "widths": {"pos.x": [0.3, 0.2]}}
+
+    def body(i: int, x: Any) -> dict[str, Any]:
+        return _body(i, contextFeatures=[{"user": f"u{i % 7}", "pos": {"x": x}}])
+
+    _same(harness, local, [body(i, [i * 0.1, -i * 0.05]) for i in range(20)])
+    _train(harness, 50)
+    harness.rank(body(900, [0.35, -0.1]))
+    harness.reward("e900", 1.0)
+    harness.clock.advance(601)
+    harness.work()
+    line = joined(harness, "e900")
+    assert line is not None
+    assert line["c"]["FromUrl"][0]["pos"] == {
+        "x#0": "=1,-1",
+        "x#1": "=1,0",
+        "x#2": "=1,0",
+        "x#3": "=1,-1",
+    }
+    assert local.refresh()
+    _same(harness, local, [body(i, [i * 0.1, -i * 0.05]) for i in range(20, 60)])
+    assert "pos.x is tile-coded" in _refused_alike(harness, local, body(1000, "far"))
+    cfg["tileCoding"] = {"widths": {"pos.x": [0.3, -1]}}
+    r = harness.client.put("/personalizer/v1.0/configurations/service", json=cfg, headers=AUTH)
+    assert r.status_code == 400 and "tile widths" in r.json()["error"]["message"], r.text

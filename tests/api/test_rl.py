@@ -107,7 +107,10 @@ def test_episode_api(harness: Harness) -> None:
 
 @pytest.mark.slow
 def test_cliffwalking_reaches_the_optimal_return_through_http(harness: Harness) -> None:
-    rl = make_loop(harness, "cliff", "rl", TABULAR_RL_POLICY)
+    """The default policy (dloop-rl: its state x action cross resolved by the live learner from
+    the first episode it learns) at Personalizer's default exploration."""
+    rl = make_loop(harness, "cliff", "rl")
+    rl.configure(explorationPercentage=0.2)
     curve = simulate.run(
         rl,
         "CliffWalking-v1",

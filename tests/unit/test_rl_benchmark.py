@@ -53,3 +53,13 @@ def test_dloop_generalises_where_a_table_cannot_and_learns_a_delayed_reward() ->
         table = summarise([run_tabular(world, seed) for seed in (0, 1)], optimum, bar)
         assert min(dloop.final) >= bar, (name, dloop)
         assert max(table.final) < bar, (name, table)
+
+
+def test_dloop_walks_the_cliff_edge_the_old_default_never_reached() -> None:
+    """CliffWalking, where an action's penalty next to the cliff must not carry to other states
+    (learners.rl: the state x action cross): the default walks the optimal edge path within 60
+    episodes on both seeds (the `-q ::` default it replaced never reached the goal in 300)."""
+    world = replace(WORLDS["CliffWalking"], episodes=60, eval_every=20)
+    for seed in (0, 1):
+        run = run_dloop(world, seed)
+        assert run.greedy[60] == -13.0, run.greedy

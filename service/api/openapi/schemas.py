@@ -370,6 +370,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         episodic={"type": "boolean"},
         maxExplorationProbability={"type": ["number", "null"]},
         explain={"type": "boolean"},
+        tileCoding={"type": ["object", "null"]},
         exposureCaps={"type": "array", "items": {"type": "object"}},
         maxActions={"type": "integer"},
         limits={"type": "object"},

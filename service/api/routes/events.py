@@ -90,6 +90,7 @@ async def rank(request: Request) -> Response:
         raise rank_error("this is a multi-slot loop: rank with /multislot/rank")
     body = await json_body(request, "InvalidRankRequest")
     req = parse_rank(body, d.settings.max_actions, d.feature_limits)
+    ranking.code_tiles(rt.settings.tiles, req)
     event_id: str = req["event_id"]
     ids: list[str] = req["ids"]
     ask = asked(body, event_id, [ids, body.get("excludedActions")], "actions")

@@ -57,6 +57,7 @@ async def rank_multi_slot(request: Request) -> Response:
     d, rt = _multislot_loop(request)
     body = await json_body(request, "InvalidRankRequest")
     req = parse_rank(body, d.settings.max_actions, d.feature_limits)
+    ranking.code_tiles(rt.settings.tiles, req)
     ids: list[str] = req["ids"]
     slots, count = parse_slots(body, ids, d.feature_limits)
     check_feature_count(req["features_count"] + count, d.feature_limits)
