@@ -246,7 +246,9 @@ def resolve(args: str, shared: set[int], actions: set[int]) -> str:
     carries from one state to another. A namespace both the state and the actions use (their
     names start with the same letter) cannot be told apart and crosses with itself; one whose
     name starts with ':' is left out (VW reads it as every namespace). Without state features
-    there is nothing to cross: the actions keep their linear terms."""
+    there is nothing to cross: the actions keep their linear terms. The trainer resolves once,
+    from its first episode: a namespace that first appears later is not crossed (VW keeps its
+    linear term) until the model is reset."""
     words = args.split()
     if CROSS not in words:
         return args
