@@ -13,7 +13,8 @@ reward), `RLTrainer.learn_episode` computes Watkins's Q(lambda) returns backward
 with l = lambda, or 0 where the next action is not the current model's greedy one (so targets are
 the greedy policy's, as in Q-learning), bootstrapped from the current model (after the last step:
 0 for a terminated episode, V(last state) for a truncated one), and regresses Q(s_t, a_t) towards
-G_t. It then replays a few recent episodes with targets recomputed from the updated model.
+G_t. It then replays 16 episodes drawn from the last 200, their targets recomputed from the
+updated model.
 
 Why: one-step Q-learning moves a delayed reward back one step per visit, so a reward at the end
 of a long episode needs many episodes to reach its start; Monte-Carlo returns (lambda = 1) move it
@@ -204,7 +205,7 @@ class RLTrainer:
         return learned
 
     def learn_episode(self, steps: Sequence[Step], terminated: bool) -> None:
-        """Learn one complete episode, then replay a few recent ones."""
+        """Learn one complete episode, then replay `replay` of the recent ones."""
         if not steps:
             return
         if self._ws is None:
