@@ -140,10 +140,11 @@ class RLTrainer:
         self._random = random.Random(seed)
         # With CROSS the workspace waits for the first episode, whose lines show the namespaces
         # to cross; a blank model built before that (its interactions unresolved) is not kept.
+        crossed = CROSS in args.split()
         self._ws: vw.Workspace | None = None
-        if model is not None and not (examples == 0 and CROSS in args.split() and _blank(model)):
+        if model is not None and not (examples == 0 and crossed and _blank(model)):
             self._ws = vw.workspace("--dsjson --save_resume", model)
-        elif CROSS not in args.split():
+        elif not crossed:
             self._ws = vw.workspace(f"{args} --dsjson --save_resume")
 
     @property

@@ -39,6 +39,15 @@ class TileCoding:
             if not name or not widths or not all(math.isfinite(w) and w > 0 for w in widths):
                 raise ValueError(f"{name}: tile widths must be positive numbers")
 
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> TileCoding:
+        """From its JSON form, `{"tilings": 8, "widths": {"state.x": [0.8, 1.0]}}` (the loop
+        configuration's `tileCoding`, and what GET .../local/settings hands LocalRanker)."""
+        return cls(int(doc["tilings"]), {k: tuple(w) for k, w in doc["widths"].items()})
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"tilings": self.tilings, "widths": {k: list(w) for k, w in self.widths.items()}}
+
     def cells(self, values: Sequence[float], widths: Sequence[float]) -> dict[str, str]:
         """The coded features of one value: `#k` -> its cell in tiling k."""
         out = {}

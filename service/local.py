@@ -166,11 +166,7 @@ class LocalRanker:
             episodic=doc["episodic"],
             max_exploration=doc["maxExplorationProbability"],
             explain=doc["explain"],
-            tiles=(
-                TileCoding(t["tilings"], {k: tuple(w) for k, w in t["widths"].items()})
-                if (t := doc.get("tileCoding"))
-                else None
-            ),
+            tiles=TileCoding.from_doc(t) if (t := doc.get("tileCoding")) else None,
         )
         caps = tuple(
             Cap(c["actionId"], c["maxShare"], c["windowSeconds"]) for c in doc["exposureCaps"]

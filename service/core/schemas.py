@@ -153,12 +153,15 @@ class TileCodingSpec(Wire):
                 raise ValueError("feature names must have 1 to 256 characters")
             if not 1 <= len(widths) <= 16:
                 raise ValueError(f"{name}: give 1 to 16 tile widths")
-            if not all(math.isfinite(w) and w > 0 for w in widths):
-                raise ValueError(f"{name}: tile widths must be positive numbers")
         return v
 
+    @model_validator(mode="after")
+    def _coding(self) -> TileCodingSpec:
+        self.coding()  # TileCoding refuses what is no coding (widths that are not positive)
+        return self
+
     def coding(self) -> TileCoding:
-        return TileCoding(self.tilings, {k: tuple(w) for k, w in self.widths.items()})
+        return TileCoding.from_doc(self.model_dump())
 
 
 class ServiceConfiguration(Wire):

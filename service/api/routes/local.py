@@ -39,11 +39,7 @@ def local_settings(request: Request) -> Response:
         "episodic": s.episodic,
         "maxExplorationProbability": s.max_exploration,
         "explain": s.explain,
-        "tileCoding": (
-            {"tilings": s.tiles.tilings, "widths": {k: list(w) for k, w in s.tiles.widths.items()}}
-            if s.tiles is not None
-            else None
-        ),
+        "tileCoding": s.tiles.to_doc() if s.tiles is not None else None,
         "exposureCaps": [
             {"actionId": c.action, "maxShare": c.max_share, "windowSeconds": c.window}
             for c in rt.settings.caps
