@@ -187,7 +187,7 @@ def run_dloop(
                 context = context_json(req["context"], pairs)
                 scores = vw.predict_scores(served, context.decode()) if served else []
                 pmf = policy_pmf(serving, req, scores, has_model=served is not None)
-                order, pmf = decide(serving, req, pmf, held=False, exposure=None, now=clock)
+                order, pmf = decide(serving, req, pmf, held=False)
                 obs, reward, terminated, truncated, _ = env.step(int(req["ids"][order[0]]))
                 total += float(reward)
                 clock += 0.001

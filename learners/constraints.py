@@ -94,6 +94,11 @@ class _Window:
         self.served += int(served)
 
 
+def limits_of(ids: Sequence[str], over: Mapping[str, float]) -> dict[int, float]:
+    """The probability limit of each action of a request among `over` (ExposureCaps.over)."""
+    return {i: over[a] for i, a in enumerate(ids) if a in over} if over else {}
+
+
 class ExposureCaps:
     """A loop's exposure caps and the sliding counts behind them (module docstring)."""
 
@@ -103,12 +108,16 @@ class ExposureCaps:
 
     def limits(self, ids: Sequence[str], now: float) -> dict[int, float]:
         """The probability limit of each action of a request that is at or over its cap."""
-        out = {}
-        for i, action in enumerate(ids):
-            c = self.caps.get(action)
-            if c is not None and self.windows[action].share(now) >= c.max_share:
-                out[i] = c.max_share
-        return out
+        return limits_of(ids, self.over(now))
+
+    def over(self, now: float) -> dict[str, float]:
+        """The capped actions at or over their cap, with their cap (what a decision made
+        elsewhere, in a ranking process, needs to know of the counts)."""
+        return {
+            action: c.max_share
+            for action, c in self.caps.items()
+            if self.windows[action].share(now) >= c.max_share
+        }
 
     def record(self, served: str, now: float) -> None:
         """A decision was made, serving `served` first."""

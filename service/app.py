@@ -42,6 +42,7 @@ from service.api.routes import (
 from service.api.state import Dloop
 from service.core.files import private_dir
 from service.core.kinds import CB
+from service.core.ranks import rank_op
 from service.core.settings import Settings, load_settings
 from service.pipeline.background import configure_logging
 from service.pipeline.embedded import EmbeddedWorker
@@ -154,6 +155,9 @@ def create_app(
     return app
 
 
+# What the ranking processes do beyond VW's own work: a whole rank (service.core.ranks).
+RANKING_OPS = {"rank": rank_op}
+
 HEALTHY = (
     {
         "type": "http.response.start",
@@ -218,9 +222,10 @@ async def build_state(
             timeout=sandbox.rank_timeout,
             wait=sandbox.wait_timeout,
             cache_models=sandbox.cached_models,
+            ops=RANKING_OPS,
         )
         if sandbox.rankers > 0
-        else InlineRankers(sandbox.cached_models)
+        else InlineRankers(sandbox.cached_models, ops=RANKING_OPS)
     )
     await rankers.start()
     d = Dloop(settings, engine, sessions, decision_log, registry, worker, rankers, clock, publisher)

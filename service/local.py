@@ -7,12 +7,12 @@ server's own rank rules, and the decisions shipped to the server in batches.
     out = ranker.rank({"contextFeatures": [...], "actions": [...]})   # as POST .../rank answers
     ranker.reward(out["eventId"], 1.0)
 
-`rank` parses and checks the request with the server's rules (service.core.requests: the same
-errors, codes and messages, as service.core.errors.ApiError), asks the model in this process
-(learners.sandbox.host.Host, the code the server's ranking processes run) and decides with the
-server's decision rules (service.core.ranking: exclusions, the eventId-seeded draw, apprentice
-and logging-only modes, the live holdout and a guardrail's fallback, serving-time
-constraints), so for the same model and request it answers what the server would. Each
+`rank` is service.core.ranks.rank, the code the server's ranking processes run for a rank: the
+server's checks (the same errors, codes and messages, as service.core.errors.ApiError), the
+model asked in this process (learners.sandbox.host.Host) and the server's decision rules
+(service.core.ranking: exclusions, the eventId-seeded draw, apprentice and logging-only modes,
+the live holdout and a guardrail's fallback, serving-time constraints), so for the same model
+and request it answers what the server would. Each
 decision, reward, activation and set of outcomes becomes a log record (service.core.record)
 shipped in batches to `POST .../local/records` (or, given `kafka`, straight to the events
 topic), joined, learned, evaluated and shown like the
@@ -47,12 +47,11 @@ import orjson
 
 from learners.ccb import ccb_context
 from learners.constraints import Cap, ExposureCaps
-from learners.features import FeatureLimits, context_json
+from learners.features import FeatureLimits
 from learners.outcomes import REWARD, OutcomeError, OutcomeRule, RewardRules
 from learners.sandbox import NO_MODEL, ModelRef, write_model
 from learners.sandbox.host import Host
-from learners.tiles import TileCoding
-from service.core import ranking, record
+from service.core import ranking, ranks, record
 from service.core.errors import ApiError, bad_request
 from service.core.producing import PRODUCER_OPTIONS, send_all
 from service.core.requests import (
@@ -63,7 +62,6 @@ from service.core.requests import (
     is_reward,
     parse_rank,
     parse_slots,
-    rank_error,
 )
 
 
@@ -155,19 +153,7 @@ class LocalRanker:
         doc = self._get("/local/settings").json()
         if doc["kind"] not in ("cb", "ccb", "rl"):
             raise ValueError(f"LocalRanker ranks loops of kind cb, ccb and rl, not {doc['kind']}")
-        self.serving = ranking.Serving(
-            loop=doc["loop"],
-            kind=doc["kind"],
-            mode=doc["mode"],
-            holdout_share=doc["holdoutShare"],
-            holdout_policy=doc["holdoutPolicy"],
-            exploration=doc["exploration"],
-            explores_in_vw=doc["exploresInVw"],
-            episodic=doc["episodic"],
-            max_exploration=doc["maxExplorationProbability"],
-            explain=doc["explain"],
-            tiles=TileCoding.from_doc(t) if (t := doc.get("tileCoding")) else None,
-        )
+        self.serving = ranking.Serving.from_doc(doc)
         caps = tuple(
             Cap(c["actionId"], c["maxShare"], c["windowSeconds"]) for c in doc["exposureCaps"]
         )
@@ -225,7 +211,7 @@ class LocalRanker:
         try:
             return self._host().handle(header, blob)[0]
         except Exception as exc:  # VW could not read the request: the server's 400 and message
-            raise rank_error(f"features could not be parsed: {exc}") from None
+            raise ranks.unreadable(exc) from None
 
     def _host(self) -> Host:
         host: Host | None = getattr(self._hosts, "host", None)
@@ -258,55 +244,23 @@ class LocalRanker:
 
     def rank(self, body: Any) -> dict[str, Any]:
         """What `POST .../rank` answers for `body` (ApiError for what it refuses)."""
-        if self.serving.kind == "ccb":
-            raise rank_error("this is a multi-slot loop: rank with /multislot/rank")
-        req = parse_rank(body, self.max_actions, self.limits)
-        ranking.code_tiles(self.serving.tiles, req)
-        s, served, now = self.serving, self.served, self.clock()
-        episode = body.get("episodeId")
-        if episode is not None:
-            if not s.episodic:
-                raise rank_error("episodeId is only accepted by loops of kind rl")
-            if not is_id(episode):
-                raise rank_error(f"episodeId must be {ID_RULE}")
-        ids: list[str] = req["ids"]
-        context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
-        held = ranking.held_out(s, req, episode)
-        if s.mode == "LoggingOnly":
-            self._predict(NO_MODEL, context)  # only parses
-            order, pmf = ranking.logging_only(req["eligible"])
-        else:
-            has_model = served.path is not None
-            scored = ranking.scored_context(req, context, has_model=has_model)
-            scores = self._predict(served, scored)
-            pmf = ranking.policy_pmf(s, req, scores, has_model=has_model)
-            order, pmf = ranking.decide(s, req, pmf, held=held, exposure=self.exposure, now=now)
-        explanation = None
-        if s.explain and s.mode != "LoggingOnly":
-            explanation = self._explain(served, req)
-        decision = record.Decision(
-            loop=s.loop,
-            id=req["event_id"],
-            t=now,
-            deferred=req["defer"],
-            mode=s.mode,
-            c=context.decode(),
-            a=order,
-            p=[pmf[i] for i in order],
-            b=req["eligible"].index(True),
-            m=served.model_id,
-            # A step of an episode; a rank without episodeId is an episode of one step.
-            ep=(episode or req["event_id"]) if s.episodic else None,
-            x=explanation,
-            h=s.holdout_share,
-            ho=held,
+        now, exposure = self.clock(), self.exposure
+        ranked = ranks.rank(
+            self.serving,
+            body,
+            max_actions=self.max_actions,
+            limits=self.limits,
+            served=self.served,
+            predict=self._predict,
+            explain=self._explain,
+            over=exposure.over(now) if exposure is not None else None,
+            now=now,
         )
-        self._queue(record.encode(decision))
-        if s.episodic and episode is None:
-            self._queue(record.encode(record.EpisodeEnd(s.loop, req["event_id"], now, term=True)))
-        if self.exposure is not None and s.mode == "Online":
-            self.exposure.record(ids[order[0]], now)
-        return ranking.rank_document(decision, ids, pmf)
+        for line in ranked.records():
+            self._queue(line)
+        if exposure is not None and self.serving.mode == "Online":
+            exposure.record(ranked.chosen, now)
+        return ranked.document()
 
     def rank_multi_slot(self, body: Any) -> dict[str, Any]:
         """What `POST .../multislot/rank` answers for `body` (ApiError for what it refuses)."""

@@ -8,6 +8,7 @@ file the parent wrote.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -25,16 +26,26 @@ from learners.vw import Workspace
 # The parser each loop kind's examples need (prediction without a model only parses).
 _PARSE_ARGS = {"cb": "--cb_explore_adf", "rl": "--cb_adf", "ccb": "--ccb_explore_adf"}
 
+# An operation the sandbox's owner adds (`Host(ops=...)`): called with the host (its models:
+# `scores`, `explanation`), the call's header and blob; returns the answer and a blob. A
+# module-level function, so a child receives it by name (service.core.deciding's `rank` runs
+# the server's whole rank decision next to the model this way, off the serving process).
+Op = Callable[["Host", dict[str, Any], bytes], tuple[Any, bytes]]
+
 
 class Host:
-    def __init__(self, cache_models: int = 64) -> None:
+    def __init__(self, cache_models: int = 64, ops: Mapping[str, Op] | None = None) -> None:
         self.cache_models = cache_models
+        self.ops = dict(ops or {})
         self.rankers: OrderedDict[str, tuple[str, Workspace]] = OrderedDict()
         self.parsers: dict[str, Workspace] = {}
         self.trainers: dict[str, LineTrainer | EpisodeTrainer] = {}
 
     def handle(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         op = header["op"]
+        added = self.ops.get(op)
+        if added is not None:
+            return added(self, header, blob)
         handler = getattr(self, f"op_{op}", None)
         if handler is None:
             raise ValueError(f"unknown operation {op!r}")
@@ -70,13 +81,17 @@ class Host:
             ws = self.parsers[kind] = vw.workspace(f"{_PARSE_ARGS[kind]} --json")
         return ws
 
-    def op_predict(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+    def scores(self, header: dict[str, Any], text: str) -> list[float]:
+        """The scores of the model `header` names (its `loop`, `kind`, `model`) for one
+        example; [] without a model, after parsing `text` all the same."""
         ws = self._ranker(header)
-        text = blob.decode()
         if ws is None:
             vw.parse_only(self._parser(header["kind"]), text)
-            return [], b""
-        return vw.predict_scores(ws, text), b""
+            return []
+        return vw.predict_scores(ws, text)
+
+    def op_predict(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        return self.scores(header, blob.decode()), b""
 
     def op_rank_slots(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         ws = self._ranker(header)
@@ -86,23 +101,41 @@ class Host:
         ranker = CCBRanker.loaded(ws)
         return ranker.rank(c, header["allowed"], header["seed"]), b""
 
-    def op_explain(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+    def explanation(
+        self,
+        header: dict[str, Any],
+        *,
+        context: list[dict[str, Any]],
+        actions: list[tuple[str, Any]],
+        eligible: list[bool],
+        ids: list[str],
+        epsilon: float,
+    ) -> list[dict[str, Any]]:
+        """Per action, the context features that moved its probability most under the model
+        `header` names (learners.importance); no features without a model."""
         ws = self._ranker(header)
-        ids: list[str] = header["ids"]
         if ws is None:
-            return [{"id": a, "features": []} for a in ids], b""
-        doc = orjson.loads(blob)
-        actions = [(a, f) for a, f in doc["actions"]]
-        eligible: list[bool] = header["eligible"]
+            return [{"id": a, "features": []} for a in ids]
         rl = header["kind"] == "rl"
-        epsilon = float(header["epsilon"])
 
         def predict(context: list[dict[str, Any]]) -> list[float]:
             scores = vw.predict_scores(ws, context_json(context, actions).decode())
             pmf = iter(epsilon_greedy(scores, epsilon) if rl else scores)
             return restrict([next(pmf) if ok else 0.0 for ok in eligible], eligible)
 
-        return explain(predict, doc["context"], ids), b""
+        return explain(predict, context, ids)
+
+    def op_explain(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        doc = orjson.loads(blob)
+        out = self.explanation(
+            header,
+            context=doc["context"],
+            actions=[(a, f) for a, f in doc["actions"]],
+            eligible=header["eligible"],
+            ids=header["ids"],
+            epsilon=float(header["epsilon"]),
+        )
+        return out, b""
 
     # ---- checks ----
 

@@ -31,7 +31,7 @@ def _child_main(sock: socket.socket, options: dict[str, Any]) -> None:
         os.nice(int(options["nice"]))
     from learners.sandbox.host import Host
 
-    host = Host(cache_models=int(options.get("cache_models", 64)))
+    host = Host(cache_models=int(options.get("cache_models", 64)), ops=options.get("ops"))
     while True:
         try:
             header, blob = recv_frame(sock)

@@ -10,10 +10,10 @@ import logging
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -29,6 +29,9 @@ from learners.sandbox.protocol import (
     pack,
     unpack,
 )
+
+if TYPE_CHECKING:
+    from learners.sandbox.host import Op
 
 log = logging.getLogger("dloop.sandbox")
 
@@ -116,11 +119,13 @@ class RankerPool:
         wait: float = 5.0,
         cache_models: int = 64,
         on_event: Callable[[str], None] | None = None,
+        ops: Mapping[str, Op] | None = None,
     ) -> None:
         self.size = size
         self.timeout = timeout
         self.wait = wait
-        self.options = {"cache_models": cache_models}
+        # `ops`: operations the owner adds to its children's (learners.sandbox.host.Op).
+        self.options: dict[str, Any] = {"cache_models": cache_models, "ops": dict(ops or {})}
         self.stats = PoolStats()
         self.on_event = on_event
         # Free children, and requests waiting for one in arrival order with the loop time they
@@ -136,10 +141,12 @@ class RankerPool:
         self._stopping: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one the children talk to
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await asyncio.gather(*(self._spawn() for _ in range(self.size)))
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        self._watchdog = self._loop.create_task(self._watch())
 
     async def _watch(self) -> None:
         """Stop a child that overran its deadline, and end the waits for a free child that
@@ -256,9 +263,22 @@ class RankerPool:
             self.on_event(name)
 
     async def call(self, op: str, header: dict[str, Any], blob: bytes = b"") -> Any:
+        """The child's answer to operation `op`."""
+        value, _ = await self.exchange(op, header, blob)
+        return value
+
+    async def exchange(
+        self, op: str, header: dict[str, Any], blob: bytes = b""
+    ) -> tuple[Any, bytes]:
+        """The child's answer to operation `op` and the blob it sent with it."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            # A caller in another event loop (a test client's, say): the children's answers
+            # arrive in the pool's loop, so the call is made there.
+            future = asyncio.run_coroutine_threadsafe(self.exchange(op, header, blob), self._loop)
+            return await asyncio.wrap_future(future)
         frame = pack({"op": op, **header}, blob)
         if self._quarantine:  # hashing every request costs; only once something crashed
-            seen = self._quarantine.get(_fingerprint(frame))
+            seen = self._quarantine.get(_fingerprint(op, blob))
             if seen is not None:
                 self.stats.refused += 1
                 raise NativeCrash(seen)
@@ -269,19 +289,19 @@ class RankerPool:
             self._event("busy")
             raise SandboxBusy(f"no ranking process was free within {self.wait} s") from None
         try:
-            reply, _ = await slot.call(frame)
+            reply, out = await slot.call(frame)
         except (EOFError, OSError, SandboxError):
             how = self._replace(slot)
             if slot.overran:
                 self.stats.timeouts += 1
                 self._event("timeout")
                 message = f"took longer than {self.timeout} s (the process was stopped)"
-                self._remember(_fingerprint(frame), message)
+                self._remember(_fingerprint(op, blob), message)
                 raise SandboxTimeout(message) from None
             self.stats.crashes += 1
             self._event("crash")
             message = f"Vowpal Wabbit crashed on it ({how})"
-            self._remember(_fingerprint(frame), message)
+            self._remember(_fingerprint(op, blob), message)
             log.error("a ranking process died on a request: %s", how)
             raise NativeCrash(message) from None
         except BaseException:
@@ -290,7 +310,7 @@ class RankerPool:
             self._replace(slot)
             raise
         self._release(slot)
-        return answer(reply)
+        return answer(reply), out
 
     def _remember(self, fingerprint: bytes, message: str) -> None:
         self._quarantine[fingerprint] = message
@@ -364,21 +384,22 @@ class InlineRankers(RankerPool):
     the server down) and prediction on the event loop. `DLOOP_SANDBOX__RANKERS=0`; the
     benchmark compares it with the pool to show what the isolation costs."""
 
-    def __init__(self, cache_models: int = 64) -> None:
-        super().__init__(0, cache_models=cache_models)
+    def __init__(self, cache_models: int = 64, ops: Mapping[str, Op] | None = None) -> None:
+        super().__init__(0, cache_models=cache_models, ops=ops)
         from learners.sandbox.host import Host
 
-        self._host = Host(cache_models=cache_models)
+        self._host = Host(cache_models=cache_models, ops=ops)
 
     async def start(self) -> None:
         pass
 
-    async def call(self, op: str, header: dict[str, Any], blob: bytes = b"") -> Any:
+    async def exchange(
+        self, op: str, header: dict[str, Any], blob: bytes = b""
+    ) -> tuple[Any, bytes]:
         try:
-            value, _ = self._host.handle({"op": op, **header}, blob)
+            return self._host.handle({"op": op, **header}, blob)
         except Exception as exc:
-            raise RemoteError(type(exc).__name__, str(exc)) from None
-        return value
+            raise RemoteError(type(exc).__name__, str(exc)[:4000]) from None
 
     @property
     def alive(self) -> int:
@@ -388,8 +409,10 @@ class InlineRankers(RankerPool):
         pass
 
 
-def _fingerprint(frame: bytes) -> bytes:
-    return hashlib.blake2b(frame[HEAD.size :], digest_size=16).digest()
+def _fingerprint(op: str, blob: bytes) -> bytes:
+    """What a call that crashed a child is remembered by: its operation and input (not its
+    header, which may hold the time or a seed, so a repeat is still recognised)."""
+    return hashlib.blake2b(op.encode() + b"\0" + blob, digest_size=16).digest()
 
 
 def _model(loop: str, kind: str, model: ModelRef) -> dict[str, Any]:

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from learners.sandbox import SandboxBusy, SandboxError, SandboxTimeout
-from service.api.errors import ApiError, bad_request
+from service.api.errors import ApiError
 from service.core.requests import (
     ID_RULE,
     check_event_id,
     check_feature_count,
     is_id,
     is_reward,
+    load_json,
     parse_rank,
     parse_slots,
     rank_error,
@@ -57,14 +57,7 @@ async def read_body(request: Request) -> bytes:
 
 async def json_body(request: Request, code: str, *, required: bool = True) -> Any:
     body = await read_body(request)  # at most max_body_bytes: service.api.guard counts them
-    if not body.strip():
-        if required:
-            raise bad_request(code, "request body is required")
-        return None
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(code, f"request body is not valid JSON: {exc}") from None
+    return load_json(body, code, required=required)
 
 
 def sandbox_error(exc: SandboxError) -> ApiError:

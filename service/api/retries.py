@@ -5,38 +5,14 @@ for another request is ranked afresh and not logged; a repeat that changes the a
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from typing import Any
-
-import orjson
 from starlette.responses import Response
 
 from service.api.requests import rank_error
 from service.api.state import Dloop
+from service.core.requests import Asked, asked
+
+__all__ = ["Asked", "asked", "earlier", "remember", "retried"]
 from service.pipeline.runtime import Answered, LoopRuntime
-
-
-@dataclass(frozen=True, slots=True)
-class Asked:
-    """What a rank asks, for telling a retry from a reuse of its eventId: digests of the whole
-    request (its JSON normalised: keys sorted, no whitespace) and of its `what` (the actions),
-    which a repeat of the eventId may not change."""
-
-    event_id: str
-    request: bytes
-    actions: bytes
-    what: str
-
-
-def _digest(value: Any) -> bytes:
-    return hashlib.blake2b(
-        orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=16
-    ).digest()
-
-
-def asked(body: Any, event_id: str, actions: Any, what: str) -> Asked:
-    return Asked(event_id, _digest(body), _digest(actions), what)
 
 
 def earlier(d: Dloop, rt: LoopRuntime, ask: Asked) -> Answered | None:

@@ -10,13 +10,13 @@ the server; the local ranker reads it from GET .../local/settings).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from learners.constraints import ExposureCaps, cap, limit_exploration
+from learners.constraints import cap, limit_exploration, limits_of
 from learners.features import FeatureError, context_json
 from learners.holdout import holdout_pmf, holdout_slots, in_holdout
 from learners.rl import epsilon_greedy
@@ -42,6 +42,39 @@ class Serving:
     max_exploration: float | None = None
     explain: bool = False
     tiles: TileCoding | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        """Its JSON form (in GET .../local/settings and in a ranking process's call)."""
+        return {
+            "loop": self.loop,
+            "kind": self.kind,
+            "mode": self.mode,
+            "holdoutShare": self.holdout_share,
+            "holdoutPolicy": self.holdout_policy,
+            "exploration": self.exploration,
+            "exploresInVw": self.explores_in_vw,
+            "episodic": self.episodic,
+            "maxExplorationProbability": self.max_exploration,
+            "explain": self.explain,
+            "tileCoding": self.tiles.to_doc() if self.tiles is not None else None,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Serving:
+        tiles = doc.get("tileCoding")
+        return cls(
+            loop=doc["loop"],
+            kind=doc["kind"],
+            mode=doc["mode"],
+            holdout_share=doc["holdoutShare"],
+            holdout_policy=doc["holdoutPolicy"],
+            exploration=doc["exploration"],
+            explores_in_vw=doc["exploresInVw"],
+            episodic=doc["episodic"],
+            max_exploration=doc["maxExplorationProbability"],
+            explain=doc["explain"],
+            tiles=TileCoding.from_doc(tiles) if tiles else None,
+        )
 
 
 def code_tiles(tiles: TileCoding | None, req: dict[str, Any]) -> None:
@@ -97,22 +130,18 @@ def logging_only(eligible: Sequence[bool]) -> tuple[list[int], list[float]]:
 
 
 def constrained(
-    s: Serving,
-    pmf: list[float],
-    req: dict[str, Any],
-    exposure: ExposureCaps | None,
-    now: float,
+    s: Serving, pmf: list[float], req: dict[str, Any], over: Mapping[str, float] | None
 ) -> list[float]:
     """The serving-time constraints (learners.constraints), in Online mode: the decision is
-    drawn from, and logged with, what they return."""
+    drawn from, and logged with, what they return. `over`: the actions at or over their
+    exposure cap, with their cap (learners.constraints.ExposureCaps.over)."""
     if s.mode != "Online":
         return pmf
     if s.max_exploration is not None:
         pmf = restrict(limit_exploration(pmf, s.max_exploration), req["eligible"])
-    if exposure is not None:
-        limits = exposure.limits(req["ids"], now)
-        if limits:
-            pmf = cap(pmf, req["eligible"], limits)
+    limits = limits_of(req["ids"], over) if over else None
+    if limits:
+        pmf = cap(pmf, req["eligible"], limits)
     return pmf
 
 
@@ -122,17 +151,13 @@ def decide(
     pmf: list[float],
     *,
     held: bool,
-    exposure: ExposureCaps | None,
-    now: float,
+    over: Mapping[str, float] | None = None,
 ) -> tuple[list[int], list[float]]:
     """The served order (chosen first) and the probabilities it was drawn with, from the
     policy's probabilities: the holdout policy's for a held-out decision, else the policy's
     under the loop's constraints; drawn with the eventId's seed."""
     eligible: list[bool] = req["eligible"]
-    if held:
-        pmf = holdout_pmf(s.holdout_policy, eligible)
-    else:
-        pmf = constrained(s, pmf, req, exposure, now)
+    pmf = holdout_pmf(s.holdout_policy, eligible) if held else constrained(s, pmf, req, over)
     chosen = sample(pmf, f"{s.loop}/{req['event_id']}")
     rest = sorted((i for i in range(len(eligible)) if i != chosen), key=lambda i: -pmf[i])
     return [chosen, *rest], pmf

@@ -5,10 +5,14 @@ so both refuse the same input the same way."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any, TypeGuard
+
+import orjson
 
 from learners.features import FeatureError, FeatureLimits, clean_features
 from service.core.errors import ApiError, bad_request
@@ -18,6 +22,40 @@ MAX_ID = 256
 
 def rank_error(message: str) -> ApiError:
     return bad_request("InvalidRankRequest", message)
+
+
+def load_json(body: bytes, code: str, *, required: bool = True) -> Any:
+    """A request body's JSON (None for an empty body that is not `required`), or a 400."""
+    if not body.strip():
+        if required:
+            raise bad_request(code, "request body is required")
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(code, f"request body is not valid JSON: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What a rank asks, for telling a retry from a reuse of its eventId (service.api.retries):
+    digests of the whole request (its JSON normalised: keys sorted, no whitespace) and of its
+    `what` (the actions), which a repeat of the eventId may not change."""
+
+    event_id: str
+    request: bytes
+    actions: bytes
+    what: str
+
+
+def _digest(value: Any) -> bytes:
+    return hashlib.blake2b(
+        orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=16
+    ).digest()
+
+
+def asked(body: Any, event_id: str, actions: Any, what: str) -> Asked:
+    return Asked(event_id, _digest(body), _digest(actions), what)
 
 
 def check_feature_count(count: int, limits: FeatureLimits) -> None:

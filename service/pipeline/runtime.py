@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class LoopRuntime:
     fallback: bool = False
     # Exposure caps' sliding counts in this process (learners.constraints), if it has caps.
     exposure: ExposureCaps | None = None
+    _serving_doc: tuple[LoopSettings, str, bool, dict[str, Any]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def serving(self) -> Serving:
@@ -60,6 +63,15 @@ class LoopRuntime:
             explain=self.settings.explain,
             tiles=self.settings.tiles,
         )
+
+    def serving_doc(self) -> dict[str, Any]:
+        """`serving` in its JSON form (a rank's call to a ranking process), built again only
+        when the settings or the fallback changed."""
+        key = (self.settings, self.kind, self.fallback)
+        cached = self._serving_doc
+        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
+            cached = self._serving_doc = (*key, self.serving.to_doc())
+        return cached[3]
 
     @property
     def holdout_share(self) -> float:

@@ -263,25 +263,33 @@ def test_explanations_and_the_event_view(harness: Harness) -> None:
 
 
 def test_a_rank_that_would_crash_vw_is_a_400_and_the_server_goes_on(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As if a new parser bug slipped past the feature cleaner: switch the cleaner off."""
-    from service.core import requests
+    """As if a new parser bug slipped past the feature cleaner: the ranking processes rank with
+    the cleaner switched off (the rank runs in them, service.core.ranks)."""
+    from service import app
+    from tests.support.crashing import rank_without_cleaner
 
-    c = harness.client
-    model = c.get("/personalizer/v1.0/model", headers=AUTH).content
-    assert c.put("/personalizer/v1.0/model", content=model, headers=AUTH).status_code == 204
-    monkeypatch.setattr(
-        requests, "clean_features", lambda features, where, **_: (features or [], 1)
-    )
-    body = {"contextFeatures": [{"__aid": 0}], "actions": [{"id": "a", "features": [{"x": 1}]}]}
-    r = c.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
-    assert r.status_code == 400, r.text
-    assert "Vowpal Wabbit crashed" in r.json()["error"]["message"]
-    body["contextFeatures"] = [{"fine": 1}]
-    assert c.post("/personalizer/v1.0/rank", json=body, headers=AUTH).status_code == 201
-    metrics = c.get("/metrics", headers=AUTH).text
-    assert "dloop_ranker_crashes 1" in metrics
+    monkeypatch.setattr(app, "RANKING_OPS", {"rank": rank_without_cleaner})
+    settings = make_settings(tmp_path / "data")
+    with TestClient(create_app(settings, clock=FakeClock(), run_worker=False)) as c:
+        model = c.get("/personalizer/v1.0/model", headers=AUTH).content
+        assert c.put("/personalizer/v1.0/model", content=model, headers=AUTH).status_code == 204
+        body = {
+            "contextFeatures": [{"__aid": 0}],
+            "actions": [{"id": "a", "features": [{"x": 1}]}],
+        }
+        r = c.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
+        assert r.status_code == 400, r.text
+        assert "Vowpal Wabbit crashed" in r.json()["error"]["message"]
+        # Remembered: the same request is refused without another crash.
+        again = c.post("/personalizer/v1.0/rank", json=body, headers=AUTH)
+        assert again.status_code == 400 and "crashed" in again.json()["error"]["message"]
+        body["contextFeatures"] = [{"fine": 1}]
+        assert c.post("/personalizer/v1.0/rank", json=body, headers=AUTH).status_code == 201
+        metrics = c.get("/metrics", headers=AUTH).text
+        assert "dloop_ranker_crashes 1" in metrics
+        assert "dloop_ranker_refused 1" in metrics
 
 
 def test_a_nul_in_an_id_is_refused_and_cannot_stop_ingestion(

@@ -1,9 +1,11 @@
 """Rank, reward and activate: the hot path, with no database access and no waiting on the log.
 Also the end of an RL episode, and an event as logged (read from the database).
 
-Bodies are parsed and validated by hand (service.api.requests) so each failure gets
-Personalizer's error code and the common case costs as little as possible; retries are told from
-reused eventIds by service.api.retries. For the same reason these are plain Starlette
+A rank's body goes whole to a ranking process, which checks it, builds its features, asks the
+model and draws (service.core.ranks); this process keeps the key, the retry cache
+(service.api.retries tells retries from reused eventIds), the exposure counts and the log.
+Other bodies are read by hand (service.api.requests) so each failure gets Personalizer's error
+code and the common case costs as little as possible. For the same reason these are plain Starlette
 routes: FastAPI's dependency solving would add about a fifth to each call (measured in-process,
 118 -> 92 us per rank). They call service.api.deps.loop_for, the function the FastAPI routes'
 AdminLoop is built on; service.api.openapi documents them in /openapi.json and /docs.
@@ -19,9 +21,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from learners.dsjson import timestamp
-from learners.features import context_json
 from learners.outcomes import REWARD, OutcomeError
-from learners.sandbox import NO_MODEL, SandboxError
+from learners.sandbox import RemoteError, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import ApiError, bad_request
 from service.api.requests import (
@@ -30,149 +31,54 @@ from service.api.requests import (
     is_id,
     is_reward,
     json_body,
-    parse_rank,
-    rank_error,
+    read_body,
     sandbox_error,
 )
-from service.api.retries import asked, earlier, remember, retried
+from service.api.retries import earlier, remember, retried
 from service.api.state import Dloop
-from service.core import ranking, record
+from service.core import ranks, record
 from service.pipeline.runtime import LoopRuntime
 from service.storage import store
 
 router = APIRouter()
 
 
-async def _policy_pmf(
-    d: Dloop, rt: LoopRuntime, serving: ranking.Serving, req: dict[str, Any], context: bytes
-) -> tuple[list[float], str]:
-    """The policy's probabilities for every action (0 for excluded ones) and the model id
-    (service.core.ranking). VW parses the request in a ranking sandbox even before the first
-    model (which ranks uniformly), so a request VW cannot read is refused before it is logged.
-    (With a model and exclusions only the eligible actions are parsed here; the learner, in its
-    own sandbox, dead-letters what it cannot read.)"""
-    served = rt.served
-    has_model = served.path is not None
-    scored = ranking.scored_context(req, context, has_model=has_model)
-    try:
-        scores = await d.rankers.predict(rt.name, rt.kind, served, scored)
-    except SandboxError as exc:
-        raise sandbox_error(exc) from None
-    return ranking.policy_pmf(serving, req, scores, has_model=has_model), served.model_id
-
-
-async def _explain(d: Dloop, rt: LoopRuntime, req: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per action, the context features that moved its probability most (learners.importance),
-    computed in a ranking sandbox."""
-    ids: list[str] = req["ids"]
-    if rt.served.path is None:
-        return [{"id": a, "features": []} for a in ids]
-    eligible: list[bool] = req["eligible"]
-    actions = [(a, f) for a, f, ok in zip(ids, req["features"], eligible, strict=True) if ok]
-    try:
-        return await d.rankers.explain(
-            rt.name,
-            rt.kind,
-            rt.served,
-            context=req["context"],
-            actions=actions,
-            eligible=eligible,
-            ids=ids,
-            epsilon=rt.settings.exploration,
-        )
-    except SandboxError as exc:
-        raise sandbox_error(exc) from None
-
-
 async def rank(request: Request) -> Response:
+    """The whole decision runs in a ranking process, beside the model (service.core.ranks: the
+    request's checks, features, the draw, the response and records); this process keeps the
+    key, the retry cache, the exposure counts and the log."""
     d, rt = loop_for(request, admin=False)
-    if rt.loop_kind.multi_slot:
-        raise rank_error("this is a multi-slot loop: rank with /multislot/rank")
-    body = await json_body(request, "InvalidRankRequest")
-    req = parse_rank(body, d.settings.max_actions, d.feature_limits)
-    ranking.code_tiles(rt.settings.tiles, req)
-    event_id: str = req["event_id"]
-    ids: list[str] = req["ids"]
-    ask = asked(body, event_id, [ids, body.get("excludedActions")], "actions")
-    seen = earlier(d, rt, ask)
-    if (answer := retried(d, rt, seen, ask)) is not None:
-        return answer
-    episode = _episode_of(body, rt)
+    raw = await read_body(request)  # at most max_body_bytes: service.api.guard counts them
     now = d.clock()
-    serving = rt.serving  # once: the settings this rank decides with
-    mode = serving.mode
-    context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
-    held = ranking.held_out(serving, req, episode)
-    order, pmf, model_id = await _decide(d, rt, serving, req, context, held=held)
-    explanation = None
-    if rt.settings.explain and mode != "LoggingOnly":
-        explanation = await _explain(d, rt, req)
-    decision = record.Decision(
-        loop=rt.name,
-        id=event_id,
-        t=now,
-        deferred=req["defer"],
-        mode=mode,
-        c=context.decode(),
-        a=order,
-        p=[pmf[i] for i in order],
-        b=req["eligible"].index(True),
-        m=model_id,
-        # A step of an episode; a rank without episodeId is an episode of one step.
-        ep=(episode or event_id) if rt.loop_kind.episodic else None,
-        x=explanation,
-        h=serving.holdout_share,
-        ho=held,
+    exposure = rt.exposure
+    header = ranks.call_header(
+        rt.serving_doc(),
+        max_actions=d.settings.max_actions,
+        limits=d.feature_limits,
+        served=rt.served,
+        over=exposure.over(now) if exposure is not None else None,
+        now=now,
     )
-    # A concurrent rank of this eventId may have been answered while this one awaited VW.
-    later = earlier(d, rt, ask)
-    if (answer := retried(d, rt, later, ask)) is not None:
-        return answer
-    reused = seen is not None or later is not None
+    try:
+        value, blob = await d.rankers.exchange("rank", header, raw)
+    except RemoteError as exc:  # not VW's refusal (rank_op answers those itself): a bug
+        raise RuntimeError(f"the ranking process failed: {exc.kind}: {exc}") from None
+    except SandboxError as exc:
+        raise sandbox_error(exc) from None
+    answer = ranks.read_answer(value, blob)
+    # This process's earlier answer to the eventId (a concurrent rank of it may have been
+    # answered while this one was in the ranking process).
+    seen = earlier(d, rt, answer.ask)
+    if (cached := retried(d, rt, seen, answer.ask)) is not None:
+        return cached
+    reused = seen is not None
     if not reused:
-        d.log.append(record.encode(decision))
-        if rt.exposure is not None and mode == "Online":
-            rt.exposure.record(ids[order[0]], now)
-        if rt.loop_kind.episodic and episode is None:
-            d.log.append(record.encode(record.EpisodeEnd(rt.name, event_id, now, term=True)))
-    response = orjson.dumps(ranking.rank_document(decision, ids, pmf))
-    remember(d, rt, ask, response, reused=reused)
-    return Response(response, status_code=201, media_type="application/json")
-
-
-def _episode_of(body: dict[str, Any], rt: LoopRuntime) -> str | None:
-    episode = body.get("episodeId")
-    if episode is not None:
-        if not rt.loop_kind.episodic:
-            raise rank_error("episodeId is only accepted by loops of kind rl")
-        if not is_id(episode):
-            raise rank_error(f"episodeId must be {ID_RULE}")
-    return episode
-
-
-async def _decide(
-    d: Dloop,
-    rt: LoopRuntime,
-    serving: ranking.Serving,
-    req: dict[str, Any],
-    context: bytes,
-    *,
-    held: bool,
-) -> tuple[list[int], list[float], str]:
-    """The served order of the actions, each one's probability and the deciding model's id
-    (service.core.ranking). A held-out decision draws from the holdout policy (the model still
-    reads the request, so a request VW cannot read is refused on either side). `serving`: the
-    loop's settings, read once for the whole rank."""
-    if serving.mode == "LoggingOnly":
-        try:
-            await d.rankers.predict(rt.name, rt.kind, NO_MODEL, context)  # only parses
-        except SandboxError as exc:
-            raise sandbox_error(exc) from None
-        order, pmf = ranking.logging_only(req["eligible"])
-        return order, pmf, rt.model_id
-    pmf, model_id = await _policy_pmf(d, rt, serving, req, context)
-    order, pmf = ranking.decide(serving, req, pmf, held=held, exposure=rt.exposure, now=d.clock())
-    return order, pmf, model_id
+        for line in answer.records:
+            d.log.append(line)
+        if exposure is not None and answer.online:
+            exposure.record(answer.chosen, now)
+    remember(d, rt, answer.ask, answer.response, reused=reused)
+    return Response(answer.response, status_code=201, media_type="application/json")
 
 
 def log_observation(

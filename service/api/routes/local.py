@@ -29,17 +29,7 @@ def local_settings(request: Request) -> Response:
     s = rt.serving
     limits = d.feature_limits
     doc: dict[str, Any] = {
-        "loop": rt.name,
-        "kind": rt.kind,
-        "mode": s.mode,
-        "holdoutShare": s.holdout_share,
-        "holdoutPolicy": s.holdout_policy,
-        "exploration": s.exploration,
-        "exploresInVw": s.explores_in_vw,
-        "episodic": s.episodic,
-        "maxExplorationProbability": s.max_exploration,
-        "explain": s.explain,
-        "tileCoding": s.tiles.to_doc() if s.tiles is not None else None,
+        **s.to_doc(),
         "exposureCaps": [
             {"actionId": c.action, "maxShare": c.max_share, "windowSeconds": c.window}
             for c in rt.settings.caps

@@ -65,6 +65,39 @@ def test_a_crashing_input_kills_a_ranking_child_not_the_pool(tmp_path: Path) -> 
     asyncio.run(scenario())
 
 
+def test_a_caller_in_another_event_loop_is_answered_through_the_pools_loop(
+    tmp_path: Path,
+) -> None:
+    """The children's answers arrive in the loop the pool started in. A caller in another loop
+    (schemathesis calls the app in its own) awaited a future the pool's loop resolved from
+    another thread: the call found its waiter gone now and then (TypeError, a 500 in the fuzz
+    test) or was never woken."""
+    import threading
+
+    owner = asyncio.new_event_loop()
+    thread = threading.Thread(target=owner.run_forever, daemon=True)
+    thread.start()
+    pool = RankerPool(2, timeout=5, wait=10)
+    try:
+        asyncio.run_coroutine_threadsafe(pool.start(), owner).result(60)
+        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
+        model = ModelRef("m1", path)
+
+        async def many() -> None:
+            for _ in range(300):
+                assert len(await pool.predict("loop", "cb", model, GOOD)) == 2
+
+        async def callers() -> None:
+            await asyncio.wait_for(asyncio.gather(many(), many()), 60)
+
+        asyncio.run(callers())
+    finally:
+        asyncio.run_coroutine_threadsafe(pool.close(), owner).result(60)
+        owner.call_soon_threadsafe(owner.stop)
+        thread.join(10)
+        owner.close()
+
+
 def test_a_pool_stopped_while_a_child_starts_leaves_no_child_behind() -> None:
     """Closing the server while a crashed child's replacement was starting (or cancelling a
     start) abandoned the child being started: its process ran on and its socket was only
