@@ -98,9 +98,11 @@ class Inventory(gym.Env[Any, Any]):
     PRICE, UNIT_COST, ORDER_COST, HOLDING = 1.0, 0.4, 0.3, 0.05
 
     def __init__(self) -> None:
-        self.observation_space = spaces.Discrete(self.DAYS * (self.MAX_STOCK + 1))
+        # What the shop sees, as its app would send it: the day and the stock, two features.
+        self.observation_space = spaces.MultiDiscrete([self.DAYS, self.MAX_STOCK + 1])
         self.action_space = spaces.Discrete(4)  # units to order
         self.day, self.stock = 0, self.START
+        # The transition table value iteration reads, by state index (`state_index`).
         self.P = {
             self._index(day, stock): {a: self._outcomes(day, stock, a) for a in range(4)}
             for day in range(self.DAYS)
@@ -109,6 +111,14 @@ class Inventory(gym.Env[Any, Any]):
 
     def _index(self, day: int, stock: int) -> int:
         return day * (self.MAX_STOCK + 1) + stock
+
+    def state_index(self, obs: Any) -> int:
+        """The index in `P` of an observation (day, stock)."""
+        day, stock = (int(v) for v in obs)
+        return self._index(day, stock)
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self.day, self.stock])
 
     def _day(self, stock: int, order: int, demand: int) -> tuple[int, float]:
         """The stock left and the day's profit."""
@@ -128,18 +138,19 @@ class Inventory(gym.Env[Any, Any]):
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         self.day, self.stock = 0, self.START
-        return self._index(self.day, self.stock), {}
+        return self._obs(), {}
 
-    def step(self, action: int) -> tuple[int, float, bool, bool, dict[str, Any]]:
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         demands, probabilities = zip(*self.DEMAND, strict=True)
         demand = int(self.np_random.choice(demands, p=probabilities))
         self.stock, reward = self._day(self.stock, int(action), demand)
         self.day += 1
         done = self.day >= self.DAYS
-        return 0 if done else self._index(self.day, self.stock), reward, done, False, {}
+        # (The last day's successor is P's state 0, as in the table.)
+        return np.array([0, 0]) if done else self._obs(), reward, done, False, {}
 
 
 class NoisyCorridor(gym.Env[Any, Any]):

@@ -34,6 +34,10 @@ def simulate(
         typer.Option(help="Divide rewards by this (dloop takes [-1, 1]; known envs preset)."),
     ] = None,
     eval_every: Annotated[int, typer.Option(help="Greedy evaluation every N episodes.")] = 25,
+    steps_per_second: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(min=0.01, help="Pace the steps (default: as fast as the server answers)."),
+    ] = None,
     tabular: Annotated[
         bool,
         typer.Option(
@@ -64,6 +68,7 @@ def simulate(
             reward_scale=reward_scale,
             eval_every=eval_every,
             kind=kind,
+            steps_per_second=steps_per_second,
         )
     _write_curve(curve, episodes, out)
 

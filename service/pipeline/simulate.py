@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,8 +116,13 @@ def run(
     after_episode: Callable[[int], None] | None = None,
     progress: bool = True,
     run_id: str | None = None,
+    steps_per_second: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Curve:
-    """Play `episodes` episodes through `client`; returns the learning curve.
+    """Play `episodes` episodes through `client`; returns the learning curve. With
+    `steps_per_second`, steps start at that pace (as users would come), not as fast as the
+    server answers.
 
     Event ids are `<run_id>-<episode>-<step>`, and dloop seeds each draw from its event id, so
     a run with a fixed `run_id` and seed is repeatable (tests); by default `run_id` is random,
@@ -130,11 +136,16 @@ def run(
     run_id = run_id or uuid.uuid4().hex[:8]
     episodic = loop_kind(kind).episodic
     bar = tqdm(range(episodes), desc=env_id, unit="ep", disable=not progress)
+    next_step = clock()
     for ep in bar:
         obs, _ = env.reset(seed=seed + ep)
         episode_id = f"{run_id}-{ep}"
         total, terminated = 0.0, False
         for step in itertools.count():
+            if steps_per_second:  # behind (a slow answer, an evaluation): at most 1 s to catch up
+                next_step = max(next_step + 1.0 / steps_per_second, clock() - 1.0)
+                if (wait := next_step - clock()) > 0:
+                    sleep(wait)
             ranked = client.rank(
                 envs.observation_features(obs),
                 actions,
@@ -166,7 +177,8 @@ def optimal_return(
 ) -> float | None:
     """The optimal policy's mean return on the greedy evaluation's seeds, for environments
     with a known transition table (gymnasium's toy-text `P`: CliffWalking, Taxi, FrozenLake),
-    by value iteration on discounted return; None for others."""
+    by value iteration on discounted return; None for others. A world whose observation is not
+    the table's state says how to find it (`state_index`, dloop/Inventory-v0's)."""
     env = make_env(env_id, max_steps)
     table = getattr(env.unwrapped, "P", None)
     if not isinstance(table, dict):
@@ -187,7 +199,8 @@ def optimal_return(
         if np.max(np.abs(new - values)) < 1e-9:
             break
         values = new
-    return mean_return(env, lambda obs: int(np.argmax(q(int(obs)))), episodes, seed)
+    index: Callable[[Any], int] = getattr(env.unwrapped, "state_index", int)
+    return mean_return(env, lambda obs: int(np.argmax(q(index(obs)))), episodes, seed)
 
 
 def mean_return(

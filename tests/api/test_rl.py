@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -269,3 +271,35 @@ def test_offline_evaluation_of_an_rl_loop(harness: Harness, tmp_path: Path) -> N
     assert by_source["Custom"]["expectedReward"] == results["Custom"]["expectedReward"]
     refused = CliRunner().invoke(app, [*cli, "--policy", "x=--cb_explore_adf"])
     assert refused.exit_code == 2 and "RL loops" in refused.output
+
+
+def test_simulate_paces_its_steps(harness: Harness) -> None:
+    """`--steps-per-second`: each step starts 1/rate after the one before (on a fake clock
+    that the sleeps move)."""
+    rl = make_loop(harness, "paced", "rl")
+    now = [100.0]
+    started: list[float] = []
+    rank = rl.rank
+
+    def timed_rank(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        started.append(now[0])
+        return rank(*args, **kwargs)
+
+    def sleep(seconds: float) -> None:
+        assert seconds > 0
+        now[0] += seconds
+
+    rl.rank = timed_rank  # type: ignore[method-assign]
+    simulate.run(
+        rl,
+        "dloop/DelayedKey-v0",
+        2,
+        progress=False,
+        run_id="p",
+        steps_per_second=10.0,
+        clock=lambda: now[0],
+        sleep=sleep,
+    )
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert len(started) == 20 and all(abs(g - 0.1) < 1e-9 for g in gaps), gaps
+    assert started[0] == pytest.approx(100.1)

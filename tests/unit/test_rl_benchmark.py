@@ -26,16 +26,16 @@ def test_the_inventory_optimum_is_what_its_policy_earns_by_playing_the_world() -
     for _ in range(env.DAYS + 1):  # finite horizon: exact after DAYS sweeps
         values = np.array([max(q(s, a) for a in range(4)) for s in range(len(env.P))])
 
-    def best(s: int) -> int:
-        return int(np.argmax([q(s, a) for a in range(4)]))
+    def best(obs: np.ndarray) -> int:
+        return int(np.argmax([q(env.state_index(obs), a) for a in range(4)]))
 
-    def play(policy: Callable[[int], int], episodes: int = 2000) -> float:
+    def play(policy: Callable[[np.ndarray], int], episodes: int = 2000) -> float:
         return mean_return(make_env("dloop/Inventory-v0", 15), policy, episodes, 0)
 
-    start = env.START  # day 0
+    start = env.state_index((0, env.START))
     assert abs(play(best) - values[start]) < 0.15
     for level in range(1, 6):
-        rule = lambda s, level=level: max(0, min(3, level - s % (env.MAX_STOCK + 1)))  # noqa: E731
+        rule = lambda obs, level=level: max(0, min(3, level - int(obs[1])))  # noqa: E731
         assert play(rule, 500) < values[start]
     assert abs(optimum_of(WORLDS["Inventory"]) - values[start]) < 0.3  # on the eval seeds
 
