@@ -9,8 +9,9 @@
   (categorical user traits, Bernoulli clicks), so `dloop simulate` can drive cb loops too.
 - `dloop/Inventory-v0`: 15 days of a shop's stock. Each day the agent orders 0 to 3 units
   (each costs, and any order has a fixed cost), a random demand sells what is in stock, what is
-  left costs to hold. The state is (day, stock), one categorical feature; the transition table
-  `P` (as gymnasium's toy-text worlds have) gives the optimum by value iteration.
+  left costs to hold. The observation is (day, stock), two categorical features as a shop's app
+  would send them; the transition table `P` (as gymnasium's toy-text worlds have, by state
+  index: `state_index(obs)`) gives the optimum by value iteration.
 - `dloop/NoisyCorridor-v0`: walk right along a corridor to its end (+1, less a small cost per
   step); the observation is the position and 20 features of random noise, redrawn each step.
   No state is ever seen twice, so a learner must generalise over features to learn at all.
