@@ -8,7 +8,8 @@ blob (example text, model bytes). Never pickle: a child that VW's input managed 
 send its parent nothing but data.
 
 - `RankerPool` (asyncio, serving): a few long-lived children that parse, predict, fill
-  multi-slot pages and explain. Each keeps the models of the loops it served recently (LRU),
+  multi-slot pages and explain, and run the operations their owner adds (`ops`: the server's
+  whole rank, service.core.ranks). Each keeps the models of the loops it served recently (LRU),
   loaded from the files the serving process writes when a model is published. Every call has a
   deadline; a child that crashes or overruns is killed and replaced (backing off when it keeps
   dying) and the input that did it is remembered and refused at once if it comes again.

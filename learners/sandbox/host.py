@@ -28,8 +28,8 @@ _PARSE_ARGS = {"cb": "--cb_explore_adf", "rl": "--cb_adf", "ccb": "--ccb_explore
 
 # An operation the sandbox's owner adds (`Host(ops=...)`): called with the host (its models:
 # `scores`, `explanation`), the call's header and blob; returns the answer and a blob. A
-# module-level function, so a child receives it by name (service.core.deciding's `rank` runs
-# the server's whole rank decision next to the model this way, off the serving process).
+# module-level function, so a child receives it by name (service.core.ranks.rank_op runs the
+# server's whole rank next to the model this way, off the serving process).
 Op = Callable[["Host", dict[str, Any], bytes], tuple[Any, bytes]]
 
 
