@@ -45,7 +45,6 @@ from typing import Any
 import httpx
 import orjson
 
-from learners.ccb import ccb_context
 from learners.constraints import Cap, ExposureCaps
 from learners.features import FeatureLimits
 from learners.outcomes import REWARD, OutcomeError, OutcomeRule, RewardRules
@@ -57,11 +56,8 @@ from service.core.producing import PRODUCER_OPTIONS, send_all
 from service.core.requests import (
     ID_RULE,
     check_event_id,
-    check_feature_count,
     is_id,
     is_reward,
-    parse_rank,
-    parse_slots,
 )
 
 
@@ -264,38 +260,27 @@ class LocalRanker:
 
     def rank_multi_slot(self, body: Any) -> dict[str, Any]:
         """What `POST .../multislot/rank` answers for `body` (ApiError for what it refuses)."""
-        s, served, now = self.serving, self.served, self.clock()
-        if s.kind != "ccb":
-            raise bad_request(
-                "InvalidMultiSlotApiAccess",
-                f"loop '{s.loop}' is single-slot; multi-slot needs a loop of kind ccb",
-            )
-        req = parse_rank(body, self.max_actions, self.limits)
-        ranking.code_tiles(s.tiles, req)
-        ids: list[str] = req["ids"]
-        slots, count = parse_slots(body, ids, self.limits)
-        check_feature_count(req["features_count"] + count, self.limits)
-        c = ccb_context(
-            req["context"],
-            list(zip(ids, req["features"], strict=True)),
-            [(slot["id"], slot["features"], slot["allowed"]) for slot in slots],
+        ranked = ranks.rank_slots(
+            self.serving,
+            body,
+            max_actions=self.max_actions,
+            limits=self.limits,
+            served=self.served,
+            predict=self._predict,
+            fill=self._fill,
+            now=self.clock(),
         )
-        seed = f"{s.loop}/{req['event_id']}"
-        if s.mode == "LoggingOnly":
-            self._call("predict", NO_MODEL, orjson.dumps(c))  # only parses
-            decided = ranking.logging_only_slots(slots)
-        else:
-            allowed = [slot["allowed"] for slot in slots]
-            decided = self._call("rank_slots", served, orjson.dumps(c), allowed=allowed, seed=seed)
-            decided = ranking.check_slots([(a, list(o), list(p)) for a, o, p in decided])
-        held = ranking.held_out(s, req, None)
-        if held:
-            decided = ranking.held_slots(s, slots, seed)
-        decision = ranking.slots_decision(
-            s, req, slots, c, decided, held=held, model_id=served.model_id, now=now
+        for line in ranked.records():
+            self._queue(line)
+        return ranked.document()
+
+    def _fill(
+        self, served: ModelRef, text: bytes, allowed: list[list[int]], seed: str
+    ) -> ranking.Decided:
+        decided: ranking.Decided = self._call(
+            "rank_slots", served, text, allowed=allowed, seed=seed
         )
-        self._queue(record.encode(decision))
-        return ranking.slots_document(decision, ids, decided)
+        return decided
 
     # ---- observations -------------------------------------------------------------------------
 

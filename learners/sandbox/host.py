@@ -93,13 +93,19 @@ class Host:
     def op_predict(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         return self.scores(header, blob.decode()), b""
 
-    def op_rank_slots(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+    def fill_slots(
+        self, header: dict[str, Any], blob: bytes, allowed: list[list[int]], seed: str
+    ) -> list[tuple[int, list[int], list[float]]]:
+        """learners.ccb.CCBRanker.rank of the multi-slot context `blob` (its JSON) with the
+        model `header` names (uniform per slot without one, after parsing all the same)."""
         ws = self._ranker(header)
         c = orjson.loads(blob)
         if ws is None:
             vw.parse_only(self._parser("ccb"), blob.decode())
-        ranker = CCBRanker.loaded(ws)
-        return ranker.rank(c, header["allowed"], header["seed"]), b""
+        return CCBRanker.loaded(ws).rank(c, allowed, seed)
+
+    def op_rank_slots(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        return self.fill_slots(header, blob, header["allowed"], header["seed"]), b""
 
     def explanation(
         self,

@@ -18,11 +18,22 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from learners.ccb import ccb_context
 from learners.features import FeatureLimits, context_json
 from learners.sandbox import NO_MODEL, ModelRef
 from service.core import ranking, record
-from service.core.errors import ApiError
-from service.core.requests import ID_RULE, Asked, asked, is_id, load_json, parse_rank, rank_error
+from service.core.errors import ApiError, bad_request
+from service.core.requests import (
+    ID_RULE,
+    Asked,
+    asked,
+    check_feature_count,
+    is_id,
+    load_json,
+    parse_rank,
+    parse_slots,
+    rank_error,
+)
 
 if TYPE_CHECKING:
     from learners.sandbox.host import Host
@@ -31,6 +42,10 @@ if TYPE_CHECKING:
 # context features that moved its probability most.
 Predict = Callable[[ModelRef, bytes], list[float]]
 Explain = Callable[[ModelRef, dict[str, Any]], list[dict[str, Any]]]
+# A multi-slot page filled by the model (learners.ccb.CCBRanker.rank): the context's JSON, each
+# slot's allowed actions and the draw's seed in; per slot the chosen action, its order of
+# actions and their probabilities out.
+Fill = Callable[[ModelRef, bytes, list[list[int]], str], ranking.Decided]
 
 
 def unreadable(exc: Exception) -> ApiError:
@@ -121,6 +136,66 @@ def rank(
     return Ranked(decision, ids, pmf, ends_episode=s.episodic and episode is None)
 
 
+@dataclass(frozen=True, slots=True)
+class RankedSlots:
+    decision: record.SlotsDecision
+    ids: list[str]
+    decided: ranking.Decided
+
+    def document(self) -> dict[str, Any]:
+        return ranking.slots_document(self.decision, self.ids, self.decided)
+
+    def records(self) -> list[bytes]:
+        return [record.encode(self.decision)]
+
+
+def rank_slots(
+    s: ranking.Serving,
+    body: Any,
+    *,
+    max_actions: int,
+    limits: FeatureLimits,
+    served: ModelRef,
+    predict: Predict,
+    fill: Fill,
+    now: float,
+) -> RankedSlots:
+    """A multi-slot rank (Personalizer's /multislot/rank) of `body` for the loop `s`: slots
+    filled in request order, each from the actions still free for it; Apprentice mode serves
+    every slot's baseline and logs the model's choices; LoggingOnly serves and logs the
+    baselines; a held-out page is served by the holdout policy."""
+    if s.kind != "ccb":
+        raise bad_request(
+            "InvalidMultiSlotApiAccess",
+            f"loop '{s.loop}' is single-slot; multi-slot needs a loop of kind ccb",
+        )
+    req = parse_rank(body, max_actions, limits)
+    ranking.code_tiles(s.tiles, req)
+    ids: list[str] = req["ids"]
+    slots, count = parse_slots(body, ids, limits)
+    check_feature_count(req["features_count"] + count, limits)
+    c = ccb_context(
+        req["context"],
+        list(zip(ids, req["features"], strict=True)),
+        [(slot["id"], slot["features"], slot["allowed"]) for slot in slots],
+    )
+    text = orjson.dumps(c)
+    seed = f"{s.loop}/{req['event_id']}"
+    if s.mode == "LoggingOnly":
+        predict(NO_MODEL, text)  # only parses
+        decided = ranking.logging_only_slots(slots)
+    else:
+        allowed = [slot["allowed"] for slot in slots]
+        decided = ranking.check_slots(fill(served, text, allowed, seed))
+    held = ranking.held_out(s, req, None)
+    if held:
+        decided = ranking.held_slots(s, slots, seed)
+    decision = ranking.slots_decision(
+        s, req, slots, c, decided, held=held, model_id=served.model_id, now=now
+    )
+    return RankedSlots(decision, ids, decided)
+
+
 # ---- in a ranking process -------------------------------------------------------------------
 
 
@@ -132,10 +207,12 @@ def call_header(
     served: ModelRef,
     over: Mapping[str, float] | None,
     now: float,
+    slots: bool = False,
 ) -> dict[str, Any]:
-    """The header of a `rank` call (`s`: the loop's Serving.to_doc); the request's body is the
-    call's blob."""
+    """The header of a `rank` call (`s`: the loop's Serving.to_doc; `slots`: a multi-slot
+    rank); the request's body is the call's blob."""
     return {
+        "slots": slots,
         "loop": s["loop"],
         "kind": s["kind"],
         "model": (served.model_id, served.path),
@@ -159,15 +236,18 @@ def _serving(doc: dict[str, Any]) -> ranking.Serving:
     return s
 
 
-def rank_op(host: Host, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
-    """The `rank` operation of a ranking process (learners.sandbox.host.Op): the request's body
-    in, out either {"refused": [status, code, message]} or the answer (eventId, the digests a
-    retry is told by, the action served) with the response and the records as the blob."""
-    s = _serving(header["s"])
+def _callables(
+    host: Host, header: dict[str, Any], s: ranking.Serving
+) -> tuple[Predict, Explain, Fill]:
+    """The model's work for a rank, on `host`'s workspaces; what VW refuses is the 400 both
+    rankers answer."""
+
+    def model_header(model: ModelRef) -> dict[str, Any]:
+        return {**header, "model": (model.model_id, model.path)}
 
     def predict(model: ModelRef, text: bytes) -> list[float]:
         try:
-            return host.scores({**header, "model": (model.model_id, model.path)}, text.decode())
+            return host.scores(model_header(model), text.decode())
         except Exception as exc:
             raise unreadable(exc) from None
 
@@ -178,7 +258,7 @@ def rank_op(host: Host, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes
         ]
         try:
             return host.explanation(
-                header,
+                model_header(model),
                 context=req["context"],
                 actions=actions,
                 eligible=eligible,
@@ -188,29 +268,61 @@ def rank_op(host: Host, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes
         except Exception as exc:
             raise unreadable(exc) from None
 
+    def fill(model: ModelRef, text: bytes, allowed: list[list[int]], seed: str) -> ranking.Decided:
+        try:
+            return host.fill_slots(model_header(model), text, allowed, seed)
+        except Exception as exc:
+            raise unreadable(exc) from None
+
+    return predict, explain, fill
+
+
+def rank_op(host: Host, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+    """The `rank` operation of a ranking process (learners.sandbox.host.Op): the request's body
+    in, out either {"refused": [status, code, message]} or the answer (eventId, the digests a
+    retry is told by, the action served) with the response and the records as the blob."""
+    s = _serving(header["s"])
+    predict, explain, fill = _callables(host, header, s)
     try:
         body = load_json(blob, "InvalidRankRequest")
-        ranked = rank(
-            s,
-            body,
-            max_actions=int(header["max"]),
-            limits=FeatureLimits(*header["lim"]),
-            served=ModelRef(*header["model"]),
-            predict=predict,
-            explain=explain,
-            over=header["over"],
-            now=float(header["now"]),
-        )
+        ranked: Ranked | RankedSlots
+        if header.get("slots"):
+            ranked = rank_slots(
+                s,
+                body,
+                max_actions=int(header["max"]),
+                limits=FeatureLimits(*header["lim"]),
+                served=ModelRef(*header["model"]),
+                predict=predict,
+                fill=fill,
+                now=float(header["now"]),
+            )
+            what, repeat = "actions or slots", body.get("slots")
+        else:
+            ranked = rank(
+                s,
+                body,
+                max_actions=int(header["max"]),
+                limits=FeatureLimits(*header["lim"]),
+                served=ModelRef(*header["model"]),
+                predict=predict,
+                explain=explain,
+                over=header["over"],
+                now=float(header["now"]),
+            )
+            what, repeat = "actions", body.get("excludedActions")
     except ApiError as exc:
         return {"refused": (exc.status, exc.code, exc.message)}, b""
-    ask = asked(body, ranked.decision.id, [ranked.ids, body.get("excludedActions")], "actions")
+    ask = asked(body, ranked.decision.id, [ranked.ids, repeat], what)
     response = orjson.dumps(ranked.document())
     records = ranked.records()
     answer = {
         "id": ask.event_id,
         "request": ask.request.hex(),
         "actions": ask.actions.hex(),
-        "chosen": ranked.chosen,
+        "what": what,
+        # The action served, for the exposure caps' counts (single-slot loops have them).
+        "chosen": ranked.chosen if isinstance(ranked, Ranked) else None,
         "online": s.mode == "Online",
         "sizes": [len(response), *(len(r) for r in records)],
     }
@@ -222,7 +334,7 @@ class Answer:
     """A ranking process's answer to a `rank` call, as the serving process uses it."""
 
     ask: Asked
-    chosen: str
+    chosen: str | None
     online: bool
     response: bytes
     records: list[bytes]
@@ -239,6 +351,6 @@ def read_answer(value: dict[str, Any], blob: bytes) -> Answer:
         parts.append(blob[at : at + size])
         at += size
     ask = Asked(
-        value["id"], bytes.fromhex(value["request"]), bytes.fromhex(value["actions"]), "actions"
+        value["id"], bytes.fromhex(value["request"]), bytes.fromhex(value["actions"]), value["what"]
     )
     return Answer(ask, value["chosen"], bool(value["online"]), parts[0], parts[1:])

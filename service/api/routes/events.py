@@ -44,13 +44,17 @@ router = APIRouter()
 
 
 async def rank(request: Request) -> Response:
-    """The whole decision runs in a ranking process, beside the model (service.core.ranks: the
-    request's checks, features, the draw, the response and records); this process keeps the
-    key, the retry cache, the exposure counts and the log."""
     d, rt = loop_for(request, admin=False)
-    raw = await read_body(request)  # at most max_body_bytes: service.api.guard counts them
+    return await ranked(d, rt, await read_body(request))
+
+
+async def ranked(d: Dloop, rt: LoopRuntime, raw: bytes, *, slots: bool = False) -> Response:
+    """A rank (`slots`: a multi-slot rank) of the body `raw`. The whole decision runs in a
+    ranking process, beside the model (service.core.ranks: the request's checks, features, the
+    draw, the response and records); this process keeps the key, the retry cache, the exposure
+    counts and the log."""
     now = d.clock()
-    exposure = rt.exposure
+    exposure = None if slots else rt.exposure
     header = ranks.call_header(
         rt.serving_doc(),
         max_actions=d.settings.max_actions,
@@ -58,6 +62,7 @@ async def rank(request: Request) -> Response:
         served=rt.served,
         over=exposure.over(now) if exposure is not None else None,
         now=now,
+        slots=slots,
     )
     try:
         value, blob = await d.rankers.exchange("rank", header, raw)
@@ -75,7 +80,7 @@ async def rank(request: Request) -> Response:
     if not reused:
         for line in answer.records:
             d.log.append(line)
-        if exposure is not None and answer.online:
+        if exposure is not None and answer.online and answer.chosen is not None:
             exposure.record(answer.chosen, now)
     remember(d, rt, answer.ask, answer.response, reused=reused)
     return Response(answer.response, status_code=201, media_type="application/json")

@@ -9,35 +9,27 @@ baselines.
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from learners.ccb import ccb_context
-from learners.sandbox import NO_MODEL, ModelRef, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import bad_request
 from service.api.requests import (
     check_event_id,
-    check_feature_count,
     is_id,
     is_reward,
     json_body,
-    parse_rank,
-    parse_slots,
-    sandbox_error,
+    read_body,
 )
-from service.api.retries import asked, earlier, remember, retried
 from service.api.routes.events import (
     activate_event,
     checked_outcomes,
     log_observation,
     log_outcomes,
+    ranked,
 )
 from service.api.state import Dloop
-from service.core import ranking, record
+from service.core import record
 from service.pipeline.runtime import LoopRuntime
 
 router = APIRouter()
@@ -54,71 +46,9 @@ def _multislot_loop(request: Request) -> tuple[Dloop, LoopRuntime]:
 
 
 async def rank_multi_slot(request: Request) -> Response:
+    """A multi-slot rank runs whole in a ranking process (service.core.ranks.rank_slots)."""
     d, rt = _multislot_loop(request)
-    body = await json_body(request, "InvalidRankRequest")
-    req = parse_rank(body, d.settings.max_actions, d.feature_limits)
-    ranking.code_tiles(rt.settings.tiles, req)
-    ids: list[str] = req["ids"]
-    slots, count = parse_slots(body, ids, d.feature_limits)
-    check_feature_count(req["features_count"] + count, d.feature_limits)
-    event_id: str = req["event_id"]
-    ask = asked(body, event_id, [ids, body.get("slots")], "actions or slots")
-    seen = earlier(d, rt, ask)
-    if (answer := retried(d, rt, seen, ask)) is not None:
-        return answer
-
-    now = d.clock()
-    c = ccb_context(
-        req["context"],
-        list(zip(ids, req["features"], strict=True)),
-        [(s["id"], s["features"], s["allowed"]) for s in slots],
-    )
-    mode = rt.settings.mode
-    model = rt.served  # once: the model that decides is the one whose id is logged
-    seed = f"{rt.name}/{event_id}"
-    decided = await _decide_slots(d, rt, model, mode, c, slots, seed)
-    # The live holdout (learners.holdout): every slot served by the holdout policy.
-    serving = rt.serving
-    held = ranking.held_out(serving, req, None)
-    if held:
-        decided = ranking.held_slots(serving, slots, seed)
-    # A concurrent rank of this eventId may have been answered while this one awaited VW.
-    later = earlier(d, rt, ask)
-    if (answer := retried(d, rt, later, ask)) is not None:
-        return answer
-    reused = seen is not None or later is not None
-    decision = ranking.slots_decision(
-        serving, req, slots, c, decided, held=held, model_id=model.model_id, now=now
-    )
-    if not reused:
-        d.log.append(record.encode(decision))
-    response = orjson.dumps(ranking.slots_document(decision, ids, decided))
-    remember(d, rt, ask, response, reused=reused)
-    return Response(response, status_code=201, media_type="application/json")
-
-
-async def _decide_slots(
-    d: Dloop,
-    rt: LoopRuntime,
-    model: ModelRef,
-    mode: str,
-    c: dict[str, Any],
-    slots: list[dict[str, Any]],
-    seed: str,
-) -> list[tuple[int, list[int], list[float]]]:
-    """Per slot the chosen action, the slot's order of actions and their probabilities;
-    LoggingOnly: the baselines (VW only parses the request)."""
-    try:
-        if mode == "LoggingOnly":
-            await d.rankers.predict(rt.name, rt.kind, NO_MODEL, orjson.dumps(c))  # parse only
-            decided = ranking.logging_only_slots(slots)
-        else:
-            decided = await d.rankers.rank_slots(
-                rt.name, model, c, [s["allowed"] for s in slots], seed
-            )
-    except SandboxError as exc:
-        raise sandbox_error(exc) from None
-    return ranking.check_slots(decided)
+    return await ranked(d, rt, await read_body(request), slots=True)
 
 
 async def reward_multi_slot(request: Request) -> Response:
