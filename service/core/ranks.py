@@ -1,9 +1,9 @@
-"""A whole single-slot rank, from the request to its answer and log records, done where the model
-is: in one of the server's ranking processes (`rank_op`, the operation the server adds to its
-learners.sandbox children, so the request's checks, features and draw run beside VW and off the
-serving process), or in the application's own process (service.local.LocalRanker). One
-implementation, so a local decision is the server's decision for the same model and request,
-and both refuse the same input with the same code and message.
+"""A whole rank (`rank`; `rank_slots` for a multi-slot page), from the request to its answer and
+log records, done where the model is: in one of the server's ranking processes (`rank_op`, the
+operation the server adds to its learners.sandbox children, so the request's checks, features
+and draw run beside VW and off the serving process), or in the application's own process
+(service.local.LocalRanker). One implementation, so a local decision is the server's decision
+for the same model and request, and both refuse the same input with the same code and message.
 
 The serving process keeps what must be shared across requests: the key, the retry cache (it
 compares the digests a rank returns), the exposure caps' counts (it sends the caps already hit,
