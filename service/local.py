@@ -27,7 +27,11 @@ learns of a new model within a second of its publication, and the new model repl
 one atomically (a rank uses one model from start to end). Thread-safe: VW workspaces are not,
 so each thread that ranks has its own (benchmarks/local.py weighs it against one lock).
 
-Not yet: exposure caps counted across a fleet (each process counts its own).
+Exposure caps count across the fleet that ships to one server: each batch's answer says which
+capped actions are at or over their cap by the server's counts (its own ranks and every
+ranker's shipped decisions), and a rank caps by those and by this process's own counts. (Shipped
+straight to Kafka, or when the server's word is older than FLEET_FRESH seconds, a process caps
+by its own counts only; each serving process counts its own too.)
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ from service.core.requests import (
     is_id,
     is_reward,
 )
+
+# How long the server's word on which actions are at their exposure cap holds (it comes with
+# each shipped batch, every `ship_every` seconds while this process ranks).
+FLEET_FRESH = 10.0
 
 
 def _count(batch: bytes) -> int:
@@ -124,6 +132,8 @@ class LocalRanker:
         self.served: ModelRef = NO_MODEL
         self.exposure: ExposureCaps | None = None
         self._caps: tuple[Cap, ...] = ()
+        # The server's capped actions at or over their cap, and when it said so.
+        self._fleet: tuple[dict[str, float], float] = ({}, 0.0)
         self.refresh()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -155,6 +165,7 @@ class LocalRanker:
         )
         if caps != self._caps:
             self._caps, self.exposure = caps, ExposureCaps(caps) if caps else None
+            self._fleet = ({}, 0.0)
         self.rules = RewardRules(
             0.0,
             {
@@ -238,6 +249,18 @@ class LocalRanker:
         )
         return out
 
+    def _over(self, now: float) -> dict[str, float] | None:
+        """The capped actions at or over their cap: by this process's own counts, and by the
+        server's (its ranks and every ranker's shipped decisions) as its last answer to a batch
+        said, if that is at most FLEET_FRESH seconds old."""
+        if self.exposure is None:
+            return None
+        over = self.exposure.over(now)
+        fleet, at = self._fleet
+        if fleet and now - at <= FLEET_FRESH:
+            over = {**fleet, **over}
+        return over
+
     def rank(self, body: Any) -> dict[str, Any]:
         """What `POST .../rank` answers for `body` (ApiError for what it refuses)."""
         now, exposure = self.clock(), self.exposure
@@ -249,7 +272,7 @@ class LocalRanker:
             served=self.served,
             predict=self._predict,
             explain=self._explain,
-            over=exposure.over(now) if exposure is not None else None,
+            over=self._over(now),
             now=now,
         )
         for line in ranked.records():
@@ -407,6 +430,9 @@ class LocalRanker:
         )
         if r.status_code != 202:
             raise ApiError(r.status_code, *_error(r))
+        over = r.json().get("exposureOver")
+        if isinstance(over, dict):
+            self._fleet = (over, self.clock())
 
     def _spill(self) -> None:
         """Move the records in memory to the buffer directory (one file per batch, written

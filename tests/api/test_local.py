@@ -350,3 +350,37 @@ def test_tile_coding_is_applied_alike_by_the_server_and_the_local_ranker(
     cfg["tileCoding"] = {"widths": {"pos.x": [0.3, -1]}}
     r = harness.client.put("/personalizer/v1.0/configurations/service", json=cfg, headers=AUTH)
     assert r.status_code == 400 and "tile widths" in r.json()["error"]["message"], r.text
+
+
+def test_exposure_caps_count_every_ranker_that_ships_to_the_server(
+    harness: Harness, client_key: str
+) -> None:
+    """A fleet: ranker A's decisions, once shipped, count toward the cap ranker B (and the
+    server's own rank) draws by; before B hears from the server, its own counts alone hold."""
+    h = harness
+    cfg = h.client.get("/personalizer/configurations/service", headers=AUTH).json()
+    cfg["exposureCaps"] = [{"actionId": "a0", "maxShare": 0.1, "window": "PT1H"}]
+    r = h.client.put("/personalizer/configurations/service", json=cfg, headers=AUTH)
+    assert r.status_code == 200, r.text
+
+    def share_of_a0(answer: dict[str, Any]) -> float:
+        return float(next(a["probability"] for a in answer["ranking"] if a["id"] == "a0"))
+
+    rankers = [
+        LocalRanker(key=client_key, http=h.client, background=False, clock=h.clock)
+        for _ in range(2)
+    ]
+    a, b = rankers
+    try:
+        served = [a.rank(_body(i))["rewardActionId"] for i in range(40)]
+        assert served.count("a0") / 40 > 0.1  # no model yet: uniform over 5 actions
+        assert a.flush() == 40
+        first = b.rank(_body(101))  # B has not heard from the server yet
+        assert share_of_a0(first) == pytest.approx(0.2) and first["rewardActionId"] != "a0"
+        assert b.flush() == 1  # the answer carries the server's counts
+        # B's own counts (one decision, not a0) would not cap a0; the fleet's do.
+        assert share_of_a0(b.rank(_body(102))) <= 0.1 + 1e-9
+        assert share_of_a0(h.rank(_body(105))) <= 0.1 + 1e-9  # the server counts A's too
+    finally:
+        for ranker in rankers:
+            ranker.close()

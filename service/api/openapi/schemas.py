@@ -376,7 +376,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         limits={"type": "object"},
         modelId=STR,
     ),
-    "RecordsAccepted": _obj(("accepted",), accepted={"type": "integer"}),
+    "RecordsAccepted": _obj(
+        ("accepted",),
+        accepted={"type": "integer"},
+        # A loop with exposure caps: the capped actions at or over their cap, with the cap.
+        exposureOver={"type": "object", "additionalProperties": {"type": "number"}},
+    ),
     "Records": {
         "type": "string",
         "description": "decision-log records (service.core.record), one JSON object a line",

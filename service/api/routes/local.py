@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
@@ -84,7 +85,10 @@ def _read(path: str) -> bytes:
 async def local_records(request: Request) -> Response:
     """Decision-log records (service.core.record), one JSON object per line, made by an
     in-process ranker of this loop; all are checked before any is kept (400 names the first
-    bad line), then appended to the loop's log in order."""
+    bad line), then appended to the loop's log in order. The loop's exposure caps count the
+    decisions served online, as this process's own ranks count; the answer says which capped
+    actions are at or over their cap now (`exposureOver`), so every in-process ranker caps by
+    the counts of all the rankers that ship here."""
     d, rt = loop_for(request, admin=False)
     body = await request.body()
     lines = [line for line in body.split(b"\n") if line.strip()]
@@ -100,10 +104,27 @@ async def local_records(request: Request) -> Response:
             raise bad_request("InvalidRecords", f"line {i + 1}: a record of loop '{r.loop}'")
         if isinstance(r, record.Observation) and r.k == record.REWARD:
             _check_value(rt, r, i)
-        kept.append(record.encode(r))
-    for raw in kept:
+        kept.append((r, record.encode(r)))
+    now, exposure = d.clock(), rt.exposure
+    for r, raw in kept:
         d.log.append(raw)
-    return JSONResponse({"accepted": len(kept)}, status_code=202)
+        if exposure is not None and isinstance(r, record.Decision) and r.mode == "Online":
+            served = _served(r)
+            if served is not None:
+                exposure.record(served, now)
+    doc: dict[str, Any] = {"accepted": len(kept)}
+    if exposure is not None:
+        doc["exposureOver"] = exposure.over(now)
+    return JSONResponse(doc, status_code=202)
+
+
+def _served(r: record.Decision) -> str | None:
+    """The id of the action a logged decision served first (None if its context says none)."""
+    try:
+        tag = orjson.loads(r.c)["_multi"][r.a[0]]["_tag"]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
+    return tag if isinstance(tag, str) else None
 
 
 def _check_value(rt: LoopRuntime, r: record.Observation, i: int) -> None:
