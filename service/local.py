@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from learners.constraints import Cap, ExposureCaps
 from learners.features import FeatureLimits
@@ -211,43 +210,11 @@ class LocalRanker:
 
     # ---- ranking ------------------------------------------------------------------------------
 
-    def _call(self, op: str, served: ModelRef, blob: bytes, **header: Any) -> Any:
-        """The server's ranking processes' operation `op`, here (learners.sandbox.host)."""
-        s = self.serving
-        header.update(op=op, loop=s.loop, kind=s.kind, model=(served.model_id, served.path))
-        try:
-            return self._host().handle(header, blob)[0]
-        except Exception as exc:  # VW could not read the request: the server's 400 and message
-            raise ranks.unreadable(exc) from None
-
     def _host(self) -> Host:
         host: Host | None = getattr(self._hosts, "host", None)
         if host is None:
             host = self._hosts.host = Host(cache_models=1)
         return host
-
-    def _predict(self, served: ModelRef, text: bytes) -> list[float]:
-        scores: list[float] = self._call("predict", served, text)
-        return scores
-
-    def _explain(self, served: ModelRef, req: dict[str, Any]) -> list[dict[str, Any]]:
-        """Per action, the context features that moved its probability most: what the
-        server's ranking processes compute (learners.importance), here."""
-        ids: list[str] = req["ids"]
-        if served.path is None:
-            return [{"id": a, "features": []} for a in ids]
-        eligible: list[bool] = req["eligible"]
-        actions = [(a, f) for a, f, ok in zip(ids, req["features"], eligible, strict=True) if ok]
-        payload = orjson.dumps({"context": req["context"], "actions": actions})
-        out: list[dict[str, Any]] = self._call(
-            "explain",
-            served,
-            payload,
-            eligible=eligible,
-            ids=ids,
-            epsilon=self.serving.exploration,
-        )
-        return out
 
     def _over(self, now: float) -> dict[str, float] | None:
         """The capped actions at or over their cap: by this process's own counts, and by the
@@ -261,19 +228,27 @@ class LocalRanker:
             over = {**fleet, **over}
         return over
 
+    def _common(self, now: float) -> dict[str, Any]:
+        """What both kinds of rank (service.core.ranks) take of this ranker: the loop's limits
+        and the served model."""
+        return {
+            "max_actions": self.max_actions,
+            "limits": self.limits,
+            "served": self.served,
+            "now": now,
+        }
+
     def rank(self, body: Any) -> dict[str, Any]:
         """What `POST .../rank` answers for `body` (ApiError for what it refuses)."""
         now, exposure = self.clock(), self.exposure
+        predict, explain, _ = ranks.on_host(self._host(), self.serving)
         ranked = ranks.rank(
             self.serving,
             body,
-            max_actions=self.max_actions,
-            limits=self.limits,
-            served=self.served,
-            predict=self._predict,
-            explain=self._explain,
+            predict=predict,
+            explain=explain,
             over=self._over(now),
-            now=now,
+            **self._common(now),
         )
         for line in ranked.records():
             self._queue(line)
@@ -283,27 +258,13 @@ class LocalRanker:
 
     def rank_multi_slot(self, body: Any) -> dict[str, Any]:
         """What `POST .../multislot/rank` answers for `body` (ApiError for what it refuses)."""
+        predict, _, fill = ranks.on_host(self._host(), self.serving)
         ranked = ranks.rank_slots(
-            self.serving,
-            body,
-            max_actions=self.max_actions,
-            limits=self.limits,
-            served=self.served,
-            predict=self._predict,
-            fill=self._fill,
-            now=self.clock(),
+            self.serving, body, predict=predict, fill=fill, **self._common(self.clock())
         )
         for line in ranked.records():
             self._queue(line)
         return ranked.document()
-
-    def _fill(
-        self, served: ModelRef, text: bytes, allowed: list[list[int]], seed: str
-    ) -> ranking.Decided:
-        decided: ranking.Decided = self._call(
-            "rank_slots", served, text, allowed=allowed, seed=seed
-        )
-        return decided
 
     # ---- observations -------------------------------------------------------------------------
 

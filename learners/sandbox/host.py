@@ -104,9 +104,6 @@ class Host:
             vw.parse_only(self._parser("ccb"), blob.decode())
         return CCBRanker.loaded(ws).rank(c, allowed, seed)
 
-    def op_rank_slots(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
-        return self.fill_slots(header, blob, header["allowed"], header["seed"]), b""
-
     def explanation(
         self,
         header: dict[str, Any],
@@ -130,18 +127,6 @@ class Host:
             return restrict([next(pmf) if ok else 0.0 for ok in eligible], eligible)
 
         return explain(predict, context, ids)
-
-    def op_explain(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
-        doc = orjson.loads(blob)
-        out = self.explanation(
-            header,
-            context=doc["context"],
-            actions=[(a, f) for a, f in doc["actions"]],
-            eligible=header["eligible"],
-            ids=header["ids"],
-            epsilon=float(header["epsilon"]),
-        )
-        return out, b""
 
     # ---- checks ----
 

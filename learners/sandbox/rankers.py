@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from learners.sandbox.process import ChildProcess, answer
 from learners.sandbox.protocol import (
     HEAD,
@@ -340,43 +338,13 @@ class RankerPool:
             return_exceptions=True,
         )
 
-    # ---- the operations serving needs ----
+    # ---- VW's own prediction (serving ranks through its owner's `rank` operation) ----
 
     async def predict(self, loop: str, kind: str, model: ModelRef, text: bytes) -> list[float]:
         """The model's scores for one example (`--cb_explore_adf`: probabilities; `--cb_adf`:
         costs) by action; [] without a model, after parsing `text` all the same."""
         scores: list[float] = await self.call("predict", _model(loop, kind, model), text)
         return scores
-
-    async def rank_slots(
-        self, loop: str, model: ModelRef, c: dict[str, Any], allowed: list[list[int]], seed: str
-    ) -> list[tuple[int, list[int], list[float]]]:
-        """learners.ccb.CCBRanker.rank in a child (uniform per slot without a model)."""
-        header = {**_model(loop, "ccb", model), "allowed": allowed, "seed": seed}
-        decided = await self.call("rank_slots", header, orjson.dumps(c))
-        return [(int(a), list(order), list(probs)) for a, order, probs in decided]
-
-    async def explain(
-        self,
-        loop: str,
-        kind: str,
-        model: ModelRef,
-        *,
-        context: list[dict[str, Any]],
-        actions: list[tuple[str, list[dict[str, Any]]]],
-        eligible: list[bool],
-        ids: list[str],
-        epsilon: float,
-    ) -> list[dict[str, Any]]:
-        header = {
-            **_model(loop, kind, model),
-            "eligible": eligible,
-            "ids": ids,
-            "epsilon": epsilon,
-        }
-        payload = orjson.dumps({"context": context, "actions": actions})
-        out: list[dict[str, Any]] = await self.call("explain", header, payload)
-        return out
 
 
 class InlineRankers(RankerPool):

@@ -14,24 +14,18 @@ from service.api.errors import ApiError
 from service.core.requests import (
     ID_RULE,
     check_event_id,
-    check_feature_count,
     is_id,
     is_reward,
     load_json,
-    parse_rank,
-    parse_slots,
     rank_error,
 )
 
 __all__ = [
     "ID_RULE",
     "check_event_id",
-    "check_feature_count",
     "is_id",
     "is_reward",
     "json_body",
-    "parse_rank",
-    "parse_slots",
     "rank_error",
     "sandbox_error",
 ]

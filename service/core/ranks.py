@@ -213,8 +213,6 @@ def call_header(
     rank); the request's body is the call's blob."""
     return {
         "slots": slots,
-        "loop": s["loop"],
-        "kind": s["kind"],
         "model": (served.model_id, served.path),
         "s": s,
         "max": max_actions,
@@ -236,18 +234,16 @@ def _serving(doc: dict[str, Any]) -> ranking.Serving:
     return s
 
 
-def _callables(
-    host: Host, header: dict[str, Any], s: ranking.Serving
-) -> tuple[Predict, Explain, Fill]:
-    """The model's work for a rank, on `host`'s workspaces; what VW refuses is the 400 both
-    rankers answer."""
+def on_host(host: Host, s: ranking.Serving) -> tuple[Predict, Explain, Fill]:
+    """The model's work for a rank of loop `s`, on `host`'s workspaces (a ranking process's, or
+    LocalRanker's per thread); what VW refuses is the 400 both rankers answer."""
 
-    def model_header(model: ModelRef) -> dict[str, Any]:
-        return {**header, "model": (model.model_id, model.path)}
+    def named(model: ModelRef) -> dict[str, Any]:
+        return {"loop": s.loop, "kind": s.kind, "model": (model.model_id, model.path)}
 
     def predict(model: ModelRef, text: bytes) -> list[float]:
         try:
-            return host.scores(model_header(model), text.decode())
+            return host.scores(named(model), text.decode())
         except Exception as exc:
             raise unreadable(exc) from None
 
@@ -258,7 +254,7 @@ def _callables(
         ]
         try:
             return host.explanation(
-                model_header(model),
+                named(model),
                 context=req["context"],
                 actions=actions,
                 eligible=eligible,
@@ -270,7 +266,7 @@ def _callables(
 
     def fill(model: ModelRef, text: bytes, allowed: list[list[int]], seed: str) -> ranking.Decided:
         try:
-            return host.fill_slots(model_header(model), text, allowed, seed)
+            return host.fill_slots(named(model), text, allowed, seed)
         except Exception as exc:
             raise unreadable(exc) from None
 
@@ -282,34 +278,22 @@ def rank_op(host: Host, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes
     in, out either {"refused": [status, code, message]} or the answer (eventId, the digests a
     retry is told by, the action served) with the response and the records as the blob."""
     s = _serving(header["s"])
-    predict, explain, fill = _callables(host, header, s)
+    predict, explain, fill = on_host(host, s)
+    common: dict[str, Any] = {
+        "max_actions": int(header["max"]),
+        "limits": FeatureLimits(*header["lim"]),
+        "served": ModelRef(*header["model"]),
+        "predict": predict,
+        "now": float(header["now"]),
+    }
     try:
         body = load_json(blob, "InvalidRankRequest")
         ranked: Ranked | RankedSlots
         if header.get("slots"):
-            ranked = rank_slots(
-                s,
-                body,
-                max_actions=int(header["max"]),
-                limits=FeatureLimits(*header["lim"]),
-                served=ModelRef(*header["model"]),
-                predict=predict,
-                fill=fill,
-                now=float(header["now"]),
-            )
+            ranked = rank_slots(s, body, fill=fill, **common)
             what, repeat = "actions or slots", body.get("slots")
         else:
-            ranked = rank(
-                s,
-                body,
-                max_actions=int(header["max"]),
-                limits=FeatureLimits(*header["lim"]),
-                served=ModelRef(*header["model"]),
-                predict=predict,
-                explain=explain,
-                over=header["over"],
-                now=float(header["now"]),
-            )
+            ranked = rank(s, body, explain=explain, over=header["over"], **common)
             what, repeat = "actions", body.get("excludedActions")
     except ApiError as exc:
         return {"refused": (exc.status, exc.code, exc.message)}, b""
