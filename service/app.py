@@ -223,6 +223,7 @@ async def build_state(
             wait=sandbox.wait_timeout,
             cache_models=sandbox.cached_models,
             ops=RANKING_OPS,
+            depth=sandbox.depth,
         )
         if sandbox.rankers > 0
         else InlineRankers(sandbox.cached_models, ops=RANKING_OPS)

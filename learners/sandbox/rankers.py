@@ -46,50 +46,69 @@ class ModelRef:
 NO_MODEL = ModelRef("N/A", None)
 
 
-class _Slot(asyncio.Protocol):
-    """One ranking child seen from the event loop: frames written to it, its answer parsed as
-    it arrives (a protocol rather than asyncio streams: fewer wake-ups per call)."""
+class _Displaced(SandboxError):
+    """A call queued behind another on a child that died before reaching it: it did nothing
+    wrong and is sent to another child."""
 
-    def __init__(self, proc: ChildProcess) -> None:
+
+class _Slot(asyncio.Protocol):
+    """One ranking child seen from the event loop: calls written to it in order (up to the
+    pool's depth at once, so a busy child finds its next call waiting rather than sleeping
+    between two), its answers matched to them in the same order as they arrive (a protocol
+    rather than asyncio streams: fewer wake-ups per call)."""
+
+    def __init__(self, proc: ChildProcess, on_lost: Callable[[_Slot], None]) -> None:
         self.proc = proc
         self.transport: Any = None  # asyncio's or uvloop's (not an asyncio.Transport subclass)
         self._buf = bytearray()
-        self._waiter: asyncio.Future[tuple[dict[str, Any], bytes]] | None = None
-        self.started = 0.0  # the loop time the call in flight began (0: idle)
+        self._calls: deque[asyncio.Future[tuple[dict[str, Any], bytes]]] = deque()
+        self._on_lost = on_lost
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.held = 0  # calls the pool gave this child that have not come back to it
+        self.started = 0.0  # the loop time the child began the oldest call it holds (0: idle)
         self.overran = False  # the watchdog stopped it for overrunning its deadline
+        self.how: str | None = None  # how it ended, once it did
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        if len(self._buf) < HEAD.size:
-            return
-        head = bytes(self._buf[: HEAD.size])
-        end = HEAD.size + frame_size(head)
-        if len(self._buf) < end:
-            return
-        frame = unpack(head, bytes(self._buf[HEAD.size : end]))
-        del self._buf[:end]
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(frame)
+        while len(self._buf) >= HEAD.size:
+            head = bytes(self._buf[: HEAD.size])
+            end = HEAD.size + frame_size(head)
+            if len(self._buf) < end:
+                return
+            frame = unpack(head, bytes(self._buf[HEAD.size : end]))
+            del self._buf[:end]
+            waiter = self._calls.popleft() if self._calls else None
+            # The child answers in order: it starts the next call now.
+            self.started = self._loop.time() if self._calls and self._loop else 0.0
+            if waiter is not None and not waiter.done():  # (done: its caller gave up)
+                waiter.set_result(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(EOFError("the ranking process is gone"))
+        calls, self._calls = self._calls, deque()
+        for i, waiter in enumerate(calls):
+            if not waiter.done():
+                # The oldest call is the one the child was working on when it ended.
+                waiter.set_exception(
+                    EOFError("the ranking process is gone") if i == 0 else _Displaced()
+                )
+        self._on_lost(self)
 
     async def call(self, frame: bytes) -> tuple[dict[str, Any], bytes]:
         assert self.transport is not None
+        if self.transport.is_closing():
+            raise _Displaced()
         loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
-        self.started = loop.time()
-        try:
-            self.transport.write(frame)
-            return await self._waiter
-        finally:
-            self.started = 0.0
+        waiter: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
+        self._calls.append(waiter)
+        if len(self._calls) == 1:
+            self.started = loop.time()
+        self.transport.write(frame)
+        return await waiter
 
     def close(self) -> None:
         if self.transport is not None:
@@ -106,8 +125,9 @@ class PoolStats:
 
 
 class RankerPool:
-    """Serving's children. `call` takes a free child (waiting up to `wait` seconds: else
-    SandboxBusy), sends the call, and gives the child `timeout` seconds to answer."""
+    """Serving's children. `call` takes the child holding the fewest calls, if one holds fewer
+    than `depth` (else it waits its turn, up to `wait` seconds: then SandboxBusy), sends the
+    call, and gives the child `timeout` seconds to answer it once it starts on it."""
 
     def __init__(
         self,
@@ -118,19 +138,20 @@ class RankerPool:
         cache_models: int = 64,
         on_event: Callable[[str], None] | None = None,
         ops: Mapping[str, Op] | None = None,
+        depth: int = 1,
     ) -> None:
         self.size = size
+        self.depth = max(1, depth)
         self.timeout = timeout
         self.wait = wait
         # `ops`: operations the owner adds to its children's (learners.sandbox.host.Op).
         self.options: dict[str, Any] = {"cache_models": cache_models, "ops": dict(ops or {})}
         self.stats = PoolStats()
         self.on_event = on_event
-        # Free children, and requests waiting for one in arrival order with the loop time they
-        # give up at: a freed child goes to the oldest waiter (a plain queue let a busy caller
+        # Requests waiting for a child in arrival order with the loop time they give up at: a
+        # child that can take a call goes to the oldest waiter (a plain queue let a busy caller
         # take it again and again while another waited seconds). The watchdog ends overdue
         # waits (a timer per wait cost a rank ~6 us).
-        self._free: list[_Slot] = []
         self._waiters: deque[tuple[float, asyncio.Future[_Slot]]] = deque()
         self._slots: set[_Slot] = set()
         self._quarantine: OrderedDict[bytes, str] = OrderedDict()
@@ -174,7 +195,7 @@ class RankerPool:
         except asyncio.CancelledError:
             self._discard(starting)
             raise
-        slot = _Slot(proc)
+        slot = _Slot(proc, self._lost)
         try:
             proc.sock.setblocking(False)
             await asyncio.get_running_loop().create_unix_connection(lambda: slot, sock=proc.sock)
@@ -187,7 +208,7 @@ class RankerPool:
             self._discard(starting)
             return
         self._slots.add(slot)
-        self._release(slot)
+        self._offer(slot)
 
     def _discard(self, starting: asyncio.Future[ChildProcess]) -> None:
         """Stop the child `starting` brings once it is started, in a task of the pool's that
@@ -204,17 +225,37 @@ class RankerPool:
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    def _release(self, slot: _Slot) -> None:
-        while self._waiters:
+    def _offer(self, slot: _Slot) -> None:
+        """Hand `slot` to the oldest waiters while it can take more calls."""
+        while self._waiters and slot.held < self.depth:
             _, waiter = self._waiters.popleft()
             if not waiter.done():
+                slot.held += 1
                 waiter.set_result(slot)
-                return
-        self._free.append(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.held -= 1
+        if slot in self._slots:
+            self._offer(slot)
+
+    def _pick(self) -> _Slot | None:
+        best: _Slot | None = None
+        for slot in self._slots:
+            if slot.held < self.depth and (best is None or slot.held < best.held):
+                best = slot
+        return best
+
+    @property
+    def idle(self) -> int:
+        """Children holding no call."""
+        return sum(1 for s in self._slots if not s.held)
 
     async def _acquire(self) -> _Slot:
-        if self._free and not self._waiters:
-            return self._free.pop()
+        if not self._waiters:
+            slot = self._pick()
+            if slot is not None:
+                slot.held += 1
+                return slot
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[_Slot] = loop.create_future()
         entry = (loop.time() + self.wait, waiter)
@@ -229,6 +270,16 @@ class RankerPool:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(entry)
             raise
+
+    def _lost(self, slot: _Slot) -> None:
+        """A child's connection closed: replace it (once), whoever notices first."""
+        if not self._closed:
+            self._drop(slot)
+
+    def _drop(self, slot: _Slot) -> str:
+        if slot.how is None:
+            slot.how = self._replace(slot)
+        return slot.how
 
     def _replace(self, slot: _Slot) -> str:
         """Kill a dead or stuck child and start another, later if children keep dying."""
@@ -280,16 +331,30 @@ class RankerPool:
             if seen is not None:
                 self.stats.refused += 1
                 raise NativeCrash(seen)
-        try:
-            slot = await self._acquire()
-        except TimeoutError:
-            self.stats.busy += 1
-            self._event("busy")
-            raise SandboxBusy(f"no ranking process was free within {self.wait} s") from None
+        for _ in range(3):
+            try:
+                slot = await self._acquire()
+            except TimeoutError:
+                self.stats.busy += 1
+                self._event("busy")
+                raise SandboxBusy(f"no ranking process was free within {self.wait} s") from None
+            try:
+                return await self._exchange(slot, op, blob, frame)
+            except _Displaced:
+                continue  # its child died on an earlier call: another child takes it
+        self.stats.busy += 1
+        raise SandboxBusy("the ranking processes kept failing before reaching the call")
+
+    async def _exchange(self, slot: _Slot, op: str, blob: bytes, frame: bytes) -> tuple[Any, bytes]:
         try:
             reply, out = await slot.call(frame)
+        except _Displaced:
+            self._drop(slot)
+            self._release(slot)
+            raise
         except (EOFError, OSError, SandboxError):
-            how = self._replace(slot)
+            how = self._drop(slot)
+            self._release(slot)
             if slot.overran:
                 self.stats.timeouts += 1
                 self._event("timeout")
@@ -303,9 +368,9 @@ class RankerPool:
             log.error("a ranking process died on a request: %s", how)
             raise NativeCrash(message) from None
         except BaseException:
-            # Cancelled mid-exchange (the client went away): the child may still answer, so
-            # the stream is out of step; replace it rather than reuse it.
-            self._replace(slot)
+            # Cancelled (the client went away): the child still answers the call, which the
+            # slot then drops; the calls after it keep their places.
+            self._release(slot)
             raise
         self._release(slot)
         return answer(reply), out

@@ -61,6 +61,9 @@ class SandboxSettings(BaseModel):
     # 0 ranks in the serving process itself: no isolation (for benchmarks and trusted input).
     rankers: int = 2
     cached_models: int = 64
+    # Calls a ranking process holds at once: it finds the next one waiting when it finishes
+    # one, rather than sleeping until the serving process writes it (measured in README).
+    depth: int = 4
     # Seconds VW may take to parse and predict one request before its process is stopped
     # (the request gets a 400), and seconds a request may wait for a free process (503).
     rank_timeout: float = 5.0

@@ -29,6 +29,7 @@ from learners.sandbox import (
     RankerPool,
     RemoteError,
     SandboxBusy,
+    SandboxTimeout,
     TrainerHost,
     blank_model,
     write_model,
@@ -59,6 +60,92 @@ def test_a_crashing_input_kills_a_ranking_child_not_the_pool(tmp_path: Path) -> 
             with pytest.raises(RemoteError):  # VW raising is not a crash: the child lives
                 await pool.predict("loop", "cb", NO_MODEL, b'{"FromUrl":[{"t":["a"]}]}')
             assert pool.stats.crashes == 1 and pool.alive == 1
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+GOOD3 = context_json([{"a": 1}], [("x", [{"f": 1}]), ("y", [{"f": 2}]), ("z", [{"f": 3}])])
+
+
+def test_calls_queued_behind_a_crash_are_answered_by_the_next_child(tmp_path: Path) -> None:
+    """A child holds several calls at once (`depth`); when one crashes it, only that call
+    fails: the ones queued behind it did nothing wrong and a replacement answers them."""
+
+    async def scenario() -> None:
+        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
+        model = ModelRef("m1", path)
+        pool = RankerPool(1, timeout=5, wait=10, depth=4)
+        await pool.start()
+        try:
+            results = await asyncio.gather(
+                pool.predict("loop", "cb", model, CRASHER),
+                *(pool.predict("loop", "cb", model, g) for g in (GOOD, GOOD3, GOOD)),
+                return_exceptions=True,
+            )
+            assert isinstance(results[0], NativeCrash), results
+            assert [len(r) for r in results[1:]] == [2, 3, 2], results  # type: ignore[arg-type]
+            assert pool.stats.crashes == 1 and pool.stats.busy == 0 and pool.alive == 1
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_calls_queued_behind_an_overrun_are_answered_by_the_next_child(tmp_path: Path) -> None:
+    """The deadline runs from when the child starts a call: the call it is stuck on times out,
+    the one queued behind it is answered by the replacement."""
+
+    async def scenario() -> None:
+        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
+        model = ModelRef("m1", path)
+        pool = RankerPool(1, timeout=0.5, wait=10, depth=4)
+        await pool.start()
+        (slot,) = pool._slots
+        os.kill(slot.proc.process.pid, signal.SIGSTOP)  # stuck: the watchdog kills it
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    pool.predict("loop", "cb", model, GOOD3),
+                    pool.predict("loop", "cb", model, GOOD),
+                    return_exceptions=True,
+                ),
+                20,
+            )
+            assert isinstance(results[0], SandboxTimeout), results
+            assert len(results[1]) == 2, results  # type: ignore[arg-type]
+            assert pool.stats.timeouts == 1 and pool.stats.crashes == 0
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_call_keeps_its_child_and_the_answers_in_step(tmp_path: Path) -> None:
+    """A caller that gives up (its client went away) leaves the child to finish the call: the
+    answer is dropped and the next caller gets its own (the child used to be replaced)."""
+
+    async def scenario() -> None:
+        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
+        model = ModelRef("m1", path)
+        pool = RankerPool(1, timeout=30, wait=10, depth=4)
+        await pool.start()
+        (slot,) = pool._slots
+        os.kill(slot.proc.process.pid, signal.SIGSTOP)
+        try:
+            first = asyncio.ensure_future(pool.predict("loop", "cb", model, GOOD3))
+            while pool.idle:
+                await asyncio.sleep(0)
+            first.cancel()
+            second = asyncio.ensure_future(pool.predict("loop", "cb", model, GOOD))
+            await asyncio.sleep(0)
+        finally:
+            os.kill(slot.proc.process.pid, signal.SIGCONT)
+        try:
+            assert len(await asyncio.wait_for(second, 10)) == 2
+            assert first.cancelled()
+            assert pool.stats.restarts == 0 and pool._slots == {slot} and pool.idle == 1
         finally:
             await pool.close()
 
@@ -168,7 +255,7 @@ def test_a_caller_that_finds_no_child_free_in_time_is_told_the_pool_is_busy() ->
         os.kill(slot.proc.process.pid, signal.SIGSTOP)  # the only child stops answering
         try:
             first = asyncio.ensure_future(pool.predict("loop", "cb", NO_MODEL, GOOD))
-            while pool._free:  # the first call takes the child
+            while pool.idle:  # the first call takes the child
                 await asyncio.sleep(0)
             loop = asyncio.get_running_loop()
             started = loop.time()
