@@ -60,7 +60,7 @@ def _leaves(obj: dict[str, Any], depth: int, limits: FeatureLimits) -> int:
     total = 0
     here = 0
     for key, value in obj.items():
-        if not key or key[0] == "_":
+        if type(key) is not str or not key or key[0] == "_":
             return -1
         kind = type(value)
         if kind in _SCALARS:
@@ -95,6 +95,8 @@ def _clean(
     total = 0
     here = 0
     for key, value in obj.items():
+        if not isinstance(key, str):  # (only an in-process caller can send one)
+            raise FeatureError(f"{where}: feature names must be strings, not {key!r}")
         if key == "":
             raise FeatureError(f"{where}: empty string is not allowed as a feature name")
         if key[0] == "_":
