@@ -109,6 +109,9 @@ class Inventory(gym.Env[Any, Any]):
             for day in range(self.DAYS)
             for stock in range(self.MAX_STOCK + 1)
         }
+        # Every run starts on day 0 with START units.
+        self.initial_state_distrib = np.zeros(len(self.P))
+        self.initial_state_distrib[self._index(0, self.START)] = 1.0
 
     def _index(self, day: int, stock: int) -> int:
         return day * (self.MAX_STOCK + 1) + stock
@@ -117,6 +120,10 @@ class Inventory(gym.Env[Any, Any]):
         """The index in `P` of an observation (day, stock)."""
         day, stock = (int(v) for v in obs)
         return self._index(day, stock)
+
+    def observation_of(self, index: int) -> np.ndarray:
+        """The observation (day, stock) of `P`'s state `index`."""
+        return np.array(divmod(index, self.MAX_STOCK + 1))
 
     def _obs(self) -> np.ndarray:
         return np.array([self.day, self.stock])

@@ -7,8 +7,9 @@ rewards that event with the step's reward divided by `reward_scale` (dloop accep
 environment's own units.
 
 Every `eval_every` episodes (and at the end) the loop's current model is downloaded through the
-API and played greedily on fixed seeds, locally, so the greedy return is measured without adding
-evaluation episodes to the loop's logs.
+API and its greedy policy evaluated locally, so the greedy return is measured without adding
+evaluation episodes to the loop's logs: exactly from the world's transition table where it has
+one (the toy-text worlds, dloop/Inventory-v0), else played on fixed seeds.
 """
 
 from __future__ import annotations
@@ -175,9 +176,9 @@ def run(
 def optimal_return(
     env_id: str, max_steps: int, episodes: int, seed: int = EVAL_SEED, gamma: float = 0.99
 ) -> float | None:
-    """The optimal policy's mean return on the greedy evaluation's seeds, for environments
-    with a known transition table (gymnasium's toy-text `P`: CliffWalking, Taxi, FrozenLake),
-    by value iteration on discounted return; None for others. A world whose observation is not
+    """The optimal policy's return, as greedy_return measures it, for environments with a
+    known transition table (gymnasium's toy-text `P`: CliffWalking, Taxi, FrozenLake), by value
+    iteration on discounted return; None for others. A world whose observation is not
     the table's state says how to find it (`state_index`, dloop/Inventory-v0's)."""
     env = make_env(env_id, max_steps)
     table = getattr(env.unwrapped, "P", None)
@@ -200,7 +201,38 @@ def optimal_return(
             break
         values = new
     index: Callable[[Any], int] = getattr(env.unwrapped, "state_index", int)
-    return mean_return(env, lambda obs: int(np.argmax(q(index(obs)))), episodes, seed)
+    act = lambda obs: int(np.argmax(q(index(obs))))  # noqa: E731
+    exact = expected_return(env, act, max_steps)
+    return exact if exact is not None else mean_return(env, act, episodes, seed)
+
+
+def expected_return(
+    env: gym.Env[Any, Any], act: Callable[[Any], int], max_steps: int
+) -> float | None:
+    """The policy `act`'s expected return over `max_steps` steps, exact, for a world with a
+    transition table and a start distribution (gymnasium's toy-text `P` and
+    `initial_state_distrib`; a world whose observation is not the table's state gives
+    `observation_of(state)`); None for others. No sampling noise: a difference between two
+    policies' returns is theirs, not their evaluation episodes'."""
+    world = env.unwrapped
+    table = getattr(world, "P", None)
+    start = getattr(world, "initial_state_distrib", None)
+    if not isinstance(table, dict) or start is None:
+        return None
+    observe: Callable[[int], Any] = getattr(world, "observation_of", lambda s: s)
+    chosen = [act(observe(state)) for state in range(len(table))]
+    to_go = np.zeros(len(table))  # expected return of the steps left, by state
+    for _ in range(max_steps):
+        to_go = np.array(
+            [
+                sum(
+                    p * (r + (0.0 if done else to_go[s2]))
+                    for p, s2, r, done in table[state][chosen[state]]
+                )
+                for state in range(len(table))
+            ]
+        )
+    return float(np.dot(np.asarray(start, dtype=float), to_go))
 
 
 def mean_return(
@@ -229,8 +261,9 @@ def greedy_return(
     seed: int = EVAL_SEED,
     tiles: TileCoding | None = None,
 ) -> float:
-    """Mean return of the model's greedy policy over `episodes` fixed seeds (played locally;
-    `tiles`: the loop's tile coding of context features)."""
+    """The return of the model's greedy policy: exact where the world has a transition table
+    (expected_return), else its mean over `episodes` fixed seeds (played locally; `tiles`: the
+    loop's tile coding of context features)."""
     if not model:
         return float("nan")
     env = make_env(env_id, max_steps)
@@ -250,4 +283,5 @@ def greedy_return(
         values = score(context_json(context, pairs))
         return int(actions[int(np.argmax(values))]["id"])
 
-    return mean_return(env, act, episodes, seed)
+    exact = expected_return(env, act, max_steps)
+    return exact if exact is not None else mean_return(env, act, episodes, seed)

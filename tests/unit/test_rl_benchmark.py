@@ -37,7 +37,9 @@ def test_the_inventory_optimum_is_what_its_policy_earns_by_playing_the_world() -
     for level in range(1, 6):
         rule = lambda obs, level=level: max(0, min(3, level - int(obs[1])))  # noqa: E731
         assert play(rule, 500) < values[start]
-    assert abs(optimum_of(WORLDS["Inventory"]) - values[start]) < 0.3  # on the eval seeds
+    # The benchmark's optimum is exact too (expected_return on the table), up to the near ties
+    # value iteration's discount (0.99) settles differently from this undiscounted one.
+    assert abs(optimum_of(WORLDS["Inventory"]) - values[start]) < 0.01
 
 
 def test_dloop_generalises_where_a_table_cannot_and_learns_a_delayed_reward() -> None:
