@@ -51,11 +51,10 @@ from service.core.ranking import Serving, code_tiles, decide, policy_pmf
 from service.core.requests import parse_rank
 from service.pipeline.simulate import (
     EVAL_SEED,
-    expected_return,
     greedy_return,
     make_env,
-    mean_return,
     optimal_return,
+    policy_return,
 )
 
 LOOP = "bench"
@@ -281,11 +280,8 @@ def run_tabular(world: World, seed: int, alpha: float = 0.2, epsilon: float = 0.
         done = ep + 1
         if done % world.eval_every == 0 or done == world.episodes:
             genv = make_env(world.env_id, world.max_steps)  # dloop's evaluation episodes
-            exact = expected_return(genv, greedy, world.max_steps)
-            run.greedy[done] = (
-                exact
-                if exact is not None
-                else mean_return(genv, greedy, world.eval_episodes, EVAL_SEED)
+            run.greedy[done] = policy_return(
+                genv, greedy, world.max_steps, world.eval_episodes, EVAL_SEED
             )
     run.seconds = time.perf_counter() - started
     return run

@@ -137,11 +137,12 @@ def _parse_actions(
     ranks over the same actions again and again (its catalogue, with the context changing),
     so the checks of a list seen recently are remembered by its JSON (10 actions: about a
     fifth of an in-process rank's time); a list that fails them is checked every time."""
+    raw: bytes | None
     try:
         raw = orjson.dumps(actions)
     except TypeError:  # (what JSON cannot hold: the checks say what is wrong with it)
-        return _check_actions(actions, limits)
-    if len(raw) > CACHED_ACTIONS_BYTES:
+        raw = None
+    if raw is None or len(raw) > CACHED_ACTIONS_BYTES:
         return _check_actions(actions, limits)
     ids, feats, count = _checked_actions(raw, limits)
     return list(ids), list(feats), count

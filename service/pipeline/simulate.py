@@ -201,7 +201,14 @@ def optimal_return(
             break
         values = new
     index: Callable[[Any], int] = getattr(env.unwrapped, "state_index", int)
-    act = lambda obs: int(np.argmax(q(index(obs))))  # noqa: E731
+    return policy_return(env, lambda obs: int(np.argmax(q(index(obs)))), max_steps, episodes, seed)
+
+
+def policy_return(
+    env: gym.Env[Any, Any], act: Callable[[Any], int], max_steps: int, episodes: int, seed: int
+) -> float:
+    """The return of the policy `act` as greedy returns are measured: exact where the world
+    has a transition table (expected_return), else its mean over `episodes` fixed seeds."""
     exact = expected_return(env, act, max_steps)
     return exact if exact is not None else mean_return(env, act, episodes, seed)
 
@@ -220,18 +227,16 @@ def expected_return(
     if not isinstance(table, dict) or start is None:
         return None
     observe: Callable[[int], Any] = getattr(world, "observation_of", lambda s: s)
-    chosen = [act(observe(state)) for state in range(len(table))]
-    to_go = np.zeros(len(table))  # expected return of the steps left, by state
+    n = len(table)
+    gain, move = np.zeros(n), np.zeros((n, n))  # the policy's expected reward and transitions
+    for state in range(n):
+        for p, after, reward, done in table[state][act(observe(state))]:
+            gain[state] += p * reward
+            if not done:
+                move[state, after] += p
+    to_go = np.zeros(n)  # expected return of the steps left, by state
     for _ in range(max_steps):
-        to_go = np.array(
-            [
-                sum(
-                    p * (r + (0.0 if done else to_go[s2]))
-                    for p, s2, r, done in table[state][chosen[state]]
-                )
-                for state in range(len(table))
-            ]
-        )
+        to_go = gain + move @ to_go
     return float(np.dot(np.asarray(start, dtype=float), to_go))
 
 
@@ -283,5 +288,4 @@ def greedy_return(
         values = score(context_json(context, pairs))
         return int(actions[int(np.argmax(values))]["id"])
 
-    exact = expected_return(env, act, max_steps)
-    return exact if exact is not None else mean_return(env, act, episodes, seed)
+    return policy_return(env, act, max_steps, episodes, seed)

@@ -40,10 +40,14 @@ CRASHER = b'{"FromUrl":[{"__aid":0}],"_multi":[{"_tag":"a","j":[{"x":1}]}]}'
 GOOD = context_json([{"a": 1}], [("x", [{"f": 1}]), ("y", [{"f": 2}])])
 
 
+def blank_ref(directory: Path) -> ModelRef:
+    """A blank default-policy model, written where ranking children load it."""
+    return ModelRef("m1", write_model(directory, "loop", "m1", blank_model(DEFAULT_POLICY)))
+
+
 def test_a_crashing_input_kills_a_ranking_child_not_the_pool(tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
-        model = ModelRef("m1", path)
+        model = blank_ref(tmp_path)
         pool = RankerPool(1, timeout=5, wait=10)
         await pool.start()
         try:
@@ -74,8 +78,7 @@ def test_calls_queued_behind_a_crash_are_answered_by_the_next_child(tmp_path: Pa
     fails: the ones queued behind it did nothing wrong and a replacement answers them."""
 
     async def scenario() -> None:
-        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
-        model = ModelRef("m1", path)
+        model = blank_ref(tmp_path)
         pool = RankerPool(1, timeout=5, wait=10, depth=4)
         await pool.start()
         try:
@@ -98,8 +101,7 @@ def test_calls_queued_behind_an_overrun_are_answered_by_the_next_child(tmp_path:
     the one queued behind it is answered by the replacement."""
 
     async def scenario() -> None:
-        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
-        model = ModelRef("m1", path)
+        model = blank_ref(tmp_path)
         pool = RankerPool(1, timeout=0.5, wait=10, depth=4)
         await pool.start()
         (slot,) = pool._slots
@@ -127,8 +129,7 @@ def test_a_cancelled_call_keeps_its_child_and_the_answers_in_step(tmp_path: Path
     answer is dropped and the next caller gets its own (the child used to be replaced)."""
 
     async def scenario() -> None:
-        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
-        model = ModelRef("m1", path)
+        model = blank_ref(tmp_path)
         pool = RankerPool(1, timeout=30, wait=10, depth=4)
         await pool.start()
         (slot,) = pool._slots
@@ -167,8 +168,7 @@ def test_a_caller_in_another_event_loop_is_answered_through_the_pools_loop(
     pool = RankerPool(2, timeout=5, wait=10)
     try:
         asyncio.run_coroutine_threadsafe(pool.start(), owner).result(60)
-        path = write_model(tmp_path, "loop", "m1", blank_model(DEFAULT_POLICY))
-        model = ModelRef("m1", path)
+        model = blank_ref(tmp_path)
 
         async def many() -> None:
             for _ in range(300):
