@@ -44,7 +44,7 @@ import numpy as np
 from learners import vw
 from learners.features import FeatureLimits, context_json
 from learners.joiner import DecisionView, JoinRules, Obs, join
-from learners.rl import DEFAULT_RL_POLICY, RLTrainer, Step
+from learners.rl import DEFAULT_RL_EXPLORATION, DEFAULT_RL_POLICY, RLTrainer, Step
 from learners.sim import envs
 from learners.tiles import TileCoding
 from service.core.ranking import Serving, code_tiles, decide, policy_pmf
@@ -59,7 +59,7 @@ from service.pipeline.simulate import (
 
 LOOP = "bench"
 PLOT = Path(__file__).parent.parent / "docs" / "rl-quality.png"  # the README shows it
-EXPLORATION = 0.2  # a loop's default explorationPercentage
+EXPLORATION = DEFAULT_RL_EXPLORATION  # a new rl loop's explorationPercentage
 DISCOUNT = 0.99  # a loop's default discountFactor
 
 
@@ -148,6 +148,7 @@ def run_dloop(
     policy: str = DEFAULT_RL_POLICY,
     replay: int | None = None,
     lam: float | None = None,
+    exploration: float = EXPLORATION,
 ) -> Run:
     """`world.episodes` episodes through a live loop's code, in process (the module's doc)."""
     started = time.perf_counter()
@@ -159,7 +160,7 @@ def run_dloop(
         mode="Online",
         holdout_share=0.0,
         holdout_policy="uniform",
-        exploration=EXPLORATION,
+        exploration=exploration,
         explores_in_vw=False,
         episodic=True,
     )
@@ -287,11 +288,11 @@ def run_tabular(world: World, seed: int, alpha: float = 0.2, epsilon: float = 0.
     return run
 
 
-def _task(args: tuple[str, str, int, int, str, int | None, float | None]) -> Run:
-    name, learner, seed, publish_every, policy, replay, lam = args
+def _task(args: tuple[str, str, int, int, str, int | None, float | None, float]) -> Run:
+    name, learner, seed, publish_every, policy, replay, lam, exploration = args
     world = WORLDS[name]
     if learner == "dloop":
-        return run_dloop(world, seed, publish_every, policy, replay, lam)
+        return run_dloop(world, seed, publish_every, policy, replay, lam, exploration)
     return run_tabular(world, seed)
 
 
@@ -380,12 +381,13 @@ def benchmark(
     reference: bool = True,
     replay: int | None = None,
     lam: float | None = None,
+    exploration: float = EXPLORATION,
 ) -> tuple[list[tuple[str, str]], dict[str, dict[str, list[Run]]], dict[str, float]]:
     from tqdm import tqdm
 
     learners = ("dloop", "tabular Q") if reference else ("dloop",)
     tasks = [
-        (name, learner, seed, publish_every, policy, replay, lam)
+        (name, learner, seed, publish_every, policy, replay, lam, exploration)
         for name in worlds
         for learner in learners
         for seed in range(seeds)
@@ -437,6 +439,12 @@ def main() -> None:
         "--replay", type=int, help="recent episodes replayed after each (the learner's: 16)"
     )
     parser.add_argument("--lam", type=float, help="the trainer's lambda (the learner's: 0.5)")
+    parser.add_argument(
+        "--exploration",
+        type=float,
+        default=EXPLORATION,
+        help=f"the loop's explorationPercentage (default {EXPLORATION})",
+    )
     args = parser.parse_args()
     worlds = [w for w in args.worlds.split(",") if w]
     unknown = [w for w in worlds if w not in WORLDS]
@@ -451,6 +459,7 @@ def main() -> None:
         reference=not args.no_reference,
         replay=args.replay,
         lam=args.lam,
+        exploration=args.exploration,
     )
     width = max(len(k) for k, _ in rows)
     print("\nRL learning quality")

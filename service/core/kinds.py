@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from learners.cb import DEFAULT_POLICY, PERSONALIZER_POLICY
 from learners.ccb import DEFAULT_CCB_POLICY, PERSONALIZER_CCB_POLICY
-from learners.rl import DEFAULT_RL_POLICY
+from learners.rl import DEFAULT_RL_EXPLORATION, DEFAULT_RL_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,9 @@ class LoopKind:
     episodic: bool = False  # decisions are steps of episodes, learned a whole episode at a time
     auto_optimize: bool = False  # the policy search of auto-optimisation applies to it
     explores_in_vw: bool = True  # False: VW scores, the server explores (learners.rl)
+    # A new loop's explorationPercentage: Personalizer's 0.2 for bandits; an RL loop's
+    # epsilon-greedy explores a whole episode with it (learners.rl.DEFAULT_RL_EXPLORATION).
+    exploration: float = 0.2
 
 
 CB = LoopKind(
@@ -49,7 +52,13 @@ CCB = LoopKind(
     Policy("personalizer-ccb-default", PERSONALIZER_CCB_POLICY),
     multi_slot=True,
 )
-RL = LoopKind("rl", Policy("dloop-rl", DEFAULT_RL_POLICY), episodic=True, explores_in_vw=False)
+RL = LoopKind(
+    "rl",
+    Policy("dloop-rl", DEFAULT_RL_POLICY),
+    episodic=True,
+    explores_in_vw=False,
+    exploration=DEFAULT_RL_EXPLORATION,
+)
 
 KINDS: dict[str, LoopKind] = {k.name: k for k in (CB, CCB, RL)}
 

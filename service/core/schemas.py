@@ -380,12 +380,13 @@ def offline_rules(config: dict[str, Any] | None, formula: str) -> RewardRules:
     return RewardRules(cfg.default_reward, base.outcomes, definition, base.version)
 
 
-def default_config(now: float) -> dict[str, Any]:
+def default_config(now: float, kind: str = "cb") -> dict[str, Any]:
+    """A new loop's configuration (Personalizer's defaults; an RL loop explores more)."""
     return ServiceConfiguration(
         reward_wait_time=timedelta(minutes=10),
         default_reward=0.0,
         reward_aggregation="earliest",
-        exploration_percentage=0.2,
+        exploration_percentage=loop_kind(kind).exploration,
         model_export_frequency=timedelta(seconds=10),
         log_retention_days=90,
         model_retrain_days=2,

@@ -34,3 +34,14 @@ def test_named_loops_are_independent(harness: Harness) -> None:
     r = harness.client.post("/loops/shop/personalizer/v1.0/rank", json=rank_body(), headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "ResourceNotFound"
     assert harness.client.delete("/loops/default", headers=AUTH).status_code == 400
+
+
+def test_a_new_loop_explores_as_its_kind_does(harness: Harness) -> None:
+    """Bandit loops start at Personalizer's explorationPercentage, RL loops explore more
+    (learners.rl.DEFAULT_RL_EXPLORATION, measured in benchmarks/rl.py)."""
+    for name, kind, exploration in (("shop", "cb", 0.2), ("page", "ccb", 0.2), ("game", "rl", 0.3)):
+        harness.client.put(f"/loops/{name}", json={"kind": kind}, headers=AUTH)
+        r = harness.client.get(
+            f"/loops/{name}/personalizer/v1.0/configurations/service", headers=AUTH
+        )
+        assert r.json()["explorationPercentage"] == exploration, kind

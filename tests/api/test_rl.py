@@ -113,18 +113,20 @@ def test_cliffwalking_reaches_the_optimal_return_through_http(harness: Harness) 
     the first episode it learns) at Personalizer's default exploration."""
     rl = make_loop(harness, "cliff", "rl")
     rl.configure(explorationPercentage=0.2)
+    # 60 episodes: this run (its draws are seeded by run_id) is optimal from episode 30 on;
+    # the benchmark (benchmarks/rl.py) weighs 10 seeds of 300 episodes.
     curve = simulate.run(
         rl,
         "CliffWalking-v1",
-        160,
-        eval_every=20,
+        60,
+        eval_every=10,
         eval_episodes=1,
         after_episode=after_episode(harness),
         run_id="t",
         progress=False,
     )
     # Optimal: 13 steps along the cliff edge, -1 each.
-    assert curve.greedy[160] == -13.0, curve.greedy
+    assert curve.greedy[60] == curve.greedy[50] == -13.0, curve.greedy
     assert curve.greedy[20] < -13.0  # it did have to learn
 
     # Offline: a model replayed from the logged episodes alone plays as well.

@@ -49,7 +49,7 @@ def ensure_loop(
             "name": name,
             "kind": kind,
             "created_at": now,
-            "config": default_config(now),
+            "config": default_config(now, kind),
             "policy": default_policy(kind, policy),
         }
         session.execute(insert(session, Loop).values(**row).on_conflict_do_nothing())
