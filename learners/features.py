@@ -321,6 +321,17 @@ def context_json(context: Features, actions: Sequence[tuple[str, Features]]) -> 
     )
 
 
+def actions_json(actions: Sequence[tuple[str, Features]]) -> bytes:
+    """The `_multi` array of context_json, alone: `with_actions` joins it to a context."""
+    return orjson.dumps([action_json(aid, feats) for aid, feats in actions])
+
+
+def with_actions(context: Features, multi: bytes) -> bytes:
+    """context_json's bytes from the context and its actions' `actions_json` (the same bytes:
+    orjson writes compact JSON, keys in order), for actions encoded once and ranked often."""
+    return b'{"FromUrl":' + orjson.dumps(context) + b',"_multi":' + multi + b"}"
+
+
 def cb_line(
     *,
     event_id: str,

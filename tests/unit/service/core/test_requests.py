@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -65,3 +66,14 @@ def test_a_large_or_unwritable_action_list_is_checked_without_being_remembered()
     with pytest.raises(ApiError, match="feature names must be strings"):  # was a TypeError
         parse_rank(body(odd), 50, LIMITS)
     assert requests._checked_actions.cache_info().currsize == 0
+
+
+def test_an_event_id_made_for_a_rank_is_a_version_4_uuid() -> None:
+    """What uuid.uuid4().hex gives (Personalizer's format), made faster: 32 hex digits of a
+    random version 4, RFC 4122 UUID, never the same twice."""
+    made = {requests.new_event_id() for _ in range(2000)}
+    assert len(made) == 2000
+    for event_id in made:
+        parsed = uuid.UUID(event_id)
+        assert parsed.hex == event_id
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
