@@ -48,6 +48,22 @@ def raw_vw(model: bytes) -> Any:
     return lambda: predict_scores(ws, text)
 
 
+def interruptions(seconds: float = 1.0, gap_ns: int = 20_000) -> tuple[float, float]:
+    """How often the machine takes this process off its core: a tight loop's gaps over 20 us,
+    per second, and their median length (us). A call as long as 1 / rate / 100 is hit in 1% of
+    calls, so this is what decides how much longer calls' p99 grows beyond their p50."""
+    clock = time.perf_counter_ns
+    gaps: list[int] = []
+    last = start = clock()
+    end = start + int(seconds * 1e9)
+    while last < end:
+        now = clock()
+        if now - last > gap_ns:
+            gaps.append(now - last)
+        last = now
+    return len(gaps) / seconds, (statistics.median(gaps) / 1000 if gaps else 0.0)
+
+
 def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
     model = httpx.get(f"{server.base}/personalizer/v1.0/model", headers=HEADERS).content
     predict = raw_vw(model)
@@ -59,7 +75,9 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
             predict()
             ranker.rank(BODY)
         measured: dict[str, list[tuple[float, float]]] = {"vw": [], "local": [], "http": []}
+        idle: list[tuple[float, float]] = []
         for _ in range(rounds):
+            idle.append(interruptions())
             measured["vw"].append(percentiles(timed(predict, n)))
             measured["local"].append(percentiles(timed(lambda: ranker.rank(BODY), n)))
             post = lambda: http.post("/personalizer/v1.0/rank", json=BODY)  # noqa: E731
@@ -69,6 +87,7 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
     def med(what: str, i: int) -> float:
         return statistics.median(r[i] for r in measured[what])
 
+    rate = max(statistics.median(r for r, _ in idle), 1.0)
     ratios = sorted(lo[1] / vw[1] for lo, vw in zip(measured["local"], measured["vw"], strict=True))
     return [
         ("raw VW parse+predict p50 / p99 (us)", f"{med('vw', 0):.1f} / {med('vw', 1):.1f}"),
@@ -83,6 +102,11 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
         ),
         ("HTTP rank, one client, p50 / p99 (us)", f"{med('http', 0):.0f} / {med('http', 1):.0f}"),
         ("HTTP rank p50 / in-process rank p50", f"{med('http', 0) / med('local', 0):.0f}x"),
+        (
+            "idle loop interrupted, per s / median (us)",
+            f"{rate:.0f} / {statistics.median(g for _, g in idle):.0f}  (a call over"
+            f" {1e4 / rate:.0f} us is interrupted in more than 1% of calls)",
+        ),
     ]
 
 
