@@ -149,6 +149,7 @@ def run_dloop(
     replay: int | None = None,
     lam: float | None = None,
     exploration: float = EXPLORATION,
+    sampled: bool = False,
 ) -> Run:
     """`world.episodes` episodes through a live loop's code, in process (the module's doc)."""
     started = time.perf_counter()
@@ -167,6 +168,8 @@ def run_dloop(
     rules = JoinRules(wait=600.0, default_reward=0.0, aggregation="earliest")
     limits = FeatureLimits()
     knobs: dict[str, Any] = {k: v for k, v in (("replay", replay), ("lam", lam)) if v is not None}
+    if sampled:
+        knobs["expected"] = False
     trainer = RLTrainer(policy, gamma=DISCOUNT, **knobs)  # else the learner's own defaults
     served: vw.Workspace | None = None
     model, model_id = b"", "N/A"
@@ -288,11 +291,11 @@ def run_tabular(world: World, seed: int, alpha: float = 0.2, epsilon: float = 0.
     return run
 
 
-def _task(args: tuple[str, str, int, int, str, int | None, float | None, float]) -> Run:
-    name, learner, seed, publish_every, policy, replay, lam, exploration = args
+def _task(args: tuple[str, str, int, int, str, int | None, float | None, float, bool]) -> Run:
+    name, learner, seed, publish_every, policy, replay, lam, exploration, sampled = args
     world = WORLDS[name]
     if learner == "dloop":
-        return run_dloop(world, seed, publish_every, policy, replay, lam, exploration)
+        return run_dloop(world, seed, publish_every, policy, replay, lam, exploration, sampled)
     return run_tabular(world, seed)
 
 
@@ -382,12 +385,13 @@ def benchmark(
     replay: int | None = None,
     lam: float | None = None,
     exploration: float = EXPLORATION,
+    sampled: bool = False,
 ) -> tuple[list[tuple[str, str]], dict[str, dict[str, list[Run]]], dict[str, float]]:
     from tqdm import tqdm
 
     learners = ("dloop", "tabular Q") if reference else ("dloop",)
     tasks = [
-        (name, learner, seed, publish_every, policy, replay, lam, exploration)
+        (name, learner, seed, publish_every, policy, replay, lam, exploration, sampled)
         for name in worlds
         for learner in learners
         for seed in range(seeds)
@@ -445,6 +449,11 @@ def main() -> None:
         default=EXPLORATION,
         help=f"the loop's explorationPercentage (default {EXPLORATION})",
     )
+    parser.add_argument(
+        "--sampled",
+        action="store_true",
+        help="sampled one-step targets (the learner averages a random outcome's: learners.rl)",
+    )
     args = parser.parse_args()
     worlds = [w for w in args.worlds.split(",") if w]
     unknown = [w for w in worlds if w not in WORLDS]
@@ -460,6 +469,7 @@ def main() -> None:
         replay=args.replay,
         lam=args.lam,
         exploration=args.exploration,
+        sampled=args.sampled,
     )
     width = max(len(k) for k, _ in rows)
     print("\nRL learning quality")

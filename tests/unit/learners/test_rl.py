@@ -118,3 +118,62 @@ def test_the_cross_is_for_rl_loops_only() -> None:
         check_policy("--cb_explore_adf --cross_state_action", algorithm="--cb_explore_adf")
     with pytest.raises(PolicyError, match="takes no value"):
         check_policy("--cb_adf --cross_state_action=1", algorithm="--cb_adf")
+
+
+def test_a_random_outcome_is_averaged_over_what_the_recent_episodes_saw() -> None:
+    """Action x in state 0 paid 1 in one recent episode and 0 in two (a slippery world): its
+    one-step target is their average, 1/3, whichever one the step being learned saw, where the
+    sampled target would swing between 1 and 0 (FrozenLake's start-state values did)."""
+    trainer = RLTrainer(CROSSED, replay=0, window=3)
+    for reward in (1.0, 0.0, 0.0):
+        trainer.learn_episode([Step(_line("0", 0, reward), reward)], terminated=True)
+    assert trainer.returns([Step(_line("0", 0, 1.0), 1.0)], True) == pytest.approx([1 / 3])
+    assert trainer.returns([Step(_line("0", 0, 0.0), 0.0)], True) == pytest.approx([1 / 3])
+    # Only the window's episodes count: the 1 falls out of it.
+    trainer.learn_episode([Step(_line("0", 0, 0.0), 0.0)], terminated=True)
+    assert list(trainer.outcomes.seen.values()) == [{(0.0, None): 3}]
+    # Another action of the same state has outcomes of its own (one so far: the sampled one).
+    assert trainer.returns([Step(_line("0", 1, 0.5), 0.5)], True) == pytest.approx([0.5])
+    sampled = RLTrainer(CROSSED, replay=0, window=3, expected=False)
+    for reward in (1.0, 0.0, 0.0):
+        sampled.learn_episode([Step(_line("0", 0, reward), reward)], terminated=True)
+    assert sampled.returns([Step(_line("0", 0, 1.0), 1.0)], True) == pytest.approx([1.0])
+    trainer.close()
+    sampled.close()
+
+
+def test_a_random_transition_is_averaged_over_the_states_it_led_to() -> None:
+    """From state 0, x led to state 1 once and to state 2 once (each then ends with its own
+    reward): the target of 0's step bootstraps from the average of V(1) and V(2), the value of
+    a state not in the episode being learned read off the model by a line the window kept; a
+    deterministic step keeps the lambda return."""
+    trainer = RLTrainer(CROSSED, gamma=1.0, lam=1.0, replay=0)
+    one = [Step(_line("0", 0, 0.0), 0.0), Step(_line("1", 0, 1.0), 1.0)]
+    two = [Step(_line("0", 0, 0.0), 0.0), Step(_line("2", 0, -1.0), -1.0)]
+    for _ in range(40):
+        trainer.learn_episode(one, terminated=True)
+        trainer.learn_episode(two, terminated=True)
+    v1, v2 = trainer.value(one[1].line), trainer.value(two[1].line)
+    assert v1 > 0.5 > v2
+    first, last = trainer.returns(one, terminated=True)
+    assert last == pytest.approx(1.0)  # one outcome: the sampled return
+    assert first == pytest.approx((v1 + v2) / 2)
+    trainer.close()
+
+
+def test_the_last_step_of_a_truncated_episode_is_no_outcome() -> None:
+    """A time limit cut the episode after state 1's step: what it led to was never seen, so
+    state 1 has no outcome (it used to count as leading back to itself, which made CliffWalking
+    and Taxi's deterministic steps look random)."""
+    trainer = RLTrainer(CROSSED, replay=0)
+    steps = [Step(_line("0", 0, 0.0), 0.0), Step(_line("1", 0, 0.0), 0.0)]
+    trainer.learn_episode(steps, terminated=False)
+    assert trainer.outcomes.seen == {(steps[0].state, 0): {(0.0, steps[1].state): 1}}
+    # State 0 now also leads to state 2: its target needs V(1), read off the line of a state
+    # that was only ever the cut end of an episode.
+    other = [steps[0], Step(_line("2", 0, 1.0), 1.0)]
+    trainer.learn_episode(other, terminated=True)
+    assert len(trainer.outcomes.seen[(steps[0].state, 0)]) == 2
+    trainer.learn_episode(steps, terminated=True)
+    assert trainer.outcomes.seen[(steps[1].state, 0)] == {(0.0, None): 1}
+    trainer.close()
