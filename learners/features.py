@@ -316,9 +316,7 @@ def action_json(action_id: str, features: Features) -> dict[str, Any]:
 
 def context_json(context: Features, actions: Sequence[tuple[str, Features]]) -> bytes:
     """The DSJSON `c` object for a decision, as compact JSON bytes."""
-    return orjson.dumps(
-        {"FromUrl": context, "_multi": [action_json(aid, feats) for aid, feats in actions]}
-    )
+    return with_actions(context, actions_json(actions))
 
 
 def actions_json(actions: Sequence[tuple[str, Features]]) -> bytes:
@@ -327,8 +325,9 @@ def actions_json(actions: Sequence[tuple[str, Features]]) -> bytes:
 
 
 def with_actions(context: Features, multi: bytes) -> bytes:
-    """context_json's bytes from the context and its actions' `actions_json` (the same bytes:
-    orjson writes compact JSON, keys in order), for actions encoded once and ranked often."""
+    """The `c` object of `context` and its actions' `actions_json`: what orjson writes for
+    {"FromUrl": context, "_multi": [...]} (compact, keys in order), for actions encoded once
+    and ranked often."""
     return b'{"FromUrl":' + orjson.dumps(context) + b',"_multi":' + multi + b"}"
 
 

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import random
 from collections import deque
 from collections.abc import Sequence
@@ -292,11 +291,9 @@ class RLTrainer:
             return sampled
         total, n = 0.0, 0
         for (reward, nxt), k in counts.items():
-            v = 0.0
-            if nxt is not None:
-                v = known.get(nxt, math.nan)
-                if math.isnan(v):
-                    v = known[nxt] = self.value(self.outcomes.lines[nxt][0])
+            if nxt is not None and nxt not in known:  # a state this episode did not visit
+                known[nxt] = self.value(self.outcomes.lines[nxt][0])
+            v = 0.0 if nxt is None else known[nxt]
             total += k * (reward + self.gamma * v)
             n += k
         return total / n

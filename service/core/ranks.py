@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from learners.ccb import ccb_context
-from learners.features import FeatureLimits, context_json, with_actions
+from learners.features import FeatureLimits, actions_json, with_actions
 from learners.sandbox import NO_MODEL, ModelRef
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
@@ -102,12 +102,9 @@ def rank(
         if not is_id(episode):
             raise rank_error(f"episodeId must be {ID_RULE}")
     ids: list[str] = req["ids"]
-    multi: bytes | None = req["multi"]
-    context = (
-        with_actions(req["context"], multi)
-        if multi is not None
-        else context_json(req["context"], list(zip(ids, req["features"], strict=True)))
-    )
+    # The actions' JSON as the checks remembered it, else encoded now.
+    multi: bytes = req["multi"] or actions_json(list(zip(ids, req["features"], strict=True)))
+    context = with_actions(req["context"], multi)
     held = ranking.held_out(s, req, episode)
     if s.mode == "LoggingOnly":
         predict(NO_MODEL, context)  # only parses: what VW cannot read is never logged

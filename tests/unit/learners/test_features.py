@@ -11,6 +11,7 @@ import vowpalwabbit
 
 from learners.features import (
     FeatureError,
+    action_json,
     actions_json,
     cb_line,
     context_json,
@@ -51,7 +52,9 @@ def features(examples: list[Any]) -> list[list[tuple[int, int, float]]]:
 def test_actions_encoded_once_give_the_same_context_bytes(context: Any) -> None:
     """A rank joins its context to the remembered actions' JSON (service.core.requests): the
     bytes VW parses and the log keeps must be context_json's, byte for byte."""
-    assert with_actions(context, actions_json(ACTIONS)) == context_json(context, ACTIONS)
+    whole = {"FromUrl": context, "_multi": [action_json(a, f) for a, f in ACTIONS]}
+    assert with_actions(context, actions_json(ACTIONS)) == orjson.dumps(whole)
+    assert context_json(context, ACTIONS) == orjson.dumps(whole)
 
 
 def test_online_and_logged_features_are_identical() -> None:
