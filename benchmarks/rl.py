@@ -141,16 +141,25 @@ def _reset_seed(seed: int, episode: int) -> int:
     return seed * 1_000_003 + episode
 
 
-def run_dloop(
-    world: World,
-    seed: int,
-    publish_every: int = 1,
-    policy: str = DEFAULT_RL_POLICY,
-    replay: int | None = None,
-    lam: float | None = None,
-    exploration: float = EXPLORATION,
-    sampled: bool = False,
-) -> Run:
+@dataclass(frozen=True)
+class Setup:
+    """dloop's side of a run: the loop's settings, and the trainer's knobs (None: its own)."""
+
+    policy: str = DEFAULT_RL_POLICY
+    publish_every: int = 1  # episodes between published models
+    exploration: float = EXPLORATION
+    replay: int | None = None
+    lam: float | None = None
+    memory: int | None = None
+    sampled: bool = False  # the old one-step targets (the learner averages a random outcome's)
+
+    def trainer(self) -> RLTrainer:
+        knobs = {"replay": self.replay, "lam": self.lam, "memory": self.memory}
+        given: dict[str, Any] = {k: v for k, v in knobs.items() if v is not None}
+        return RLTrainer(self.policy, gamma=DISCOUNT, expected=not self.sampled, **given)
+
+
+def run_dloop(world: World, seed: int, setup: Setup = Setup()) -> Run:
     """`world.episodes` episodes through a live loop's code, in process (the module's doc)."""
     started = time.perf_counter()
     env = make_env(world.env_id, world.max_steps)
@@ -161,16 +170,13 @@ def run_dloop(
         mode="Online",
         holdout_share=0.0,
         holdout_policy="uniform",
-        exploration=exploration,
+        exploration=setup.exploration,
         explores_in_vw=False,
         episodic=True,
     )
     rules = JoinRules(wait=600.0, default_reward=0.0, aggregation="earliest")
     limits = FeatureLimits()
-    knobs: dict[str, Any] = {k: v for k, v in (("replay", replay), ("lam", lam)) if v is not None}
-    if sampled:
-        knobs["expected"] = False
-    trainer = RLTrainer(policy, gamma=DISCOUNT, **knobs)  # else the learner's own defaults
+    trainer = setup.trainer()
     served: vw.Workspace | None = None
     model, model_id = b"", "N/A"
     run = Run(world.name, "dloop", seed)
@@ -220,7 +226,7 @@ def run_dloop(
             trainer.learn_episode(steps, terminated)
             run.returns.append(total)
             done = ep + 1
-            if done % publish_every == 0 or done == world.episodes:
+            if done % setup.publish_every == 0 or done == world.episodes:
                 model, model_id = trainer.to_bytes(), f"m{done}"
                 if served is not None:
                     served.finish()
@@ -291,11 +297,11 @@ def run_tabular(world: World, seed: int, alpha: float = 0.2, epsilon: float = 0.
     return run
 
 
-def _task(args: tuple[str, str, int, int, str, int | None, float | None, float, bool]) -> Run:
-    name, learner, seed, publish_every, policy, replay, lam, exploration, sampled = args
+def _task(args: tuple[str, str, int, Setup]) -> Run:
+    name, learner, seed, setup = args
     world = WORLDS[name]
     if learner == "dloop":
-        return run_dloop(world, seed, publish_every, policy, replay, lam, exploration, sampled)
+        return run_dloop(world, seed, setup)
     return run_tabular(world, seed)
 
 
@@ -379,19 +385,14 @@ def benchmark(
     seeds: int,
     *,
     processes: int = 2,
-    publish_every: int = 1,
-    policy: str = DEFAULT_RL_POLICY,
+    setup: Setup = Setup(),
     reference: bool = True,
-    replay: int | None = None,
-    lam: float | None = None,
-    exploration: float = EXPLORATION,
-    sampled: bool = False,
 ) -> tuple[list[tuple[str, str]], dict[str, dict[str, list[Run]]], dict[str, float]]:
     from tqdm import tqdm
 
     learners = ("dloop", "tabular Q") if reference else ("dloop",)
     tasks = [
-        (name, learner, seed, publish_every, policy, replay, lam, exploration, sampled)
+        (name, learner, seed, setup)
         for name in worlds
         for learner in learners
         for seed in range(seeds)
@@ -450,6 +451,11 @@ def main() -> None:
         help=f"the loop's explorationPercentage (default {EXPLORATION})",
     )
     parser.add_argument(
+        "--memory",
+        type=int,
+        help="steps of past episodes whose outcomes the learner averages (its own: 10,000)",
+    )
+    parser.add_argument(
         "--sampled",
         action="store_true",
         help="sampled one-step targets (the learner averages a random outcome's: learners.rl)",
@@ -463,13 +469,16 @@ def main() -> None:
         worlds,
         args.seeds,
         processes=args.processes,
-        publish_every=args.publish_every,
-        policy=args.policy,
+        setup=Setup(
+            policy=args.policy,
+            publish_every=args.publish_every,
+            exploration=args.exploration,
+            replay=args.replay,
+            lam=args.lam,
+            memory=args.memory,
+            sampled=args.sampled,
+        ),
         reference=not args.no_reference,
-        replay=args.replay,
-        lam=args.lam,
-        exploration=args.exploration,
-        sampled=args.sampled,
     )
     width = max(len(k) for k, _ in rows)
     print("\nRL learning quality")

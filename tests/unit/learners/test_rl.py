@@ -124,12 +124,12 @@ def test_a_random_outcome_is_averaged_over_what_the_recent_episodes_saw() -> Non
     """Action x in state 0 paid 1 in one recent episode and 0 in two (a slippery world): its
     one-step target is their average, 1/3, whichever one the step being learned saw, where the
     sampled target would swing between 1 and 0 (FrozenLake's start-state values did)."""
-    trainer = RLTrainer(CROSSED, replay=0, window=3)
+    trainer = RLTrainer(CROSSED, replay=0, window=3, memory=0)
     for reward in (1.0, 0.0, 0.0):
         trainer.learn_episode([Step(_line("0", 0, reward), reward)], terminated=True)
     assert trainer.returns([Step(_line("0", 0, 1.0), 1.0)], True) == pytest.approx([1 / 3])
     assert trainer.returns([Step(_line("0", 0, 0.0), 0.0)], True) == pytest.approx([1 / 3])
-    # Only the window's episodes count: the 1 falls out of it.
+    # Without memory beyond the replayed window, only its episodes count: the 1 falls out.
     trainer.learn_episode([Step(_line("0", 0, 0.0), 0.0)], terminated=True)
     assert list(trainer.outcomes.seen.values()) == [{(0.0, None): 3}]
     # Another action of the same state has outcomes of its own (one so far: the sampled one).
@@ -140,6 +140,33 @@ def test_a_random_outcome_is_averaged_over_what_the_recent_episodes_saw() -> Non
     assert sampled.returns([Step(_line("0", 0, 1.0), 1.0)], True) == pytest.approx([1.0])
     trainer.close()
     sampled.close()
+
+
+def test_outcomes_are_counted_over_as_many_past_steps_as_memory_holds() -> None:
+    """The replayed window holds 2 episodes, memory 3 steps: outcomes of one-step episodes
+    are counted over the last 3 (the window's and one more), then the oldest leaves; a longer
+    episode takes the place of several short ones, but the window's are always counted.
+    (FrozenLake's rarely reached squares near the goal need every visit the last 300 episodes
+    made: learners.rl.)"""
+    trainer = RLTrainer(CROSSED, replay=0, window=2, memory=3)
+    for reward in (1.0, 0.0, 0.0):
+        trainer.learn_episode([Step(_line("0", 0, reward), reward)], terminated=True)
+    key = (Step(_line("0", 0, 0.0), 0.0).state, 0)
+    assert trainer.outcomes.seen[key] == {(1.0, None): 1, (0.0, None): 2}
+    assert trainer.returns([Step(_line("0", 0, 0.0), 0.0)], True) == pytest.approx([1 / 3])
+    trainer.learn_episode([Step(_line("0", 0, 1.0), 1.0)], terminated=True)
+    assert trainer.outcomes.seen[key] == {(1.0, None): 1, (0.0, None): 2}  # the first left
+    # Two episodes of 3 steps: over memory, but the replayed window's are kept.
+    long = [
+        Step(_line("1", 0, 0.0), 0.0),
+        Step(_line("1", 0, 0.0), 0.0),
+        Step(_line("0", 0, 0.5), 0.5),
+    ]
+    trainer.learn_episode(long, terminated=True)
+    trainer.learn_episode(long, terminated=True)
+    assert len(trainer.counted) == 2
+    assert trainer.outcomes.seen[key] == {(0.5, None): 2}
+    trainer.close()
 
 
 def test_a_random_transition_is_averaged_over_the_states_it_led_to() -> None:
