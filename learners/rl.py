@@ -46,19 +46,20 @@ do repeat, about as before (10 seeds: 10/10 reach the bar, 10% of late evaluatio
 against 18%).
 
 How many episodes are counted (`memory`): the replayed window's 200, and as many earlier ones
-as fit in 10,000 steps (about 7 MB of lines at most). A square of FrozenLake next to the goal
-is reached in a few episodes of ten, so 200 episodes held a dozen tries of its best action and
-its average still swung with each slip; counting every episode of the 300 (about 3,200 steps):
-27 seeds of 30 reach the bar instead of 26, worst fall 12% instead of 31%, 22% of the late
-evaluations below it instead of 33%; Inventory (4,500 steps in 300 episodes) 5% below instead
-of 8%, worst fall 3% instead of 5%. The one FrozenLake seed that never reaches the bar never
-reached the goal while exploring (300 episodes of a near-random walk). Tried and left out:
-value iteration over the counted model (each tried action's Q the average over its outcomes
-of r + gamma * V(s'), V the plan's own where s' is in it, iterated to the fixed point, as
-targets): worse on both, FrozenLake 8 of 10 seeds against 9, Inventory (30 seeds) 18% of late
-evaluations below the bar against 5%, worst final 7.90 against 8.39. The fixed point carries
-the noisy estimates of rarely visited squares to every state at once, where the model's own
-values average each target over many updates.
+as fit in 10,000 steps (the earlier ones about 7 MB of lines at most). A square of FrozenLake
+next to the goal is reached in a few episodes of ten, so 200 episodes held a dozen tries of its
+best action and its average still swung with each slip; counting every episode of the 300
+(about 3,200 steps): 27 seeds of 30 reach the bar instead of 26, worst fall 12% instead of 31%,
+22% of the late evaluations below it instead of 33%; Inventory (4,500 steps in 300 episodes) 5%
+below instead of 8%, worst fall 3% instead of 5%. Of the 3 FrozenLake seeds that miss the bar,
+one never reached the goal while exploring, two settled on the second-best action at a rare
+square. Tried and left out: value iteration over the counted model (each tried action's Q the
+average over its outcomes of r + gamma * V(s'), V the plan's own where s' is in it, iterated to
+the fixed point, as targets): worse on both, FrozenLake 8 of 10 seeds against 9, Inventory (30
+seeds) 18% of late evaluations below the bar against 5%, worst final 7.90 against 8.39. The
+fixed point carries the noisy estimates of rarely visited squares to every state at once, where
+the model's own values average each target over many updates.
+
 Q regression must not be importance-weighted (targets already belong to the greedy policy), so
 each target is learned with label probability 1. Everything is driven by logged lines, so the
 same code trains online, offline (`dloop replay`) and from either backend. Tried and left out:
