@@ -492,7 +492,8 @@ class Poster:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             return None
-        if "http" in urllib.request.getproxies() and not urllib.request.proxy_bypass(
+        proxies = urllib.request.getproxies()  # what httpx's trust_env reads too
+        if ("http" in proxies or "all" in proxies) and not urllib.request.proxy_bypass(
             parts.hostname
         ):
             return None

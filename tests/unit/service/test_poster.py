@@ -80,10 +80,13 @@ def test_a_server_away_fails_as_an_httpx_post_would() -> None:
 
 
 def test_https_and_proxied_addresses_are_left_to_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     assert Poster.for_url("https://dloop:8443", 5) is None
     assert Poster.for_url("http://dloop:8000", 5) is not None
+    monkeypatch.setenv("all_proxy", "socks5://proxy:1080")
+    assert Poster.for_url("http://dloop:8000", 5) is None
+    monkeypatch.delenv("all_proxy")
     monkeypatch.setenv("http_proxy", "http://proxy:3128")
     assert Poster.for_url("http://dloop:8000", 5) is None
     monkeypatch.setenv("no_proxy", "dloop")
