@@ -77,6 +77,14 @@ def _count(batch: bytes) -> int:
     return batch.count(b"\n") + 1 if batch else 0
 
 
+# Seconds a long poll for a new model may wait (the server answers as soon as one is served).
+# Short, because closing the ranker cannot abort a poll in flight (httpx has no way to), so the
+# server, which waits for its requests when it stops, waited for it: 20 s made every shutdown
+# of a server with rankers attached (and a test's teardown) take 20 s; a poll every 5 s is
+# nothing to it.
+FOLLOW_WAIT = 5.0
+
+
 class LocalRanker:
     def __init__(
         self,
@@ -210,7 +218,7 @@ class LocalRanker:
         """Keep the model current: a long poll answers as soon as a new model is served."""
         while not self._stop.is_set():
             try:
-                if self._fetch_model(wait=20.0):
+                if self._fetch_model(wait=FOLLOW_WAIT):
                     self.refresh()
             except (httpx.HTTPError, ApiError):
                 self._stop.wait(every)  # the server is away: try again shortly

@@ -99,6 +99,25 @@ def test_a_new_model_reaches_the_local_ranker_within_a_second(live_server: LiveS
     assert max(lags) < 1.0
 
 
+def test_a_server_with_a_ranker_attached_stops_without_waiting_out_its_long_poll(
+    tmp_path: Path,
+) -> None:
+    """A closed ranker's long poll stays in flight (httpx cannot abort it) and the server waits
+    for its requests when it stops: with 20 s polls it took 20 s to stop (the harness gives up
+    there), now at most a poll's 5 s."""
+    settings = make_settings(tmp_path / "data", learner={"tick_seconds": 0.05})
+    with serving(settings) as server:
+        key = httpx.post(f"{server.url}/loops/default/keys", headers=AUTH).json()["key"]
+        ranker = LocalRanker(server.url, key=key)  # no model yet: its poll waits for one
+        deadline = time.monotonic() + 10
+        while not any(t.name == "dloop-local-model" and t.is_alive() for t in ranker._threads):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        ranker.close()
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 10
+
+
 def test_records_wait_on_disk_while_the_server_is_away_and_arrive_in_order(
     tmp_path: Path,
 ) -> None:
