@@ -334,9 +334,10 @@ class RLTrainer:
             return
         if self._ws is None:
             self._open(steps)
+        episode = (list(steps), terminated)  # kept by the replay window and the counts alike
         if self.expected:
             self.outcomes.add(steps, terminated)
-            self.counted.append((list(steps), terminated))
+            self.counted.append(episode)
             self._counted_steps += len(steps)
             while len(self.counted) > (self.recent.maxlen or 0) and (
                 self._counted_steps > self.memory
@@ -345,7 +346,7 @@ class RLTrainer:
                 self.outcomes.remove(past, ended)
                 self._counted_steps -= len(past)
         self.examples += self._fit(steps, terminated)
-        self.recent.append((list(steps), terminated))
+        self.recent.append(episode)
         for _ in range(min(self.replay, len(self.recent) - 1)):
             past, ended = self.recent[self._random.randrange(len(self.recent) - 1)]
             self._fit(past, ended)
