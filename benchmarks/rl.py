@@ -44,7 +44,7 @@ import numpy as np
 from learners import vw
 from learners.features import FeatureLimits, context_json
 from learners.joiner import DecisionView, JoinRules, Obs, join
-from learners.rl import DEFAULT_RL_EXPLORATION, DEFAULT_RL_POLICY, RLTrainer, Step
+from learners.rl import DEFAULT_RL_EXPLORATION, DEFAULT_RL_POLICY, RLTrainer, Step, recalled
 from learners.sim import envs
 from learners.tiles import TileCoding
 from service.core.ranking import Serving, code_tiles, decide, policy_pmf
@@ -152,11 +152,18 @@ class Setup:
     lam: float | None = None
     memory: int | None = None
     sampled: bool = False  # the old one-step targets (the learner averages a random outcome's)
+    # Reopen the trainer from its saved model every so many episodes (0: never), as a learner
+    # does after a restart or when another learner saved the loop's model; `recall`: it takes
+    # back the episodes it had learned (RLTrainer.remember), as the learners do.
+    restart_every: int = 0
+    recall: bool = True
 
-    def trainer(self) -> RLTrainer:
+    def trainer(self, model: bytes | None = None, examples: int = 0) -> RLTrainer:
         knobs = {"replay": self.replay, "lam": self.lam, "memory": self.memory}
         given: dict[str, Any] = {k: v for k, v in knobs.items() if v is not None}
-        return RLTrainer(self.policy, gamma=DISCOUNT, expected=not self.sampled, **given)
+        return RLTrainer(
+            self.policy, model, examples, gamma=DISCOUNT, expected=not self.sampled, **given
+        )
 
 
 def run_dloop(world: World, seed: int, setup: Setup = Setup()) -> Run:
@@ -177,6 +184,7 @@ def run_dloop(world: World, seed: int, setup: Setup = Setup()) -> Run:
     rules = JoinRules(wait=600.0, default_reward=0.0, aggregation="earliest")
     limits = FeatureLimits()
     trainer = setup.trainer()
+    learned: list[tuple[list[Step], bool]] = []
     served: vw.Workspace | None = None
     model, model_id = b"", "N/A"
     run = Run(world.name, "dloop", seed)
@@ -224,8 +232,15 @@ def run_dloop(world: World, seed: int, setup: Setup = Setup()) -> Run:
                 if terminated or truncated:
                     break
             trainer.learn_episode(steps, terminated)
+            learned.append((steps, terminated))
             run.returns.append(total)
             done = ep + 1
+            if setup.restart_every and done % setup.restart_every == 0:
+                saved, examples = trainer.to_bytes(), trainer.examples
+                trainer.close()
+                trainer = setup.trainer(saved, examples)
+                if setup.recall:
+                    trainer.remember(learned[-recalled([len(s) for s, _ in reversed(learned)]) :])
             if done % setup.publish_every == 0 or done == world.episodes:
                 model, model_id = trainer.to_bytes(), f"m{done}"
                 if served is not None:
@@ -460,6 +475,17 @@ def main() -> None:
         action="store_true",
         help="sampled one-step targets (the learner averages a random outcome's: learners.rl)",
     )
+    parser.add_argument(
+        "--restart-every",
+        type=int,
+        default=0,
+        help="reopen the trainer from its saved model every N episodes (a learner's restart)",
+    )
+    parser.add_argument(
+        "--no-recall",
+        action="store_true",
+        help="a reopened trainer starts without the episodes it learned (RLTrainer.remember)",
+    )
     args = parser.parse_args()
     worlds = [w for w in args.worlds.split(",") if w]
     unknown = [w for w in worlds if w not in WORLDS]
@@ -477,6 +503,8 @@ def main() -> None:
             lam=args.lam,
             memory=args.memory,
             sampled=args.sampled,
+            restart_every=args.restart_every,
+            recall=not args.no_recall,
         ),
         reference=not args.no_reference,
     )

@@ -210,8 +210,28 @@ class Outcomes:
                 del self.lines[step.state]
 
 
+# The replay window (episodes) and how many steps of earlier episodes the outcome counts keep.
+WINDOW = 200
+MEMORY = 10_000
+
+
+def recalled(sizes: Sequence[int], *, window: int = WINDOW, memory: int = MEMORY) -> int:
+    """How many of the latest learned episodes (`sizes`: their steps, newest first) a trainer
+    keeps: its replay window's, and earlier ones while all of them fit in `memory` steps (what
+    a reopened trainer is given back, RLTrainer.remember)."""
+    kept, steps = 0, 0
+    for n in sizes:
+        if kept + 1 > window and steps + n > memory:
+            break
+        kept, steps = kept + 1, steps + n
+    return kept
+
+
 class RLTrainer:
-    """Trains a Q model from complete episodes; resumes exactly from `to_bytes()` output."""
+    """Trains a Q model from complete episodes. Reopened from its `to_bytes()` output and given
+    back the episodes it learned (`remember`, as many as `recalled` says it keeps), it learns on
+    exactly as if it had never stopped: the same replay window, outcome counts and replay draws
+    (seeded by `seed` and the model's example count)."""
 
     def __init__(
         self,
@@ -222,8 +242,8 @@ class RLTrainer:
         gamma: float = 0.99,
         lam: float = 0.5,
         replay: int = 16,
-        window: int = 200,
-        memory: int = 10_000,
+        window: int = WINDOW,
+        memory: int = MEMORY,
         seed: int = 0,
         expected: bool = True,
     ) -> None:
@@ -240,7 +260,7 @@ class RLTrainer:
         self._counted_steps = 0
         self.expected = expected
         self.outcomes = Outcomes()
-        self._random = random.Random(seed)
+        self.seed = seed
         # With CROSS the workspace waits for the first episode, whose lines show the namespaces
         # to cross; a blank model built before that (its interactions unresolved) is not kept.
         crossed = CROSS in args.split()
@@ -335,21 +355,41 @@ class RLTrainer:
         if self._ws is None:
             self._open(steps)
         episode = (list(steps), terminated)  # kept by the replay window and the counts alike
-        if self.expected:
-            self.outcomes.add(steps, terminated)
-            self.counted.append(episode)
-            self._counted_steps += len(steps)
-            while len(self.counted) > (self.recent.maxlen or 0) and (
-                self._counted_steps > self.memory
-            ):
-                past, ended = self.counted.popleft()
-                self.outcomes.remove(past, ended)
-                self._counted_steps -= len(past)
+        self._count(episode)
+        # Which past episodes are replayed is drawn from the seed and how many examples the
+        # model had learned: a trainer reopened from its saved model and given back its
+        # episodes (`remember`) draws what it would have drawn had it never stopped, so the
+        # same episodes learn the same model whether or not the learner restarted between them.
+        draws = random.Random(f"{self.seed}/{self.examples}")
         self.examples += self._fit(steps, terminated)
         self.recent.append(episode)
         for _ in range(min(self.replay, len(self.recent) - 1)):
-            past, ended = self.recent[self._random.randrange(len(self.recent) - 1)]
+            past, ended = self.recent[draws.randrange(len(self.recent) - 1)]
             self._fit(past, ended)
+
+    def _count(self, episode: tuple[list[Step], bool]) -> None:
+        """Count the episode's outcomes, and forget the oldest counted beyond `memory`."""
+        if not self.expected:
+            return
+        steps, terminated = episode
+        self.outcomes.add(steps, terminated)
+        self.counted.append(episode)
+        self._counted_steps += len(steps)
+        while len(self.counted) > (self.recent.maxlen or 0) and self._counted_steps > self.memory:
+            past, ended = self.counted.popleft()
+            self.outcomes.remove(past, ended)
+            self._counted_steps -= len(past)
+
+    def remember(self, episodes: Sequence[tuple[Sequence[Step], bool]]) -> None:
+        """Episodes the model learned already (oldest first), taken back into the replay window
+        and the outcome counts without being learned again: a trainer reopened from a saved
+        model (a restart, or another learner's model) replays and averages as the one that
+        saved it did, instead of starting both from nothing."""
+        for steps, terminated in episodes:
+            if steps:
+                episode = (list(steps), terminated)
+                self._count(episode)
+                self.recent.append(episode)
 
     def to_bytes(self) -> bytes:
         if self._ws is None:  # nothing learned yet: a blank model of the unresolved arguments
@@ -395,8 +435,19 @@ def resolve(args: str, shared: set[int], actions: set[int]) -> str:
     for s in sorted(shared):
         for a in sorted(actions):
             out += ["-q", _hex(s) + _hex(a)]
-    for n in sorted(shared | actions):
-        out += ["--ignore_linear", _hex(n)]
+    # One `--ignore_linear` naming them all, plainly: VW saves the option in the model as the
+    # sorted characters of its arguments, undecoded, so `--ignore_linear \x61` came back from
+    # a saved model as the characters "\", "x", "6", "1" and a reopened trainer learned every
+    # action's own weight, in every state at once. A namespace not a letter or digit (rare: a
+    # feature namespace's first character) can only be named escaped, which a saved model
+    # loses the same way.
+    ignored = sorted(shared | actions)
+    plain = "".join(chr(n) for n in ignored if chr(n).isascii() and chr(n).isalnum())
+    if plain:
+        out += ["--ignore_linear", plain]
+    for n in ignored:
+        if not (chr(n).isascii() and chr(n).isalnum()):
+            out += ["--ignore_linear", _hex(n)]
     if "--noconstant" not in out:
         out.append("--noconstant")
     return " ".join(out)

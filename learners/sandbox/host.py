@@ -199,6 +199,17 @@ class Host:
                 errors.append((i, f"{type(exc).__name__}: {exc}"[:1000]))
         return {"examples": trainer.examples, "errors": errors}, b""
 
+    def op_remember_episodes(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
+        trainer = self.trainers[header["key"]]
+        assert isinstance(trainer, RLTrainer)
+        trainer.remember(
+            [
+                ([Step(line, float(r), bool(ok)) for line, r, ok in steps], bool(terminated))
+                for steps, terminated in header["episodes"]
+            ]
+        )
+        return None, b""
+
     def op_save(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         trainer = self.trainers[header["key"]]
         return {"examples": trainer.examples}, trainer.to_bytes()

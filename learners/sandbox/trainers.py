@@ -76,6 +76,11 @@ class RemoteTrainer:
         self.examples = int(out["examples"])
         return [(int(i), str(m)) for i, m in out["errors"]]
 
+    def remember_episodes(self, episodes: list[tuple[list[tuple[str, float, bool]], bool]]) -> None:
+        """RL: episodes its model learned already, oldest first (learners.rl.RLTrainer.remember)."""
+        if episodes:
+            self._call("remember_episodes", {"episodes": episodes})
+
     def to_bytes(self) -> bytes:
         _, model = self._call("save", {})
         return model

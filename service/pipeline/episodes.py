@@ -18,13 +18,14 @@ learning process cannot say which it was: the worker then learns episodes one at
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from learners import rollups
+from learners.rl import MEMORY, WINDOW, recalled
 from service.storage import store
 from service.storage.models import Episode, Joined
 
@@ -84,6 +85,45 @@ def pending(session: Session, *, loop: str, limit: int) -> Pending | None:
         return None
     steps = store.episode_steps(session, loop=loop, episodes=[e.episode_id for e in episodes])
     return Pending(loop, episodes, steps)
+
+
+# A reopened trainer is given back its episodes in calls of about this many steps.
+RECALL_STEPS = 2000
+
+
+def recall(
+    session: Session,
+    *,
+    loop: str,
+    window: int = WINDOW,
+    memory: int = MEMORY,
+    chunk: int = RECALL_STEPS,
+    page: int = 500,
+) -> Iterator[Batch]:
+    """The loop's learned episodes a trainer keeps (its replay window and outcome counts,
+    learners.rl.recalled), oldest first, in batches of about `chunk` steps: what a
+    trainer reopened from the loop's model is given back (RemoteTrainer.remember_episodes).
+    Episodes with a step in the dead letters are left out (a learner gave up on them)."""
+    kept: list[tuple[str, bool, int]] = []  # latest first
+    while True:
+        rows = store.learned_episodes(session, loop=loop, offset=len(kept), limit=page, dead=SOURCE)
+        kept += rows
+        n = recalled([size for _, _, size in kept], window=window, memory=memory)
+        if n < len(kept) or len(rows) < page:
+            del kept[n:]
+            break
+    kept.reverse()
+    start, size = 0, 0
+    for i, (_, _, n) in enumerate(kept):
+        size += n
+        if size >= chunk or i == len(kept) - 1:
+            part = kept[start : i + 1]
+            steps = store.episode_steps(session, loop=loop, episodes=[e for e, _, _ in part])
+            yield [
+                ([(r.line, r.reward, store.trainable(r)) for r in steps[e]], terminated)
+                for e, terminated, _ in part
+            ]
+            start, size = i + 1, 0
 
 
 def poison_episode(session: Session, *, loop: str, reason: str, now: float) -> bool:

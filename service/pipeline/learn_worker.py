@@ -61,7 +61,9 @@ class LearnWorker:
         self.consumer = consumer
         self.clock = clock
         self.batch_size = batch_size
-        self.learning = Learners(sessions, source=SOURCE, stream="pos", trainers=trainers)
+        self.learning = Learners(
+            sessions, source=SOURCE, stream="pos", trainers=trainers, fleet=True
+        )
         self.offsets: dict[Any, int] = {}
         self.checkpointed_at = 0.0
         self._tick_read_at = 0.0

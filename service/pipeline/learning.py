@@ -167,6 +167,18 @@ def checkpoint(session: Session, learner: Learner, *, loop: str, now: float) -> 
     return None
 
 
+# A learner leaves an RL loop to the learner that saved its model, while that one saved it
+# less than this many of the loop's export intervals ago, and at most HANDOVER_MAX seconds ago
+# (train_episodes' `fleet`): a learner that restarts waits at most that long to take its loops
+# back, and learners taking turns on a loop with a long interval reopen it once an interval.
+HANDOVER_TICKS = 3
+HANDOVER_MAX = 30.0
+
+
+def handover(export_every: float) -> float:
+    return min(HANDOVER_TICKS * max(1.0, export_every), HANDOVER_MAX)
+
+
 def train_episodes(
     session: Session,
     loop: Loop,
@@ -175,24 +187,53 @@ def train_episodes(
     host: TrainerHost,
     now: float,
     limit: int = 1000,
-) -> tuple[Learner, bytes | None]:
+    fleet: bool = False,
+) -> tuple[Learner | None, bytes | None]:
     """Learn the RL loop's complete episodes in the caller's transaction (service.pipeline.
     episodes) and save the model; returns the learner (`learner` if it still holds the stored
-    model) and the new model's bytes (None if there was nothing to learn)."""
+    model, reopened if it does not: `learner` as it was if there is nothing to learn) and the
+    new model's bytes (None if there was nothing to learn).
+
+    A trainer reopened from the stored model (after a restart, or where another learner saved
+    it since) is given back the episodes that model learned (episodes.recall): its replay window
+    and its outcome counts hold them again, as they did in the trainer that learned them.
+    Without them it replayed nothing and averaged nothing until 200 new episodes came (measured,
+    benchmarks/rl.py --restart-every 10: slippery FrozenLake's median final greedy return 0.21
+    against 0.74).
+
+    `fleet`: other learners may learn this loop too (several `dloop learn` processes, each
+    trying every RL loop every tick; the advisory lock lets one at a time). A learner whose
+    trainer does not hold the stored model leaves the loop to the one that saved it, while that
+    one saved it less than `handover` ago (3 export intervals, at most 30 s): reopening costs a
+    recall (about 0.6 s for 10,000 steps), and learners taking turns would pay it every tick.
+    When the learner that kept the loop stops, another takes it over after that."""
     episodes.lock(session, loop.name)
-    ckpt = store.get_checkpoint(session, loop=loop.name)
-    arguments = loop.policy["arguments"]  # RL loops explore outside VW (learners.rl)
-    gamma = store.loop_settings(loop).discount
-    if (
-        learner is None
-        or learner.trainer.lost
-        or learner.model_id != (ckpt.model_id if ckpt is not None else NO_MODEL_ID)
-        or learner.arguments != arguments
-    ):
-        learner = start(host, ckpt, loop=loop.name, kind=RL, arguments=arguments, gamma=gamma)
     todo = episodes.pending(session, loop=loop.name, limit=limit)
     if todo is None:
         return learner, None
+    ckpt = store.get_checkpoint(session, loop=loop.name)
+    arguments = loop.policy["arguments"]  # RL loops explore outside VW (learners.rl)
+    settings = store.loop_settings(loop)
+    gamma = settings.discount
+    stored = ckpt.model_id if ckpt is not None else NO_MODEL_ID
+    if (
+        learner is None
+        or learner.trainer.lost
+        or learner.model_id != stored
+        or learner.arguments != arguments
+    ):
+        if (
+            fleet
+            and ckpt is not None
+            and ckpt.examples  # a blank model costs nothing to take
+            and (learner is None or learner.model_id != stored)
+            and now - ckpt.modified_at < handover(settings.export_every)
+        ):
+            return learner, None  # another learner keeps this loop's model current
+        learner = start(host, ckpt, loop=loop.name, kind=RL, arguments=arguments, gamma=gamma)
+        if learner.trainer.examples:  # opened from a model that learned episodes
+            for batch in episodes.recall(session, loop=loop.name):
+                learner.trainer.remember_episodes(batch)
     refused = learner.trainer.learn_episodes(todo.batch(), gamma)
     todo.learned(session, refused=refused, now=now)
     # Episodes come from the database, not the joined stream: the position stays as stored.
@@ -263,9 +304,13 @@ class Learners:
         source: str,
         stream: str,
         trainers: TrainerHost | None = None,
+        fleet: bool = False,
     ) -> None:
         self.sessions = sessions
         self.source = source  # the dead letters' source (their ref: a position)
+        # Other learners (`dloop learn` processes) may learn the same RL loops: one that saved
+        # a loop's model lately keeps it (train_episodes' `fleet`).
+        self.fleet = fleet
         self.stream = stream  # what positions count (Learner.stream)
         self.host = trainers or TrainerHost()
         self.lines: dict[str, Learner] = {}
@@ -343,6 +388,7 @@ class Learners:
                     host=self.host,
                     now=now,
                     limit=1 if careful else 1000,
+                    fleet=self.fleet,
                 )
         except NativeCrash as exc:
             if careful:
@@ -352,7 +398,8 @@ class Learners:
                 self.dead_lettered += 1  # the episode it died on twice
             self.careful_episodes.add(name)
             return Trained(None, None, crashed=True)
-        self.episodes[name] = learner
+        if learner is not None:
+            self.episodes[name] = learner
         if model is None:
             self.careful_episodes.discard(name)
         return Trained(learner, model)

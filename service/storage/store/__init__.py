@@ -12,6 +12,7 @@ from service.storage.store.episodes import (
     complete_episodes,
     ended_episodes,
     episode_steps,
+    learned_episodes,
     unlearn_episodes,
 )
 from service.storage.store.guardrails import (
@@ -167,6 +168,7 @@ __all__ = [
     "joined_between",
     "joined_by_pos",
     "key_table",
+    "learned_episodes",
     "learner_backlog",
     "list_evaluations",
     "list_feature_importances",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from service.storage.models import (
+    DeadLetter,
     Decision,
     Episode,
     Joined,
@@ -43,6 +44,38 @@ def episode_steps(
     for row in session.scalars(stmt):
         out[row.episode or ""].append(row)
     return out
+
+
+def learned_episodes(
+    session: Session, *, loop: str, offset: int, limit: int, dead: str
+) -> Sequence[tuple[str, bool, int]]:
+    """The loop's learned episodes, latest end first (from `offset`, at most `limit`): each
+    one's id, whether it terminated, and how many joined steps it has; without those a learner
+    gave up on (a step in the dead letters from source `dead`)."""
+    stmt = (
+        select(Episode.episode_id, Episode.terminated, func.count(Joined.seq))
+        .join(
+            Joined,
+            and_(Joined.loop == Episode.loop, Joined.episode == Episode.episode_id),
+            isouter=True,
+        )
+        .join(
+            DeadLetter,
+            and_(
+                DeadLetter.loop == Episode.loop,
+                DeadLetter.source == dead,
+                DeadLetter.ref == Joined.seq,
+            ),
+            isouter=True,
+        )
+        .where(Episode.loop == loop, Episode.learned.is_(True))
+        .group_by(Episode.episode_id, Episode.terminated, Episode.ended_at)
+        .having(func.count(DeadLetter.id) == 0)
+        .order_by(Episode.ended_at.desc(), Episode.episode_id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    return [(e, bool(t), int(n)) for e, t, n in session.execute(stmt)]
 
 
 def ended_episodes(session: Session, *, loop: str, since: float | None = None) -> Sequence[Episode]:

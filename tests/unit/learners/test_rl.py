@@ -7,7 +7,7 @@ import pytest
 
 from learners import vw
 from learners.policy import PolicyError, header_options
-from learners.rl import TABULAR_RL_POLICY, RLTrainer, Step, relabel, resolve
+from learners.rl import TABULAR_RL_POLICY, RLTrainer, Step, recalled, relabel, resolve
 from learners.vw import check_policy
 
 
@@ -61,7 +61,7 @@ def test_the_cross_is_resolved_from_the_namespaces_an_episode_shows() -> None:
     s, i, a, j = (rf"\x{ord(c):02x}" for c in "siaj")
     assert resolve(CROSSED, {ord("s")}, {ord("i"), ord("a")}) == (
         f"--cb_adf --cb_type mtr --power_t 0 -l 0.5 -q {s}{a} -q {s}{i}"
-        f" --ignore_linear {a} --ignore_linear {i} --ignore_linear {s} --noconstant"
+        " --ignore_linear ais --noconstant"
     )
     # A namespace named with ':' would be VW's wildcard: left out.
     assert resolve(CROSSED, {ord("s"), ord(":")}, {ord("i"), ord("a")}) == resolve(
@@ -95,6 +95,12 @@ def test_with_the_cross_nothing_an_action_is_worth_carries_to_another_state() ->
     model = trainer.to_bytes()
     again = RLTrainer(CROSSED, model, trainer.examples)
     assert [-c for c in vw.predict_scores(again.ws, _line("1", 0, 0.0))] == q["1"]
+    # ... and so do the linear terms it ignores: learning on, an unseen state is still blank.
+    # (VW saved `--ignore_linear \x61 --ignore_linear \x69` as the characters "169\x", so a
+    # reopened trainer learned every action's own weight, in every state at once.)
+    for _ in range(10):
+        again.learn_episode([Step(_line("1", 0, -1.0), -1.0)], terminated=True)
+    assert [-c for c in vw.predict_scores(again.ws, _line("2", 0, 0.0))] == [0.0, 0.0, 0.0]
     trainer.close()
     again.close()
 
@@ -204,3 +210,41 @@ def test_the_last_step_of_a_truncated_episode_is_no_outcome() -> None:
     trainer.learn_episode(steps, terminated=True)
     assert trainer.outcomes.seen[(steps[1].state, 0)] == {(0.0, None): 1}
     trainer.close()
+
+
+def test_a_reopened_trainer_given_back_its_episodes_replays_and_averages_as_before() -> None:
+    """A trainer reopened from a saved model is given back the episodes it learned, as many as
+    `recalled` says it kept (the window's 2 and earlier ones within 3 steps of memory): its
+    replay window and outcome counts are the saved trainer's, so the next episode learns the
+    same model whichever of the two learns it."""
+    window, memory = 2, 3
+    episodes = [([Step(_line("0", 0, r), r)], True) for r in (1.0, 0.0, 0.0, 1.0)] + [
+        ([Step(_line("1", 1, 0.0), 0.0), Step(_line("0", 0, 0.5), 0.5)], True)
+    ]
+    kept = RLTrainer(CROSSED, replay=1, window=window, memory=memory, seed=3)
+    for steps, ended in episodes:
+        kept.learn_episode(steps, ended)
+    sizes = [len(steps) for steps, _ in reversed(episodes)]
+    n = recalled(sizes, window=window, memory=memory)
+    assert n == 2 == len(kept.counted)  # 2 + 1 steps, and the next (1 step) would be over
+    assert recalled([1, 1, 1, 1], window=2, memory=3) == 3
+    assert recalled([5, 5, 1], window=2, memory=3) == 2  # the window's, whatever their steps
+    reopened = RLTrainer(
+        CROSSED, kept.to_bytes(), kept.examples, replay=1, window=window, memory=memory, seed=3
+    )
+    reopened.remember(episodes[-n:])
+    assert reopened.outcomes.seen == kept.outcomes.seen
+    assert [e for e, _ in reopened.recent] == [e for e, _ in kept.recent]
+    blank = RLTrainer(
+        CROSSED, kept.to_bytes(), kept.examples, replay=1, window=window, memory=memory, seed=3
+    )  # without them: nothing to replay or average
+    nxt = [Step(_line("0", 0, 0.0), 0.0)]
+    for trainer in (kept, reopened, blank):
+        trainer.learn_episode(nxt, True)
+    for state in "01":  # the same replays: the same model
+        line = _line(state, 0, 0.0)
+        assert vw.predict_scores(reopened.ws, line) == vw.predict_scores(kept.ws, line)
+    line = _line("0", 0, 0.0)
+    assert blank.value(line) != pytest.approx(kept.value(line))
+    for trainer in (kept, reopened, blank):
+        trainer.close()
