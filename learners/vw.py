@@ -35,30 +35,67 @@ def check_policy(args: str, *, algorithm: str = "--cb_explore_adf") -> None:
     """
     check_arguments(args, algorithm=algorithm)
     try:
-        ws = Workspace(f"{without_cross(args)} --quiet")
+        plain = without_cross(args)
+        ws = Workspace(f"{_sparse(plain, _bits_of_args(plain))} --quiet")
     except Exception as exc:  # VW raises RuntimeError subclasses with its own message
         reason = " ".join(str(exc).split())[:300]
         raise PolicyError(f"Vowpal Wabbit rejected the arguments: {reason}") from None
     ws.finish()
 
 
+# Above this many bits of weights, a workspace keeps them in a hash map of the weights touched
+# (`--sparse_weights`) instead of an array of all of them: 2^22 weights of 4 floats are 64 MB in
+# every ranker and learner of a loop, where a table-like RL model touches a few thousand. VW does
+# not keep the option in a saved model, so every workspace made here adds it by the model's bits.
+DENSE_BITS = 20
+
+
+def _sparse(args: str, bits: int | None) -> str:
+    if bits is not None and bits > DENSE_BITS and "--sparse_weights" not in args.split():
+        return f"{args} --sparse_weights"
+    return args
+
+
+def _bits_of_args(args: str) -> int | None:
+    words = args.replace("=", " ").split()
+    for flag in ("-b", "--bit_precision"):
+        if flag in words[:-1]:
+            value = words[words.index(flag) + 1]
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _bits_of_model(model: bytes) -> int | None:
+    """The model's bits, None if its header cannot be read (VW then says what is wrong)."""
+    try:
+        words = header_options(model).split()
+    except PolicyError:
+        return None
+    return int(words[words.index("--bit_precision") + 1]) if "--bit_precision" in words else None
+
+
 def workspace(args: str, model: bytes | None = None) -> Workspace:
     """A workspace for `args`; with `model`, the model's saved options plus `args` (I/O flags).
-    dloop's own policy option (learners.policy.CROSS) is left out: learners.rl resolves it."""
+    dloop's own policy option (learners.policy.CROSS) is left out: learners.rl resolves it.
+    Weights beyond DENSE_BITS bits are sparse."""
     if model is None:
-        return Workspace(f"{without_cross(args)} --quiet")
+        args = without_cross(args)
+        return Workspace(f"{_sparse(args, _bits_of_args(args))} --quiet")
     fd, path = tempfile.mkstemp(prefix="dloop-model-", suffix=".vw")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model)
-        return Workspace(f"{args} --quiet -i {shlex.quote(path)}")
+        return Workspace(f"{_sparse(args, _bits_of_model(model))} --quiet -i {shlex.quote(path)}")
     finally:
         Path(path).unlink(missing_ok=True)
 
 
 def workspace_file(args: str, path: str) -> Workspace:
-    """A workspace for the model saved in `path`, plus `args` (I/O flags)."""
-    return Workspace(f"{args} --quiet -i {shlex.quote(path)}")
+    """A workspace for the model saved in `path`, plus `args` (I/O flags); sparse weights as
+    `workspace` has them."""
+    with open(path, "rb") as f:
+        model = f.read()
+    return Workspace(f"{_sparse(args, _bits_of_model(model))} --quiet -i {shlex.quote(path)}")
 
 
 def model_bytes(ws: Workspace) -> bytes:

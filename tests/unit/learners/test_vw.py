@@ -157,3 +157,21 @@ def test_model_import_checks_the_models_kind() -> None:
         for other in set(models) - {kind}:
             with pytest.raises(PolicyError, match=policy.algorithm(other)):
                 vw.check_model(model, kind=other)
+
+
+def test_weights_beyond_twenty_bits_are_sparse_wherever_a_model_is_loaded(tmp_path: Path) -> None:
+    """VW does not keep `--sparse_weights` in a saved model: without it every process loading a
+    `-b 22` model (the default RL policy's) would hold an array of 2^22 weights of 4 floats
+    (64 MB); every workspace made through learners.vw adds it by the model's bits."""
+    small, large = vw.workspace("--cb_adf"), vw.workspace("--cb_adf -b 22")
+    assert "--sparse_weights" not in small.get_arguments()
+    assert "--sparse_weights" in large.get_arguments()
+    for ws, sparse in ((small, False), (large, True)):
+        model = vw.model_bytes(ws)
+        path = tmp_path / "model.vw"
+        path.write_bytes(model)
+        for loaded in (vw.workspace("--json", model), vw.workspace_file("--json", str(path))):
+            assert ("--sparse_weights" in loaded.get_arguments()) is sparse
+            loaded.finish()
+        ws.finish()
+    vw.check_policy("--cb_explore_adf -b 22")  # checked sparse too
