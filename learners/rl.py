@@ -447,11 +447,11 @@ def resolve(args: str, shared: set[int], actions: set[int]) -> str:
     # feature namespace's first character) can only be named escaped, which a saved model
     # loses the same way.
     ignored = sorted(shared | actions)
-    plain = "".join(chr(n) for n in ignored if chr(n).isascii() and chr(n).isalnum())
+    plain = [n for n in ignored if chr(n).isascii() and chr(n).isalnum()]
     if plain:
-        out += ["--ignore_linear", plain]
+        out += ["--ignore_linear", "".join(map(chr, plain))]
     for n in ignored:
-        if not (chr(n).isascii() and chr(n).isalnum()):
+        if n not in plain:
             out += ["--ignore_linear", _hex(n)]
     if "--noconstant" not in out:
         out.append("--noconstant")

@@ -57,10 +57,17 @@ def _sparse(args: str, bits: int | None) -> str:
 
 
 def _bits_of_args(args: str) -> int | None:
-    words = args.replace("=", " ").split()
-    for flag in ("-b", "--bit_precision"):
-        if flag in words[:-1]:
-            value = words[words.index(flag) + 1]
+    """The bits `args` set, in any spelling VW reads (`-b 22`, `-b22`, `--bit_precision 22`,
+    `--bit_precision=22`); None if they set none."""
+    words = args.split()
+    for i, word in enumerate(words):
+        for flag in ("--bit_precision", "-b"):
+            if word == flag:
+                value = words[i + 1] if i + 1 < len(words) else ""
+            elif word.startswith(flag):
+                value = word[len(flag) :].removeprefix("=")
+            else:
+                continue
             return int(value) if value.isdigit() else None
     return None
 

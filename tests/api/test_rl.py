@@ -15,6 +15,7 @@ from learners import vw
 from learners.rl import DEFAULT_RL_EXPLORATION, TABULAR_RL_POLICY, RLTrainer, Step
 from service.client import Client, DloopError
 from service.pipeline import simulate
+from service.storage import store
 from service.storage.models import Episode, Joined, ModelCheckpoint
 from tests.support.harness import ADMIN_KEY, AUTH, Harness
 
@@ -351,7 +352,7 @@ def test_a_restarted_learner_learns_the_model_it_would_have_learned(harness: Har
     straight = RLTrainer(arguments, gamma=0.99)
     for e in ids:
         straight.learn_episode(
-            [Step(r.line, r.reward, r.learnable and r.mode != "LoggingOnly") for r in rows[e]],
+            [Step(r.line, r.reward, store.trainable(r)) for r in rows[e]],
             terminated[e],
         )
     saved = vw.workspace("--dsjson", model)

@@ -175,3 +175,8 @@ def test_weights_beyond_twenty_bits_are_sparse_wherever_a_model_is_loaded(tmp_pa
             loaded.finish()
         ws.finish()
     vw.check_policy("--cb_explore_adf -b 22")  # checked sparse too
+    # Every spelling VW reads (learners.policy.policy_options) counts.
+    for spelled in ("-b22", "--bit_precision 22", "--bit_precision=22"):
+        ws = vw.workspace(f"--cb_adf {spelled}")
+        assert "--sparse_weights" in ws.get_arguments(), spelled
+        ws.finish()
