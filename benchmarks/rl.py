@@ -157,12 +157,25 @@ class Setup:
     # back the episodes it had learned (RLTrainer.remember), as the learners do.
     restart_every: int = 0
     recall: bool = True
+    bonus: float | None = None
+    trainer_seed: int = 0  # the replay draws' seed (RLTrainer(seed=...))
 
     def trainer(self, model: bytes | None = None, examples: int = 0) -> RLTrainer:
-        knobs = {"replay": self.replay, "lam": self.lam, "memory": self.memory}
+        knobs = {
+            "replay": self.replay,
+            "lam": self.lam,
+            "memory": self.memory,
+            "bonus": self.bonus,
+        }
         given: dict[str, Any] = {k: v for k, v in knobs.items() if v is not None}
         return RLTrainer(
-            self.policy, model, examples, gamma=DISCOUNT, expected=not self.sampled, **given
+            self.policy,
+            model,
+            examples,
+            gamma=DISCOUNT,
+            expected=not self.sampled,
+            seed=self.trainer_seed,
+            **given,
         )
 
 
@@ -471,6 +484,17 @@ def main() -> None:
         help="steps of past episodes whose outcomes the learner averages (its own: 10,000)",
     )
     parser.add_argument(
+        "--bonus",
+        type=float,
+        help="optimism for rarely tried actions, reward units / tries (the learner's: 0.2)",
+    )
+    parser.add_argument(
+        "--trainer-seed",
+        type=int,
+        default=0,
+        help="the seed of the learner's replay draws (judge a change on several)",
+    )
+    parser.add_argument(
         "--sampled",
         action="store_true",
         help="sampled one-step targets (the learner averages a random outcome's: learners.rl)",
@@ -503,6 +527,8 @@ def main() -> None:
             lam=args.lam,
             memory=args.memory,
             sampled=args.sampled,
+            bonus=args.bonus,
+            trainer_seed=args.trainer_seed,
             restart_every=args.restart_every,
             recall=not args.no_recall,
         ),

@@ -13,7 +13,7 @@ from learners.vw import check_policy
 
 def test_targets_are_discounted_returns() -> None:
     """Terminated: the last target is its reward; earlier ones discount the later rewards."""
-    trainer = RLTrainer(TABULAR_RL_POLICY, gamma=0.5, lam=1.0, replay=0)
+    trainer = RLTrainer(TABULAR_RL_POLICY, gamma=0.5, lam=1.0, replay=0, bonus=0)
     line = relabel(
         orjson.dumps(
             {
@@ -130,7 +130,7 @@ def test_a_random_outcome_is_averaged_over_what_the_recent_episodes_saw() -> Non
     """Action x in state 0 paid 1 in one recent episode and 0 in two (a slippery world): its
     one-step target is their average, 1/3, whichever one the step being learned saw, where the
     sampled target would swing between 1 and 0 (FrozenLake's start-state values did)."""
-    trainer = RLTrainer(CROSSED, replay=0, window=3, memory=0)
+    trainer = RLTrainer(CROSSED, replay=0, window=3, memory=0, bonus=0)
     for reward in (1.0, 0.0, 0.0):
         trainer.learn_episode([Step(_line("0", 0, reward), reward)], terminated=True)
     assert trainer.returns([Step(_line("0", 0, 1.0), 1.0)], True) == pytest.approx([1 / 3])
@@ -154,7 +154,7 @@ def test_outcomes_are_counted_over_as_many_past_steps_as_memory_holds() -> None:
     episode takes the place of several short ones, but the window's are always counted.
     (FrozenLake's rarely reached squares near the goal need every visit the last 300 episodes
     made: learners.rl.)"""
-    trainer = RLTrainer(CROSSED, replay=0, window=2, memory=3)
+    trainer = RLTrainer(CROSSED, replay=0, window=2, memory=3, bonus=0)
     for reward in (1.0, 0.0, 0.0):
         trainer.learn_episode([Step(_line("0", 0, reward), reward)], terminated=True)
     key = (Step(_line("0", 0, 0.0), 0.0).state, 0)
@@ -180,7 +180,7 @@ def test_a_random_transition_is_averaged_over_the_states_it_led_to() -> None:
     reward): the target of 0's step bootstraps from the average of V(1) and V(2), the value of
     a state not in the episode being learned read off the model by a line the window kept; a
     deterministic step keeps the lambda return."""
-    trainer = RLTrainer(CROSSED, gamma=1.0, lam=1.0, replay=0)
+    trainer = RLTrainer(CROSSED, gamma=1.0, lam=1.0, replay=0, bonus=0)
     one = [Step(_line("0", 0, 0.0), 0.0), Step(_line("1", 0, 1.0), 1.0)]
     two = [Step(_line("0", 0, 0.0), 0.0), Step(_line("2", 0, -1.0), -1.0)]
     for _ in range(40):
@@ -191,6 +191,37 @@ def test_a_random_transition_is_averaged_over_the_states_it_led_to() -> None:
     first, last = trainer.returns(one, terminated=True)
     assert last == pytest.approx(1.0)  # one outcome: the sampled return
     assert first == pytest.approx((v1 + v2) / 2)
+    trainer.close()
+
+
+def test_an_action_rarely_tried_in_a_random_state_is_valued_optimistically() -> None:
+    """In a state where an action led to more than one outcome (x in state 0: paid 1 once and
+    0 twice), a step's target gains `bonus` / n, n the times the counted episodes tried its
+    action there: x a third of the bonus, y, tried once, all of it. Nothing in a state whose
+    actions each had one outcome (state 1, tried twice; state 9, seen once): a deterministic
+    step is known once tried. FrozenLake's rarely reached squares next to the goal need it;
+    CliffWalking and Taxi went round in loops with it (learners.rl)."""
+    trainer = RLTrainer(CROSSED, replay=0, bonus=0.2)
+    for state, chosen, reward in (
+        *(("0", 0, r) for r in (1.0, 0.0, 0.0)),
+        ("0", 1, 0.5),
+        ("1", 0, 0.5),
+        ("1", 0, 0.5),
+        ("9", 0, 0.5),
+    ):
+        trainer.learn_episode([Step(_line(state, chosen, reward), reward)], terminated=True)
+    for state, chosen, want in (
+        ("0", 0, 1 / 3 + 0.2 / 3),
+        ("0", 1, 0.5 + 0.2),
+        ("1", 0, 0.5),
+        ("9", 0, 0.5),
+    ):
+        target = trainer.returns([Step(_line(state, chosen, 0.5), 0.5)], True)
+        assert target == pytest.approx([want]), (state, chosen)
+    # State 0 turns deterministic again once x's other outcomes leave the counts.
+    trainer.outcomes.remove([Step(_line("0", 0, 1.0), 1.0)], True)
+    assert trainer.outcomes.random == {}
+    assert trainer.returns([Step(_line("0", 1, 0.5), 0.5)], True) == pytest.approx([0.5])
     trainer.close()
 
 
