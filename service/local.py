@@ -107,7 +107,8 @@ class LocalRanker:
         self._owns = http is None
         # Batches go out over a plain keep-alive connection where that is all it takes (Poster).
         self._poster = Poster.for_url(url, timeout) if http is None else None
-        # The long poll has a connection of its own, closed by `close` to end a poll at once.
+        # The long poll has a connection of its own, closed by `close`; a poll already in
+        # flight is not aborted by that (httpx cannot), FOLLOW_WAIT bounds it.
         self._poll = http if http is not None else httpx.Client(base_url=url, timeout=timeout)
         self._headers = {"Ocp-Apim-Subscription-Key": key}
         prefix = f"/loops/{loop}" if loop else ""
@@ -452,7 +453,7 @@ class LocalRanker:
         with contextlib.suppress(*self._away):
             self.flush()
         if self._owns:
-            self._poll.close()  # ends a long poll in flight
+            self._poll.close()  # no new poll; one in flight ends within FOLLOW_WAIT
         for thread in self._threads:
             thread.join(timeout=1)
         if self._owns:
