@@ -243,8 +243,8 @@ class Outcomes:
                 del self.lines[step.state]
 
 
-# Optimism for a rarely tried action in a state seen before (RLTrainer._bonus): its target
-# gains BONUS / n, n its tries, in the loop's reward units.
+# Optimism for a rarely tried action in a state where an action led to more than one outcome
+# (RLTrainer._bonus): its target gains BONUS / n, n its tries there, in the loop's reward units.
 BONUS = 0.2
 
 # The replay window (episodes) and how many steps of earlier episodes the outcome counts keep.
