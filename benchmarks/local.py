@@ -64,6 +64,14 @@ def interruptions(seconds: float = 1.0, gap_ns: int = 20_000) -> tuple[float, fl
     return len(gaps) / seconds, (statistics.median(gaps) / 1000 if gaps else 0.0)
 
 
+def settled(server: Server, timeout: float = 300) -> None:
+    """Wait until the server has taken in every record it was sent (its learner idle again)."""
+    deadline = time.time() + timeout
+    while httpx.get(f"{server.base}/readyz").json()["logBacklogBytes"]:
+        assert time.time() < deadline, "the learner did not catch up"
+        time.sleep(0.2)
+
+
 def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
     model = httpx.get(f"{server.base}/personalizer/v1.0/model", headers=HEADERS).content
     predict = raw_vw(model)
@@ -77,6 +85,12 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
         measured: dict[str, list[tuple[float, float]]] = {"vw": [], "local": [], "http": []}
         idle: list[tuple[float, float]] = []
         for _ in range(rounds):
+            # Each round starts as an application's ranker runs: its records shipped (every
+            # ship_every seconds; here between rounds, so the shipping thread's share of the
+            # interpreter is not in the latencies) and the server idle again (on the same two
+            # cores, its learner would otherwise compete with the ranks measured).
+            ranker.flush()
+            settled(server)
             idle.append(interruptions())
             measured["vw"].append(percentiles(timed(predict, n)))
             measured["local"].append(percentiles(timed(lambda: ranker.rank(BODY), n)))
@@ -285,10 +299,7 @@ def run(port: int, *, n: int, rounds: int, decisions: int, samples: int) -> list
         rows += shipping(server, decisions)
         # The shipped decisions are ingested first: freshness is measured on a learner
         # that has caught up.
-        deadline = time.time() + 300
-        while httpx.get(f"{server.base}/readyz").json()["logBacklogBytes"]:
-            assert time.time() < deadline, "the learner did not catch up"
-            time.sleep(0.5)
+        settled(server)
         rows += freshness(server, samples)
     finally:
         server.stop()

@@ -328,7 +328,12 @@ def with_actions(context: Features, multi: bytes) -> bytes:
     """The `c` object of `context` and its actions' `actions_json`: what orjson writes for
     {"FromUrl": context, "_multi": [...]} (compact, keys in order), for actions encoded once
     and ranked often."""
-    return b'{"FromUrl":' + orjson.dumps(context) + b',"_multi":' + multi + b"}"
+    return with_json(orjson.dumps(context), multi)
+
+
+def with_json(context: bytes, multi: bytes) -> bytes:
+    """with_actions of a context already encoded (its JSON)."""
+    return b'{"FromUrl":' + context + b',"_multi":' + multi + b"}"
 
 
 def cb_line(

@@ -85,6 +85,89 @@ def _count(batch: bytes) -> int:
 FOLLOW_WAIT = 5.0
 
 
+class Pending:
+    """Records not shipped yet, newline-separated in batches of at most `batch_bytes` (a record
+    longer than that is a batch of its own), oldest first; at most `max_bytes` of them (beyond,
+    the oldest batches are dropped and counted in `dropped`). The batches' buffers are reused
+    once shipped: a record kept in fresh memory costs a rank about 3 us more (1.6 KB of pages
+    the allocator had given back to the system, faulted in again), and a batch is written
+    ready to send, never joined. Not thread-safe: LocalRanker holds a lock around it."""
+
+    def __init__(self, batch_bytes: int, max_bytes: int) -> None:
+        self.batch_bytes = batch_bytes
+        self.max_bytes = max_bytes
+        # Buffers kept for reuse: as many as the most records ever pending took (at most
+        # max_bytes' worth), so a steady load allocates nothing.
+        self.spare = max(1, max_bytes // batch_bytes)
+        self._sealed: deque[tuple[bytearray, int, int]] = deque()  # (buffer, bytes, records)
+        self._spare: list[bytearray] = []
+        self._buf = bytearray(batch_bytes)
+        self._used = 0
+        self._count = 0
+        self._sending: tuple[bytearray, int, int] | None = None
+        self.records = 0
+        self.bytes = 0
+        self.dropped = 0
+
+    def add(self, raw: bytes) -> None:
+        n = len(raw) + 1
+        if self._used + n > len(self._buf):
+            self._seal()
+            if n > len(self._buf):
+                self._buf = bytearray(n)
+        at = self._used
+        self._buf[at : at + n - 1] = raw
+        self._buf[at + n - 1] = 10  # b"\n"
+        self._used = at + n
+        self._count += 1
+        self.records += 1
+        self.bytes += n
+        while self.bytes > self.max_bytes and self._sealed:
+            buf, size, count = self._sealed.popleft()
+            self._forget(size, count)
+            self.dropped += count
+            self._recycle(buf)
+
+    def _seal(self) -> None:
+        if self._count:
+            self._sealed.append((self._buf, self._used, self._count))
+            self._buf = self._spare.pop() if self._spare else bytearray(self.batch_bytes)
+            self._used = self._count = 0
+
+    def _forget(self, size: int, count: int) -> None:
+        self.records -= count
+        self.bytes -= size
+
+    def _recycle(self, buf: bytearray) -> None:
+        if len(buf) == self.batch_bytes and len(self._spare) < self.spare:
+            self._spare.append(buf)
+
+    def take(self) -> tuple[memoryview, int] | None:
+        """The oldest batch (its bytes, without the last newline, and its record count), now
+        being sent: `done` when it was, `untake` when it was not; None if nothing is pending."""
+        assert self._sending is None, "a batch is already being sent"
+        if not self._sealed:
+            self._seal()
+        if not self._sealed:
+            return None
+        self._sending = self._sealed.popleft()
+        buf, size, count = self._sending
+        return memoryview(buf)[: size - 1], count
+
+    def done(self) -> None:
+        assert self._sending is not None
+        buf, size, count = self._sending
+        self._sending = None
+        self._forget(size, count)
+        self._recycle(buf)
+
+    def untake(self) -> None:
+        """The batch `take` gave was not sent: it is the oldest again."""
+        assert self._sending is not None
+        self._sealed.appendleft(self._sending)
+        self._sending = None
+
+
 class LocalRanker:
     def __init__(
         self,
@@ -138,11 +221,10 @@ class LocalRanker:
         # and per-thread workspaces never wait on each other (benchmarks/local.py weighs them
         # against one behind a lock: as fast with one or two threads, faster with four).
         self._hosts = threading.local()
-        self._pending: deque[bytes] = deque()
-        self._pending_bytes = 0
+        self._pending = Pending(batch_bytes, max_pending)
         self._pending_lock = threading.Lock()
         self._ship_lock = threading.Lock()
-        self.dropped = 0  # records dropped because the buffer was full
+        self._dropped_files = 0  # records dropped because the buffer directory was full
         self.shipped = 0
         self.served: ModelRef = NO_MODEL
         self.exposure: ExposureCaps | None = None
@@ -283,8 +365,8 @@ class LocalRanker:
     def rank_multi_slot(self, body: Any) -> dict[str, Any]:
         """What `POST .../multislot/rank` answers for `body` (ApiError for what it refuses)."""
         s = self.serving
-        predict, _, fill = self._on_host(s)
-        ranked = ranks.rank_slots(s, body, predict=predict, fill=fill, **self._common(self.clock()))
+        _, _, fill = self._on_host(s)
+        ranked = ranks.rank_slots(s, body, fill=fill, **self._common(self.clock()))
         for line in ranked.records():
             self._queue(line)
         return ranked.document()
@@ -337,17 +419,18 @@ class LocalRanker:
 
     def _queue(self, raw: bytes) -> None:
         with self._pending_lock:
-            self._pending.append(raw)
-            self._pending_bytes += len(raw)
-            while self._pending_bytes > self.max_pending and self._pending:
-                self._pending_bytes -= len(self._pending.popleft())
-                self.dropped += 1
+            self._pending.add(raw)
 
     @property
     def pending(self) -> int:
         """Records not shipped yet: in memory, and in the buffer directory."""
         on_disk = sum(_count(p.read_bytes()) for p in self._buffered if p.exists())
-        return len(self._pending) + on_disk
+        return self._pending.records + on_disk
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped: beyond max_pending bytes in memory, or max_buffer on disk."""
+        return self._pending.dropped + self._dropped_files
 
     def flush(self) -> int:
         """Ship every pending record, in order (the buffer directory's first), in batches;
@@ -360,44 +443,41 @@ class LocalRanker:
                 while self._buffered:
                     path = self._buffered[0]
                     batch = path.read_bytes()
-                    records = batch.split(b"\n")
-                    self._send(records)
+                    self._send(batch)
                     path.unlink()
                     self._buffered.pop(0)
-                    shipped += len(records)
-                    self.shipped += len(records)
+                    shipped += _count(batch)
+                    self.shipped += _count(batch)
                 while True:
                     with self._pending_lock:
-                        records = self._take()
-                    if not records:
+                        taken = self._pending.take()
+                    if taken is None:
                         return shipped
-                    self._send(records)
+                    view, count = taken
+                    try:
+                        self._send(view)
+                    except BaseException:
+                        with self._pending_lock:
+                            self._pending.untake()
+                        raise
+                    finally:
+                        view.release()
                     with self._pending_lock:
-                        for _ in records:
-                            self._pending_bytes -= len(self._pending.popleft())
-                    shipped += len(records)
-                    self.shipped += len(records)
+                        self._pending.done()
+                    shipped += count
+                    self.shipped += count
             except self._away:
                 self._spill()
                 raise
 
-    def _take(self) -> list[bytes]:
-        """The next batch of pending records (at most batch_bytes), left pending."""
-        batch: list[bytes] = []
-        size = 0
-        for raw in self._pending:
-            if batch and size + len(raw) + 1 > self.batch_bytes:
-                break
-            batch.append(raw)
-            size += len(raw) + 1
-        return batch
-
-    def _send(self, records: list[bytes]) -> None:
-        """Ship one batch: to the server, or (given `kafka`) to the events topic, keyed as the
-        server's publisher keys them, returning once the broker acknowledged every record."""
+    def _send(self, batch: bytes | memoryview) -> None:
+        """Ship one batch (records separated by newlines): to the server, or (given `kafka`) to
+        the events topic, keyed as the server's publisher keys them, returning once the broker
+        acknowledged every record."""
         if self._kafka_config is None:
-            self._post(b"\n".join(records))
+            self._post(batch)
             return
+        records = bytes(batch).split(b"\n")
         if self._producer is None:
             from kafka import KafkaProducer
 
@@ -406,13 +486,13 @@ class LocalRanker:
         keyed = [(record.partition_key(raw), raw) for raw in records]
         send_all(self._producer, self._kafka_config["topic"], keyed, timeout=30)
 
-    def _post(self, batch: bytes) -> None:
+    def _post(self, batch: bytes | memoryview) -> None:
         path = f"{self._base}/local/records"
         headers = {**self._headers, "Content-Type": "application/x-ndjson"}
         if self._poster is not None:
             status, body = self._poster.post(path, batch, headers)
         else:
-            r = self._http.post(path, content=batch, headers=headers)
+            r = self._http.post(path, content=bytes(batch), headers=headers)
             status, body = r.status_code, r.content
         if status != 202:
             raise ApiError(status, *_error_of(status, body))
@@ -424,22 +504,27 @@ class LocalRanker:
         """Move the records in memory to the buffer directory (one file per batch, written
         whole before it counts), dropping the oldest files beyond max_buffer bytes."""
         with self._pending_lock:
-            while self._pending:
-                records = self._take()
+            while (taken := self._pending.take()) is not None:
+                view, _ = taken
                 path = self._buffer / f"{self._next_file:012d}.ndjson"
                 self._next_file += 1
                 part = path.with_suffix(".part")
-                part.write_bytes(b"\n".join(records))
+                try:
+                    part.write_bytes(view)
+                except BaseException:
+                    self._pending.untake()
+                    raise
+                finally:
+                    view.release()
                 part.replace(path)
                 self._buffered.append(path)
-                for _ in records:
-                    self._pending_bytes -= len(self._pending.popleft())
+                self._pending.done()
         sizes = [p.stat().st_size for p in self._buffered]
         total = sum(sizes)
         while total > self.max_buffer and len(self._buffered) > 1:
             oldest = self._buffered.pop(0)
             total -= sizes.pop(0)
-            self.dropped += _count(oldest.read_bytes())
+            self._dropped_files += _count(oldest.read_bytes())
             oldest.unlink()
 
     def _ship_loop(self, every: float) -> None:
@@ -521,7 +606,9 @@ class Poster:
             )
         return conn
 
-    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    def post(
+        self, path: str, body: bytes | memoryview, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
         try:
             conn = self._connection()
             conn.request("POST", self._prefix + path, body=body, headers=headers)

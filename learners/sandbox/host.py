@@ -17,7 +17,7 @@ from learners import vw
 from learners.base import EpisodeTrainer, LineTrainer
 from learners.cb import CBTrainer
 from learners.ccb import CCBRanker
-from learners.features import context_json
+from learners.features import context_json, with_json
 from learners.importance import explain
 from learners.rl import RLTrainer, Step, epsilon_greedy
 from learners.sampling import restrict
@@ -37,7 +37,7 @@ class Host:
     def __init__(self, cache_models: int = 64, ops: Mapping[str, Op] | None = None) -> None:
         self.cache_models = cache_models
         self.ops = dict(ops or {})
-        self.rankers: OrderedDict[str, tuple[str, Workspace]] = OrderedDict()
+        self.rankers: OrderedDict[str, tuple[str, vw.Scorer]] = OrderedDict()
         self.parsers: dict[str, Workspace] = {}
         self.trainers: dict[str, LineTrainer | EpisodeTrainer] = {}
 
@@ -54,7 +54,7 @@ class Host:
 
     # ---- serving ----
 
-    def _ranker(self, header: dict[str, Any]) -> Workspace | None:
+    def _ranker(self, header: dict[str, Any]) -> vw.Scorer | None:
         """The loop's model (loaded from its file once, then kept: least recently used first
         out), or None if the loop has none yet."""
         loop: str = header["loop"]
@@ -65,15 +65,15 @@ class Host:
         if cached is not None and cached[0] == model_id:
             self.rankers.move_to_end(loop)
             return cached[1]
-        ws = vw.workspace_file("--json", path)
+        scorer = vw.Scorer(vw.workspace_file("--json", path))
         if cached is not None:
             cached[1].finish()
-        self.rankers[loop] = (model_id, ws)
+        self.rankers[loop] = (model_id, scorer)
         self.rankers.move_to_end(loop)
         while len(self.rankers) > self.cache_models:
             _, (_, old) = self.rankers.popitem(last=False)
             old.finish()
-        return ws
+        return scorer
 
     def _parser(self, kind: str) -> Workspace:
         ws = self.parsers.get(kind)
@@ -84,11 +84,20 @@ class Host:
     def scores(self, header: dict[str, Any], text: str) -> list[float]:
         """The scores of the model `header` names (its `loop`, `kind`, `model`) for one
         example; [] without a model, after parsing `text` all the same."""
-        ws = self._ranker(header)
-        if ws is None:
+        scorer = self._ranker(header)
+        if scorer is None:
             vw.parse_only(self._parser(header["kind"]), text)
             return []
-        return vw.predict_scores(ws, text)
+        return vw.predict_scores(scorer.ws, text)
+
+    def scores_of(self, header: dict[str, Any], features: bytes, multi: bytes) -> list[float]:
+        """`scores` of the example of the context `features` and actions `multi` (their JSON),
+        with the model's parsed actions kept for the next rank of the same list (vw.Scorer)."""
+        scorer = self._ranker(header)
+        if scorer is None:
+            vw.parse_only(self._parser(header["kind"]), with_json(features, multi).decode())
+            return []
+        return scorer.scores(features, multi)
 
     def op_predict(self, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes]:
         return self.scores(header, blob.decode()), b""
@@ -98,11 +107,11 @@ class Host:
     ) -> list[tuple[int, list[int], list[float]]]:
         """learners.ccb.CCBRanker.rank of the multi-slot context `blob` (its JSON) with the
         model `header` names (uniform per slot without one, after parsing all the same)."""
-        ws = self._ranker(header)
+        scorer = self._ranker(header)
         c = orjson.loads(blob)
-        if ws is None:
+        if scorer is None:
             vw.parse_only(self._parser("ccb"), blob.decode())
-        return CCBRanker.loaded(ws).rank(c, allowed, seed)
+        return CCBRanker.loaded(None if scorer is None else scorer.ws).rank(c, allowed, seed)
 
     def explanation(
         self,
@@ -116,9 +125,10 @@ class Host:
     ) -> list[dict[str, Any]]:
         """Per action, the context features that moved its probability most under the model
         `header` names (learners.importance); no features without a model."""
-        ws = self._ranker(header)
-        if ws is None:
+        scorer = self._ranker(header)
+        if scorer is None:
             return [{"id": a, "features": []} for a in ids]
+        ws = scorer.ws
         rl = header["kind"] == "rl"
 
         def predict(context: list[dict[str, Any]]) -> list[float]:

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from learners.constraints import cap, limit_exploration, limits_of
-from learners.features import FeatureError, context_json
+from learners.features import FeatureError, actions_json
 from learners.holdout import holdout_pmf, holdout_slots, in_holdout
 from learners.rl import epsilon_greedy
 from learners.sampling import restrict, sample
@@ -88,17 +88,14 @@ def code_tiles(tiles: TileCoding | None, req: dict[str, Any]) -> None:
             raise rank_error(str(exc)) from None
 
 
-def scored_context(req: dict[str, Any], context: bytes, *, has_model: bool) -> bytes:
-    """What VW scores: the request's context; with a model and excluded actions, only the
-    eligible ones (an excluded action's features never reach the model)."""
+def scored_actions(req: dict[str, Any], multi: bytes, *, has_model: bool) -> bytes:
+    """The actions VW scores (their JSON, `multi` for all of them): with a model and excluded
+    actions, only the eligible ones (an excluded action's features never reach the model)."""
     eligible: list[bool] = req["eligible"]
     if not has_model or all(eligible):
-        return context
+        return multi
     ids, features = req["ids"], req["features"]
-    return context_json(
-        req["context"],
-        [(a, f) for a, f, ok in zip(ids, features, eligible, strict=True) if ok],
-    )
+    return actions_json([(a, f) for a, f, ok in zip(ids, features, eligible, strict=True) if ok])
 
 
 def policy_pmf(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from learners.ccb import ccb_context
-from learners.features import FeatureLimits, actions_json, with_actions
+from learners.features import FeatureLimits, actions_json, with_json
 from learners.sandbox import NO_MODEL, ModelRef
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
@@ -38,9 +38,10 @@ from service.core.requests import (
 if TYPE_CHECKING:
     from learners.sandbox.host import Host
 
-# The model's scores for one example (parsing it only without a model), and per action the
+# The model's scores for the example of a context and actions (their JSON: the context's features
+# and learners.features.actions_json; parsing it only without a model), and per action the
 # context features that moved its probability most.
-Predict = Callable[[ModelRef, bytes], list[float]]
+Predict = Callable[[ModelRef, bytes, bytes], list[float]]
 Explain = Callable[[ModelRef, dict[str, Any]], list[dict[str, Any]]]
 # A multi-slot page filled by the model (learners.ccb.CCBRanker.rank): the context's JSON, each
 # slot's allowed actions and the draw's seed in; per slot the chosen action, its order of
@@ -59,6 +60,7 @@ class Ranked:
     ids: list[str]
     pmf: list[float]
     ends_episode: bool  # an RL loop's rank without episodeId is an episode of one step
+    c_literal: bytes | None = None  # the decision's `c` as its record writes it
 
     @property
     def chosen(self) -> str:
@@ -71,7 +73,7 @@ class Ranked:
     def records(self) -> list[bytes]:
         """What the log gets: the decision (and the end of its one-step episode)."""
         d = self.decision
-        out = [record.encode(d)]
+        out = [record.encode(d, c_literal=self.c_literal)]
         if self.ends_episode:
             out.append(record.encode(record.EpisodeEnd(d.loop, d.id, d.t, term=True)))
         return out
@@ -104,14 +106,14 @@ def rank(
     ids: list[str] = req["ids"]
     # The actions' JSON as the checks remembered it, else encoded now.
     multi: bytes = req["multi"] or actions_json(list(zip(ids, req["features"], strict=True)))
-    context = with_actions(req["context"], multi)
+    features = orjson.dumps(req["context"])
     held = ranking.held_out(s, req, episode)
     if s.mode == "LoggingOnly":
-        predict(NO_MODEL, context)  # only parses: what VW cannot read is never logged
+        predict(NO_MODEL, features, multi)  # only parses: what VW cannot read is never logged
         order, pmf = ranking.logging_only(req["eligible"])
     else:
         has_model = served.path is not None
-        scores = predict(served, ranking.scored_context(req, context, has_model=has_model))
+        scores = predict(served, features, ranking.scored_actions(req, multi, has_model=has_model))
         pmf = ranking.policy_pmf(s, req, scores, has_model=has_model)
         order, pmf = ranking.decide(s, req, pmf, held=held, over=over)
     explanation = None
@@ -124,7 +126,7 @@ def rank(
         t=now,
         deferred=req["defer"],
         mode=s.mode,
-        c=context.decode(),
+        c=with_json(features, multi).decode(),
         a=order,
         p=[pmf[i] for i in order],
         b=req["eligible"].index(True),
@@ -135,7 +137,13 @@ def rank(
         h=s.holdout_share,
         ho=held,
     )
-    return Ranked(decision, ids, pmf, ends_episode=s.episodic and episode is None)
+    return Ranked(
+        decision,
+        ids,
+        pmf,
+        ends_episode=s.episodic and episode is None,
+        c_literal=record.context_literal(features, multi),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +166,6 @@ def rank_slots(
     max_actions: int,
     limits: FeatureLimits,
     served: ModelRef,
-    predict: Predict,
     fill: Fill,
     now: float,
 ) -> RankedSlots:
@@ -183,11 +190,11 @@ def rank_slots(
     )
     text = orjson.dumps(c)
     seed = f"{s.loop}/{req['event_id']}"
+    allowed = [slot["allowed"] for slot in slots]
     if s.mode == "LoggingOnly":
-        predict(NO_MODEL, text)  # only parses
+        fill(NO_MODEL, text, allowed, seed)  # only parses
         decided = ranking.logging_only_slots(slots)
     else:
-        allowed = [slot["allowed"] for slot in slots]
         decided = ranking.check_slots(fill(served, text, allowed, seed))
     held = ranking.held_out(s, req, None)
     if held:
@@ -248,9 +255,9 @@ def on_host(host: Host, s: ranking.Serving) -> tuple[Predict, Explain, Fill]:
         header: dict[str, Any] = last[1]
         return header
 
-    def predict(model: ModelRef, text: bytes) -> list[float]:
+    def predict(model: ModelRef, features: bytes, multi: bytes) -> list[float]:
         try:
-            return host.scores(named(model), text.decode())
+            return host.scores_of(named(model), features, multi)
         except Exception as exc:
             raise unreadable(exc) from None
 
@@ -290,7 +297,6 @@ def rank_op(host: Host, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes
         "max_actions": int(header["max"]),
         "limits": FeatureLimits(*header["lim"]),
         "served": ModelRef(*header["model"]),
-        "predict": predict,
         "now": float(header["now"]),
     }
     try:
@@ -300,7 +306,7 @@ def rank_op(host: Host, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes
             ranked = rank_slots(s, body, fill=fill, **common)
             what, repeat = "actions or slots", body.get("slots")
         else:
-            ranked = rank(s, body, explain=explain, over=header["over"], **common)
+            ranked = rank(s, body, predict=predict, explain=explain, over=header["over"], **common)
             what, repeat = "actions", body.get("excludedActions")
     except ApiError as exc:
         return {"refused": (exc.status, exc.code, exc.message)}, b""

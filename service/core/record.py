@@ -29,6 +29,7 @@ A record the joiner cannot read (`decode` raises RecordError) goes to the dead l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -120,8 +121,26 @@ class EpisodeEnd:
 Record = Decision | SlotsDecision | Observation | EpisodeEnd
 
 
-def encode(record: Record) -> bytes:
-    """The record as the log stores it (optional fields only when set)."""
+def context_literal(features: bytes, multi: bytes) -> bytes:
+    """A decision's `c` as its record writes it (a JSON string), for the context of the JSON
+    `features` and actions `multi` (learners.features.with_json): orjson.dumps of that text,
+    with the actions' part escaped once per list (an app ranks the same list again and again;
+    escaping is per character, so the parts' escapes joined are the whole's)."""
+    return b'"{\\"FromUrl\\":' + _escaped(features) + _escaped_actions(multi) + b'"'
+
+
+def _escaped(text: bytes) -> bytes:
+    return orjson.dumps(text.decode())[1:-1]
+
+
+@lru_cache(maxsize=256)
+def _escaped_actions(multi: bytes) -> bytes:
+    return _escaped(b',"_multi":' + multi + b"}")
+
+
+def encode(record: Record, *, c_literal: bytes | None = None) -> bytes:
+    """The record as the log stores it (optional fields only when set). `c_literal`: a
+    decision's `c` already written (context_literal)."""
     if isinstance(record, Decision):
         doc: dict[str, Any] = {
             "k": DECISION,
@@ -134,7 +153,7 @@ def encode(record: Record) -> bytes:
             "p": record.p,
             "b": record.b,
             "m": record.m,
-            "c": record.c,
+            "c": record.c if c_literal is None else orjson.Fragment(c_literal),
         }
         if record.ep is not None:
             doc["ep"] = record.ep

@@ -14,6 +14,7 @@ import pytest
 from learners import policy, vw
 from learners.cb import CBTrainer
 from learners.ccb import ccb_context
+from learners.features import actions_json, context_json, with_json
 
 ACTIONS = [{"id": f"a{i}", "features": [{"kind": {"k": f"k{i}"}}]} for i in range(4)]
 
@@ -180,3 +181,83 @@ def test_weights_beyond_twenty_bits_are_sparse_wherever_a_model_is_loaded(tmp_pa
         ws = vw.workspace(f"--cb_adf {spelled}")
         assert "--sparse_weights" in ws.get_arguments(), spelled
         ws.finish()
+
+
+# Every exploration algorithm a policy may hold, with interactions, on the cb loops' reduction,
+# and an RL loop's.
+SCORED = [
+    "--cb_explore_adf --epsilon 0.2 -q ::",
+    "--cb_explore_adf --squarecb -q :: --cubic :::",
+    "--cb_explore_adf --bag 3",
+    "--cb_explore_adf --cover 3",
+    "--cb_explore_adf --softmax --lambda 5",
+    "--cb_explore_adf --regcb",
+    "--cb_explore_adf --rnd 2",
+    "--cb_explore_adf --synthcover",
+    "--cb_explore_adf --first 2",
+    "--cb_explore_adf --elim",
+    "--cb_explore_adf --cb_type dr --normalized --adaptive --ignore_linear F",
+    "--cb_adf -q :: --sparse_weights -b 22",
+]
+
+
+@pytest.mark.parametrize("args", SCORED)
+def test_a_scorer_s_kept_action_examples_score_as_a_whole_parse_does(args: str) -> None:
+    """vw.Scorer parses the context alone and predicts it with the action examples it kept: the
+    same scores, bit for bit, as parsing the whole example, on every ranked list, however
+    often (a prediction leaves the kept examples as it found them), with or without context."""
+    import random
+
+    rng = random.Random(7)
+
+    def context() -> list[dict[str, object]]:
+        if rng.random() < 0.15:
+            return []
+        return [{"u": {"c": rng.choice("abc"), "n": rng.randint(0, 9)}, "t": rng.choice("xy")}]
+
+    def actions() -> list[tuple[str, object]]:
+        return [
+            (f"a{i}", [{"k": f"k{i % 3}", "len": i + 1}])
+            for i in rng.sample(range(12), rng.randint(1, 6))
+        ]
+
+    trainer = CBTrainer(f"{args} --random_seed 3")
+    for _ in range(200):
+        c, a = context(), actions()
+        chosen = rng.randrange(len(a))
+        line = {
+            "_label_cost": -rng.random(),
+            "_label_probability": 0.5,
+            "_label_Action": chosen + 1,
+            "_labelIndex": chosen,
+            "a": [chosen + 1],
+            "p": [0.5] * len(a),
+            "c": orjson.loads(context_json(c, a)),
+        }
+        trainer.learn_text(orjson.dumps(line).decode())
+    model = trainer.to_bytes()
+    trainer.close()
+    whole = vw.workspace("--json", model)
+    scorer = vw.Scorer(vw.workspace("--json", model), lists=3)  # evicts: 5 lists below
+    lists = [actions_json(actions()) for _ in range(5)]
+    for _ in range(400):
+        features, multi = orjson.dumps(context()), rng.choice(lists)
+        expected = vw.predict_scores(whole, with_json(features, multi).decode())
+        assert scorer.scores(features, multi) == expected
+    assert len(scorer._actions) == 3
+    scorer.finish()
+    whole.finish()
+
+
+def test_a_scorer_refuses_what_vw_cannot_parse_and_keeps_nothing_of_it() -> None:
+    scorer = vw.Scorer(vw.workspace("--json", trained_bytes("--cb_explore_adf --epsilon 0.2")))
+    good = actions_json([("a", [{"k": "x"}]), ("b", [{"k": "y"}])])
+    bad = b'[{"k":["a","b"]}]'  # a string array: VW's JSON parser raises
+    with pytest.raises(RuntimeError):
+        scorer.scores(b'[{"u":{"f":"x"}}]', bad)
+    with pytest.raises(RuntimeError):
+        scorer.scores(b'[{"u":["a","b"]}]', good)
+    assert list(scorer._actions) == []
+    assert len(scorer.scores(b'[{"u":{"f":"x"}}]', good)) == 2
+    assert list(scorer._actions) == [good]
+    scorer.finish()
