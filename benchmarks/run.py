@@ -575,8 +575,8 @@ def main() -> None:
             "against dloop up",
             local.run(
                 18000 + os.getpid() % 1000 + 3,
-                n=5000,
-                rounds=3,
+                n=20000,
+                rounds=5,
                 decisions=args.ship_decisions,
                 samples=40,
             ),

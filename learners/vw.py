@@ -177,20 +177,62 @@ def predict_scores(ws: Workspace, text: str) -> list[float]:
         pylibvw.vw._finish_example_multi_ex(ws, examples)
 
 
-class Scorer:
-    """A served model's workspace that keeps the parsed examples of the action lists it scores,
-    by their JSON: an application ranks the same catalogue again and again with the context
-    changing, and VW's parse is two thirds of a 10-action parse+predict (7 of 11 us). A rank
-    then parses its context alone (a shared example, `{"FromUrl": ..., "_multi": []}`) and
-    predicts it with the kept action examples: the same scores as parsing the whole example
-    (predicting leaves an example as it found it; tested on every exploration algorithm a
-    policy may hold). Like its workspace, not thread-safe."""
+class KeptActions:
+    """The parsed action examples that the scorers (Scorer) of one thread or process keep, by
+    model and action list, at most `examples` of them, the least recently used given back
+    first. A kept example costs about 20 KB (VW's example holds a feature group for each of
+    its 256 namespaces): 512 of them, the default, are about 10 MB."""
 
-    def __init__(self, ws: Workspace, lists: int = 64, max_bytes: int = 16 * 1024) -> None:
+    def __init__(self, examples: int = 512) -> None:
+        self.examples = examples
+        self.count = 0
+        self._lru: OrderedDict[tuple[int, bytes], tuple[Scorer, list[object]]] = OrderedDict()
+
+    def get(self, scorer: Scorer, multi: bytes) -> list[object] | None:
+        key = (id(scorer), multi)
+        hit = self._lru.get(key)
+        if hit is None:
+            return None
+        self._lru.move_to_end(key)
+        return hit[1]
+
+    def keep(self, scorer: Scorer, multi: bytes, examples: list[object]) -> None:
+        """Keep `examples` (`scorer`'s, parsed from `multi`), or give them back if they alone
+        are more than the budget."""
+        if len(examples) > self.examples:
+            scorer.give_back(examples)
+            return
+        self._lru[(id(scorer), multi)] = (scorer, examples)
+        self.count += len(examples)
+        while self.count > self.examples:
+            _, (owner, old) = self._lru.popitem(last=False)
+            self.count -= len(old)
+            owner.give_back(old)
+
+    def drop(self, scorer: Scorer) -> None:
+        """Give back every example `scorer` keeps (before its workspace is finished)."""
+        for key in [key for key, (owner, _) in self._lru.items() if owner is scorer]:
+            _, old = self._lru.pop(key)
+            self.count -= len(old)
+            scorer.give_back(old)
+
+
+class Scorer:
+    """A served model's workspace that keeps the parsed examples of the action lists it scores
+    (in `kept`, shared by the scorers of one thread or process): an application ranks the same
+    catalogue again and again with the context changing, and VW's parse is two thirds of a
+    10-action parse+predict (7 of 11 us). A rank then parses its context alone (a shared
+    example, `{"FromUrl": ..., "_multi": []}`) and predicts it with the kept action examples:
+    the same scores as parsing the whole example (predicting leaves an example as it found it;
+    tested on every exploration algorithm a policy may hold). Lists of more than `max_bytes` of
+    JSON are parsed whole every time. Like its workspace, not thread-safe."""
+
+    def __init__(
+        self, ws: Workspace, kept: KeptActions | None = None, max_bytes: int = 16 * 1024
+    ) -> None:
         self.ws = ws
-        self.lists = lists
+        self.kept = kept if kept is not None else KeptActions()
         self.max_bytes = max_bytes
-        self._actions: OrderedDict[bytes, list[object]] = OrderedDict()
 
     def scores(self, features: bytes, multi: bytes) -> list[float]:
         """predict_scores of the example `{"FromUrl": features, "_multi": multi}`: `features`
@@ -198,32 +240,30 @@ class Scorer:
         if len(multi) > self.max_bytes:
             return predict_scores(self.ws, with_json(features, multi).decode())
         shared = pylibvw.vw._parse(self.ws, with_json(features, b"[]").decode())
+        fresh: list[object] | None = None
         try:
-            actions = self._parsed(multi)
+            actions = self.kept.get(self, multi)
+            if actions is None:
+                examples = pylibvw.vw._parse(self.ws, with_json(b"[]", multi).decode())
+                pylibvw.vw._finish_example_multi_ex(self.ws, examples[:1])
+                actions = fresh = list(examples[1:])
             pylibvw.vw.predict_multi(self.ws, shared + actions)
             scores: list[float] = shared[0].get_action_scores()
+            if fresh is not None:
+                self.kept.keep(self, multi, fresh)
+                fresh = None
             return scores
         finally:
             pylibvw.vw._finish_example_multi_ex(self.ws, shared)
+            if fresh is not None:
+                self.give_back(fresh)
 
-    def _parsed(self, multi: bytes) -> list[object]:
-        actions = self._actions.get(multi)
-        if actions is not None:
-            self._actions.move_to_end(multi)
-            return actions
-        examples = pylibvw.vw._parse(self.ws, with_json(b"[]", multi).decode())
-        pylibvw.vw._finish_example_multi_ex(self.ws, examples[:1])
-        actions = self._actions[multi] = list(examples[1:])
-        while len(self._actions) > self.lists:
-            _, old = self._actions.popitem(last=False)
-            pylibvw.vw._finish_example_multi_ex(self.ws, old)
-        return actions
+    def give_back(self, examples: list[object]) -> None:
+        pylibvw.vw._finish_example_multi_ex(self.ws, examples)
 
     def finish(self) -> None:
         """Give the kept examples back to VW, then finish the workspace."""
-        while self._actions:
-            _, old = self._actions.popitem()
-            pylibvw.vw._finish_example_multi_ex(self.ws, old)
+        self.kept.drop(self)
         self.ws.finish()
 
 

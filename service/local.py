@@ -16,11 +16,11 @@ and request it answers what the server would. Each decision, reward, activation 
 outcomes becomes a log record (service.core.record) shipped in batches to `POST
 .../local/records` (by `Poster`, light on the interpreter lock, on plain http; or, given
 `kafka`, straight to the events topic), joined, learned, evaluated and shown like the server's
-own; records not yet shipped wait in memory (at most `max_pending` bytes: beyond, the oldest
-are dropped and counted in `dropped`), and when the server is away they move to a buffer
-directory (`buffer_dir`, one per loop; at most `max_buffer` bytes, the oldest dropped and
-counted beyond), shipped first and in order when it is back, after a restart of the application
-too.
+own; records not yet shipped wait in memory (`Pending`, at most `max_pending` bytes: beyond,
+the oldest batches are dropped and counted in `dropped`), and when the server is away they move
+to a buffer directory (`buffer_dir`, one per loop; at most `max_buffer` bytes, the oldest
+dropped and counted beyond), shipped first and in order when it is back, after a restart of the
+application too.
 
 The model and settings are refreshed in the background: a long poll on `GET .../local/model`
 learns of a new model within a second of its publication, and the new model replaces the old
@@ -351,13 +351,18 @@ class LocalRanker:
         ranked = ranks.rank(
             s,
             body,
+            max_actions=self.max_actions,
+            limits=self.limits,
+            served=self.served,
             predict=predict,
             explain=explain,
             over=self._over(now),
-            **self._common(now),
+            now=now,
         )
-        for line in ranked.records():
-            self._queue(line)
+        records = ranked.records()
+        with self._pending_lock:
+            for line in records:
+                self._pending.add(line)
         if exposure is not None and s.mode == "Online":
             exposure.record(ranked.chosen, now)
         return ranked.document()

@@ -38,6 +38,7 @@ class Host:
         self.cache_models = cache_models
         self.ops = dict(ops or {})
         self.rankers: OrderedDict[str, tuple[str, vw.Scorer]] = OrderedDict()
+        self.kept = vw.KeptActions()  # the parsed action lists the rankers keep, in all
         self.parsers: dict[str, Workspace] = {}
         self.trainers: dict[str, LineTrainer | EpisodeTrainer] = {}
 
@@ -65,7 +66,7 @@ class Host:
         if cached is not None and cached[0] == model_id:
             self.rankers.move_to_end(loop)
             return cached[1]
-        scorer = vw.Scorer(vw.workspace_file("--json", path))
+        scorer = vw.Scorer(vw.workspace_file("--json", path), self.kept)
         if cached is not None:
             cached[1].finish()
         self.rankers[loop] = (model_id, scorer)

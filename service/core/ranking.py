@@ -108,6 +108,8 @@ def policy_pmf(
         return restrict([1.0] * len(eligible), eligible)
     if not s.explores_in_vw:
         scores = epsilon_greedy(list(scores), s.exploration)
+    if len(scores) == len(eligible):  # every action scored: none excluded
+        return restrict(scores, eligible)
     it = iter(scores)
     return restrict([next(it) if ok else 0.0 for ok in eligible], eligible)
 

@@ -126,7 +126,10 @@ def context_literal(features: bytes, multi: bytes) -> bytes:
     `features` and actions `multi` (learners.features.with_json): orjson.dumps of that text,
     with the actions' part escaped once per list (an app ranks the same list again and again;
     escaping is per character, so the parts' escapes joined are the whole's)."""
-    return b'"{\\"FromUrl\\":' + _escaped(features) + _escaped_actions(multi) + b'"'
+    return b"".join((_OPEN, _escaped(features), _escaped_actions(multi), b'"'))
+
+
+_OPEN = b'"{\\"FromUrl\\":'
 
 
 def _escaped(text: bytes) -> bytes:

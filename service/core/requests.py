@@ -115,12 +115,15 @@ def parse_rank(body: Any, max_actions: int, limits: FeatureLimits) -> dict[str, 
     ids, feats, n, multi = _parse_actions(actions, limits)
     count += n
     check_feature_count(count, limits)
-    excluded = body.get("excludedActions") or []
-    if not isinstance(excluded, list) or not all(isinstance(x, str) for x in excluded):
-        raise rank_error("excludedActions must be a list of action ids")
-    eligible = [aid not in excluded for aid in ids]
-    if not any(eligible):
-        raise rank_error("every action is excluded")
+    excluded = body.get("excludedActions")
+    if not excluded:
+        eligible = [True] * len(ids)
+    else:
+        if not isinstance(excluded, list) or not all(isinstance(x, str) for x in excluded):
+            raise rank_error("excludedActions must be a list of action ids")
+        eligible = [aid not in excluded for aid in ids]
+        if not any(eligible):
+            raise rank_error("every action is excluded")
     event_id = body.get("eventId")
     event_id = (
         new_event_id() if event_id is None else check_event_id(event_id, "InvalidRankRequest")

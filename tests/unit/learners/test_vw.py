@@ -238,14 +238,16 @@ def test_a_scorer_s_kept_action_examples_score_as_a_whole_parse_does(args: str) 
     model = trainer.to_bytes()
     trainer.close()
     whole = vw.workspace("--json", model)
-    scorer = vw.Scorer(vw.workspace("--json", model), lists=3)  # evicts: 5 lists below
+    kept = vw.KeptActions(examples=8)  # gives back: 5 lists of 1 to 6 actions below
+    scorer = vw.Scorer(vw.workspace("--json", model), kept)
     lists = [actions_json(actions()) for _ in range(5)]
     for _ in range(400):
         features, multi = orjson.dumps(context()), rng.choice(lists)
         expected = vw.predict_scores(whole, with_json(features, multi).decode())
         assert scorer.scores(features, multi) == expected
-    assert len(scorer._actions) == 3
+    assert 0 < kept.count <= 8
     scorer.finish()
+    assert kept.count == 0
     whole.finish()
 
 
@@ -257,7 +259,36 @@ def test_a_scorer_refuses_what_vw_cannot_parse_and_keeps_nothing_of_it() -> None
         scorer.scores(b'[{"u":{"f":"x"}}]', bad)
     with pytest.raises(RuntimeError):
         scorer.scores(b'[{"u":["a","b"]}]', good)
-    assert list(scorer._actions) == []
+    assert scorer.kept.count == 0
     assert len(scorer.scores(b'[{"u":{"f":"x"}}]', good)) == 2
-    assert list(scorer._actions) == [good]
+    assert scorer.kept.count == 2 and scorer.kept.get(scorer, good) is not None
     scorer.finish()
+
+
+def test_the_kept_action_examples_stay_within_one_budget_across_models() -> None:
+    """A kept example costs about 20 KB: the scorers of one thread or process share a budget
+    of examples, the least recently used list given back first; a list bigger than the budget
+    is scored without being kept; a finished scorer gives back all it kept."""
+    model = trained_bytes("--cb_explore_adf --epsilon 0.2")
+    kept = vw.KeptActions(examples=10)
+    first = vw.Scorer(vw.workspace("--json", model), kept)
+    second = vw.Scorer(vw.workspace("--json", model), kept)
+    features = b'[{"u":{"f":"x"}}]'
+
+    def actions(n: int, tag: str) -> bytes:
+        return actions_json([(f"{tag}{i}", [{"k": f"k{i}"}]) for i in range(n)])
+
+    small, other = actions(4, "a"), actions(4, "b")
+    first.scores(features, small)
+    second.scores(features, other)
+    assert kept.count == 8
+    first.scores(features, small)  # used again: the most recent
+    second.scores(features, actions(3, "c"))  # over budget: `other` is given back
+    assert kept.count == 7
+    assert kept.get(first, small) is not None and kept.get(second, other) is None
+    assert len(first.scores(features, actions(11, "d"))) == 11  # scored, not kept
+    assert kept.count == 7
+    first.finish()
+    assert kept.count == 3
+    second.finish()
+    assert kept.count == 0
