@@ -465,8 +465,7 @@ class LocalRanker:
                         with self._pending_lock:
                             self._pending.untake()
                         raise
-                    finally:
-                        view.release()
+                    del view  # its buffer is written again once done
                     with self._pending_lock:
                         self._pending.done()
                     shipped += count
@@ -519,8 +518,7 @@ class LocalRanker:
                 except BaseException:
                     self._pending.untake()
                     raise
-                finally:
-                    view.release()
+                del view
                 part.replace(path)
                 self._buffered.append(path)
                 self._pending.done()
@@ -538,9 +536,10 @@ class LocalRanker:
                 self.flush()
 
     def close(self) -> None:
-        """Ship what is pending and stop the background threads."""
+        """Ship what is pending and stop the background threads (and close the connections,
+        even when the server refuses a batch: what it refused is not shipped)."""
         self._stop.set()
-        with contextlib.suppress(*self._away):
+        with contextlib.suppress(*self._away, ApiError):
             self.flush()
         if self._owns:
             self._poll.close()  # no new poll; one in flight ends within FOLLOW_WAIT

@@ -194,7 +194,8 @@ def rank_slots(
     seed = f"{s.loop}/{req['event_id']}"
     allowed = [slot["allowed"] for slot in slots]
     if s.mode == "LoggingOnly":
-        fill(NO_MODEL, text, allowed, seed)  # only parses
+        fill(NO_MODEL, text, allowed, seed)  # parses (its uniform draw unused): what VW
+        # cannot read is never logged
         decided = ranking.logging_only_slots(slots)
     else:
         decided = ranking.check_slots(fill(served, text, allowed, seed))

@@ -384,3 +384,19 @@ def test_exposure_caps_count_every_ranker_that_ships_to_the_server(
     finally:
         for ranker in rankers:
             ranker.close()
+
+
+def test_a_batch_the_server_refuses_stays_pending_in_order(
+    harness: Harness, local: LocalRanker
+) -> None:
+    """A refused batch is neither lost nor reordered: it is the first to go again."""
+    first = local.rank(_body(1))
+    local._queue(b'{"k":"r","loop":"other","id":"e1","t":1,"u":"x","v":0.5}')
+    for attempt in range(2):
+        with pytest.raises(ApiError) as caught:
+            local.flush()
+        assert caught.value.code == "InvalidRecords", attempt
+        assert local.pending == 2
+    second = local.rank(_body(2))
+    assert local.pending == 3 and first["eventId"] != second["eventId"]
+    local.close()  # stops and closes all the same
