@@ -20,7 +20,7 @@ own; records not yet shipped wait in memory (`Pending`, at most `max_pending` by
 the oldest batches are dropped and counted in `dropped`), and when the server is away they move
 to a buffer directory (`buffer_dir`, one per loop; at most `max_buffer` bytes, the oldest
 dropped and counted beyond), shipped first and in order when it is back, after a restart of the
-application too.
+application too. Records the server refuses as such are dropped and counted (`refused`).
 
 The model and settings are refreshed in the background: a long poll on `GET .../local/model`
 learns of a new model within a second of its publication, and the new model replaces the old
@@ -226,6 +226,8 @@ class LocalRanker:
         self._ship_lock = threading.Lock()
         self._dropped_files = 0  # records dropped because the buffer directory was full
         self.shipped = 0
+        self.refused = 0  # records the server refused as such (`_ship`)
+        self.last_refusal: str | None = None  # why, for the last of them
         self.served: ModelRef = NO_MODEL
         self.exposure: ExposureCaps | None = None
         self._caps: tuple[Cap, ...] = ()
@@ -439,20 +441,23 @@ class LocalRanker:
 
     def flush(self) -> int:
         """Ship every pending record, in order (the buffer directory's first), in batches;
-        returns how many were shipped. When the server is away (a connection error or a
-        timeout: httpx.HTTPError, raised), what is in memory moves to the buffer directory;
-        a batch the server refuses stays pending (ApiError, raised)."""
+        returns how many the server took. When the server is away (a connection error or a
+        timeout: httpx.HTTPError, raised), what is in memory moves to the buffer directory; a
+        batch the server answers with another error (a key it does not know, a loop it does
+        not have, its own failure) stays pending (ApiError, raised). Records it refuses as
+        such (400 InvalidRecords: an outcome no longer configured, say) are dropped and
+        counted (`_ship`), never in the way of the others."""
         shipped = 0
         with self._ship_lock:
             try:
                 while self._buffered:
                     path = self._buffered[0]
                     batch = path.read_bytes()
-                    self._send(batch)
+                    took = self._ship(batch, _count(batch))
                     path.unlink()
                     self._buffered.pop(0)
-                    shipped += _count(batch)
-                    self.shipped += _count(batch)
+                    shipped += took
+                    self.shipped += took
                 while True:
                     with self._pending_lock:
                         taken = self._pending.take()
@@ -460,7 +465,7 @@ class LocalRanker:
                         return shipped
                     view, count = taken
                     try:
-                        self._send(view)
+                        took = self._ship(view, count)
                     except BaseException:
                         with self._pending_lock:
                             self._pending.untake()
@@ -468,11 +473,34 @@ class LocalRanker:
                     del view  # its buffer is written again once done
                     with self._pending_lock:
                         self._pending.done()
-                    shipped += count
-                    self.shipped += count
+                    shipped += took
+                    self.shipped += took
             except self._away:
                 self._spill()
                 raise
+
+    def _ship(self, batch: bytes | memoryview, count: int) -> int:
+        """Send one batch; how many of its records the server took. The server takes a batch
+        whole or not at all; when it refuses records as such (400 InvalidRecords, which no
+        retry changes), the batch is sent again in halves, in order, down to the records it
+        refuses alone: those are dropped and counted in `refused` (the last one's reason in
+        `last_refusal`), the rest are shipped. (A half sent again is never stored twice: the
+        server kept nothing of the batch it refused.)"""
+        try:
+            self._send(batch)
+            return count
+        except ApiError as exc:
+            if exc.status != 400 or exc.code != "InvalidRecords":
+                raise
+            reason = exc.message
+        records = bytes(batch).split(b"\n")
+        if len(records) == 1:
+            self.refused += 1
+            self.last_refusal = reason
+            return 0
+        half = len(records) // 2
+        first, rest = records[:half], records[half:]
+        return self._ship(b"\n".join(first), len(first)) + self._ship(b"\n".join(rest), len(rest))
 
     def _send(self, batch: bytes | memoryview) -> None:
         """Ship one batch (records separated by newlines): to the server, or (given `kafka`) to
