@@ -255,20 +255,25 @@ def test_a_scorer_refuses_what_vw_cannot_parse_and_keeps_nothing_of_it() -> None
     scorer = vw.Scorer(vw.workspace("--json", trained_bytes("--cb_explore_adf --epsilon 0.2")))
     good = actions_json([("a", [{"k": "x"}]), ("b", [{"k": "y"}])])
     bad = b'[{"k":["a","b"]}]'  # a string array: VW's JSON parser raises
-    with pytest.raises(RuntimeError):
-        scorer.scores(b'[{"u":{"f":"x"}}]', bad)
-    with pytest.raises(RuntimeError):
-        scorer.scores(b'[{"u":["a","b"]}]', good)
+    for _ in range(3):  # parsed whole, then apart: refused either way, never kept
+        with pytest.raises(RuntimeError):
+            scorer.scores(b'[{"u":{"f":"x"}}]', bad)
+        with pytest.raises(RuntimeError):
+            scorer.scores(b'[{"u":["a","b"]}]', good)
     assert scorer.kept.count == 0
     assert len(scorer.scores(b'[{"u":{"f":"x"}}]', good)) == 2
     assert scorer.kept.count == 2 and scorer.kept.get(scorer, good) is not None
+    with pytest.raises(RuntimeError):  # a bad context beside kept actions
+        scorer.scores(b'[{"u":["a","b"]}]', good)
+    assert scorer.kept.count == 2
     scorer.finish()
 
 
 def test_the_kept_action_examples_stay_within_one_budget_across_models() -> None:
     """A kept example costs about 20 KB: the scorers of one thread or process share a budget
-    of examples, the least recently used list given back first; a list bigger than the budget
-    is scored without being kept; a finished scorer gives back all it kept."""
+    of examples, the least recently used list given back first; a list is kept from its
+    second rank on (a list ranked once is parsed whole: apart costs more); a list bigger than
+    the budget is scored without being kept; a finished scorer gives back all it kept."""
     model = trained_bytes("--cb_explore_adf --epsilon 0.2")
     kept = vw.KeptActions(examples=10)
     first = vw.Scorer(vw.workspace("--json", model), kept)
@@ -280,13 +285,20 @@ def test_the_kept_action_examples_stay_within_one_budget_across_models() -> None
 
     small, other = actions(4, "a"), actions(4, "b")
     first.scores(features, small)
+    assert kept.count == 0  # ranked once: parsed whole
+    first.scores(features, small)
+    second.scores(features, other)
     second.scores(features, other)
     assert kept.count == 8
     first.scores(features, small)  # used again: the most recent
-    second.scores(features, actions(3, "c"))  # over budget: `other` is given back
+    third = actions(3, "c")
+    second.scores(features, third)
+    second.scores(features, third)  # over budget: `other` is given back
     assert kept.count == 7
     assert kept.get(first, small) is not None and kept.get(second, other) is None
-    assert len(first.scores(features, actions(11, "d"))) == 11  # scored, not kept
+    big = actions(11, "d")
+    for _ in range(3):
+        assert len(first.scores(features, big)) == 11  # scored, never kept
     assert kept.count == 7
     first.finish()
     assert kept.count == 3
