@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -333,7 +334,30 @@ def with_actions(context: Features, multi: bytes) -> bytes:
 
 def with_json(context: bytes, multi: bytes) -> bytes:
     """with_actions of a context already encoded (its JSON)."""
-    return b'{"FromUrl":' + context + b',"_multi":' + multi + b"}"
+    return _HEAD + context + b',"_multi":' + multi + b"}"
+
+
+_HEAD = b'{"FromUrl":'
+
+
+def with_json_string(context: bytes, multi: bytes) -> bytes:
+    """orjson.dumps(with_json(context, multi).decode()): the text as a JSON string (how a
+    decision's log record holds it), with the actions' part escaped once per list (an app ranks
+    the same list again and again; escaping is per character, so the parts' escapes joined are
+    the whole's)."""
+    return b"".join((_QUOTED_HEAD, _escaped(context), _escaped_tail(multi), b'"'))
+
+
+def _escaped(text: bytes) -> bytes:
+    return orjson.dumps(text.decode())[1:-1]
+
+
+_QUOTED_HEAD = b'"' + _escaped(_HEAD)
+
+
+@lru_cache(maxsize=256)
+def _escaped_tail(multi: bytes) -> bytes:
+    return _escaped(b',"_multi":' + multi + b"}")
 
 
 def cb_line(

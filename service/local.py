@@ -197,8 +197,6 @@ class LocalRanker:
         prefix = f"/loops/{loop}" if loop else ""
         self._base = f"{prefix}/personalizer/v1.0"
         self.clock = clock
-        self.batch_bytes = batch_bytes
-        self.max_pending = max_pending
         self._dir = tempfile.TemporaryDirectory(prefix="dloop-local-")
         # Records the server could not take wait here, in files of one batch each, shipped
         # first and in order when it is back (given a directory, across restarts too).
@@ -361,10 +359,7 @@ class LocalRanker:
             over=self._over(now),
             now=now,
         )
-        records = ranked.records()
-        with self._pending_lock:
-            for line in records:
-                self._pending.add(line)
+        self._queue(*ranked.records())
         if exposure is not None and s.mode == "Online":
             exposure.record(ranked.chosen, now)
         return ranked.document()
@@ -374,8 +369,7 @@ class LocalRanker:
         s = self.serving
         _, _, fill = self._on_host(s)
         ranked = ranks.rank_slots(s, body, fill=fill, **self._common(self.clock()))
-        for line in ranked.records():
-            self._queue(line)
+        self._queue(*ranked.records())
         return ranked.document()
 
     # ---- observations -------------------------------------------------------------------------
@@ -424,9 +418,10 @@ class LocalRanker:
 
     # ---- shipping -----------------------------------------------------------------------------
 
-    def _queue(self, raw: bytes) -> None:
+    def _queue(self, *records: bytes) -> None:
         with self._pending_lock:
-            self._pending.add(raw)
+            for raw in records:
+                self._pending.add(raw)
 
     @property
     def pending(self) -> int:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from learners.ccb import ccb_context
-from learners.features import FeatureLimits, actions_json, with_json
+from learners.features import FeatureLimits, actions_json, with_json, with_json_string
 from learners.sandbox import NO_MODEL, ModelRef
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
@@ -62,7 +62,7 @@ class Ranked:
     ids: list[str]
     pmf: list[float]
     ends_episode: bool  # an RL loop's rank without episodeId is an episode of one step
-    c_literal: bytes | None = None  # the decision's `c` as its record writes it
+    c_literal: bytes  # the decision's `c` as its record writes it (with_json_string)
 
     @property
     def chosen(self) -> str:
@@ -144,7 +144,7 @@ def rank(
         ids,
         pmf,
         ends_episode=s.episodic and episode is None,
-        c_literal=record.context_literal(features, multi),
+        c_literal=with_json_string(features, multi),
     )
 
 

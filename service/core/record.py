@@ -29,7 +29,6 @@ A record the joiner cannot read (`decode` raises RecordError) goes to the dead l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -121,29 +120,9 @@ class EpisodeEnd:
 Record = Decision | SlotsDecision | Observation | EpisodeEnd
 
 
-def context_literal(features: bytes, multi: bytes) -> bytes:
-    """A decision's `c` as its record writes it (a JSON string), for the context of the JSON
-    `features` and actions `multi` (learners.features.with_json): orjson.dumps of that text,
-    with the actions' part escaped once per list (an app ranks the same list again and again;
-    escaping is per character, so the parts' escapes joined are the whole's)."""
-    return b"".join((_OPEN, _escaped(features), _escaped_actions(multi), b'"'))
-
-
-_OPEN = b'"{\\"FromUrl\\":'
-
-
-def _escaped(text: bytes) -> bytes:
-    return orjson.dumps(text.decode())[1:-1]
-
-
-@lru_cache(maxsize=256)
-def _escaped_actions(multi: bytes) -> bytes:
-    return _escaped(b',"_multi":' + multi + b"}")
-
-
 def encode(record: Record, *, c_literal: bytes | None = None) -> bytes:
     """The record as the log stores it (optional fields only when set). `c_literal`: a
-    decision's `c` already written (context_literal)."""
+    decision's `c` already written as its JSON string (learners.features.with_json_string)."""
     if isinstance(record, Decision):
         doc: dict[str, Any] = {
             "k": DECISION,

@@ -17,6 +17,8 @@ from learners.features import (
     context_json,
     validate_features,
     with_actions,
+    with_json,
+    with_json_string,
 )
 
 CONTEXT = [
@@ -152,3 +154,23 @@ def test_string_arrays_do_break_vw_so_validation_matters() -> None:
     bad = context_json([{"tags": ["a", "b"]}], ACTIONS)
     with pytest.raises(Exception):  # noqa: B017  (VW raises its own error types)
         ws.parse(bad.decode())
+
+
+def test_the_context_as_a_json_string_is_orjson_s_escape_of_the_whole() -> None:
+    """with_json_string escapes the actions' part once per list and joins the parts' escapes:
+    the same bytes as escaping the whole text, whatever the features hold."""
+    contexts = [
+        [],
+        [{"u": {"f": 'quote " and back\\slash', "n": 1.5}}],
+        [{"t": "tab\tnew\nline\x01\x1f", "é": "ünïcode ✓", "emoji": "🙂"}],
+    ]
+    lists = [
+        actions_json([("a", [{"k": "x"}])]),
+        actions_json([('q"1', [{"k": "a\\b\n"}]), ("ü", [{"n": 2}])]),
+    ]
+    for context in contexts:
+        for multi in lists:
+            features = orjson.dumps(context)
+            whole = orjson.dumps(with_json(features, multi).decode())
+            assert with_json_string(features, multi) == whole
+            assert orjson.loads(whole) == with_json(features, multi).decode()
