@@ -47,9 +47,10 @@ def tansu_binary() -> str:
     return path
 
 
-def start_tansu() -> tuple[str, subprocess.Popen[bytes]]:
-    """Start an in-memory broker on a free port; raises RuntimeError if it does not come up."""
-    port = free_port()
+def start_tansu(port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start an in-memory broker on `port` (else a free one); RuntimeError if it does not come
+    up."""
+    port = port if port is not None else free_port()
     address = f"127.0.0.1:{port}"
     process = subprocess.Popen(
         [

@@ -154,8 +154,6 @@ def test_the_stream_learner_dead_letters_a_line_that_crashes_vw_and_learns_on(
     learn_to(settings, sessions, position=12, what="the learner did not get past the poison")
     with sessions() as session:
         ckpt = session.get(ModelCheckpoint, "default")
-    with sessions() as session:
-        ckpt = session.get(ModelCheckpoint, "default")
         assert ckpt is not None and ckpt.examples == 11  # every line but the poison, once
         letters = list(session.scalars(select(DeadLetter).where(DeadLetter.source == SOURCE)))
     assert [(d.loop, d.ref) for d in letters] == [("default", 7)]
