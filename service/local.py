@@ -20,7 +20,8 @@ own; records not yet shipped wait in memory (`Pending`, at most `max_pending` by
 the oldest batches are dropped and counted in `dropped`), and when the server is away they move
 to a buffer directory (`buffer_dir`, one per loop; at most `max_buffer` bytes, the oldest
 dropped and counted beyond), shipped first and in order when it is back, after a restart of the
-application too. Records the server refuses as such are dropped and counted (`refused`).
+application too. Records the server refuses as such it keeps in its dead letters, and takes the
+rest of their batch; they are counted here (`refused`).
 
 The model and settings are refreshed in the background: a long poll on `GET .../local/model`
 learns of a new model within a second of its publication, and the new model replaces the old
@@ -224,7 +225,7 @@ class LocalRanker:
         self._ship_lock = threading.Lock()
         self._dropped_files = 0  # records dropped because the buffer directory was full
         self.shipped = 0
-        self.refused = 0  # records the server refused as such (`_ship`)
+        self.refused = 0  # records the server refused as such, in its dead letters (`_ship`)
         self.last_refusal: str | None = None  # why, for the last of them
         self.served: ModelRef = NO_MODEL
         self.exposure: ExposureCaps | None = None
@@ -440,8 +441,8 @@ class LocalRanker:
         timeout: httpx.HTTPError, raised), what is in memory moves to the buffer directory; a
         batch the server answers with another error (a key it does not know, a loop it does
         not have, its own failure) stays pending (ApiError, raised). Records it refuses as
-        such (400 InvalidRecords: an outcome no longer configured, say) are dropped and
-        counted (`_ship`), never in the way of the others."""
+        such (an outcome no longer configured, say) it keeps in its dead letters, never in the
+        way of the others (`_ship`)."""
         shipped = 0
         with self._ship_lock:
             try:
@@ -475,35 +476,14 @@ class LocalRanker:
                 raise
 
     def _ship(self, batch: bytes | memoryview, count: int) -> int:
-        """Send one batch; how many of its records the server took. The server takes a batch
-        whole or not at all; when it refuses records as such (400 InvalidRecords, which no
-        retry changes), the batch is sent again in halves, in order, down to the records it
-        refuses alone: those are dropped and counted in `refused` (the last one's reason in
-        `last_refusal`), the rest are shipped. (A half sent again is never stored twice: the
-        server kept nothing of the batch it refused.)"""
-        try:
-            self._send(batch)
-            return count
-        except ApiError as exc:
-            if exc.status != 400 or exc.code != "InvalidRecords":
-                raise
-            reason = exc.message
-        records = bytes(batch).split(b"\n")
-        if len(records) == 1:
-            self.refused += 1
-            self.last_refusal = reason
-            return 0
-        half = len(records) // 2
-        first, rest = records[:half], records[half:]
-        return self._ship(b"\n".join(first), len(first)) + self._ship(b"\n".join(rest), len(rest))
-
-    def _send(self, batch: bytes | memoryview) -> None:
-        """Ship one batch (records separated by newlines): to the server, or (given `kafka`) to
-        the events topic, keyed as the server's publisher keys them, returning once the broker
-        acknowledged every record."""
+        """Send one batch (`count` records separated by newlines); how many of them were taken.
+        To the server, which keeps the records it refuses as such in its dead letters (an
+        outcome an admin has since removed from the loop, say: no retry would change that)
+        and takes the rest: they are counted in `refused`, the last reason in `last_refusal`.
+        Or (given `kafka`) to the events topic, keyed as the server's publisher keys them,
+        returning once the broker acknowledged every record."""
         if self._kafka_config is None:
-            self._post(batch)
-            return
+            return self._post(batch, count)
         records = bytes(batch).split(b"\n")
         if self._producer is None:
             from kafka import KafkaProducer
@@ -512,8 +492,9 @@ class LocalRanker:
             self._producer = KafkaProducer(**{**PRODUCER_OPTIONS, **config})
         keyed = [(record.partition_key(raw), raw) for raw in records]
         send_all(self._producer, self._kafka_config["topic"], keyed, timeout=30)
+        return count
 
-    def _post(self, batch: bytes | memoryview) -> None:
+    def _post(self, batch: bytes | memoryview, count: int) -> int:
         path = f"{self._base}/local/records"
         headers = {**self._headers, "Content-Type": "application/x-ndjson"}
         if self._poster is not None:
@@ -523,9 +504,15 @@ class LocalRanker:
             status, body = r.status_code, r.content
         if status != 202:
             raise ApiError(status, *_error_of(status, body))
-        over = orjson.loads(body).get("exposureOver")
+        answer = orjson.loads(body)
+        over = answer.get("exposureOver")
         if isinstance(over, dict):
             self._fleet = (over, self.clock())
+        dead = int(answer.get("deadLettered", 0))
+        if dead:
+            self.refused += dead
+            self.last_refusal = answer["refusals"][-1]
+        return count - dead
 
     def _spill(self) -> None:
         """Move the records in memory to the buffer directory (one file per batch, written

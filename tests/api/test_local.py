@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from service.core.errors import ApiError
 from service.local import LocalRanker
-from service.storage.models import Episode, Joined
+from service.storage.models import DeadLetter, Episode, Joined
 from tests.support.harness import AUTH, Harness, joined
 
 ACTIONS = [{"id": f"a{i}", "features": [{"topic": f"t{i}", "len": i}]} for i in range(5)]
@@ -158,24 +158,55 @@ def test_local_decisions_are_joined_and_learned_like_the_server_s(
     assert local.refresh()  # the model that learned them all
 
 
+def test_a_batch_whose_refused_records_cannot_be_kept_waits_whole(
+    harness: Harness, local: LocalRanker
+) -> None:
+    """The dead letters are written before anything of the batch is appended: when they
+    cannot be (the database away; here their table), the batch is refused whole with a 503
+    and stays pending, and once sent again it is taken once."""
+    ranked = [local.rank(_body(i)) for i in range(2)]
+    local._queue(b'{"k":"r","loop":"other","id":"e1","t":1,"u":"x","v":0.5}')
+    with harness.dloop.sessions.begin() as s:
+        s.execute(text("ALTER TABLE dead_letters RENAME TO dead_letters_away"))
+    with pytest.raises(ApiError) as caught:
+        local.flush()
+    assert caught.value.status == 503 and caught.value.code == "ServiceUnavailable"
+    assert local.pending == 3 and local.refused == 0
+    with harness.dloop.sessions.begin() as s:
+        s.execute(text("ALTER TABLE dead_letters_away RENAME TO dead_letters"))
+    assert local.flush() == 2 and local.refused == 1
+    harness.clock.advance(601)
+    harness.work()
+    with harness.dloop.sessions() as s:
+        for out in ranked:
+            rows = s.scalars(select(Joined).where(Joined.event_id == out["eventId"])).all()
+            assert len(rows) == 1, out["eventId"]
+
+
 def test_shipped_records_are_checked(harness: Harness, local: LocalRanker, client_key: str) -> None:
-    r = harness.client.post(
+    """Each line on its own: what the server cannot take is dead-lettered with why (the first
+    reasons in the answer), the rest taken; a body without records is a 400."""
+    post = lambda body: harness.client.post(  # noqa: E731
         "/personalizer/v1.0/local/records",
-        content=b'{"k":"r","loop":"other","id":"e1","t":1,"u":"x","v":0.5}',
+        content=body,
         headers={"Ocp-Apim-Subscription-Key": client_key},
     )
+    r = post(b"\n \n")
     assert r.status_code == 400
-    assert r.json()["error"] == {
-        "code": "InvalidRecords",
-        "message": "line 1: a record of loop 'other'",
-    }
-    r = harness.client.post(
-        "/personalizer/v1.0/local/records",
-        content=b'{"k":"r","loop":"default","id":"e1","t":1,"u":"x","v":5}\nnot json',
-        headers={"Ocp-Apim-Subscription-Key": client_key},
+    assert r.json()["error"]["code"] == "InvalidRecords"
+    r = post(
+        b'{"k":"r","loop":"default","id":"e1","t":1,"u":"x","v":5}\nnot json\n'
+        b'{"k":"r","loop":"default","id":"e2","t":1,"u":"y","v":0.5}'
     )
-    assert r.status_code == 400
-    assert "line 1: outcome 'reward' must be a finite number between -1 and 1" in r.text
+    assert r.status_code == 202
+    answer = r.json()
+    assert answer["accepted"] == 1 and answer["deadLettered"] == 2
+    assert answer["refusals"][0] == (
+        "line 1: outcome 'reward' must be a finite number between -1 and 1"
+    )
+    assert answer["refusals"][1].startswith("line 2: ")
+    metrics = harness.client.get("/metrics", headers=AUTH).text
+    assert "dloop_dead_letters 2" in metrics
     with pytest.raises(ApiError) as caught:
         local.reward("e1", 2.0)
     assert caught.value.code == "InvalidRewardRequest"
@@ -386,19 +417,27 @@ def test_exposure_caps_count_every_ranker_that_ships_to_the_server(
             ranker.close()
 
 
-def test_a_record_the_server_refuses_is_dropped_and_the_rest_ships_in_order(
+def test_a_record_the_server_refuses_is_dead_lettered_and_the_rest_ships_in_order(
     harness: Harness, local: LocalRanker
 ) -> None:
-    """The server takes a batch whole or not at all: a record it refuses as such (here one of
-    another loop; in life an outcome an admin has since removed) must not hold up the rest,
-    then or ever after."""
+    """A record the server refuses as such (here one of another loop; in life an outcome an
+    admin has since removed) goes to its dead letters, with why: it must not hold up the rest
+    of its batch, then or ever after, nor be lost without a trace."""
     ranked = [local.rank(_body(i)) for i in range(5)]
-    local._queue(b'{"k":"r","loop":"other","id":"e1","t":1,"u":"x","v":0.5}')
+    foreign = b'{"k":"r","loop":"other","id":"e1","t":1,"u":"x","v":0.5}'
+    local._queue(foreign)
     ranked += [local.rank(_body(i)) for i in range(5, 9)]
     assert local.pending == 10
     assert local.flush() == 9
     assert local.pending == 0 and local.refused == 1
-    assert local.last_refusal == "line 1: a record of loop 'other'"
+    assert local.last_refusal == "line 6: a record of loop 'other'"
+    with harness.dloop.sessions() as s:
+        letters = [
+            (d.source, d.loop, d.ref, d.record, d.reason) for d in s.scalars(select(DeadLetter))
+        ]
+    assert letters == [
+        ("local-records", "default", None, foreign.decode(), "line 6: a record of loop 'other'")
+    ]
     ranked.append(local.rank(_body(9)))
     assert local.flush() == 1 and local.refused == 1
     harness.clock.advance(601)

@@ -131,7 +131,7 @@ OPERATIONS: dict[str, Op] = {
     "local_records": Op(
         "dloop: decision-log records an in-process ranker made (one JSON object a line)",
         {202: "RecordsAccepted"},
-        {400: ("InvalidRecords",), 404: ("ResourceNotFound",)},
+        {400: ("InvalidRecords",), 404: ("ResourceNotFound",), 503: ("ServiceUnavailable",)},
         body="Records",
     ),
     "get_event": Op(

@@ -379,6 +379,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "RecordsAccepted": _obj(
         ("accepted",),
         accepted={"type": "integer"},
+        # Records refused as such, kept in the dead letters (source local-records), and why
+        # (the first ten); both absent when none was.
+        deadLettered={"type": "integer"},
+        refusals={"type": "array", "items": STR, "maxItems": 10},
         # A loop with exposure caps: the capped actions at or over their cap, with the cap.
         exposureOver={"type": "object", "additionalProperties": {"type": "number"}},
     ),

@@ -11,13 +11,17 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
+from sqlalchemy.exc import OperationalError
 from starlette.responses import JSONResponse, Response
 
 from learners.outcomes import REWARD, OutcomeError
 from service.api.deps import loop_for
 from service.api.errors import bad_request
+from service.api.state import Dloop
 from service.core import record
+from service.core.errors import ApiError
 from service.pipeline.runtime import LoopRuntime
+from service.storage import store
 
 router = APIRouter()
 
@@ -84,28 +88,44 @@ def _read(path: str) -> bytes:
 
 async def local_records(request: Request) -> Response:
     """Decision-log records (service.core.record), one JSON object per line, made by an
-    in-process ranker of this loop; all are checked before any is kept (400 names the first
-    bad line), then appended to the loop's log in order. The loop's exposure caps count the
-    decisions served online, as this process's own ranks count; the answer says which capped
-    actions are at or over their cap now (`exposureOver`), so every in-process ranker caps by
-    the counts of all the rankers that ship here."""
+    in-process ranker of this loop, appended to the loop's log in order. A line it cannot
+    take (unreadable, of another loop, a value the loop's outcomes no longer accept) is kept in
+    the dead letters with why (source `local-records`) and the rest are taken: no retry would
+    change the answer, and refusing the batch would hold up every record behind it. The loop's
+    exposure caps count the decisions served online, as this process's own ranks count; the
+    answer says how many were taken and dead-lettered (with the first reasons) and which
+    capped actions are at or over their cap now (`exposureOver`), so every in-process ranker
+    caps by the counts of all the rankers that ship here."""
     d, rt = loop_for(request, admin=False)
     body = await request.body()
     lines = [line for line in body.split(b"\n") if line.strip()]
     if not lines:
         raise bad_request("InvalidRecords", "the body holds no records (one JSON object a line)")
-    kept = []
+    kept: list[tuple[record.Record, bytes]] = []
+    refused: list[tuple[bytes, str]] = []
     for i, line in enumerate(lines):
         try:
             r = record.decode(line)
+            why = _refusal(rt, r)
         except record.RecordError as exc:
-            raise bad_request("InvalidRecords", f"line {i + 1}: {exc}") from None
-        if r.loop != rt.name:
-            raise bad_request("InvalidRecords", f"line {i + 1}: a record of loop '{r.loop}'")
-        if isinstance(r, record.Observation) and r.k == record.REWARD:
-            _check_value(rt, r, i)
-        kept.append((r, record.encode(r)))
+            why = str(exc)
+        if why is None:
+            kept.append((r, record.encode(r)))
+        else:
+            refused.append((line, f"line {i + 1}: {why}"))
     now, exposure = d.clock(), rt.exposure
+    if refused:
+        # Kept before anything is appended: if the database is away the batch is refused whole
+        # (503) and sent again, so a record is never appended twice.
+        try:
+            await asyncio.to_thread(_dead_letter, d, rt.name, refused, now)
+        except OperationalError:
+            raise ApiError(
+                503,
+                "ServiceUnavailable",
+                "the database is unavailable; retry shortly",
+                retry_after=1,
+            ) from None
     for r, raw in kept:
         d.log.append(raw)
         if exposure is not None and isinstance(r, record.Decision) and r.mode == "Online":
@@ -113,9 +133,44 @@ async def local_records(request: Request) -> Response:
             if served is not None:
                 exposure.record(served, now)
     doc: dict[str, Any] = {"accepted": len(kept)}
+    if refused:
+        doc["deadLettered"] = len(refused)
+        doc["refusals"] = [why for _, why in refused[:MAX_REASONS]]
     if exposure is not None:
         doc["exposureOver"] = exposure.over(now)
     return JSONResponse(doc, status_code=202)
+
+
+# Where the records the server refused are kept (DeadLetter.source), and how many of a batch's
+# reasons its answer repeats.
+SOURCE = "local-records"
+MAX_REASONS = 10
+
+
+def _refusal(rt: LoopRuntime, r: record.Record) -> str | None:
+    """Why a shipped record cannot be taken, or None."""
+    if r.loop != rt.name:
+        return f"a record of loop '{r.loop}'"
+    if isinstance(r, record.Observation) and r.k == record.REWARD:
+        try:  # its value, checked as the reward and outcomes calls check it
+            rt.settings.rules.rewards.check({r.n or REWARD: r.v})
+        except OutcomeError as exc:
+            return str(exc)
+    return None
+
+
+def _dead_letter(d: Dloop, loop: str, refused: list[tuple[bytes, str]], now: float) -> None:
+    with d.sessions.begin() as session:
+        for line, why in refused:
+            store.dead_letter(
+                session,
+                source=SOURCE,
+                loop=loop,
+                ref=None,
+                record=line.decode(errors="replace"),
+                reason=why,
+                now=now,
+            )
 
 
 def _served(r: record.Decision) -> str | None:
@@ -125,14 +180,6 @@ def _served(r: record.Decision) -> str | None:
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
         return None
     return tag if isinstance(tag, str) else None
-
-
-def _check_value(rt: LoopRuntime, r: record.Observation, i: int) -> None:
-    """A reward's or outcome's value, checked as the reward and outcomes calls check it."""
-    try:
-        rt.settings.rules.rewards.check({r.n or REWARD: r.v})
-    except OutcomeError as exc:
-        raise bad_request("InvalidRecords", f"line {i + 1}: {exc}") from None
 
 
 router.add_route("/personalizer/local/settings", local_settings, methods=["GET"])

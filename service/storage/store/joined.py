@@ -18,9 +18,18 @@ from service.storage.models import (
 
 
 def dead_letter(
-    session: Session, *, source: str, loop: str, ref: int, record: str, reason: str, now: float
+    session: Session,
+    *,
+    source: str,
+    loop: str,
+    ref: int | None,
+    record: str,
+    reason: str,
+    now: float,
 ) -> None:
-    """Keep an interaction a learner could not learn, with why; no learner tries it again."""
+    """Keep a record dloop could not use, with why: an interaction a learner could not learn
+    (`ref` its position in the joined stream: no learner tries it again), or a record an
+    in-process ranker shipped that the server refused (no `ref`)."""
     session.add(
         DeadLetter(
             source=source, loop=loop, ref=ref, record=record, reason=reason[:512], created_at=now
