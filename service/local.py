@@ -38,6 +38,7 @@ by its own counts only; each serving process counts its own too.)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import select
 import tempfile
@@ -294,6 +295,16 @@ class LocalRanker:
         if r.status_code == 204:
             self.served = NO_MODEL
             return True
+        # VW is never handed bytes that are not the server's model (a download cut short or
+        # damaged on the way could crash the application's process as VW reads it).
+        digest = hashlib.sha256(r.content).hexdigest()
+        if digest != r.headers.get("X-Dloop-Model-Sha256"):
+            raise ApiError(
+                502,
+                "ModelChecksumMismatch",
+                f"model {model_id}: {len(r.content)} bytes whose SHA-256 is not the server's; "
+                "the ranker keeps its model and fetches it again",
+            )
         path = write_model(Path(self._dir.name), self.serving.loop, model_id, r.content)
         self.served = ModelRef(model_id, path)  # swapped whole: a rank reads it once
         return True

@@ -95,6 +95,46 @@ def test_local_ranks_exactly_as_the_server(harness: Harness, local: LocalRanker)
     _same(harness, local, [_body(i, excludedActions=["a0"]) for i in range(480, 500)])
 
 
+class Damaging:
+    """The network between a ranker and the server (a client of the real app), damaging one
+    byte of each model it carries while `damage` is set."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.damage = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def get(self, url: str, **kw: Any) -> Any:
+        r = self.client.get(url, **kw)
+        if not (self.damage and url.endswith("/local/model") and r.status_code == 200):
+            return r
+        body = bytearray(r.content)
+        body[len(body) // 2] ^= 1
+        return type(r)(200, headers=r.headers, content=bytes(body), request=r.request)
+
+
+def test_a_model_damaged_on_the_way_is_never_loaded(harness: Harness, client_key: str) -> None:
+    """The server sends the model's SHA-256 with it; bytes that miss it are refused and the
+    ranker keeps the model it had, until a download comes whole."""
+    network = Damaging(harness.client)
+    ranker = LocalRanker(key=client_key, http=network, background=False, clock=harness.clock)
+    try:
+        _train(harness)
+        with pytest.raises(ApiError) as caught:
+            ranker.refresh()
+        assert (caught.value.status, caught.value.code) == (502, "ModelChecksumMismatch")
+        assert ranker.served.path is None  # still no model
+        assert ranker.rank(_body(1))["ranking"]  # uniform, as before
+        network.damage = False
+        assert ranker.refresh()
+        assert ranker.served.path is not None
+        _same(harness, ranker, [_body(i) for i in range(2, 12)])
+    finally:
+        ranker.close()
+
+
 def test_local_explains_its_decisions_as_the_server_does(
     harness: Harness, local: LocalRanker
 ) -> None:

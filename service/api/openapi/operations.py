@@ -126,7 +126,13 @@ OPERATIONS: dict[str, Op] = {
         {200: ("application/octet-stream",), 204: None, 304: None},
         {400: ("InvalidRequest",), 404: ("ResourceNotFound",)},
         query={"wait": {"type": "number", "minimum": 0, "maximum": 30}},
-        headers={200: {"X-Dloop-Model-Id": "the model's id", "ETag": "the model's id, quoted"}},
+        headers={
+            200: {
+                "X-Dloop-Model-Id": "the model's id",
+                "ETag": "the model's id, quoted",
+                "X-Dloop-Model-Sha256": "the model's SHA-256 (hex): load no bytes that miss it",
+            }
+        },
     ),
     "local_records": Op(
         "dloop: decision-log records an in-process ranker made (one JSON object a line)",

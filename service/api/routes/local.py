@@ -7,6 +7,7 @@ like the server's own)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import orjson
@@ -56,9 +57,10 @@ def local_settings(request: Request) -> Response:
 
 
 async def local_model(request: Request) -> Response:
-    """The served model's bytes with its id (`ETag`, `X-Dloop-Model-Id`); 204 before the first
-    model. With `If-None-Match: "<id>"`: 304 while that is still the served model, after
-    waiting up to `?wait=` seconds (at most 30) for a new one."""
+    """The served model's bytes with its id (`ETag`, `X-Dloop-Model-Id`) and SHA-256
+    (`X-Dloop-Model-Sha256`); 204 before the first model. With `If-None-Match: "<id>"`: 304
+    while that is still the served model, after waiting up to `?wait=` seconds (at most 30)
+    for a new one."""
     _, rt = loop_for(request, admin=False)
     known = request.headers.get("if-none-match", "").strip('"')
     try:
@@ -77,13 +79,20 @@ async def local_model(request: Request) -> Response:
         return Response(status_code=304, headers=headers)
     if served.path is None:
         return Response(status_code=204, headers=headers)
-    body = await asyncio.to_thread(_read, served.path)
+    body, digest = await asyncio.to_thread(_read, served.path)
+    headers[DIGEST] = digest
     return Response(body, media_type="application/octet-stream", headers=headers)
 
 
-def _read(path: str) -> bytes:
+# The model's SHA-256 (hex, as a signed export's manifest has it): the ranker loads no bytes
+# that do not match it.
+DIGEST = "X-Dloop-Model-Sha256"
+
+
+def _read(path: str) -> tuple[bytes, str]:
     with open(path, "rb") as f:
-        return f.read()
+        body = f.read()
+    return body, hashlib.sha256(body).hexdigest()
 
 
 async def local_records(request: Request) -> Response:
