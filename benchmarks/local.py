@@ -82,7 +82,9 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
         for _ in range(200):  # warm up
             predict()
             ranker.rank(BODY)
-        measured: dict[str, list[tuple[float, float]]] = {"vw": [], "local": [], "http": []}
+        measured: dict[str, list[tuple[float, float]]] = {
+            k: [] for k in ("vw", "local", "vw_alt", "local_alt", "http")
+        }
         idle: list[tuple[float, float]] = []
         for _ in range(rounds):
             # Each round starts as an application's ranker runs: its records shipped (every
@@ -102,6 +104,20 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
                 local += timed(lambda: ranker.rank(BODY), 1020)[20:]
             measured["vw"].append(percentiles(vw))
             measured["local"].append(percentiles(local))
+            # And call by call: VW then meets the caches a rank leaves, as the rank's own VW
+            # call does and as an application's VW call would (never one after another).
+            ranker.flush()
+            settled(server)
+            vw, local = [], []
+            for _ in range(n // 2):
+                started = time.perf_counter()
+                predict()
+                between = time.perf_counter()
+                ranker.rank(BODY)
+                vw.append(between - started)
+                local.append(time.perf_counter() - between)
+            measured["vw_alt"].append(percentiles(vw))
+            measured["local_alt"].append(percentiles(local))
             post = lambda: http.post("/personalizer/v1.0/rank", json=BODY)  # noqa: E731
             measured["http"].append(percentiles(timed(post, max(200, n // 10))))
     http.close()
@@ -110,7 +126,13 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
         return statistics.median(r[i] for r in measured[what])
 
     rate = max(statistics.median(r for r, _ in idle), 1.0)
-    ratios = sorted(lo[1] / vw[1] for lo, vw in zip(measured["local"], measured["vw"], strict=True))
+
+    def ratios_of(local: str, vw: str) -> list[float]:
+        pairs = zip(measured[local], measured[vw], strict=True)
+        return sorted(lo[1] / v[1] for lo, v in pairs)
+
+    ratios = ratios_of("local", "vw")
+    alt = ratios_of("local_alt", "vw_alt")
     return [
         ("raw VW parse+predict p50 / p99 (us)", f"{med('vw', 0):.1f} / {med('vw', 1):.1f}"),
         (
@@ -121,6 +143,15 @@ def latency(server: Server, n: int, rounds: int) -> list[tuple[str, str]]:
             "in-process rank p99 / raw VW predict p99",
             f"{statistics.median(ratios):.1f}x  (rounds {', '.join(f'{r:.1f}' for r in ratios)}; "
             "target <= 2)",
+        ),
+        (
+            "call by call: raw VW / in-process rank p50 / p99 (us)",
+            f"{med('vw_alt', 0):.1f} / {med('vw_alt', 1):.1f}; "
+            f"{med('local_alt', 0):.1f} / {med('local_alt', 1):.1f}",
+        ),
+        (
+            "call by call: in-process rank p99 / raw VW p99",
+            f"{statistics.median(alt):.1f}x  (rounds {', '.join(f'{r:.1f}' for r in alt)})",
         ),
         ("HTTP rank, one client, p50 / p99 (us)", f"{med('http', 0):.0f} / {med('http', 1):.0f}"),
         ("HTTP rank p50 / in-process rank p50", f"{med('http', 0) / med('local', 0):.0f}x"),
