@@ -295,10 +295,11 @@ class LocalRanker:
         if r.status_code == 204:
             self.served = NO_MODEL
             return True
-        # VW is never handed bytes that are not the server's model (a download cut short or
-        # damaged on the way could crash the application's process as VW reads it).
-        digest = hashlib.sha256(r.content).hexdigest()
-        if digest != r.headers.get("X-Dloop-Model-Sha256"):
+        # VW is never handed bytes that are not the server's model (VW loads a damaged model
+        # without a word and serves it, or could crash the application's process reading it).
+        # A server older than the check sends no digest: its models load unchecked.
+        digest = r.headers.get("X-Dloop-Model-Sha256")
+        if digest is not None and digest != hashlib.sha256(r.content).hexdigest():
             raise ApiError(
                 502,
                 "ModelChecksumMismatch",
