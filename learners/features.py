@@ -239,6 +239,10 @@ def clean_context(c: Any) -> dict[str, Any]:
     itself (not a copy) when it was clean already."""
     if not isinstance(c, dict):
         raise FeatureError("c must be an object")
+    return c if _clean_already(c) else _cleaned_context(c)
+
+
+def _cleaned_context(c: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     actions = c.get("_multi")
     if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
@@ -254,6 +258,7 @@ def clean_context(c: Any) -> dict[str, Any]:
             out[key] = [_clean_slot(s, len(actions), i) for i, s in enumerate(value)]
             changed = True  # (rare: compared by value below)
         elif key and key[0] != "_":
+            _check_namespace(key, value, f"c.{key}")
             out[key] = _clean_value(value, f"c.{key}")
             changed |= out[key] is not value
         else:
@@ -261,6 +266,65 @@ def clean_context(c: Any) -> dict[str, Any]:
     if changed and out == c:
         changed = False
     return out if changed else c
+
+
+def _clean_already(c: dict[str, Any]) -> bool:
+    """Whether clean_context would return `c` itself without a word, checked without building
+    anything (every decision a learner or joiner ingests passes here, and dloop's own are
+    clean: this costs a tenth of building them again). False whenever in doubt: the full
+    path then decides, and says what is wrong."""
+    actions = c.get("_multi")
+    if type(actions) is not list:
+        return False
+    for key, value in c.items():
+        if key == "_multi":
+            for action in actions:
+                if type(action) is not dict or type(action.get("_tag", "")) is not str:
+                    return False
+                for k, v in action.items():
+                    if k != "_tag" and not _clean_named(k, v, -1):
+                        return False
+        elif not _clean_named(key, value, -1):
+            return False  # `_slots` too: the full path compares it by value
+    return True
+
+
+def _clean_named(key: str, value: Any, depth: int) -> bool:
+    """Whether `key: value` (a value _clean_value visits at `depth` + 1) is kept as it is."""
+    if not key or key[0] == "_":
+        return False
+    kind = type(value)
+    if kind is dict or kind is list:
+        return key[0] < "\x80" and _clean_nested(value, depth + 1)
+    return True
+
+
+def _clean_nested(value: dict[str, Any] | list[Any], depth: int) -> bool:
+    if depth >= _MAX_LOGGED_DEPTH - 1:
+        return False  # near the depth limit: the full path's checks
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not k or k[0] == "_":
+                return False
+            kind = type(v)
+            if (kind is dict or kind is list) and (
+                k[0] >= "\x80" or not _clean_nested(v, depth + 1)
+            ):
+                return False
+        return True
+    for v in value:
+        kind = type(v)
+        if (kind is dict or kind is list) and not _clean_nested(v, depth + 1):
+            return False
+    return True
+
+
+def _check_namespace(key: str, value: Any, where: str) -> None:
+    """A context's or an action's own key naming a namespace (an object or array value) must
+    start with an ASCII character, as keys inside namespaces must (_clean_value): VW 9.11.9
+    corrupts its memory on one that does not."""
+    if isinstance(value, _NESTED) and key[:1] >= "\x80":
+        raise FeatureError(_namespace_message(where))
 
 
 def _clean_element(element: dict[str, Any], id_key: str, where: str) -> dict[str, Any]:
@@ -274,6 +338,7 @@ def _clean_element(element: dict[str, Any], id_key: str, where: str) -> dict[str
                 raise FeatureError(f"{where}.{id_key} must be a string")
             out[key] = value
         elif key and key[0] != "_":
+            _check_namespace(key, value, f"{where}.{key}")
             cleaned = _clean_value(value, f"{where}.{key}") if isinstance(value, _NESTED) else value
             changed |= cleaned is not value
             out[key] = cleaned

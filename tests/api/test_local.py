@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
+from service.core import record
 from service.core.errors import ApiError
 from service.local import LocalRanker
 from service.storage.models import DeadLetter, Episode, Joined
@@ -203,6 +204,30 @@ def test_local_decisions_are_joined_and_learned_like_the_server_s(
     stats = harness.client.get("/loops/default/stats", headers=AUTH).json()
     assert sum(b.get("joined", 0) for b in stats["buckets"]) == 100
     assert local.refresh()  # the model that learned them all
+
+
+def test_a_shipped_context_vw_cannot_take_is_dead_lettered_not_learned(
+    harness: Harness, local: LocalRanker
+) -> None:
+    """A client key may ship any record: one whose context names a namespace past ASCII (VW
+    9.11.9 corrupts its memory on it; the rank path never writes one) is taken, then
+    dead-lettered when the log is ingested, never learned; the rest learn."""
+    bad = record.Decision(
+        "default", "bad", harness.clock(), False, "Online",
+        '{"n":{"a":1},"_multi":[{"_tag":"a0","\u00e9":{"b":1}}]}', [0], [1.0], 0, "N/A",
+    )  # fmt: skip
+    local._queue(record.encode(bad))
+    ranked = [local.rank(_body(i)) for i in range(3)]
+    assert local.flush() == 4 and local.refused == 0
+    harness.clock.advance(601)
+    harness.work()
+    with harness.dloop.sessions() as s:
+        letters = list(s.scalars(select(DeadLetter)))
+    assert len(letters) == 1 and '"bad"' in letters[0].record
+    assert "must start with an ASCII character" in letters[0].reason
+    assert joined(harness, "bad") is None
+    for out in ranked:
+        assert joined(harness, out["eventId"]) is not None
 
 
 def test_a_batch_whose_refused_records_cannot_be_kept_waits_whole(
