@@ -231,15 +231,16 @@ def _clean_value(value: Any, where: str, depth: int = 0) -> Any:
     return value
 
 
-def clean_context(c: Any) -> dict[str, Any]:
+def clean_context(c: Any, text: str | None = None) -> dict[str, Any]:
     """A logged decision's `c` object (from the decision log, a Kafka record, a DSJSON file),
     with the keys Personalizer ignores dropped from every feature, keeping only the structure
     dloop and Personalizer write: namespaces, `_multi` actions (`_tag` and features) and
     `_slots` (`_id`, `_inc` and features). FeatureError if it is not shaped like that. `c`
-    itself (not a copy) when it was clean already."""
+    itself (not a copy) when it was clean already. `text`, the JSON `c` was read from, if
+    the caller has it: the check of a catalogue's actions is then remembered by their text."""
     if not isinstance(c, dict):
         raise FeatureError("c must be an object")
-    return c if _clean_already(c) else _cleaned_context(c)
+    return c if _clean_already(c, text) else _cleaned_context(c)
 
 
 def _cleaned_context(c: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +269,7 @@ def _cleaned_context(c: dict[str, Any]) -> dict[str, Any]:
     return out if changed else c
 
 
-def _clean_already(c: dict[str, Any]) -> bool:
+def _clean_already(c: dict[str, Any], text: str | None = None) -> bool:
     """Whether clean_context would return `c` itself without a word, checked without building
     anything (every decision a learner or joiner ingests passes here, and dloop's own are
     clean: this costs a tenth of building them again). False whenever in doubt: the full
@@ -278,14 +279,52 @@ def _clean_already(c: dict[str, Any]) -> bool:
         return False
     for key, value in c.items():
         if key == "_multi":
-            for action in actions:
-                if type(action) is not dict or type(action.get("_tag", "")) is not str:
-                    return False
-                for k, v in action.items():
-                    if k != "_tag" and not _clean_named(k, v, -1):
-                        return False
+            if not _actions_clean(actions, text):
+                return False
         elif not _clean_named(key, value, -1):
             return False  # `_slots` too: the full path compares it by value
+    return True
+
+
+def _actions_clean(actions: list[Any], text: str | None) -> bool:
+    """Whether the actions `_multi` holds are clean. An application ranks the same catalogue
+    again and again, so the answer is remembered by the text of `_multi` onwards in the
+    context's JSON `text`, when that names it once and escapes nothing (so that one
+    occurrence is the key of `actions`, and the same text is the same actions)."""
+    if text is None or "\\" in text or text.count('"_multi"') != 1:
+        return _walk_actions(actions)
+    return _remembered(_Actions(text[text.index('"_multi"') :], actions))
+
+
+class _Actions:
+    """`_multi`'s actions, known to the cache by their text alone."""
+
+    __slots__ = ("actions", "text")
+
+    def __init__(self, text: str, actions: list[Any] | None) -> None:
+        self.text, self.actions = text, actions
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Actions) and other.text == self.text
+
+
+@lru_cache(maxsize=256)
+def _remembered(key: _Actions) -> bool:
+    clean = _walk_actions(key.actions or [])
+    key.actions = None  # the cache keeps the text only
+    return clean
+
+
+def _walk_actions(actions: list[Any]) -> bool:
+    for action in actions:
+        if type(action) is not dict or type(action.get("_tag", "")) is not str:
+            return False
+        for k, v in action.items():
+            if k != "_tag" and not _clean_named(k, v, -1):
+                return False
     return True
 
 

@@ -81,7 +81,7 @@ def _read(raw: bytes) -> tuple[record.Record, bytes]:
     r = record.decode(raw)
     if isinstance(r, record.Decision | record.SlotsDecision):
         c = orjson.loads(r.c)
-        cleaned = clean_context(c)
+        cleaned = clean_context(c, r.c)
         if cleaned is not c:
             r = replace(r, c=orjson.dumps(cleaned).decode())
             raw = record.encode(r)

@@ -229,12 +229,24 @@ def test_a_context_found_clean_is_one_the_full_cleaning_leaves_as_it_is() -> Non
         if _clean_already(c):
             quick += 1
             assert full is c, (i, c)
+        # The actions' verdict remembered by their text is the verdict (a catalogue's actions
+        # come back with another context).
+        text = orjson.dumps(c).decode()
+        assert _clean_already(c, text) == _clean_already(c), (i, c)
+        again = {**c, "FromUrl": [{"other": i}]}
+        assert _clean_already(again, orjson.dumps(again).decode()) == _clean_already(again)
         if isinstance(full, FeatureError):
             with pytest.raises(FeatureError, match=re.escape(str(full))):
                 clean_context(c)
         else:
             assert clean_context(c) == full
     assert 500 < quick < 5500  # both ways taken
+    # A text with escapes is never a key: here `_multi` is written escaped, and the one
+    # "_multi" its text holds comes after the actions (the two texts would share a key).
+    clean = '{"\\u005fmulti":[{"_tag":"a","ok":1}],"z":"_multi"}'
+    dirty = '{"\\u005fmulti":[{"_tag":"a","_x":1}],"z":"_multi"}'
+    assert _clean_already(orjson.loads(clean), clean)
+    assert not _clean_already(orjson.loads(dirty), dirty)
 
 
 @pytest.mark.parametrize(
