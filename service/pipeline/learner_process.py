@@ -19,6 +19,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -230,6 +231,9 @@ class LearnerProcess:
 def learner_main(conn: Connection, config: LearnerConfig) -> None:
     """The learner process: the embedded worker in its main thread, the serving process's
     messages read in another, and a status report every STATUS_EVERY seconds."""
+    # Ctrl-C reaches the whole process group; the serving process decides when this one stops
+    # (it died of KeyboardInterrupt with a traceback, and serving took it for a crash).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from service.storage.db import make_engine, make_sessionmaker
     from service.storage.log import LogReader
 

@@ -20,7 +20,10 @@ from service.storage.models import Episode
 from tests.support.services import free_port
 
 
-def start(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
+def start(
+    data_dir: Path, port: int, *, group: bool = False
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """`dloop up` (with `group`, in a process group of its own, as a terminal starts it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLOOP_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "up", "--port", str(port), "--data-dir", str(data_dir)],
@@ -28,6 +31,7 @@ def start(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=group,
     )
     lines: list[str] = []
     assert proc.stdout is not None
@@ -93,6 +97,38 @@ def test_up_prints_a_key_once_and_restarts_without_losing_events(tmp_path: Path)
         assert 'dloop_decisions_joined{loop="default"} 1' in metrics
     finally:
         stop(proc)
+
+
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_up_quietly_learner_and_all(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches the whole process group, the learner's process too: `dloop
+    up` stops, exit code 0, without a traceback and without starting another learner."""
+    proc, _ = start(tmp_path / "dloop-data", free_port(), group=True)
+    try:
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid), "-f", "multiprocessing.spawn"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        assert len(children) == 1, children  # the learner's process
+        deadline = time.time() + 30
+        while _threads(int(children[0])) < 3:  # its main thread, commands and status: running
+            assert time.time() < deadline, "the learner process did not start its threads"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "starting another" not in out, out
 
 
 def test_keys_create_replaces_a_lost_admin_key(tmp_path: Path) -> None:
