@@ -15,6 +15,7 @@ from learners.features import (
     FeatureError,
     _clean_already,
     _cleaned_context,
+    _remembered,
     action_json,
     actions_json,
     cb_line,
@@ -247,6 +248,11 @@ def test_a_context_found_clean_is_one_the_full_cleaning_leaves_as_it_is() -> Non
     dirty = '{"\\u005fmulti":[{"_tag":"a","_x":1}],"z":"_multi"}'
     assert _clean_already(orjson.loads(clean), clean)
     assert not _clean_already(orjson.loads(dirty), dirty)
+    # A catalogue of more than 32 KiB of text is walked every time, never kept.
+    big = {"FromUrl": [], "_multi": [{"_tag": f"a{i}", "n": {"x": "y" * 100}} for i in range(400)]}
+    misses = _remembered.cache_info().misses
+    assert _clean_already(big, orjson.dumps(big).decode())
+    assert _remembered.cache_info().misses == misses
 
 
 @pytest.mark.parametrize(
