@@ -227,7 +227,8 @@ class LocalRanker:
         self._dropped_files = 0  # records dropped because the buffer directory was full
         self.shipped = 0
         self.refused = 0  # records the server refused as such, in its dead letters (`_ship`)
-        self.last_refusal: str | None = None  # why, for the last of them
+        # Why, for the last of them the server's answers named (an answer names its first ten).
+        self.last_refusal: str | None = None
         self.served: ModelRef = NO_MODEL
         self.exposure: ExposureCaps | None = None
         self._caps: tuple[Cap, ...] = ()
@@ -362,15 +363,7 @@ class LocalRanker:
         now, exposure, s = self.clock(), self.exposure, self.serving
         predict, explain, _ = self._on_host(s)
         ranked = ranks.rank(
-            s,
-            body,
-            max_actions=self.max_actions,
-            limits=self.limits,
-            served=self.served,
-            predict=predict,
-            explain=explain,
-            over=self._over(now),
-            now=now,
+            s, body, predict=predict, explain=explain, over=self._over(now), **self._common(now)
         )
         self._queue(*ranked.records())
         if exposure is not None and s.mode == "Online":
@@ -491,7 +484,8 @@ class LocalRanker:
         """Send one batch (`count` records separated by newlines); how many of them were taken.
         To the server, which keeps the records it refuses as such in its dead letters (an
         outcome an admin has since removed from the loop, say: no retry would change that)
-        and takes the rest: they are counted in `refused`, the last reason in `last_refusal`.
+        and takes the rest: they are counted in `refused`, the last reason the answer gives in
+        `last_refusal`.
         Or (given `kafka`) to the events topic, keyed as the server's publisher keys them,
         returning once the broker acknowledged every record."""
         if self._kafka_config is None:
