@@ -335,6 +335,7 @@ def run(port: int, *, n: int, rounds: int, decisions: int, samples: int) -> list
         rows = latency(server, n, rounds)
         model = httpx.get(f"{server.base}/personalizer/v1.0/model", headers=HEADERS).content
         rows += threads(model)
+        settled(server)  # (the latency rounds' records ingested: the learner idle, as below)
         rows += shipping(server, decisions)
         # The shipped decisions are ingested first: freshness is measured on a learner
         # that has caught up.

@@ -74,6 +74,13 @@ from service.core.requests import (
 # each shipped batch, every `ship_every` seconds while this process ranks).
 FLEET_FRESH = 10.0
 
+# Ranks whose records wait to be written (LocalRanker._write): the shipping thread writes them
+# every WRITE_EVERY seconds, WRITE_CHUNK at a time; a rank finding MADE_MAX waiting (no
+# shipping thread, or one held up) writes them itself.
+WRITE_EVERY = 0.05
+WRITE_CHUNK = 64
+MADE_MAX = 4096
+
 
 def _count(batch: bytes) -> int:
     return batch.count(b"\n") + 1 if batch else 0
@@ -221,6 +228,10 @@ class LocalRanker:
         # and per-thread workspaces never wait on each other (benchmarks/local.py weighs them
         # against one behind a lock: as fast with one or two threads, faster with four).
         self._hosts = threading.local()
+        # What the ranks and observations made, in order, not yet written as records: a rank
+        # hands its decision over (a deque's append, no lock) and the shipping thread writes
+        # it into `_pending` (`_write`), so its log record's encoding is not in the rank's time.
+        self._made: deque[ranks.Ranked | ranks.RankedSlots | bytes] = deque()
         self._pending = Pending(batch_bytes, max_pending)
         self._pending_lock = threading.Lock()
         self._ship_lock = threading.Lock()
@@ -365,7 +376,7 @@ class LocalRanker:
         ranked = ranks.rank(
             s, body, predict=predict, explain=explain, over=self._over(now), **self._common(now)
         )
-        self._queue(*ranked.records())
+        self._queue(ranked)
         if exposure is not None and s.mode == "Online":
             exposure.record(ranked.chosen, now)
         return ranked.document()
@@ -375,7 +386,7 @@ class LocalRanker:
         s = self.serving
         _, _, fill = self._on_host(s)
         ranked = ranks.rank_slots(s, body, fill=fill, **self._common(self.clock()))
-        self._queue(*ranked.records())
+        self._queue(ranked)
         return ranked.document()
 
     # ---- observations -------------------------------------------------------------------------
@@ -424,14 +435,37 @@ class LocalRanker:
 
     # ---- shipping -----------------------------------------------------------------------------
 
-    def _queue(self, *records: bytes) -> None:
-        with self._pending_lock:
-            for raw in records:
-                self._pending.add(raw)
+    def _queue(self, made: ranks.Ranked | ranks.RankedSlots | bytes) -> None:
+        """Keep a rank (its records written later, `_write`) or a record, in order."""
+        self._made.append(made)
+        if len(self._made) >= MADE_MAX:  # (the shipping thread writes them sooner)
+            self._write()
+
+    def _write(self, *, chunk: int = 1 << 30) -> None:
+        """Write what was made into `_pending`, oldest first, `chunk` at a time: between two
+        chunks other threads get the interpreter lock (the shipping thread's writing must not
+        hold up a rank for long)."""
+        made = self._made
+        while made:
+            with self._pending_lock:
+                add = self._pending.add
+                for _ in range(chunk):
+                    try:
+                        item = made.popleft()
+                    except IndexError:
+                        break
+                    if isinstance(item, bytes):
+                        add(item)
+                    else:
+                        for raw in item.records():
+                            add(raw)
+            if made:
+                time.sleep(0)
 
     @property
     def pending(self) -> int:
         """Records not shipped yet: in memory, and in the buffer directory."""
+        self._write()
         on_disk = sum(_count(p.read_bytes()) for p in self._buffered if p.exists())
         return self._pending.records + on_disk
 
@@ -449,6 +483,7 @@ class LocalRanker:
         such (an outcome no longer configured, say) it keeps in its dead letters, never in the
         way of the others (`_ship`)."""
         shipped = 0
+        self._write()
         with self._ship_lock:
             try:
                 while self._buffered:
@@ -523,6 +558,7 @@ class LocalRanker:
     def _spill(self) -> None:
         """Move the records in memory to the buffer directory (one file per batch, written
         whole before it counts), dropping the oldest files beyond max_buffer bytes."""
+        self._write()
         with self._pending_lock:
             while (taken := self._pending.take()) is not None:
                 view, _ = taken
@@ -547,9 +583,14 @@ class LocalRanker:
             oldest.unlink()
 
     def _ship_loop(self, every: float) -> None:
-        while not self._stop.wait(every):
-            with contextlib.suppress(*self._away, ApiError):
-                self.flush()
+        """Write what the ranks made every WRITE_EVERY seconds, ship every `every`."""
+        shipped = time.monotonic()
+        while not self._stop.wait(min(every, WRITE_EVERY)):
+            self._write(chunk=WRITE_CHUNK)
+            if time.monotonic() - shipped >= every:
+                shipped = time.monotonic()
+                with contextlib.suppress(*self._away, ApiError):
+                    self.flush()
 
     def close(self) -> None:
         """Ship what is pending and stop the background threads (and close the connections,

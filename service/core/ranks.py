@@ -58,24 +58,41 @@ def unreadable(exc: Exception) -> ApiError:
 # plain one's, record.Decision's comment says).
 @dataclass(slots=True)
 class Ranked:
-    decision: record.Decision
+    """A rank's decision, its response (`document`) and its log records (`records`). The
+    context's JSON, as the record's `c` and as the JSON string the record holds, is written only
+    when asked for: an in-process ranker asks on its shipping thread, after the rank answered
+    (service.local.LocalRanker._write)."""
+
+    made: record.Decision  # its `c` not yet written (`decision` writes it)
     ids: list[str]
     pmf: list[float]
     ends_episode: bool  # an RL loop's rank without episodeId is an episode of one step
-    c_literal: bytes  # the decision's `c` as its record writes it (with_json_string)
+    features: bytes  # the context's features' JSON
+    multi: bytes  # the actions' JSON (learners.features.actions_json)
+
+    @property
+    def decision(self) -> record.Decision:
+        d = self.made
+        if not d.c:
+            d.c = with_json(self.features, self.multi).decode()
+        return d
+
+    @property
+    def event_id(self) -> str:
+        return self.made.id
 
     @property
     def chosen(self) -> str:
-        return self.ids[self.decision.a[0]]
+        return self.ids[self.made.a[0]]
 
     def document(self) -> dict[str, Any]:
         """The response's body."""
-        return ranking.rank_document(self.decision, self.ids, self.pmf)
+        return ranking.rank_document(self.made, self.ids, self.pmf)
 
     def records(self) -> list[bytes]:
         """What the log gets: the decision (and the end of its one-step episode)."""
-        d = self.decision
-        out = [record.encode(d, c_literal=self.c_literal)]
+        d = self.made
+        out = [record.encode(d, c_literal=with_json_string(self.features, self.multi))]
         if self.ends_episode:
             out.append(record.encode(record.EpisodeEnd(d.loop, d.id, d.t, term=True)))
         return out
@@ -128,7 +145,7 @@ def rank(
         t=now,
         deferred=req["defer"],
         mode=s.mode,
-        c=with_json(features, multi).decode(),
+        c="",  # written when asked for (Ranked.decision, Ranked.records)
         a=order,
         p=[pmf[i] for i in order],
         b=req["eligible"].index(True),
@@ -144,7 +161,8 @@ def rank(
         ids,
         pmf,
         ends_episode=s.episodic and episode is None,
-        c_literal=with_json_string(features, multi),
+        features=features,
+        multi=multi,
     )
 
 
@@ -153,6 +171,10 @@ class RankedSlots:
     decision: record.SlotsDecision
     ids: list[str]
     decided: ranking.Decided
+
+    @property
+    def event_id(self) -> str:
+        return self.decision.id
 
     def document(self) -> dict[str, Any]:
         return ranking.slots_document(self.decision, self.ids, self.decided)
@@ -313,7 +335,7 @@ def rank_op(host: Host, header: dict[str, Any], blob: bytes) -> tuple[Any, bytes
             what, repeat = "actions", body.get("excludedActions")
     except ApiError as exc:
         return {"refused": (exc.status, exc.code, exc.message)}, b""
-    ask = asked(body, ranked.decision.id, [ranked.ids, repeat], what)
+    ask = asked(body, ranked.event_id, [ranked.ids, repeat], what)
     response = orjson.dumps(ranked.document())
     records = ranked.records()
     answer = {

@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,9 +70,18 @@ class LocalLog:
         return self._file.closed
 
     def append(self, record: bytes) -> None:
+        self._write(record + b"\n")
+
+    def append_many(self, records: Sequence[bytes]) -> None:
+        """Append records in order, in one write (a shipped batch: one system call, not one
+        per record)."""
+        if records:
+            self._write(b"\n".join(records) + b"\n")
+
+    def _write(self, data: bytes) -> None:
         with self._lock:
-            self._file.write(record + b"\n")
-            self._size += len(record) + 1
+            self._file.write(data)
+            self._size += len(data)
             if self._size >= self.segment_bytes:
                 self._file.close()
                 self._base += self._size

@@ -516,3 +516,42 @@ def test_a_record_the_server_refuses_is_dead_lettered_and_the_rest_ships_in_orde
     harness.work()
     for out in ranked:
         assert joined(harness, out["eventId"]) is not None, out["eventId"]
+
+
+def test_a_rank_s_record_is_written_after_it_answers_and_ships_in_order(
+    harness: Harness, local: LocalRanker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank hands its decision over and answers; its record is written later (by the
+    shipping thread, by `pending` and `flush`, or by a rank finding MADE_MAX waiting), in the
+    order of the calls, rewards and activations among them."""
+    import service.local
+
+    expected = []
+    for i in range(6):
+        out = local.rank(_body(i, deferActivation=i % 2 == 0))
+        if i % 2 == 0:
+            local.activate(out["eventId"])
+            expected += [("d", f"e{i}"), ("a", f"e{i}")]
+        else:
+            expected.append(("d", f"e{i}"))
+        local.reward(out["eventId"], 0.5)
+        expected.append(("r", f"e{i}"))
+    assert local._pending.records == 0  # nothing written yet
+    assert local.pending == 15 and local.flush() == 15
+    lines, _ = harness.dloop.log.read(0)
+    kinds = {record.REWARD: "r", record.ACTIVATION: "a"}
+    shipped = [
+        ("d", r.id) if isinstance(r, record.Decision) else (kinds[r.k], r.id)
+        for r in map(record.decode, lines)
+    ]
+    assert shipped == expected
+    decision = record.decode(lines[0])
+    assert isinstance(decision, record.Decision)
+    assert '"_multi"' in decision.c and decision.a and decision.p
+
+    monkeypatch.setattr(service.local, "MADE_MAX", 3)
+    local.rank(_body(10))
+    local.rank(_body(11))
+    assert local._pending.records == 0
+    local.rank(_body(12))  # the third: written by the rank itself
+    assert local._pending.records == 3 and not local._made

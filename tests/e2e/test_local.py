@@ -99,6 +99,27 @@ def test_a_new_model_reaches_the_local_ranker_within_a_second(live_server: LiveS
     assert max(lags) < 1.0
 
 
+def test_the_shipping_thread_writes_the_ranks_records_between_shipments(
+    live_server: LiveServer,
+) -> None:
+    """A rank answers before its record is written: the shipping thread writes it within
+    WRITE_EVERY seconds, long before it ships (here never before `close`)."""
+    import service.local
+
+    url = live_server.url
+    key = httpx.post(f"{url}/loops/default/keys", headers=AUTH).json()["key"]
+    actions = [{"id": f"a{i}", "features": [{"t": i}]} for i in range(4)]
+    with LocalRanker(url, key=key, ship_every=3600) as local:
+        for i in range(5):
+            local.rank({"contextFeatures": [{"u": i}], "actions": actions})
+        deadline = time.monotonic() + 10
+        while local._made:
+            assert time.monotonic() < deadline, "the shipping thread wrote nothing"
+            time.sleep(service.local.WRITE_EVERY / 5)
+        assert local._pending.records == 5 and local.shipped == 0
+    assert local.shipped == 5
+
+
 def test_a_server_with_a_ranker_attached_stops_without_waiting_out_its_long_poll(
     tmp_path: Path,
 ) -> None:

@@ -119,7 +119,9 @@ async def local_records(request: Request) -> Response:
         except record.RecordError as exc:
             why = str(exc)
         if why is None:
-            kept.append((r, record.encode(r)))
+            # Appended as sent: it reads as a record of this loop, and every reader of the log
+            # reads it with the same record.decode (encoding it again cost a fifth of a batch).
+            kept.append((r, line.strip()))
         else:
             refused.append((line, f"line {i + 1}: {why}"))
     now, exposure = d.clock(), rt.exposure
@@ -135,12 +137,13 @@ async def local_records(request: Request) -> Response:
                 "the database is unavailable; retry shortly",
                 retry_after=1,
             ) from None
-    for r, raw in kept:
-        d.log.append(raw)
-        if exposure is not None and isinstance(r, record.Decision) and r.mode == "Online":
-            served = _served(r)
-            if served is not None:
-                exposure.record(served, now)
+    d.log.append_many([raw for _, raw in kept])
+    if exposure is not None:
+        for r, _ in kept:
+            if isinstance(r, record.Decision) and r.mode == "Online":
+                served = _served(r)
+                if served is not None:
+                    exposure.record(served, now)
     doc: dict[str, Any] = {"accepted": len(kept)}
     if refused:
         doc["deadLettered"] = len(refused)

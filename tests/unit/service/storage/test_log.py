@@ -41,6 +41,23 @@ def test_segments_roll_and_ingested_ones_are_released(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_a_batch_is_appended_in_order_in_one_write(tmp_path: Path) -> None:
+    """append_many (a shipped batch): the records in order, a segment rolled after the batch
+    that filled it (a batch is never split across segments), offsets as for single appends."""
+    log = LocalLog(tmp_path, segment_bytes=30)
+    log.append(b'{"n":0}')
+    log.append_many([f'{{"n":{i}}}'.encode() for i in range(1, 6)])  # 8 + 40 bytes: rolls
+    log.append_many([])
+    log.append_many([b'{"n":6}'])
+    assert len(list(tmp_path.glob("events-*.log"))) == 2
+    assert log.end() == 7 * 8
+    records, offset = log.read(0)
+    more, end = log.read(offset)
+    assert records + more == [f'{{"n":{i}}}'.encode() for i in range(7)]
+    assert end == log.end()
+    log.close()
+
+
 def test_torn_record_is_dropped_on_open(tmp_path: Path) -> None:
     (tmp_path / f"events-{0:020d}.log").write_bytes(b'{"n":0}\n{"n":1}\n{"n":')
     log = LocalLog(tmp_path)
