@@ -47,14 +47,12 @@ browser:
 # makes the suite about 1.5 times as long (past CI's 15 minutes on a slower 2-core machine);
 # `make coverage` runs the same two steps measured.
 test: install browser
-	DLOOP_SERIAL=skip $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
-	DLOOP_SERIAL=only $(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	DLOOP_SERIAL=skip $(BIN)/python -m pytest -n 2 $(COV_FIRST) $(PYTEST_ARGS)
+	DLOOP_SERIAL=only $(BIN)/python -m pytest $(COV_SECOND) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-coverage: install browser
-	DLOOP_SERIAL=skip $(BIN)/python -m pytest -n 2 --cov --cov-report= --cov-fail-under=0 \
-		$(PYTEST_ARGS)
-	DLOOP_SERIAL=only $(BIN)/python -m pytest --cov --cov-append \
-		--cov-report=term-missing:skip-covered $(PYTEST_ARGS) || [ $$? -eq 5 ]
+coverage: COV_FIRST := --cov --cov-report= --cov-fail-under=0
+coverage: COV_SECOND := --cov --cov-append --cov-report=term-missing:skip-covered
+coverage: test
 
 # Fuzzing, long: the API from its OpenAPI document (thousands of examples per operation, random
 # seed) and VW's parsers with random nests of reserved feature keys. `make test` runs both

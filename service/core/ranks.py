@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from learners.ccb import ccb_context
-from learners.features import FeatureLimits, actions_json, with_json, with_json_string
+from learners.features import FeatureLimits, actions_json, with_json_string
 from learners.sandbox import NO_MODEL, ModelRef
 from service.core import ranking, record
 from service.core.errors import ApiError, bad_request
@@ -59,23 +59,16 @@ def unreadable(exc: Exception) -> ApiError:
 @dataclass(slots=True)
 class Ranked:
     """A rank's decision, its response (`document`) and its log records (`records`). The
-    context's JSON, as the record's `c` and as the JSON string the record holds, is written only
-    when asked for: an in-process ranker asks on its shipping thread, after the rank answered
+    context's JSON, as the JSON string the record holds, is written only by `records`: an
+    in-process ranker calls it on its shipping thread, after the rank answered
     (service.local.LocalRanker._write)."""
 
-    made: record.Decision  # its `c` not yet written (`decision` writes it)
+    made: record.Decision  # its `c` left empty: `records` writes it from features and multi
     ids: list[str]
     pmf: list[float]
     ends_episode: bool  # an RL loop's rank without episodeId is an episode of one step
     features: bytes  # the context's features' JSON
     multi: bytes  # the actions' JSON (learners.features.actions_json)
-
-    @property
-    def decision(self) -> record.Decision:
-        d = self.made
-        if not d.c:
-            d.c = with_json(self.features, self.multi).decode()
-        return d
 
     @property
     def event_id(self) -> str:
@@ -145,7 +138,7 @@ def rank(
         t=now,
         deferred=req["defer"],
         mode=s.mode,
-        c="",  # written when asked for (Ranked.decision, Ranked.records)
+        c="",  # the record's is written by Ranked.records
         a=order,
         p=[pmf[i] for i in order],
         b=req["eligible"].index(True),

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +55,13 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     return settings
 
 
-_TEMPLATE: list[Path] = []
-
-
+@cache
 def _migrated_sqlite() -> Path:
     """A SQLite database migrated to head, once per test process: a new one is a copy of it
     (Alembic takes 0.3 s or more per database, and hundreds of tests start with one)."""
-    if not _TEMPLATE:
-        path = Path(tempfile.mkdtemp(prefix="dloop-migrated-")) / "dloop.db"
-        upgrade(f"sqlite:///{path}")
-        _TEMPLATE.append(path)
-    return _TEMPLATE[0]
+    path = Path(tempfile.mkdtemp(prefix="dloop-migrated-")) / "dloop.db"
+    upgrade(f"sqlite:///{path}")
+    return path
 
 
 @dataclass
