@@ -45,6 +45,17 @@ _NEEDED = {
 }
 
 
+# What else a kind's record may hold (encode writes these when set).
+_OPTIONAL = {
+    DECISION: {"ep", "x", "h", "ho"},
+    SLOTS: {"h", "ho"},
+    REWARD: {"u", "v", "slot", "n"},
+    ACTIVATION: {"u", "slot"},
+    EPISODE_END: set(),
+}
+_FIELDS = {kind: {"k"} | needed | _OPTIONAL[kind] for kind, needed in _NEEDED.items()}
+
+
 class RecordError(ValueError):
     """A record that is not one of the kinds above, or lacks what its kind needs."""
 
@@ -184,12 +195,32 @@ def _holdout(doc: dict[str, Any], record: Decision | SlotsDecision) -> None:
 
 def decode(raw: bytes | str) -> Record:
     """The record `raw` holds; RecordError (a ValueError) if it is not a readable record."""
+    return _read(_load(raw))
+
+
+def decode_kept(raw: bytes) -> tuple[Record, bytes]:
+    """The record `raw` holds, and what a log keeps of it: `raw` itself when it holds its
+    kind's fields and nothing else, with a number for its time (as every dloop writer's record
+    does: encoding it again would cost a fifth of ingesting it), else the record encoded again,
+    so keys no reader reads are never stored. RecordError as `decode`."""
+    r = _load(raw)
+    record = _read(r)
+    if r.keys() <= _FIELDS[r["k"]] and type(r["t"]) in (float, int):
+        return record, raw
+    return record, encode(record)
+
+
+def _load(raw: bytes | str) -> dict[str, Any]:
     try:
         r = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise RecordError(f"JSONDecodeError: {exc}") from None
     if not isinstance(r, dict):
         raise RecordError("a record must be a JSON object")
+    return r
+
+
+def _read(r: dict[str, Any]) -> Record:
     kind = r.get("k")
     if kind not in _NEEDED or not isinstance(r.get("id"), str):
         raise RecordError(f"unknown record kind {kind!r}")

@@ -555,3 +555,31 @@ def test_a_rank_s_record_is_written_after_it_answers_and_ships_in_order(
     assert local._pending.records == 0
     local.rank(_body(12))  # the third: written by the rank itself
     assert local._pending.records == 3 and not local._made
+
+
+def test_a_shipped_record_is_kept_as_sent_only_when_it_holds_its_fields_alone(
+    harness: Harness, local: LocalRanker, client_key: str
+) -> None:
+    """What the log keeps of a shipped record: the bytes sent when they hold the record's
+    fields and nothing else (dloop's own rankers' records), else the record written again,
+    without what no reader reads (here a large unknown key) and with its time as a number."""
+    local.rank(_body(0))
+    assert local.flush() == 1
+    own, _ = harness.dloop.log.read(0)
+    sent = [
+        b'{"k":"r","loop":"default","id":"e0","t":1.5,"u":"r1","v":0.5,"junk":"' + b"x" * 50_000
+        + b'"}',
+        b'{"k":"a","loop":"default","id":"e0","t":"2.5","u":"a1"}',
+        b'{"k":"r","loop":"default","id":"e0","t":3,"u":"r2","v":1}',
+    ]  # fmt: skip
+    r = harness.client.post(
+        "/personalizer/v1.0/local/records",
+        content=b"\n".join(sent),
+        headers={"Ocp-Apim-Subscription-Key": client_key},
+    )
+    assert r.status_code == 202 and r.json()["accepted"] == 3, r.text
+    lines, _ = harness.dloop.log.read(0)
+    assert lines[0] == own[0]  # the ranker's decision, as it sent it
+    assert lines[1] == b'{"k":"r","loop":"default","id":"e0","t":1.5,"u":"r1","v":0.5}'
+    assert lines[2] == b'{"k":"a","loop":"default","id":"e0","t":2.5,"u":"a1"}'
+    assert lines[3] == sent[2]

@@ -114,14 +114,14 @@ async def local_records(request: Request) -> Response:
     refused: list[tuple[bytes, str]] = []
     for i, line in enumerate(lines):
         try:
-            r = record.decode(line)
+            r, raw = record.decode_kept(line.strip())
             why = _refusal(rt, r)
         except record.RecordError as exc:
             why = str(exc)
         if why is None:
-            # Appended as sent: it reads as a record of this loop, and every reader of the log
-            # reads it with the same record.decode (encoding it again cost a fifth of a batch).
-            kept.append((r, line.strip()))
+            # As sent when it holds a record's fields alone (every reader of the log reads it
+            # with the same record.decode), else without what no reader reads.
+            kept.append((r, raw))
         else:
             refused.append((line, f"line {i + 1}: {why}"))
     now, exposure = d.clock(), rt.exposure

@@ -75,10 +75,11 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
 
 
 def _read(raw: bytes) -> tuple[record.Record, bytes]:
-    """The record and the bytes to store for it: a decision's features cleaned of what VW must
-    never see (learners.features), since the log may hold records from an older version or
-    another producer on the events topic."""
-    r = record.decode(raw)
+    """The record and the bytes to store for it: without keys no reader reads
+    (record.decode_kept) and a decision's features cleaned of what VW must never see
+    (learners.features), since the log may hold records from an older version or another
+    producer on the events topic."""
+    r, raw = record.decode_kept(raw)
     if isinstance(r, record.Decision | record.SlotsDecision):
         c = orjson.loads(r.c)
         cleaned = clean_context(c, r.c)

@@ -78,6 +78,22 @@ def test_ingest_cleans_features_vw_must_never_see(sessions: sessionmaker[Session
     assert "__aid" not in stored.c
 
 
+def test_ingest_stores_a_decision_without_keys_no_reader_reads(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A decision from another producer on the events topic, with a key of its own: the row
+    holds the record without it; dloop's own records are stored as they came."""
+    extra = orjson.loads(decision("e1", 1.0))
+    extra["trace"] = "x" * 10_000
+    with sessions.begin() as session:
+        store.ingest(session, records=[orjson.dumps(extra), decision("e2", 1.0)], source="t",
+                     now=2.0)  # fmt: skip
+    with sessions() as session:
+        rows = {d.event_id: d.record for d in session.query(Decision)}
+    assert rows["e1"].encode() == decision("e1", 1.0)
+    assert rows["e2"].encode() == decision("e2", 1.0)
+
+
 def test_an_observation_for_a_joined_event_is_late(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         store.ingest(session, records=[decision("e", 1.0)], source="test", now=1.0)
