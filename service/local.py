@@ -40,7 +40,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import logging
+import os
+import re
 import select
+import sys
 import tempfile
 import threading
 import time
@@ -57,7 +61,7 @@ import orjson
 
 from learners.constraints import Cap, ExposureCaps
 from learners.features import FeatureLimits
-from learners.outcomes import REWARD, OutcomeError, OutcomeRule, RewardRules
+from learners.outcomes import REWARD, OutcomeRule, RewardRules
 from learners.sandbox import NO_MODEL, ModelRef, write_model
 from learners.sandbox.host import Host
 from service.core import ranking, ranks, record
@@ -66,8 +70,13 @@ from service.core.producing import PRODUCER_OPTIONS, send_all
 from service.core.requests import (
     ID_RULE,
     check_event_id,
+    checked_outcomes,
     is_id,
     is_reward,
+    multi_slot_only,
+    single_slot_only,
+    slot_outcomes,
+    slot_rewards,
 )
 
 # How long the server's word on which actions are at their exposure cap holds (it comes with
@@ -84,6 +93,9 @@ MADE_MAX = 4096
 
 def _count(batch: bytes) -> int:
     return batch.count(b"\n") + 1 if batch else 0
+
+
+log = logging.getLogger(__name__)
 
 
 # Seconds a long poll for a new model may wait (the server answers as soon as one is served).
@@ -211,9 +223,18 @@ class LocalRanker:
         # first and in order when it is back (given a directory, across restarts too).
         self._buffer = Path(buffer_dir) if buffer_dir is not None else Path(self._dir.name) / "b"
         self._buffer.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock_file = _hold(self._buffer, timeout)
+        except RuntimeError:
+            self._dir.cleanup()
+            raise
         self.max_buffer = max_buffer
-        self._buffered = sorted(self._buffer.glob("*.ndjson"))
-        self._next_file = int(self._buffered[-1].stem) + 1 if self._buffered else 0
+        # The batch files, oldest first, with their record counts (read once, here).
+        self._buffered: list[tuple[Path, int]] = []
+        for path in sorted(self._buffer.glob("*.ndjson")):
+            if _BATCH_NAME.fullmatch(path.name):
+                self._buffered.append((path, _count(path.read_bytes().strip())))
+        self._next_file = int(self._buffered[-1][0].stem) + 1 if self._buffered else 0
         # The production path: records straight to the events topic (`dloop join` takes them
         # from there), {"bootstrap_servers": ..., "topic": "<prefix>.events", ...producer
         # options}; kafka-python is the `kafka` extra, imported only then.
@@ -224,6 +245,8 @@ class LocalRanker:
             from kafka.errors import KafkaError
 
             self._away = (httpx.HTTPError, KafkaError)
+        # What keeps a batch from shipping now: the server away, or answering an error.
+        self._unshipped: tuple[type[BaseException], ...] = (*self._away, ApiError)
         # One VW host (its workspaces) per thread that ranks: a workspace is not thread-safe,
         # and per-thread workspaces never wait on each other (benchmarks/local.py weighs them
         # against one behind a lock: as fast with one or two threads, faster with four).
@@ -234,8 +257,11 @@ class LocalRanker:
         self._made: deque[ranks.Ranked | ranks.RankedSlots | bytes] = deque()
         self._pending = Pending(batch_bytes, max_pending)
         self._pending_lock = threading.Lock()
+        self._model_lock = threading.Lock()
         self._ship_lock = threading.Lock()
         self._dropped_files = 0  # records dropped because the buffer directory was full
+        self._too_large_records = 0  # records dropped because the server can never take them
+        self._closed = False
         self.shipped = 0
         self.refused = 0  # records the server refused as such, in its dead letters (`_ship`)
         # Why, for the last of them the server's answers named (an answer names its first ten).
@@ -318,8 +344,12 @@ class LocalRanker:
                 f"model {model_id}: {len(r.content)} bytes whose SHA-256 is not the server's; "
                 "the ranker keeps its model and fetches it again",
             )
-        path = write_model(Path(self._dir.name), self.serving.loop, model_id, r.content)
-        self.served = ModelRef(model_id, path)  # swapped whole: a rank reads it once
+        # One writer at a time (`refresh` in the application's thread and the follower may
+        # fetch the same model: both would write its file at once); the two models before it
+        # stay on disk for a rank that read `served` just before a swap.
+        with self._model_lock:
+            path = write_model(Path(self._dir.name), self.serving.loop, model_id, r.content, keep=3)
+            self.served = ModelRef(model_id, path)  # swapped whole: a rank reads it once
         return True
 
     def _follow(self, every: float) -> None:
@@ -330,6 +360,9 @@ class LocalRanker:
                     self.refresh()
             except (httpx.HTTPError, ApiError):
                 self._stop.wait(every)  # the server is away: try again shortly
+            except Exception:  # (a full disk, say): the thread must outlive it
+                log.exception("following the model failed; trying again in %s s", every)
+                self._stop.wait(every)
 
     # ---- ranking ------------------------------------------------------------------------------
 
@@ -392,14 +425,20 @@ class LocalRanker:
     # ---- observations -------------------------------------------------------------------------
 
     def _observe(
-        self, kind: str, event_id: str, value: float | None, name: str | None = None
+        self,
+        kind: str,
+        event_id: str,
+        value: float | None,
+        name: str | None = None,
+        slot: str | None = None,
     ) -> None:
         r = record.Observation(
-            kind, self.serving.loop, event_id, self.clock(), uuid.uuid4().hex, value, None, name
+            kind, self.serving.loop, event_id, self.clock(), uuid.uuid4().hex, value, slot, name
         )
         self._queue(record.encode(r))
 
     def reward(self, event_id: str, value: float) -> None:
+        single_slot_only(self.serving.kind == "ccb", "InvalidRewardRequest")
         check_event_id(event_id, "InvalidRewardRequest")
         if not is_reward(value):
             raise bad_request(
@@ -413,13 +452,29 @@ class LocalRanker:
 
     def outcomes(self, event_id: str, values: dict[str, float]) -> None:
         """Named outcomes, checked against the loop's outcomes as the server checks them."""
+        single_slot_only(self.serving.kind == "ccb", "InvalidOutcomeRequest")
         check_event_id(event_id, "InvalidOutcomeRequest")
-        try:
-            checked = self.rules.check(values)
-        except OutcomeError as exc:
-            raise bad_request("InvalidOutcomeRequest", f"outcomes: {exc}") from None
-        for name, value in checked.items():
+        for name, value in checked_outcomes(self.rules, values).items():
             self._observe(record.REWARD, event_id, value, None if name == REWARD else name)
+
+    def reward_multi_slot(self, event_id: str, body: Any) -> None:
+        """What `POST .../multislot/events/{eventId}/reward` does with `body`,
+        `{"reward": [{"slotId", "value"}]}` (a slot's rewards may come in several calls)."""
+        multi_slot_only(self.serving.kind == "ccb", self.serving.loop)
+        check_event_id(event_id, "InvalidRewardRequest")
+        for slot, value in slot_rewards(body):
+            self._observe(record.REWARD, event_id, value, slot=slot)
+
+    def outcomes_multi_slot(self, event_id: str, body: Any) -> None:
+        """What `POST .../multislot/events/{eventId}/outcomes` does with `body`,
+        `{"outcomes": [{"slotId", "outcomes": {"click": 1, ...}}]}`."""
+        multi_slot_only(self.serving.kind == "ccb", self.serving.loop)
+        check_event_id(event_id, "InvalidOutcomeRequest")
+        for slot, values in slot_outcomes(self.rules, body):
+            for name, value in values.items():
+                self._observe(
+                    record.REWARD, event_id, value, None if name == REWARD else name, slot
+                )
 
     def end_episode(self, episode_id: str, *, terminated: bool = True) -> None:
         """What `POST .../episodes/{episodeId}/end` does (RL loops): `terminated=False` for an
@@ -437,6 +492,8 @@ class LocalRanker:
 
     def _queue(self, made: ranks.Ranked | ranks.RankedSlots | bytes) -> None:
         """Keep a rank (its records written later, `_write`) or a record, in order."""
+        if self._closed:
+            raise RuntimeError("this LocalRanker is closed: its records would never ship")
         self._made.append(made)
         if len(self._made) >= MADE_MAX:  # (the shipping thread writes them sooner)
             self._write()
@@ -466,30 +523,33 @@ class LocalRanker:
     def pending(self) -> int:
         """Records not shipped yet: in memory, and in the buffer directory."""
         self._write()
-        on_disk = sum(_count(p.read_bytes()) for p in self._buffered if p.exists())
+        on_disk = sum(count for _, count in list(self._buffered))
         return self._pending.records + on_disk
 
     @property
     def dropped(self) -> int:
-        """Records dropped: beyond max_pending bytes in memory, or max_buffer on disk."""
-        return self._pending.dropped + self._dropped_files
+        """Records dropped: beyond max_pending bytes in memory, or max_buffer on disk, or one
+        alone larger than the server takes in a request (`_too_large`), or left in the
+        temporary buffer directory by `close` (no `buffer_dir`, the server away)."""
+        return self._pending.dropped + self._dropped_files + self._too_large_records
 
     def flush(self) -> int:
         """Ship every pending record, in order (the buffer directory's first), in batches;
         returns how many the server took. When the server is away (a connection error or a
-        timeout: httpx.HTTPError, raised), what is in memory moves to the buffer directory; a
-        batch the server answers with another error (a key it does not know, a loop it does
-        not have, its own failure) stays pending (ApiError, raised). Records it refuses as
-        such (an outcome no longer configured, say) it keeps in its dead letters, never in the
-        way of the others (`_ship`)."""
+        timeout: httpx.HTTPError, raised) or answers a batch with an error (a key it does not
+        know, a loop it does not have, its own failure: ApiError, raised), that batch and
+        what is in memory move to the buffer directory, pending, first in line. Records it
+        refuses as such (an outcome no longer configured, say) it keeps in its dead letters,
+        never in the way of the others (`_ship`)."""
         shipped = 0
         self._write()
         with self._ship_lock:
             try:
                 while self._buffered:
-                    path = self._buffered[0]
-                    batch = path.read_bytes()
-                    took = self._ship(batch, _count(batch))
+                    path, count = self._buffered[0]
+                    # (A file a crash left empty, or cut short, holds what it holds.)
+                    batch = path.read_bytes().strip()
+                    took = self._ship(batch, _count(batch)) if batch else 0
                     path.unlink()
                     self._buffered.pop(0)
                     shipped += took
@@ -511,7 +571,7 @@ class LocalRanker:
                         self._pending.done()
                     shipped += took
                     self.shipped += took
-            except self._away:
+            except self._unshipped:
                 self._spill()
                 raise
 
@@ -543,6 +603,8 @@ class LocalRanker:
         else:
             r = self._http.post(path, content=bytes(batch), headers=headers)
             status, body = r.status_code, r.content
+        if status == 413:
+            return self._too_large(batch, count, _error_of(status, body)[1])
         if status != 202:
             raise ApiError(status, *_error_of(status, body))
         answer = orjson.loads(body)
@@ -555,31 +617,43 @@ class LocalRanker:
             self.last_refusal = answer["refusals"][-1]
         return count - dead
 
+    def _too_large(self, batch: bytes | memoryview, count: int, why: str) -> int:
+        """A batch over the server's body limit: its records are sent one by one (a server
+        whose limit is below this ranker's batches). A record alone over it can never be taken
+        (a server configured to take less than the requests it ranks): dropped, counted in
+        `dropped`, the reason in `last_refusal` and the log, so it holds up nothing behind it."""
+        if count > 1:
+            return sum(self._post(raw, 1) for raw in bytes(batch).split(b"\n"))
+        self._too_large_records += 1
+        self.last_refusal = f"a record of {len(batch)} bytes: {why}"
+        log.warning("dropped %s", self.last_refusal)
+        return 0
+
     def _spill(self) -> None:
         """Move the records in memory to the buffer directory (one file per batch, written
         whole before it counts), dropping the oldest files beyond max_buffer bytes."""
         self._write()
         with self._pending_lock:
             while (taken := self._pending.take()) is not None:
-                view, _ = taken
+                view, count = taken
                 path = self._buffer / f"{self._next_file:012d}.ndjson"
                 self._next_file += 1
                 part = path.with_suffix(".part")
                 try:
-                    part.write_bytes(view)
+                    _write_whole(part, view)
                 except BaseException:
                     self._pending.untake()
                     raise
                 del view
                 part.replace(path)
-                self._buffered.append(path)
+                self._buffered.append((path, count))
                 self._pending.done()
-        sizes = [p.stat().st_size for p in self._buffered]
+        sizes = [p.stat().st_size for p, _ in self._buffered]
         total = sum(sizes)
         while total > self.max_buffer and len(self._buffered) > 1:
-            oldest = self._buffered.pop(0)
+            oldest, count = self._buffered.pop(0)
             total -= sizes.pop(0)
-            self._dropped_files += _count(oldest.read_bytes())
+            self._dropped_files += count
             oldest.unlink()
 
     def _ship_loop(self, every: float) -> None:
@@ -589,15 +663,24 @@ class LocalRanker:
             self._write(chunk=WRITE_CHUNK)
             if time.monotonic() - shipped >= every:
                 shipped = time.monotonic()
-                with contextlib.suppress(*self._away, ApiError):
+                try:
                     self.flush()
+                except self._unshipped:
+                    pass  # pending, on disk: shipped on the next round
+                except Exception:  # (a full disk, say): the thread must outlive it
+                    log.exception("shipping failed; trying again in %s s", every)
 
     def close(self) -> None:
-        """Ship what is pending and stop the background threads (and close the connections,
-        even when the server refuses a batch: what it refused is not shipped)."""
+        """Ship what is pending and stop the background threads. What the server does not take
+        now (away, or answering an error) stays in the buffer directory for the next ranker
+        given it; without `buffer_dir` the temporary one goes with its records, counted in
+        `dropped` and logged. A closed ranker ranks and records nothing more."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
-        with contextlib.suppress(*self._away, ApiError):
-            self.flush()
+        with contextlib.suppress(*self._unshipped):
+            self.flush()  # (what it cannot ship, it moves to the buffer directory)
         if self._owns:
             self._poll.close()  # no new poll; one in flight ends within FOLLOW_WAIT
         for thread in self._threads:
@@ -608,6 +691,11 @@ class LocalRanker:
             self._poster.close()
         if self._producer is not None:
             self._producer.close(timeout=5)
+        left = sum(count for _, count in self._buffered) + self._pending.records
+        if left and self._buffer.is_relative_to(self._dir.name):
+            self._dropped_files += left
+            log.warning("%d records not shipped, lost with the ranker (no buffer_dir)", left)
+        self._lock_file.close()
         self._dir.cleanup()
 
     def __enter__(self) -> LocalRanker:
@@ -615,6 +703,44 @@ class LocalRanker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# The buffer directory's batch files: numbered in the order written.
+_BATCH_NAME = re.compile(r"[0-9]{12}\.ndjson")
+
+
+def _hold(directory: Path, timeout: float) -> Any:
+    """An exclusive lock on the buffer directory (released when the file is closed, or the
+    process ends): two rankers numbering batch files in one directory would overwrite each
+    other's, and ship each other's twice. A restarted application waits up to `timeout`
+    seconds for the one it replaces to let go."""
+    f = open(directory / ".lock", "a+b")  # noqa: SIM115 (held until close)
+    if sys.platform == "win32":  # (no advisory locks: one ranker a directory is the caller's)
+        return f
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.close()
+                raise RuntimeError(
+                    f"buffer directory {directory} is held by another LocalRanker: give each "
+                    "ranker (each process, each loop) a directory of its own"
+                ) from None
+            time.sleep(0.05)
+
+
+def _write_whole(path: Path, data: memoryview) -> None:
+    """Write `path` and have it on disk before it is renamed into place (a rename can reach
+    the disk before the data it names: after a crash, the file would be empty)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _error(r: httpx.Response) -> tuple[str, str]:

@@ -55,6 +55,10 @@ class PathStyles:
         self.app = app
         self.max_body = settings.max_body_bytes
         self.max_model = settings.max_model_bytes
+        # An in-process ranker's records of the largest rank a request may ask: a decision
+        # holds its context escaped into a JSON string, at most twice as long (every character
+        # a quote or a backslash), with its order and probabilities beside it.
+        self.max_records = 4 * settings.max_body_bytes
         self.body_timeout = settings.limits.body_timeout
         self.rate = settings.limits.rate_per_key
         self.burst = settings.limits.burst_per_key
@@ -82,8 +86,14 @@ class PathStyles:
                 "ResourceNotFound" if admin else "InvalidApiAccess",
                 "no such path" if admin else "This key may not call this operation",
             )
-        # Only the exact model import route takes bodies beyond max_body (it caps them itself).
-        cap = self.max_model if method == "PUT" and path == "/personalizer/model" else self.max_body
+        # Only the exact model import route takes bodies beyond max_body (it caps them itself),
+        # and the exact route of an in-process ranker's records up to max_records.
+        if method == "PUT" and path == "/personalizer/model":
+            cap = self.max_model
+        elif method == "POST" and path == "/personalizer/local/records":
+            cap = self.max_records
+        else:
+            cap = self.max_body
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if refused is None and length is not None and length.isdigit() and int(length) > cap:
             refused = errors.error_response(

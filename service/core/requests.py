@@ -22,6 +22,7 @@ from learners.features import (
     actions_json,
     clean_features,
 )
+from learners.outcomes import OutcomeError, RewardRules
 from service.core.errors import ApiError, bad_request
 
 MAX_ID = 256
@@ -265,3 +266,67 @@ def is_reward(value: Any) -> TypeGuard[int | float]:
         and math.isfinite(value)
         and -1 <= value <= 1
     )
+
+
+# ---- observations on single- and multi-slot loops ----------------------------------------------
+
+
+def single_slot_only(multi_slot: bool, code: str) -> None:
+    """A single-slot observation (reward, outcomes) on a multi-slot loop: the 400 saying where
+    its observations go."""
+    if multi_slot:
+        raise bad_request(code, "multi-slot loop: use /multislot/events/..")
+
+
+def multi_slot_only(multi_slot: bool, loop: str) -> None:
+    if not multi_slot:
+        raise bad_request(
+            "InvalidMultiSlotApiAccess",
+            f"loop '{loop}' is single-slot; multi-slot needs a loop of kind ccb",
+        )
+
+
+def checked_outcomes(rules: RewardRules, values: Any, where: str = "outcomes") -> dict[str, float]:
+    """Named outcome values checked against the loop's outcomes (learners.outcomes), or a 400."""
+    try:
+        return rules.check(values)
+    except OutcomeError as exc:
+        raise bad_request("InvalidOutcomeRequest", f"{where}: {exc}") from None
+
+
+def slot_rewards(body: Any) -> list[tuple[str, float]]:
+    """A multi-slot reward's `{"reward": [{"slotId", "value"}]}`: (slot, value) pairs, or a
+    400 for the first thing wrong."""
+    rewards = body.get("reward") if isinstance(body, dict) else None
+    if not isinstance(rewards, list) or not rewards:
+        raise bad_request("InvalidRewardRequest", 'body must be {"reward": [{slotId, value}]}')
+    checked = []
+    for i, item in enumerate(rewards):
+        slot = item.get("slotId") if isinstance(item, dict) else None
+        value = item.get("value") if isinstance(item, dict) else None
+        if not is_id(slot):
+            raise bad_request("InvalidRewardRequest", f"reward[{i}].slotId must be a slot id")
+        if not is_reward(value):
+            raise bad_request(
+                "InvalidRewardRequest", f"reward[{i}].value must be a finite number in [-1, 1]"
+            )
+        checked.append((slot, float(value)))
+    return checked
+
+
+def slot_outcomes(rules: RewardRules, body: Any) -> list[tuple[str, dict[str, float]]]:
+    """Multi-slot outcomes, `{"outcomes": [{"slotId", "outcomes": {"click": 1, ...}}]}`: per
+    slot its checked outcomes, or a 400 for the first thing wrong."""
+    items = body.get("outcomes") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise bad_request(
+            "InvalidOutcomeRequest", 'body must be {"outcomes": [{slotId, outcomes: {...}}]}'
+        )
+    checked = []
+    for i, item in enumerate(items):
+        slot = item.get("slotId") if isinstance(item, dict) else None
+        if not is_id(slot):
+            raise bad_request("InvalidOutcomeRequest", f"outcomes[{i}].slotId must be a slot id")
+        values = item.get("outcomes") if isinstance(item, dict) else None
+        checked.append((slot, checked_outcomes(rules, values, f"outcomes[{i}].outcomes")))
+    return checked

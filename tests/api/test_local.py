@@ -6,9 +6,13 @@ decisions and rewards it ships are joined and learned like the server's own."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 from sqlalchemy import select, text
 
@@ -583,3 +587,203 @@ def test_a_shipped_record_is_kept_as_sent_only_when_it_holds_its_fields_alone(
     assert lines[1] == b'{"k":"r","loop":"default","id":"e0","t":1.5,"u":"r1","v":0.5}'
     assert lines[2] == b'{"k":"a","loop":"default","id":"e0","t":2.5,"u":"a1"}'
     assert lines[3] == sent[2]
+
+
+class Flaky:
+    """The test client, with the records endpoint away (`mode` "away": a connection error) or
+    answering a status of its own (`mode` an int), as a server in trouble would."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.mode = client, None
+
+    def get(self, *args: Any, **kw: Any) -> Any:
+        return self.client.get(*args, **kw)
+
+    def post(self, path: str, **kw: Any) -> Any:
+        if path.endswith("/local/records") and self.mode is not None:
+            if self.mode == "away":
+                raise httpx.ConnectError("the server is away")
+            error = {"error": {"code": "ServiceUnavailable", "message": "try again"}}
+            return httpx.Response(self.mode, json=error)
+        return self.client.post(path, **kw)
+
+    def close(self) -> None:
+        pass
+
+
+def _logged_ids(h: Harness) -> list[str]:
+    lines, _ = h.dloop.log.read(0, 1 << 30)
+    return [record.decode(line).id for line in lines]
+
+
+def test_a_decision_of_the_largest_request_ships_and_one_too_large_holds_up_nothing(
+    harness: Harness, local: LocalRanker
+) -> None:
+    """The log record of a request the server's rank takes (its context escaped, here 200 KB
+    of quotes, about twice as long) is taken by the records endpoint; a record no request
+    could make (a 1.2 MB context, ranked in process) is dropped and counted, and the records
+    behind it ship."""
+    quotes = {"eventId": "q", "actions": ACTIONS, "contextFeatures": [{"q": '"' * 120_000}]}
+    assert len(orjson.dumps(quotes)) < 256 * 1024
+    r = harness.client.post("/personalizer/v1.0/rank", content=orjson.dumps(quotes), headers=AUTH)
+    assert r.status_code == 201, r.text
+    local.rank({**quotes, "eventId": "q-local"})
+    local.rank(_body(1))
+    assert local.flush() == 2 and local.pending == 0
+    assert _logged_ids(harness)[-2:] == ["q-local", "e1"]
+
+    huge = {"eventId": "huge", "actions": ACTIONS, "contextFeatures": [{"q": "x" * 1_200_000}]}
+    local.rank(_body(2))
+    local.rank(huge)
+    local.rank(_body(3))
+    assert local.flush() == 2 and local.pending == 0
+    assert local.dropped == 1 and "request body exceeds" in (local.last_refusal or "")
+    assert _logged_ids(harness)[-2:] == ["e2", "e3"]
+
+
+def test_what_the_server_does_not_take_when_the_ranker_closes_waits_on_disk(
+    harness: Harness, client_key: str, tmp_path: Path
+) -> None:
+    """A ranker closed while the server answers its batches with an error (503 here) leaves
+    them in its buffer directory, shipped by the next ranker given it; without a buffer
+    directory, what is lost is counted. A closed ranker records nothing more."""
+    flaky = Flaky(harness.client)
+    make = lambda **kw: LocalRanker(  # noqa: E731
+        key=client_key, http=flaky, background=False, clock=harness.clock, **kw
+    )
+    ranker = make(buffer_dir=tmp_path / "buffer")
+    for i in range(5):
+        ranker.rank(_body(i))
+    flaky.mode = 503
+    ranker.close()
+    flaky.mode = None
+    again = make(buffer_dir=tmp_path / "buffer")
+    assert again.pending == 5 and again.flush() == 5
+    again.close()
+    assert _logged_ids(harness) == [f"e{i}" for i in range(5)]
+    with pytest.raises(RuntimeError):
+        ranker.rank(_body(9))
+
+    lost = make()
+    lost.rank(_body(7))
+    flaky.mode = "away"
+    lost.close()
+    assert lost.dropped == 1
+
+
+def test_the_buffer_directory_belongs_to_one_ranker_and_odd_files_hold_up_nothing(
+    harness: Harness, client_key: str, tmp_path: Path
+) -> None:
+    """A second ranker on a directory in use is refused (they would overwrite each other's
+    batch files); a batch file a crash left empty is skipped, a file not named as a batch
+    is left alone."""
+    buffer = tmp_path / "buffer"
+    make = lambda: LocalRanker(  # noqa: E731
+        key=client_key,
+        http=harness.client,
+        background=False,
+        clock=harness.clock,
+        buffer_dir=buffer,
+        timeout=0.2,
+    )
+    first = make()
+    with pytest.raises(RuntimeError, match="held by another LocalRanker"):
+        make()
+    first.close()
+    (buffer / "000000000000.ndjson").write_bytes(b"")
+    (buffer / "backup.ndjson").write_bytes(b"not a batch")
+    ranker = make()
+    ranker.rank(_body(0))
+    assert ranker.pending == 1 and ranker.flush() == 1
+    assert (buffer / "backup.ndjson").exists()
+    ranker.close()
+
+
+def test_multi_slot_observations_are_refused_or_taken_as_the_server_does(
+    harness: Harness,
+) -> None:
+    """On a multi-slot loop a ranker refuses single-slot rewards and outcomes with the server's
+    400 (they would never be learned), and takes per-slot rewards and outcomes as the
+    server's /multislot/events calls do; on a single-slot loop, the reverse."""
+    c = harness.client
+    assert c.put("/loops/page", json={"kind": "ccb"}, headers=AUTH).status_code == 201
+    key = c.post("/loops/page/keys", headers=AUTH).json()["key"]
+    page = LocalRanker(key=key, loop="page", http=c, background=False, clock=harness.clock)
+    base = "/loops/page/personalizer/v1.0"
+
+    def alike(call: Any, path: str, body: Any) -> None:
+        r = c.post(path if path.startswith("/personalizer") else f"{base}{path}", json=body,
+                   headers=AUTH)  # fmt: skip
+        assert r.status_code == 400, r.text
+        with pytest.raises(ApiError) as caught:
+            call()
+        assert (caught.value.code, caught.value.message) == (
+            r.json()["error"]["code"],
+            r.json()["error"]["message"],
+        )
+
+    alike(lambda: page.reward("m1", 1.0), "/events/m1/reward", {"value": 1.0})
+    alike(lambda: page.outcomes("m1", {"reward": 1}), "/events/m1/outcomes", {"outcomes": {}})
+    bad = {"reward": [{"slotId": "top", "value": 3}]}
+    alike(lambda: page.reward_multi_slot("m1", bad), "/multislot/events/m1/reward", bad)
+    slots = [{"id": "top", "baselineAction": "a0"}, {"id": "side", "baselineAction": "a1"}]
+    out = page.rank_multi_slot({"eventId": "m1", "actions": ACTIONS, "slots": slots})
+    page.reward_multi_slot("m1", {"reward": [{"slotId": "top", "value": 1.0}]})
+    page.outcomes_multi_slot("m1", {"outcomes": [{"slotId": "side", "outcomes": {"reward": 0.5}}]})
+    assert page.flush() == 3
+    lines, _ = harness.dloop.log.read(0, 1 << 30)
+    observed = [record.decode(line) for line in lines[-2:]]
+    assert [(o.id, o.slot, o.v) for o in observed if isinstance(o, record.Observation)] == [
+        ("m1", "top", 1.0),
+        ("m1", "side", 0.5),
+    ]
+    assert out["eventId"] == "m1"
+    page.close()
+
+    single = LocalRanker(
+        key=c.post("/loops/default/keys", headers=AUTH).json()["key"],
+        http=c,
+        background=False,
+        clock=harness.clock,
+    )
+    alike(
+        lambda: single.reward_multi_slot("e1", {"reward": []}),
+        "/personalizer/v1.0/multislot/events/e1/reward",
+        {"reward": []},
+    )
+    single.close()
+
+
+def test_the_shipping_thread_outlives_a_failure(
+    harness: Harness, client_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure the shipping thread does not expect (a full disk while it moves records to
+    the buffer directory, the server away) is logged, and it carries on: the records ship
+    once the server is back. (The model's follower: tests/e2e/test_local.py.)"""
+    failed: list[OSError] = []
+    spill = LocalRanker._spill
+
+    def full_once(self: LocalRanker) -> None:
+        if not failed:
+            failed.append(OSError(28, "No space left on device"))
+            raise failed[0]
+        spill(self)
+
+    monkeypatch.setattr(LocalRanker, "_spill", full_once)
+    flaky = Flaky(harness.client)
+    flaky.mode = "away"
+    ranker = LocalRanker(key=client_key, http=flaky, ship_every=0.05, clock=harness.clock)
+    try:
+        ranker.rank(_body(0))
+        deadline = time.monotonic() + 10
+        while not failed:
+            assert time.monotonic() < deadline, "the shipping thread never tried"
+            time.sleep(0.01)
+        flaky.mode = None
+        deadline = time.monotonic() + 10
+        while ranker.pending:
+            assert time.monotonic() < deadline, "the shipping thread stopped"
+            time.sleep(0.01)
+        assert _logged_ids(harness) == ["e0"]
+    finally:
+        ranker.close()

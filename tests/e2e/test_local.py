@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -97,6 +98,42 @@ def test_a_new_model_reaches_the_local_ranker_within_a_second(live_server: LiveS
         assert local.pending == 0 and local.shipped >= 300
     print(f"\nnew model -> local ranker: {', '.join(f'{x * 1000:.0f} ms' for x in lags)}")
     assert max(lags) < 1.0
+
+
+def test_the_model_follower_outlives_a_failure(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure the model's follower does not expect (a full disk while it writes a new
+    model) is logged, and it carries on: it fetches the model again and serves it."""
+    import service.local
+
+    url = live_server.url
+    config = httpx.get(f"{url}/personalizer/v1.0/configurations/service", headers=AUTH).json()
+    config.update(rewardWaitTime="PT1S", modelExportFrequency="PT1S")
+    httpx.put(
+        f"{url}/personalizer/v1.0/configurations/service", json=config, headers=AUTH
+    ).raise_for_status()
+    key = httpx.post(f"{url}/loops/default/keys", headers=AUTH).json()["key"]
+    failed: list[str] = []
+    write_model = service.local.write_model  # type: ignore[attr-defined]
+
+    def full_once(*args: Any, **kw: Any) -> str:
+        if not failed:
+            failed.append("model")
+            raise OSError(28, "No space left on device")
+        return write_model(*args, **kw)
+
+    monkeypatch.setattr(service.local, "write_model", full_once)
+    actions = [{"id": f"a{i}", "features": [{"t": i}]} for i in range(4)]
+    with LocalRanker(url, key=key, ship_every=0.1) as local:
+        for i in range(50):
+            out = local.rank({"contextFeatures": [{"u": i % 5}], "actions": actions})
+            local.reward(out["eventId"], 1.0)
+        deadline = time.monotonic() + 30
+        while local.served.model_id == "N/A":
+            assert time.monotonic() < deadline, f"the follower stopped ({failed})"
+            time.sleep(0.02)
+    assert failed == ["model"]
 
 
 def test_the_shipping_thread_writes_the_ranks_records_between_shipments(

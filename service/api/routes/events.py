@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from learners.dsjson import timestamp
-from learners.outcomes import REWARD, OutcomeError
+from learners.outcomes import REWARD
 from learners.sandbox import RemoteError, SandboxError
 from service.api.deps import loop_for
 from service.api.errors import ApiError, bad_request
@@ -37,6 +37,7 @@ from service.api.requests import (
 from service.api.retries import earlier, remember, retried
 from service.api.state import Dloop
 from service.core import ranks, record
+from service.core.requests import checked_outcomes, single_slot_only
 from service.pipeline.runtime import LoopRuntime
 from service.storage import store
 
@@ -102,14 +103,6 @@ def log_observation(
     d.log.append(record.encode(obs))
 
 
-def checked_outcomes(rt: LoopRuntime, values: Any, where: str = "outcomes") -> dict[str, float]:
-    """Named outcome values checked against the loop's outcomes (learners.outcomes), or a 400."""
-    try:
-        return rt.settings.rules.rewards.check(values)
-    except OutcomeError as exc:
-        raise bad_request("InvalidOutcomeRequest", f"{where}: {exc}") from None
-
-
 def log_outcomes(
     d: Dloop, rt: LoopRuntime, event_id: str, values: dict[str, float], slot: str | None = None
 ) -> None:
@@ -125,20 +118,18 @@ async def outcomes(request: Request) -> Response:
     (learners.outcomes); several calls may add to an event's outcomes."""
     event_id = request.path_params["event_id"]
     d, rt = loop_for(request, admin=False)
-    if rt.loop_kind.multi_slot:
-        raise bad_request("InvalidOutcomeRequest", "multi-slot loop: use /multislot/events/..")
+    single_slot_only(rt.loop_kind.multi_slot, "InvalidOutcomeRequest")
     check_event_id(event_id, "InvalidOutcomeRequest")
     body = await json_body(request, "InvalidOutcomeRequest")
     values = body.get("outcomes") if isinstance(body, dict) else None
-    log_outcomes(d, rt, event_id, checked_outcomes(rt, values))
+    log_outcomes(d, rt, event_id, checked_outcomes(rt.settings.rules.rewards, values))
     return Response(status_code=204)
 
 
 async def reward(request: Request) -> Response:
     event_id = request.path_params["event_id"]
     d, rt = loop_for(request, admin=False)
-    if rt.loop_kind.multi_slot:
-        raise bad_request("InvalidRewardRequest", "multi-slot loop: use /multislot/events/..")
+    single_slot_only(rt.loop_kind.multi_slot, "InvalidRewardRequest")
     check_event_id(event_id, "InvalidRewardRequest")
     body = await json_body(request, "InvalidRewardRequest")
     value = body.get("value") if isinstance(body, dict) else None

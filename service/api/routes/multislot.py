@@ -13,23 +13,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.deps import loop_for
-from service.api.errors import bad_request
-from service.api.requests import (
-    check_event_id,
-    is_id,
-    is_reward,
-    json_body,
-    read_body,
-)
-from service.api.routes.events import (
-    activate_event,
-    checked_outcomes,
-    log_observation,
-    log_outcomes,
-    ranked,
-)
+from service.api.requests import check_event_id, json_body, read_body
+from service.api.routes.events import activate_event, log_observation, log_outcomes, ranked
 from service.api.state import Dloop
 from service.core import record
+from service.core.requests import multi_slot_only, slot_outcomes, slot_rewards
 from service.pipeline.runtime import LoopRuntime
 
 router = APIRouter()
@@ -37,11 +25,7 @@ router = APIRouter()
 
 def _multislot_loop(request: Request) -> tuple[Dloop, LoopRuntime]:
     d, rt = loop_for(request, admin=False)
-    if not rt.loop_kind.multi_slot:
-        raise bad_request(
-            "InvalidMultiSlotApiAccess",
-            f"loop '{rt.name}' is single-slot; multi-slot needs a loop of kind ccb",
-        )
+    multi_slot_only(rt.loop_kind.multi_slot, rt.name)
     return d, rt
 
 
@@ -57,21 +41,7 @@ async def reward_multi_slot(request: Request) -> Response:
     d, rt = _multislot_loop(request)
     check_event_id(event_id, "InvalidRewardRequest")
     body = await json_body(request, "InvalidRewardRequest")
-    rewards = body.get("reward") if isinstance(body, dict) else None
-    if not isinstance(rewards, list) or not rewards:
-        raise bad_request("InvalidRewardRequest", 'body must be {"reward": [{slotId, value}]}')
-    checked = []
-    for i, item in enumerate(rewards):
-        slot = item.get("slotId") if isinstance(item, dict) else None
-        value = item.get("value") if isinstance(item, dict) else None
-        if not is_id(slot):
-            raise bad_request("InvalidRewardRequest", f"reward[{i}].slotId must be a slot id")
-        if not is_reward(value):
-            raise bad_request(
-                "InvalidRewardRequest", f"reward[{i}].value must be a finite number in [-1, 1]"
-            )
-        checked.append((slot, float(value)))
-    for slot, value in checked:
+    for slot, value in slot_rewards(body):
         log_observation(d, rt, record.REWARD, event_id, value, slot=slot)
         d.metrics.rewards.labels(rt.name).inc()
     return Response(status_code=204)
@@ -84,19 +54,7 @@ async def outcomes_multi_slot(request: Request) -> Response:
     d, rt = _multislot_loop(request)
     check_event_id(event_id, "InvalidOutcomeRequest")
     body = await json_body(request, "InvalidOutcomeRequest")
-    items = body.get("outcomes") if isinstance(body, dict) else None
-    if not isinstance(items, list) or not items:
-        raise bad_request(
-            "InvalidOutcomeRequest", 'body must be {"outcomes": [{slotId, outcomes: {...}}]}'
-        )
-    checked = []
-    for i, item in enumerate(items):
-        slot = item.get("slotId") if isinstance(item, dict) else None
-        if not is_id(slot):
-            raise bad_request("InvalidOutcomeRequest", f"outcomes[{i}].slotId must be a slot id")
-        values = item.get("outcomes") if isinstance(item, dict) else None
-        checked.append((slot, checked_outcomes(rt, values, f"outcomes[{i}].outcomes")))
-    for slot, values in checked:
+    for slot, values in slot_outcomes(rt.settings.rules.rewards, body):
         log_outcomes(d, rt, event_id, values, slot=slot)
     return Response(status_code=204)
 
