@@ -14,6 +14,7 @@ trains either reduction from DSJSON), so serving, learning, export and replay re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,7 +68,9 @@ class CCBRanker:
         one = {**c, "_slots": [{**slot, "_inc": allowed}]}
         scores = vw.predict_decisions(self._ws, orjson.dumps(one).decode())[0]
         by_action = dict(scores)
-        return [float(by_action.get(a, 0.0)) for a in allowed]
+        pmf = [float(by_action.get(a, 0.0)) for a in allowed]
+        # Uniform when the scores are not numbers (overflowed: learners.sampling.restrict).
+        return pmf if 0 < sum(pmf) < math.inf else [1.0 / len(allowed)] * len(allowed)
 
     def rank(
         self, c: dict[str, Any], allowed: Sequence[Sequence[int]], seed: str

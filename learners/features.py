@@ -16,11 +16,15 @@ whose value is an object or an array) named with a non-ASCII first letter segfau
 too (found by dloop's fuzzer, tests/unit/learners/test_sandbox.py): that is a 400.
 `clean_features` applies these rules to rank requests (with the other rules and the size
 limits, so bad input is a 400, not a parser exception), `clean_context`/`clean_line` to logged
-decisions and DSJSON files read back (ingestion, replay, evaluation).
+decisions and DSJSON files read back (ingestion, replay, evaluation). Its numbers are those the
+API's JSON can hold, so that an in-process ranker (service.local) sees what the server would:
+NaN and infinities are a 400 wherever they are (orjson would log them as null), and an integer
+outside 64 bits is the float orjson, the API's parser, reads for it (orjson cannot write it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,14 +52,15 @@ class FeatureLimits:
 
 DEFAULT_LIMITS = FeatureLimits()
 
-_SCALARS = {str, int, float, bool, type(None)}
-_NUMBERS = {int, float}
+# The integers orjson reads as integers (and writes): it reads any other as a float.
+_INT_LOW, _INT_END = -(2**63), 2**64
 
 
 def _leaves(obj: dict[str, Any], depth: int, limits: FeatureLimits) -> int:
     """The number of features in `obj`, or -1 if it needs `_clean` (a key starting with `_`,
-    a value of the wrong type, a limit reached). Rank runs this on every request, so the
-    common valid case builds nothing and formats no message."""
+    a value of the wrong type, a number the API's JSON would not hold as it is, a limit
+    reached). Rank runs this on every request, so the common valid case builds nothing and
+    formats no message."""
     if depth > limits.max_depth:
         return -1
     total = 0
@@ -64,7 +69,17 @@ def _leaves(obj: dict[str, Any], depth: int, limits: FeatureLimits) -> int:
         if type(key) is not str or not key or key[0] == "_":
             return -1
         kind = type(value)
-        if kind in _SCALARS:
+        if kind is str:
+            here += 1
+        elif kind is int:
+            if not _INT_LOW <= value < _INT_END:
+                return -1
+            here += 1
+        elif kind is float:
+            if value - value:  # NaN or infinite (finite: 0.0)
+                return -1
+            here += 1
+        elif kind is bool or value is None:
             here += 1
         elif key[0] >= "\x80":
             return -1  # a namespace VW cannot name (see _clean)
@@ -75,8 +90,15 @@ def _leaves(obj: dict[str, Any], depth: int, limits: FeatureLimits) -> int:
             total += inner
         elif kind is list:
             for item in value:
-                if type(item) not in _NUMBERS:
+                kind = type(item)
+                if kind is not float and (kind is not int or not _INT_LOW <= item < _INT_END):
                     return -1
+            # One sum finds NaN and infinities (it is one too) at C speed, where a test per
+            # item would double an embedding's cost; floats whose sum overflows go to _clean
+            # as well, which takes them.
+            added = sum(value)
+            if added - added:
+                return -1
             here += len(value)
         else:
             return -1
@@ -109,20 +131,55 @@ def _clean(
             total += inner
             continue
         if isinstance(value, list):
-            for item in value:
+            numbers = value
+            for i, item in enumerate(value):
                 if isinstance(item, bool) or not isinstance(item, int | float):
                     raise FeatureError(f"{where}.{key}: feature arrays may only contain numbers")
+                number = _number(item, f"{where}.{key}")
+                if number is not item:
+                    if numbers is value:
+                        numbers = list(value)  # (the caller's list stays as it was)
+                    numbers[i] = number
+            value = numbers
             here += len(value)
-        elif value is not None and not isinstance(value, str | int | float | bool):
-            raise FeatureError(f"{where}.{key}: unsupported feature value")
-        else:
+        elif value is None or isinstance(value, str | bool):
             here += 1
+        elif isinstance(value, int | float):
+            value = _number(value, f"{where}.{key}")
+            here += 1
+        else:
+            raise FeatureError(f"{where}.{key}: unsupported feature value")
         out[key] = value
     if here > limits.max_namespace_features:
         raise FeatureError(
             f"{where}: more than {limits.max_namespace_features} features in one object"
         )
     return out, total + here
+
+
+def _number(value: int | float, where: str) -> int | float:
+    """A feature's number as the API's parser would read it from JSON: an integer outside
+    orjson's 64 bits its float (what orjson reads for it); FeatureError for NaN and infinities
+    (JSON has none) and an integer past a double's range (orjson refuses it)."""
+    if isinstance(value, int):
+        if _INT_LOW <= value < _INT_END:
+            return value
+        try:
+            value = float(value)
+        except OverflowError:
+            raise FeatureError(_not_finite(where)) from None
+    if not math.isfinite(value):
+        raise FeatureError(_not_finite(where))
+    if type(value) is not float and type(value) is not int:  # (numpy.float64, an IntEnum)
+        return int(value) if isinstance(value, int) else float(value)  # what orjson writes
+    return value
+
+
+def _not_finite(where: str) -> str:
+    return (
+        f"{where}: feature values must be finite numbers (not NaN, infinite or past a double's "
+        "range)"
+    )
 
 
 def clean_features(

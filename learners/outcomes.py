@@ -156,6 +156,8 @@ class RewardRules:
             raise OutcomeError(f"at most {MAX_OUTCOMES} outcomes in one call")
         out: dict[str, float] = {}
         for name, value in values.items():
+            if not isinstance(name, str):  # (only an in-process caller can send one)
+                raise OutcomeError(f"outcome names must be strings: {repr(name)[:80]}")
             if not NAME.match(name):
                 raise OutcomeError(f"outcome names are {NAME_RULE}: {name[:80]!r}")
             rule = self.outcomes.get(name)

@@ -7,6 +7,7 @@ same action, which makes client retries and replays deterministic.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 
@@ -38,13 +39,15 @@ def sample(pmf: Sequence[float], key: str) -> int:
 
 
 def restrict(pmf: Sequence[float], eligible: Sequence[bool]) -> list[float]:
-    """Zero the ineligible entries and renormalise (uniform over eligible if no mass remains)."""
+    """Zero the ineligible entries and renormalise: uniform over eligible if no mass remains,
+    or if the mass is not a number (a model whose scores overflowed: VW's features are 32-bit
+    floats, and feature values past about 1e19 crossed by -q :: go past their range)."""
     if len(pmf) == len(eligible) and all(eligible):
         masked = list(pmf)
     else:
         masked = [p if ok else 0.0 for p, ok in zip(pmf, eligible, strict=True)]
     total = sum(masked)
-    if total <= 0:
+    if not 0 < total < math.inf:  # (NaN fails both)
         n = sum(eligible)
         return [1.0 / n if ok else 0.0 for ok in eligible]
     return [p / total for p in masked]

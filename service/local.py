@@ -325,7 +325,7 @@ class LocalRanker:
         r = (self._poll if wait else self._http).get(
             f"{self._base}/local/model", headers=headers, **extra
         )
-        if r.status_code == 304:
+        if r.status_code == 304 or self._closed:  # (a poll that outlived `close`: dropped)
             return False
         if r.status_code >= 400:
             raise ApiError(r.status_code, *_error(r))

@@ -166,7 +166,9 @@ def _parse_actions(
         raw = orjson.dumps(actions)
     except TypeError:  # (what JSON cannot hold: the checks say what is wrong with it)
         raw = None
-    if raw is None or len(raw) > CACHED_ACTIONS_BYTES:
+    # orjson writes NaN and the infinities as null: a list holding a null is checked as it is
+    # (the checks refuse them), never remembered by its JSON.
+    if raw is None or len(raw) > CACHED_ACTIONS_BYTES or b"null" in raw:
         return (*_check_actions(actions, limits), None)
     ids, feats, count, multi = _checked_actions(raw, limits)
     return list(ids), list(feats), count, multi

@@ -20,6 +20,7 @@ from service.storage.models import (
     Observation,
 )
 from service.storage.store.common import insert
+from service.storage.store.joined import storable
 from service.storage.store.stats import count_events
 
 
@@ -58,8 +59,8 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
             rows.dead.append(
                 {
                     "source": source,
-                    "record": raw.decode(errors="replace"),
-                    "reason": reason,
+                    "record": storable(raw.decode(errors="replace")),
+                    "reason": storable(reason),
                     "created_at": now,
                 }
             )

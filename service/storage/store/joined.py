@@ -32,9 +32,21 @@ def dead_letter(
     in-process ranker shipped that the server refused (no `ref`)."""
     session.add(
         DeadLetter(
-            source=source, loop=loop, ref=ref, record=record, reason=reason[:512], created_at=now
+            source=source,
+            loop=loop,
+            ref=ref,
+            record=storable(record),
+            reason=storable(reason[:512]),
+            created_at=now,
         )
     )
+
+
+def storable(text: str) -> str:
+    """`text` as a dead letter can hold it: NUL (which Postgres refuses in text) as U+FFFD,
+    as a decode with errors="replace" marks bytes it cannot read. A dead letter is what could
+    not be read, and refused it would fail its whole batch, again on every retry."""
+    return text.replace("\x00", "\ufffd")
 
 
 def poisoned(session: Session, *, source: str, loop: str, after: int) -> set[int]:

@@ -3,6 +3,8 @@ from the log."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import re
 from typing import Any
@@ -20,6 +22,7 @@ from learners.features import (
     actions_json,
     cb_line,
     clean_context,
+    clean_features,
     context_json,
     validate_features,
     with_actions,
@@ -155,6 +158,60 @@ def test_action_features_need_a_value() -> None:
     assert validate_features([{"a": 1}], "f", required=True) == [{"a": 1}]
 
 
+@pytest.mark.parametrize("required", [False, True])  # (context and slots; actions)
+def test_integers_past_64_bits_become_the_floats_the_api_reads(required: bool) -> None:
+    """The API's parser (orjson) reads an integer outside [-2**63, 2**64) as a float, and
+    orjson cannot write one: an in-process caller's is that float, wherever it is (a value, in
+    a namespace, in a numeric array), so both rankers see the same feature."""
+    features = [
+        {"big": 2**70, "ns": {"low": -(2**63) - 1, "top": 2**64 - 1, "bottom": -(2**63)}},
+        {"v": [1, 2**64, -(2**64)], "flag": True, "deep": {"er": {"n": 10**30}}},
+    ]
+    read = orjson.loads(json.dumps(features))  # what the API's parser makes of the same JSON
+    assert isinstance(read[0]["big"], float) and isinstance(read[0]["ns"]["top"], int)
+    cleaned, count = clean_features(features, "actions[0].features", required=required)
+    assert orjson.dumps(cleaned) == orjson.dumps(read)
+    assert count == clean_features(read, "f", required=required)[1] == 9
+    assert cleaned[1]["flag"] is True
+    assert clean_features(read, "f", required=required)[0] is read  # (the fast path's)
+
+
+@pytest.mark.parametrize(
+    ("features", "where"),
+    [
+        ([{"x": math.nan}], "x"),
+        ([{"u": "a"}, {"x": math.inf}], "x"),
+        ([{"x": -math.inf, "y": 1}], "x"),
+        ([{"ns": {"x": math.nan}}], "ns.x"),
+        ([{"v": [1.0, math.nan]}], "v"),
+        ([{"ns": {"v": [math.inf, 2]}}], "ns.v"),
+        ([{"x": 10**400}], "x"),  # a float() of it overflows (orjson: "number is infinity")
+        ([{"v": [1, -(10**400)]}], "v"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("at", "required"),
+    [("contextFeatures", False), ("actions[1].features", True), ("slots[0].features", False)],
+)
+def test_numbers_that_are_not_finite_are_refused_alike_everywhere(
+    features: Any, where: str, at: str, required: bool
+) -> None:
+    """JSON has no NaN or Infinity, so only an in-process caller can send one: refused the
+    same way wherever it is (orjson writes it as null: the feature was silently dropped, or
+    refused for another reason)."""
+    item = len(features) - 1  # (the last holds the bad number)
+    message = f"{at}[{item}].{where}: feature values must be finite numbers"
+    with pytest.raises(FeatureError, match=re.escape(message)):
+        clean_features(features, at, required=required)
+
+
+def test_finite_numbers_are_taken_whatever_their_sum() -> None:
+    """The fast check sums a numeric array to find NaN and infinities; finite floats whose sum
+    overflows are still features (the full check takes them)."""
+    features = [{"v": [1e308, 1e308, -(2**63), 2**64 - 1]}, {"x": -1e308}]
+    assert clean_features(features, "contextFeatures", required=True) == (features, 5)
+
+
 def test_string_arrays_do_break_vw_so_validation_matters() -> None:
     ws = vowpalwabbit.Workspace("--cb_explore_adf --json --quiet")
     bad = context_json([{"tags": ["a", "b"]}], ACTIONS)
@@ -270,3 +327,19 @@ def test_a_logged_namespace_named_past_ascii_is_refused_at_every_level(c: Any) -
     FromUrl's objects and each action's `j`), a record from elsewhere may."""
     with pytest.raises(FeatureError, match="must start with an ASCII character"):
         clean_context(c)
+
+
+def test_numbers_of_other_types_are_the_json_numbers_they_stand_for() -> None:
+    """A numpy float or an int subclass from an in-process caller is the number orjson writes
+    for it (orjson writes neither as it is)."""
+    import enum
+
+    import numpy as np
+
+    class Size(enum.IntEnum):
+        LARGE = 3
+
+    cleaned, count = clean_features(
+        [{"x": np.float64(1.5), "n": Size.LARGE, "v": [np.float64(2.0), 1]}], "f", required=True
+    )
+    assert orjson.dumps(cleaned) == b'[{"x":1.5,"n":3,"v":[2.0,1]}]' and count == 4

@@ -103,6 +103,7 @@ def test_the_training_reward_is_the_definition_s_value_or_the_default() -> None:
         ({}, "non-empty object"),
         ([1], "non-empty object"),
         ({"Click": 1}, "outcome names are"),
+        ({5: 1.0}, "outcome names must be strings: 5"),  # (only an in-process caller can)
         ({"views": 1}, "'views' is not configured"),
         ({"click": 2}, "between 0 and 1"),
         ({"purchase": -1}, "between 0 and 1000"),

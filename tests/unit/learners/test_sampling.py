@@ -43,3 +43,10 @@ def test_restrict_renormalises_over_eligible() -> None:
 def test_empty_pmf_is_an_error() -> None:
     with pytest.raises(ValueError):
         sample([0.0, 0.0], "k")
+
+
+def test_restrict_is_uniform_over_eligible_when_the_mass_is_not_a_number() -> None:
+    """A model whose scores overflowed (NaN, infinities) is drawn from uniformly."""
+    nan, inf = float("nan"), float("inf")
+    assert restrict([nan, nan, nan], [True, False, True]) == [0.5, 0.0, 0.5]
+    assert restrict([inf, 0.2, 0.1], [True, True, True]) == [1 / 3] * 3

@@ -1,6 +1,7 @@
-"""service.storage.store on a real database (SQLite; Postgres where concurrency matters):
-ingestion, the join's queries, dangling observations, the outbox's positions, the last admin
-key, and replicas racing for the environment key or the model-signing key."""
+"""service.storage.store on a real database (SQLite; Postgres where concurrency or its text
+rules matter): ingestion, dead letters holding NUL, the join's queries, dangling observations,
+the outbox's positions, the last admin key, and replicas racing for the environment key or the
+model-signing key."""
 
 from __future__ import annotations
 
@@ -92,6 +93,48 @@ def test_ingest_stores_a_decision_without_keys_no_reader_reads(
         rows = {d.event_id: d.record for d in session.query(Decision)}
     assert rows["e1"].encode() == decision("e1", 1.0)
     assert rows["e2"].encode() == decision("e2", 1.0)
+
+
+@pytest.fixture
+def postgres_sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
+    from service.storage.migrate import upgrade
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_dead_letter_holding_nul_is_stored_on_postgres(
+    postgres_sessions: sessionmaker[Session],
+) -> None:
+    """Postgres refuses NUL in text: a line an in-process ranker shipped holding one is kept
+    with U+FFFD in its place, record and reason, not refused (the ranker sends the batch first
+    in line again, and the server answered 500 to it forever)."""
+    with postgres_sessions.begin() as session:
+        store.dead_letter(session, source="local-records", loop="default", ref=None,
+                          record='{"k":"\x00"}', reason="line 1: bad \x00", now=1.0)  # fmt: skip
+    with postgres_sessions() as session:
+        dead = session.query(DeadLetter).one()
+        assert (dead.record, dead.reason) == ('{"k":"\ufffd"}', "line 1: bad \ufffd")
+
+
+def test_ingest_dead_letters_a_record_holding_nul_on_postgres(
+    postgres_sessions: sessionmaker[Session],
+) -> None:
+    """A garbage record with a NUL on the events topic is kept with U+FFFD in its place and
+    the batch goes on (refused, it failed every ingest batch it was in)."""
+    with postgres_sessions.begin() as session:
+        got = store.ingest(session, records=[b'{"k":"d"\x00', decision("e1", 1.0)], source="t",
+                           now=2.0)  # fmt: skip
+    assert got.dead == 1
+    with postgres_sessions() as session:
+        dead = session.query(DeadLetter).one()
+        assert dead.record == '{"k":"d"\ufffd'
+        assert dead.reason.startswith("RecordError: JSONDecodeError")
+        assert session.query(Decision).one().event_id == "e1"
 
 
 def test_an_observation_for_a_joined_event_is_late(sessions: sessionmaker[Session]) -> None:
