@@ -359,7 +359,9 @@ class RankerPool:
                 self.stats.timeouts += 1
                 self._event("timeout")
                 message = f"took longer than {self.timeout} s (the process was stopped)"
-                self._remember(_fingerprint(op, blob), message)
+                # Not remembered, as a crash is: a busy machine misses deadlines too, and the
+                # same request again (a retry; any identical request without an eventId) must
+                # be ranked, not refused for good. A costly request costs a restart each time.
                 raise SandboxTimeout(message) from None
             self.stats.crashes += 1
             self._event("crash")

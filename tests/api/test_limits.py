@@ -222,6 +222,26 @@ def test_an_expensive_rank_blocks_nobody_and_is_cut_at_its_deadline(
     assert r.status_code == 201, r.text
 
 
+def test_a_rank_cut_at_its_deadline_is_tried_again_when_sent_again(
+    slow_server: LiveServer,
+) -> None:
+    """A deadline is missed as often because the machine is busy as because of the request:
+    the same request sent again (a client's retry, or every identical request without an
+    eventId) is ranked again, not refused from memory as a request that crashed VW is."""
+    url = slow_server.url
+    model = httpx.get(url + "/personalizer/v1.0/model", headers=AUTH).content
+    assert httpx.put(url + "/personalizer/v1.0/model", content=model, headers=AUTH).is_success
+    body = {
+        "contextFeatures": many_features(20_000),
+        "actions": [{"id": f"a{i}", "features": [{"x": i + 1}]} for i in range(50)],
+    }
+    for _ in range(2):
+        r = httpx.post(url + "/personalizer/v1.0/rank", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 400 and "took longer" in r.json()["error"]["message"], r.text
+    metrics = httpx.get(url + "/metrics", headers=AUTH).text
+    assert "dloop_ranker_timeouts 2" in metrics and "dloop_ranker_refused 0" in metrics
+
+
 def test_deeply_nested_features_are_400(harness: Harness) -> None:
     """orjson cannot write past 254 levels: this used to be a 500."""
     deep: dict[str, Any] = {"leaf": 1}
