@@ -69,6 +69,11 @@ class OutcomeRule:
     default: float | None = 0.0
 
 
+def _in_range(reward: float) -> float:
+    low, high = REWARD_RANGE
+    return min(high, max(low, reward))
+
+
 @dataclass(frozen=True)
 class RewardRules:
     """A loop's outcomes (`reward` included) and how they make the training reward."""
@@ -133,10 +138,12 @@ class RewardRules:
     def reward(self, outcomes: Mapping[str, float]) -> tuple[float, bool]:
         """The training reward of an event's aggregated outcomes, and whether any outcome it
         reads arrived (the event counts as rewarded). Outcomes that never arrived take their
-        declared defaults; `reward` the loop's default reward."""
+        declared defaults; `reward` the loop's default reward. Clipped to the reward range:
+        a definition is checked against each outcome's range, but an outcome summed over
+        several calls, or sent under a range an admin has since narrowed, can leave it."""
         if self.definition is None:
             if REWARD in outcomes:
-                return float(outcomes[REWARD]), True
+                return _in_range(float(outcomes[REWARD])), True
             return self.default, False
         rewarded = any(name in outcomes for name in self.definition.names)
         filled = {REWARD: self.default}
@@ -144,7 +151,7 @@ class RewardRules:
             if rule.default is not None and name != REWARD:
                 filled[name] = rule.default
         try:
-            return self.definition.evaluate({**filled, **outcomes}), rewarded
+            return _in_range(self.definition.evaluate({**filled, **outcomes})), rewarded
         except MissingOutcome:
             return self.default, rewarded
 

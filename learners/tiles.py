@@ -23,6 +23,8 @@ from typing import Any
 from learners.features import FeatureError
 
 MAX_TILINGS = 32
+# The narrowest tile (a value's cell is value / width: 1e-320 made every value overflow).
+MIN_WIDTH = 1e-9
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,10 @@ class TileCoding:
         if not 1 <= self.tilings <= MAX_TILINGS:
             raise ValueError(f"tilings must be from 1 to {MAX_TILINGS}")
         for name, widths in self.widths.items():
-            if not name or not widths or not all(math.isfinite(w) and w > 0 for w in widths):
-                raise ValueError(f"{name}: tile widths must be positive numbers")
+            if not name or not widths or not all(MIN_WIDTH <= w < math.inf for w in widths):
+                raise ValueError(
+                    f"{name}: tile widths must be positive numbers, at least {MIN_WIDTH:g}"
+                )
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> TileCoding:
@@ -96,4 +100,6 @@ class TileCoding:
                 f"{key} is tile-coded: it must be {len(widths)} finite number"
                 f"{'s in an array' if len(widths) > 1 else ''}"
             )
+        if not all(math.isfinite(v / w) for v, w in zip(values, widths, strict=True)):
+            raise FeatureError(f"{key} is tile-coded: its value is too large for its tile width")
         return {f"{name}{k}": cell for k, cell in self.cells(values, widths).items()}

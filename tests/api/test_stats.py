@@ -174,3 +174,17 @@ def test_rl_loops_report_episode_returns(harness: Harness) -> None:
     harness.work()
     again = harness.client.get("/loops/tutor/stats", headers=AUTH).json()
     assert sum(b["episodes"]["count"] for b in again["buckets"] if "episodes" in b) == 5
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "until=0001-01-01T00:00:01Z",  # since defaults to a day before: before year 1
+        "until=0001-01-01T23:59:59Z",
+        "since=2026-01-01T00:00:00Z&until=9999-12-31T23:59:59Z",
+    ],
+)
+def test_a_range_past_the_dates_a_bucket_can_show_is_a_400(harness: Harness, query: str) -> None:
+    r = harness.client.get(f"/loops/default/stats?{query}", headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "InvalidRequest"

@@ -3,7 +3,7 @@ live holdout's uplift and per-bucket statistics, the data behind every chart of 
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter
@@ -43,6 +43,11 @@ def get_guardrails(d: State, rt: ViewNamed) -> dict[str, Any]:
         )
 
 
+# The times a bucket can be shown with (datetime's years 1 to 9999).
+_EARLIEST = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+_LATEST = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
+
+
 def _time(value: str | None, name: str, default: float) -> float:
     if value is None:
         return default
@@ -70,6 +75,12 @@ def get_stats(
     start = _time(since, "since", end - 86400)
     if start >= end:
         raise bad_request("InvalidRequest", "since must be before until")
+    if start < _EARLIEST or end > _LATEST:  # (the buckets' times must be dates to be shown)
+        raise bad_request(
+            "InvalidRequest",
+            "since and until must lie from 0001-01-01 to 9999-12-31 (since: until less a day, "
+            "when not given)",
+        )
     asked = None
     if bucket is not None:
         try:

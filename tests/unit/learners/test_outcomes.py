@@ -97,6 +97,21 @@ def test_the_training_reward_is_the_definition_s_value_or_the_default() -> None:
     assert plain.reward({"click": 1}) == (0.25, False)
 
 
+def test_the_training_reward_never_leaves_the_reward_range() -> None:
+    """Outcomes summed past their range (each value in it, the sum not), or sent under a wider
+    range an admin has since narrowed: the training reward is clipped to [-1, 1] (it was 5.0
+    and 8.0, learned as such and shown in the statistics)."""
+    summed = RewardRules(
+        0.0,
+        {"click": OutcomeRule("click", "sum", 0.0, 1.0)},
+        parse("click", ranges={"click": (0.0, 1.0)}),
+    )
+    assert summed.reward(summed.aggregate([("click", 1.0)] * 5)) == (1.0, True)
+    assert summed.reward({"click": -8.0}) == (-1.0, True)
+    plain = RewardRules.personalizer(0.0, "sum")
+    assert plain.reward(plain.aggregate([("reward", 0.75)] * 3)) == (1.0, True)
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
