@@ -196,6 +196,8 @@ def rank_slots(
             f"loop '{s.loop}' is single-slot; multi-slot needs a loop of kind ccb",
         )
     req = parse_rank(body, max_actions, limits)
+    if body.get("episodeId") is not None:  # (as a single-slot loop that is not rl refuses it)
+        raise rank_error("episodeId is only accepted by loops of kind rl")
     ranking.code_tiles(s.tiles, req)
     ids: list[str] = req["ids"]
     slots, count = parse_slots(body, ids, limits)

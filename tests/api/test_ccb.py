@@ -127,6 +127,7 @@ def test_multislot_rank_reward_and_the_logged_ccb_line(harness: Harness) -> None
             "InvalidRankRequest",
         ),
         ({"actions": []}, "InvalidRankRequest"),
+        ({"episodeId": "ep1"}, "InvalidRankRequest"),  # (was taken, and ignored)
     ],
 )
 def test_bad_multislot_requests(harness: Harness, change: dict[str, Any], code: str) -> None:
