@@ -23,7 +23,8 @@ from typing import Any
 from learners.features import FeatureError
 
 MAX_TILINGS = 32
-# The narrowest tile (a value's cell is value / width: 1e-320 made every value overflow).
+# The narrowest tile a loop may be given (a value's cell is value / width: 1e-320 made every
+# value overflow; service.core.schemas checks it when a configuration is set).
 MIN_WIDTH = 1e-9
 
 
@@ -38,10 +39,8 @@ class TileCoding:
         if not 1 <= self.tilings <= MAX_TILINGS:
             raise ValueError(f"tilings must be from 1 to {MAX_TILINGS}")
         for name, widths in self.widths.items():
-            if not name or not widths or not all(MIN_WIDTH <= w < math.inf for w in widths):
-                raise ValueError(
-                    f"{name}: tile widths must be positive numbers, at least {MIN_WIDTH:g}"
-                )
+            if not name or not widths or not all(math.isfinite(w) and w > 0 for w in widths):
+                raise ValueError(f"{name}: tile widths must be positive numbers")
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> TileCoding:

@@ -35,12 +35,34 @@ from learners.outcomes import (
     RewardRules,
 )
 from learners.reward import NAME, NAME_RULE, Definition, DefinitionError, parse
-from learners.tiles import MAX_TILINGS, TileCoding
+from learners.tiles import MAX_TILINGS, MIN_WIDTH, TileCoding
 from service.core.kinds import loop_kind
 
 MIN_WAIT = timedelta(seconds=1)
 MAX_WAIT = timedelta(days=30)
 MIN_EXPORT = timedelta(seconds=1)
+# The most days logRetentionDays and modelRetrainDays take (about a century, long before any
+# event: as long as forever). The worker subtracts them from the clock, in seconds, as floats.
+MAX_DAYS = 36_500
+# The largest magnitude of an outcome's range: the joiner's rollups sum an outcome's values, their
+# squares and their inverse-propensity weightings, which near 1e308 overflow to inf (and inf - inf
+# to NaN, which no rollup can store); 1e12 leaves them far from it.
+MAX_OUTCOME = 1e12
+
+# dloop's own fields: a configuration update without one keeps its value (an application
+# written for Personalizer, whose SDK drops fields it does not know, must not reset them), and
+# null sets it back to its default.
+DLOOP_FIELDS = (
+    "discountFactor",
+    "holdoutPercentage",
+    "holdoutPolicy",
+    "outcomes",
+    "rewardDefinition",
+    "guardrails",
+    "exposureCaps",
+    "maxExplorationProbability",
+    "tileCoding",
+)
 
 
 class Wire(BaseModel):
@@ -71,8 +93,9 @@ class OutcomeSpec(Wire):
 
     name: str
     aggregation: str = "earliest"
-    min: float
-    max: float
+    # At most MAX_OUTCOME either way (checked when set: ServiceConfiguration.check_limits).
+    min: float = Field(json_schema_extra={"minimum": -MAX_OUTCOME, "maximum": MAX_OUTCOME})
+    max: float = Field(json_schema_extra={"minimum": -MAX_OUTCOME, "maximum": MAX_OUTCOME})
     # Its value for an event it never arrived for (null: none, see learners.outcomes).
     default: float | None = 0.0
 
@@ -170,8 +193,9 @@ class ServiceConfiguration(Wire):
     reward_aggregation: str
     exploration_percentage: float = Field(ge=0, le=1)
     model_export_frequency: timedelta
-    log_retention_days: int
-    model_retrain_days: int = Field(ge=0)
+    # -1 keeps events forever. Both at most MAX_DAYS (checked when set: check_limits).
+    log_retention_days: int = Field(json_schema_extra={"maximum": MAX_DAYS})
+    model_retrain_days: int = Field(ge=0, json_schema_extra={"maximum": MAX_DAYS})
     log_mirror_enabled: bool | None = None
     log_mirror_sas_uri: str | None = None
     last_configuration_edit_date: datetime | None = None
@@ -201,6 +225,17 @@ class ServiceConfiguration(Wire):
     # them): how a linear model learns values that are not linear in a number (learners.tiles).
     tile_coding: TileCodingSpec | None = None
     latest_apprentice_mode_metrics: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cleared(cls, data: Any) -> Any:
+        """null for one of dloop's own fields is its default (README: "send null to clear
+        one"): the lists' default is empty, and their type takes no null."""
+        if isinstance(data, dict):
+            return {
+                k: v for k, v in data.items() if v is not None or to_camel(k) not in DLOOP_FIELDS
+            }
+        return data
 
     @field_validator("max_exploration_probability")
     @classmethod
@@ -301,12 +336,31 @@ class ServiceConfiguration(Wire):
             self.default_reward, rules, self.definition(), self.reward_definition_version
         )
 
-    def check_retention(self) -> None:
+    def check_limits(self) -> None:
+        """What a configuration being set must also meet (parse_config). Not checked when a
+        stored one is read (LoopSettings.from_doc): one stored before a limit existed must still
+        load, as a loop that cannot load stops the service starting."""
         days = math.ceil(self.reward_wait_time.total_seconds() / 86400) + 1
-        if self.log_retention_days != -1 and self.log_retention_days < days:
-            raise ValueError(f"logRetentionDays must be -1 or at least {days}")
+        if self.log_retention_days != -1 and not days <= self.log_retention_days <= MAX_DAYS:
+            raise ValueError(f"logRetentionDays must be -1 (forever) or from {days} to {MAX_DAYS}")
+        if self.model_retrain_days > MAX_DAYS:
+            raise ValueError(f"modelRetrainDays must be from 0 to {MAX_DAYS}")
         if self.log_retention_days != -1 and self.model_retrain_days > self.log_retention_days:
             raise ValueError("modelRetrainDays cannot exceed logRetentionDays")
+        if self.tile_coding is not None:
+            for name, widths in self.tile_coding.widths.items():
+                if min(widths) < MIN_WIDTH:
+                    raise ValueError(
+                        f"tileCoding.widths.{name}: tile widths must be at least {MIN_WIDTH:g} "
+                        "(a value's cell is value / width)"
+                    )
+        for i, o in enumerate(self.outcomes):
+            if max(abs(o.min), abs(o.max)) > MAX_OUTCOME:
+                raise ValueError(
+                    f"outcomes.{i}: outcome {o.name}: min and max must lie between "
+                    f"-{MAX_OUTCOME:g} and {MAX_OUTCOME:g} (the loop's statistics sum squares "
+                    "of its values, which overflow past that)"
+                )
 
     def stored(self) -> dict[str, Any]:
         doc = self.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -347,21 +401,6 @@ class KeyRequest(Wire):
         if self.expires_at.timestamp() <= now:
             raise ValueError("expiresAt: must be in the future")
         return self.expires_at.timestamp()
-
-
-# dloop's own fields: a configuration update without one keeps its value (an application
-# written for Personalizer, whose SDK drops fields it does not know, must not reset them).
-DLOOP_FIELDS = (
-    "discountFactor",
-    "holdoutPercentage",
-    "holdoutPolicy",
-    "outcomes",
-    "rewardDefinition",
-    "guardrails",
-    "exposureCaps",
-    "maxExplorationProbability",
-    "tileCoding",
-)
 
 
 def offline_rules(config: dict[str, Any] | None, formula: str) -> RewardRules:
@@ -414,7 +453,7 @@ def parse_config(doc: dict[str, Any]) -> ServiceConfiguration:
         cfg = ServiceConfiguration.model_validate(doc)
     except ValidationError as exc:
         raise ValueError(validation_message(exc)) from None
-    cfg.check_retention()
+    cfg.check_limits()
     return cfg
 
 
@@ -465,8 +504,10 @@ class LoopSettings:
             exploration=cfg.exploration_percentage,
             export_every=cfg.model_export_frequency.total_seconds(),
             mode=cfg.learning_mode,
-            retrain_days=cfg.model_retrain_days,
-            retention_days=cfg.log_retention_days,
+            # At most MAX_DAYS, as long as forever: one stored before the limit could be too
+            # large for a float, and the worker subtracts it from the clock.
+            retrain_days=min(cfg.model_retrain_days, MAX_DAYS),
+            retention_days=min(cfg.log_retention_days, MAX_DAYS),
             explain=bool(cfg.is_inference_explainability_enabled),
             discount=cfg.discount_factor,
             holdout=cfg.holdout_percentage / 100 if cfg.learning_mode == "Online" else 0.0,

@@ -16,6 +16,7 @@ from service.api.state import Dloop
 from service.core.schemas import (
     DLOOP_FIELDS,
     PolicyContract,
+    ServiceConfiguration,
     default_policy,
     parse_config,
     validation_message,
@@ -63,7 +64,9 @@ def update_service_configuration(
             "ProblemTypeIncompatibleWithAutoOptimization",
             "auto-optimization is not available for multi-slot loops",
         )
-    old = parse_config(rt.config)
+    # The stored configuration as it loads, not checked again: one stored before a limit of
+    # parse_config existed must not stop the update that replaces it.
+    old = ServiceConfiguration.model_validate(rt.config)
     if new.learning_mode != old.learning_mode and (
         new.default_reward != old.default_reward
         or new.reward_wait_time != old.reward_wait_time
