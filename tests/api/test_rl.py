@@ -16,7 +16,7 @@ from learners.rl import DEFAULT_RL_EXPLORATION, TABULAR_RL_POLICY, RLTrainer, St
 from service.client import Client, DloopError
 from service.pipeline import simulate
 from service.storage import store
-from service.storage.models import Episode, Joined, ModelCheckpoint
+from service.storage.models import DeadLetter, Episode, Joined, ModelCheckpoint
 from tests.support.harness import ADMIN_KEY, AUTH, Harness
 
 ACTIONS = [{"id": a, "features": [{"action": {"a": a}}]} for a in ("left", "right")]
@@ -107,6 +107,39 @@ def test_episode_api(harness: Harness) -> None:
         headers=AUTH,
     )
     assert r.status_code == 400
+
+
+def test_a_step_ranked_after_its_episode_ended_is_dead_lettered_not_lost(
+    harness: Harness,
+) -> None:
+    """An episode is learned once, when it ends: a step ranked with its id afterwards would be
+    joined and never learned. It goes to the dead letters with why; the episode's own steps,
+    and a repeat of one of them, are untouched."""
+    rl = make_loop(harness, "tutor", "rl")
+    with rl.episode("ep1") as ep:
+        for i in range(3):
+            ep.rank([{"level": str(i)}], ACTIONS, event_id=f"s{i}")
+            rl.reward(f"s{i}", 0.1)
+    harness.clock.advance(10)
+    harness.work()
+    base = "/loops/tutor/personalizer/v1.0"
+    late = {"contextFeatures": [{"level": "9"}], "actions": ACTIONS, "episodeId": "ep1"}
+    r = harness.client.post(f"{base}/rank", json={**late, "eventId": "late"}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    harness.clock.advance(10)
+    harness.work()
+    with harness.dloop.sessions() as s:
+        steps = {j.event_id for j in s.scalars(select(Joined))}
+        letters = [(d.loop, d.reason) for d in s.scalars(select(DeadLetter))]
+    assert steps == {"s0", "s1", "s2"}
+    assert letters == [
+        (
+            "tutor",
+            "a step of episode 'ep1' ranked after the episode ended (an episode is learned "
+            "once, when it ends)",
+        )
+    ]
+    assert "dloop_dead_letters 1" in harness.client.get("/metrics", headers=AUTH).text
 
 
 @pytest.mark.slow

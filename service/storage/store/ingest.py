@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
-from sqlalchemy import exists, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from learners.features import clean_context
@@ -59,6 +59,7 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
             rows.dead.append(
                 {
                     "source": source,
+                    "loop": None,  # (unread)
                     "record": storable(raw.decode(errors="replace")),
                     "reason": storable(reason),
                     "created_at": now,
@@ -66,6 +67,7 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
             )
             continue
         _add(rows, r, raw)
+    _late_steps(session, rows, source, now)
     _insert_rows(session, rows)
     observed = {str(r["loop"]) for r in (*rows.observations, *rows.ends)}
     first: dict[str, float] = {}
@@ -129,6 +131,66 @@ def _add(rows: _Rows, r: record.Record, raw: bytes) -> None:
                 "name": r.n,
             }
         )
+
+
+def _late_steps(session: Session, rows: _Rows, source: str, now: float) -> None:
+    """RL steps ranked after their episode ended (by their times: on the Kafka path a step and
+    its episode's end may reach ingestion in either order) go to the dead letters, with why:
+    an episode is learned once, when it ends, so a step after its end would be joined and
+    never learned. A repeat of a step already stored is left to be dropped as any repeated
+    decision is."""
+    steps: dict[str, dict[str, list[int]]] = {}  # loop -> episode -> decision indexes
+    for i, row in enumerate(rows.decisions):
+        if row["episode"] is not None:
+            steps.setdefault(row["loop"], {}).setdefault(row["episode"], []).append(i)
+    if not steps:
+        return
+    ended = {(e["loop"], e["episode_id"]): e["ended_at"] for e in reversed(rows.ends)}
+    for loop, episodes in steps.items():
+        stored = select(Episode.episode_id, Episode.ended_at).where(
+            Episode.loop == loop, Episode.episode_id.in_(list(episodes))
+        )
+        for episode, at in session.execute(stored):
+            ended[(loop, episode)] = at  # (the first end counts)
+    late = {
+        i
+        for loop, episodes in steps.items()
+        for episode, indexes in episodes.items()
+        if (loop, episode) in ended
+        for i in indexes
+        if rows.decisions[i]["created_at"] > ended[(loop, episode)]
+    }
+    if not late:
+        return
+    ids: dict[str, list[str]] = {}
+    for i in late:
+        ids.setdefault(rows.decisions[i]["loop"], []).append(rows.decisions[i]["event_id"])
+    repeats = {
+        (loop, event_id)
+        for loop, events in ids.items()
+        for event_id in session.scalars(
+            select(Decision.event_id).where(Decision.loop == loop, Decision.event_id.in_(events))
+        )
+    }
+    kept = []
+    for i, row in enumerate(rows.decisions):
+        if i not in late:
+            kept.append(row)
+        elif (row["loop"], row["event_id"]) not in repeats:
+            why = (
+                f"a step of episode '{row['episode']}' ranked after the episode ended (an "
+                "episode is learned once, when it ends)"
+            )
+            rows.dead.append(
+                {
+                    "source": source,
+                    "loop": row["loop"],
+                    "record": storable(row["record"]),
+                    "reason": storable(why[:512]),
+                    "created_at": now,
+                }
+            )
+    rows.decisions = kept
 
 
 def _insert_rows(session: Session, rows: _Rows) -> None:

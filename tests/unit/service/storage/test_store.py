@@ -345,3 +345,54 @@ def test_replicas_racing_for_the_signing_key_agree_on_one(postgres_url: str) -> 
         assert found == [key] and len(key) == 32
     finally:
         engine.dispose()
+
+
+def test_a_step_is_late_by_its_time_not_by_when_it_is_ingested(
+    sessions: sessionmaker[Session],
+) -> None:
+    """On the Kafka path an episode's end and its steps travel on different partitions: a step
+    ingested after the end but ranked before it is stored; one ranked after it, and one after
+    an end earlier in the same batch, go to the dead letters."""
+
+    def step(event_id: str, t: float) -> bytes:
+        return record.encode(
+            record.Decision(
+                "default", event_id, t, False, "Online", CONTEXT, [0, 1], [0.5, 0.5], 0, "N/A",
+                ep="ep1",
+            )
+        )  # fmt: skip
+
+    end = record.encode(record.EpisodeEnd("default", "ep1", 10.0, True))
+    with sessions.begin() as session:
+        store.ingest(session, records=[step("s0", 1.0), end], source="t", now=10.0)
+    with sessions.begin() as session:
+        got = store.ingest(
+            session,
+            records=[step("s1", 5.0), step("late", 11.0), step("s0", 12.0)],
+            source="t",
+            now=12.0,
+        )
+    assert got.dead == 1
+    with sessions.begin() as session:
+        store.ingest(
+            session,
+            records=[
+                record.encode(record.EpisodeEnd("default", "ep2", 20.0, True)),
+                record.encode(
+                    record.Decision(
+                        "default", "after", 21.0, False, "Online", CONTEXT, [0, 1], [0.5, 0.5],
+                        0, "N/A", ep="ep2",
+                    )
+                ),
+            ],
+            source="t",
+            now=21.0,
+        )  # fmt: skip
+    with sessions() as session:
+        stored = {d.event_id for d in session.query(Decision)}
+        dead = [(d.loop, d.reason[:30]) for d in session.query(DeadLetter)]
+    assert stored == {"s0", "s1"}
+    assert dead == [
+        ("default", "a step of episode 'ep1' ranked"),
+        ("default", "a step of episode 'ep2' ranked"),
+    ]
