@@ -546,7 +546,7 @@ class LocalRanker:
         with self._ship_lock:
             try:
                 while self._buffered:
-                    path, count = self._buffered[0]
+                    path, _ = self._buffered[0]
                     # (A file a crash left empty, or cut short, holds what it holds.)
                     batch = path.read_bytes().strip()
                     took = self._ship(batch, _count(batch)) if batch else 0

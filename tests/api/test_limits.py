@@ -189,16 +189,22 @@ def slow_server(tmp_path: Path) -> Iterator[LiveServer]:
         yield live
 
 
+def _expensive_rank(url: str) -> dict[str, Any]:
+    """A model on the server (so rank runs VW's real path), and a rank body that takes VW
+    seconds: 20,000 context features crossed with 50 actions."""
+    model = httpx.get(url + "/personalizer/v1.0/model", headers=AUTH).content
+    assert httpx.put(url + "/personalizer/v1.0/model", content=model, headers=AUTH).is_success
+    return {
+        "contextFeatures": many_features(20_000),
+        "actions": [{"id": f"a{i}", "features": [{"x": i + 1}]} for i in range(50)],
+    }
+
+
 def test_an_expensive_rank_blocks_nobody_and_is_cut_at_its_deadline(
     slow_server: LiveServer,
 ) -> None:
     url = slow_server.url
-    model = httpx.get(url + "/personalizer/v1.0/model", headers=AUTH).content
-    assert httpx.put(url + "/personalizer/v1.0/model", content=model, headers=AUTH).is_success
-    body = {
-        "contextFeatures": many_features(20_000),
-        "actions": [{"id": f"a{i}", "features": [{"x": i + 1}]} for i in range(50)],
-    }
+    body = _expensive_rank(url)
     answer: list[httpx.Response] = []
     worker = threading.Thread(
         target=lambda: answer.append(
@@ -229,12 +235,7 @@ def test_a_rank_cut_at_its_deadline_is_tried_again_when_sent_again(
     the same request sent again (a client's retry, or every identical request without an
     eventId) is ranked again, not refused from memory as a request that crashed VW is."""
     url = slow_server.url
-    model = httpx.get(url + "/personalizer/v1.0/model", headers=AUTH).content
-    assert httpx.put(url + "/personalizer/v1.0/model", content=model, headers=AUTH).is_success
-    body = {
-        "contextFeatures": many_features(20_000),
-        "actions": [{"id": f"a{i}", "features": [{"x": i + 1}]} for i in range(50)],
-    }
+    body = _expensive_rank(url)
     for _ in range(2):
         r = httpx.post(url + "/personalizer/v1.0/rank", json=body, headers=AUTH, timeout=60)
         assert r.status_code == 400 and "took longer" in r.json()["error"]["message"], r.text

@@ -7,7 +7,6 @@ decisions and rewards it ships are joined and learned like the server's own."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +32,6 @@ def _body(i: int, **kw: Any) -> dict[str, Any]:
     }
     body.update(kw)
     return body
-
-
-@pytest.fixture
-def client_key(harness: Harness) -> str:
-    r = harness.client.post("/loops/default/keys", headers=AUTH)
-    assert r.status_code == 201, r.text
-    key: str = r.json()["key"]
-    return key
-
-
-@pytest.fixture
-def local(harness: Harness, client_key: str) -> Iterator[LocalRanker]:
-    ranker = LocalRanker(key=client_key, http=harness.client, background=False, clock=harness.clock)
-    yield ranker
-    ranker.close()
 
 
 def _train(h: Harness, n: int = 300) -> None:

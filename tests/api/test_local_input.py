@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,21 +22,6 @@ BIG = 2**70  # orjson reads it as a float
 LOW = -(2**64)  # and this
 
 
-@pytest.fixture
-def client_key(harness: Harness) -> str:
-    r = harness.client.post("/loops/default/keys", headers=AUTH)
-    assert r.status_code == 201, r.text
-    key: str = r.json()["key"]
-    return key
-
-
-@pytest.fixture
-def local(harness: Harness, client_key: str) -> Iterator[LocalRanker]:
-    ranker = LocalRanker(key=client_key, http=harness.client, background=False, clock=harness.clock)
-    yield ranker
-    ranker.close()
-
-
 def _body(event_id: str, big: Any, low: Any) -> dict[str, Any]:
     return {
         "eventId": event_id,
@@ -48,6 +32,30 @@ def _body(event_id: str, big: Any, low: Any) -> dict[str, Any]:
             {"id": "a2", "features": [{"topic": "t2"}]},
         ],
     }
+
+
+def _train(harness: Harness, slots: list[dict[str, Any]] | None = None) -> None:
+    """A model trained on 120 decisions of moderate feature values (a1 rewarded; on a
+    multi-slot page, `slots` given, a2 in every slot)."""
+    base = "/loops/page/personalizer/v1.0" if slots else "/personalizer/v1.0"
+    for i in range(120):
+        body = _body(f"t{i}", 1.0 + i % 3, -(i % 2))
+        if slots is None:
+            out = harness.rank(body)
+            harness.reward(f"t{i}", 1.0 if out["rewardActionId"] == "a1" else 0.0)
+            continue
+        page = harness.client.post(
+            f"{base}/multislot/rank", json={**body, "slots": slots}, headers=AUTH
+        ).json()
+        rewards = [
+            {"slotId": s["id"], "value": 1.0 if s["rewardActionId"] == "a2" else 0.0}
+            for s in page["slots"]
+        ]
+        harness.client.post(
+            f"{base}/multislot/events/t{i}/reward", json={"reward": rewards}, headers=AUTH
+        )
+    harness.clock.advance(601)
+    harness.work()
 
 
 def _http_rank(harness: Harness, body: dict[str, Any]) -> dict[str, Any]:
@@ -88,11 +96,7 @@ def test_integers_past_64_bits_rank_in_process_as_over_http(
     server, mine = _logged_c(harness, "srv"), _logged_c(harness, "loc")
     assert mine == server
     assert '"big":1.1805916207174113e+21' in mine and '"n":-1.8446744073709552e+19' in mine
-    for i in range(120):
-        out = harness.rank(_body(f"t{i}", 1.0 + i % 3, -(i % 2)))
-        harness.reward(f"t{i}", 1.0 if out["rewardActionId"] == "a1" else 0.0)
-    harness.clock.advance(601)
-    harness.work()
+    _train(harness)
     assert local.refresh()
     # (Only the action's: VW's features are 32-bit floats, and the product of two such
     # values, crossed by -q ::, is past their range.)
@@ -160,11 +164,7 @@ def test_a_model_that_cannot_score_a_request_is_answered_with_finite_probabiliti
     crossed by -q ::) on a trained model: the request is valid JSON, and both rankers answer it
     drawing uniformly over the eligible actions, with probabilities that are numbers (they
     answered null, and logged NaN)."""
-    for i in range(120):
-        out = harness.rank(_body(f"t{i}", 1.0 + i % 3, -(i % 2)))
-        harness.reward(f"t{i}", 1.0 if out["rewardActionId"] == "a1" else 0.0)
-    harness.clock.advance(601)
-    harness.work()
+    _train(harness)
     assert local.refresh()
     body = {**_body("huge", 1e21, -1.8e19), "excludedActions": ["a2"]}
     served = _http_rank(harness, body)
@@ -182,16 +182,7 @@ def test_a_multi_slot_model_that_cannot_score_a_page_fills_it_with_finite_probab
     assert c.put("/loops/page", json={"kind": "ccb"}, headers=AUTH).status_code == 201
     base = "/loops/page/personalizer/v1.0"
     slots = [{"id": "top", "baselineAction": "a0"}, {"id": "side", "baselineAction": "a1"}]
-    for i in range(120):
-        body = {**_body(f"t{i}", 1.0 + i % 3, -(i % 2)), "slots": slots}
-        out = c.post(f"{base}/multislot/rank", json=body, headers=AUTH).json()
-        rewards = [
-            {"slotId": s["id"], "value": 1.0 if s["rewardActionId"] == "a2" else 0.0}
-            for s in out["slots"]
-        ]
-        c.post(f"{base}/multislot/events/t{i}/reward", json={"reward": rewards}, headers=AUTH)
-    harness.clock.advance(601)
-    harness.work()
+    _train(harness, slots)
     key = c.post("/loops/page/keys", headers=AUTH).json()["key"]
     page = LocalRanker(key=key, loop="page", http=c, background=False, clock=harness.clock)
     try:

@@ -55,16 +55,8 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
         try:
             r, raw = _read(raw)
         except (RecordError, TypeError, ValueError, RecursionError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:512]
-            rows.dead.append(
-                {
-                    "source": source,
-                    "loop": None,  # (unread)
-                    "record": storable(raw.decode(errors="replace")),
-                    "reason": storable(reason),
-                    "created_at": now,
-                }
-            )
+            why = f"{type(exc).__name__}: {exc}"
+            rows.dead.append(_dead(source, None, raw.decode(errors="replace"), why, now))
             continue
         _add(rows, r, raw)
     _late_steps(session, rows, source, now)
@@ -75,6 +67,17 @@ def ingest(session: Session, *, records: Iterable[bytes], source: str, now: floa
         loop, t = str(row["loop"]), float(row["created_at"])
         first[loop] = min(first.get(loop, t), t)
     return Ingested(len(rows.dead), observed, first)
+
+
+def _dead(source: str, loop: str | None, text: str, why: str, now: float) -> dict[str, Any]:
+    """A dead-letter row (as store.dead_letter keeps one: storable, the reason cut short)."""
+    return {
+        "source": source,
+        "loop": loop,
+        "record": storable(text),
+        "reason": storable(why[:512]),
+        "created_at": now,
+    }
 
 
 def _read(raw: bytes) -> tuple[record.Record, bytes]:
@@ -181,15 +184,7 @@ def _late_steps(session: Session, rows: _Rows, source: str, now: float) -> None:
                 f"a step of episode '{row['episode']}' ranked after the episode ended (an "
                 "episode is learned once, when it ends)"
             )
-            rows.dead.append(
-                {
-                    "source": source,
-                    "loop": row["loop"],
-                    "record": storable(row["record"]),
-                    "reason": storable(why[:512]),
-                    "created_at": now,
-                }
-            )
+            rows.dead.append(_dead(source, row["loop"], row["record"], why, now))
     rows.decisions = kept
 
 

@@ -28,13 +28,17 @@ KEY_B = "env-key-b-0123456789abcdefghijklmnop"
 CONTEXT = context_json([{"user": "u"}], [("a", [{"k": 1}]), ("b", [{"k": 2}])]).decode()
 
 
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(make_settings(tmp_path / "data").database_url)
+def _sessions(url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(url)
     try:
         yield make_sessionmaker(engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    yield from _sessions(make_settings(tmp_path / "data").database_url)
 
 
 def decision(event_id: str, t: float, *, loop: str = "default", c: str = CONTEXT) -> bytes:
@@ -100,11 +104,7 @@ def postgres_sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
     from service.storage.migrate import upgrade
 
     upgrade(postgres_url)
-    engine = make_engine(postgres_url)
-    try:
-        yield make_sessionmaker(engine)
-    finally:
-        engine.dispose()
+    yield from _sessions(postgres_url)
 
 
 def test_a_dead_letter_holding_nul_is_stored_on_postgres(
